@@ -1,0 +1,33 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   create .venv, install, run the whole pipeline on the bundled digits
+#   make test   create .venv, install, run the test suite (slow tests excluded; see README)
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test test-slow system-deps clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# The CUDA build of torch runs on CPU too; pinned so pip never pulls another multi-GB wheel.
+	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+# Real Prometheus, Pushgateway and promtool for the observability tests (Debian packages).
+system-deps:
+	@command -v prometheus >/dev/null && command -v prometheus-pushgateway >/dev/null && command -v promtool >/dev/null \
+	  || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus prometheus-pushgateway >/dev/null; }
+
+demo: $(BIN)/.installed
+	$(BIN)/erw pipeline run-local --config configs/demo.yaml
+
+test: $(BIN)/.installed system-deps
+	$(BIN)/pytest
+
+test-slow: $(BIN)/.installed system-deps
+	$(BIN)/pytest -m slow
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

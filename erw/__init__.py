@@ -1,0 +1,1 @@
+"""Embedded Representation Warmup training pipeline."""

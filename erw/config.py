@@ -1,0 +1,404 @@
+"""Typed configuration: dataclasses, YAML presets, dotted command-line overrides, validation.
+
+A run is described by one `Config`. It is built from a YAML file plus overrides such as
+`train.lr=2e-4`, validated once before any compute, and stored inside every checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from erw.errors import ErwError
+
+SIT_PRESETS = {  # name -> (depth, hidden_size, num_heads); patch size comes from the "/p" suffix
+    "S": (12, 384, 6),
+    "B": (12, 768, 12),
+    "L": (24, 1024, 16),
+    "XL": (28, 1152, 16),
+}
+# Alignment weight c0 by model size (ERW, phase 2).
+ALIGN_COEFF_BY_SIZE = {"S": 1.0, "B": 1.0, "L": 3.0, "XL": 6.0}
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+class ConfigError(ErwError):
+    """A configuration that cannot work. The message lists every problem, one per line."""
+
+
+def parse_arch(arch: str) -> tuple[str, int]:
+    """'SiT-XL/2' -> ('XL', 2)."""
+    try:
+        family, patch = arch.split("/")
+        size = family.split("-", 1)[1]
+        patch_size = int(patch)
+    except (ValueError, IndexError):
+        raise ConfigError(f"model.arch={arch!r} is not of the form 'SiT-<S|B|L|XL>/<2|4|8>'") from None
+    if family.split("-", 1)[0] != "SiT" or size not in SIT_PRESETS or patch_size not in (1, 2, 4, 8):
+        raise ConfigError(f"model.arch={arch!r} is not one of SiT-{{S,B,L,XL}}/{{2,4,8}}")
+    return size, patch_size
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "SiT-XL/2"
+    # Optional overrides of the preset, for small models (None keeps the preset's value).
+    depth: int | None = None
+    hidden_size: int | None = None
+    num_heads: int | None = None
+    mlp_ratio: float = 4.0
+    qk_norm: bool = False
+    rope: bool = False
+    num_classes: int = 1000
+    class_dropout: float = 0.1
+    projector_dim: int = 2048
+    align_depth: int = 14  # block after which the phase-2 projector reads the hidden state
+    l2r_depth: int = 4  # number of early blocks trained in the ERW warmup
+
+    @property
+    def size(self) -> str:
+        return parse_arch(self.arch)[0]
+
+    @property
+    def patch_size(self) -> int:
+        return parse_arch(self.arch)[1]
+
+    def dims(self) -> tuple[int, int, int]:
+        """(depth, hidden_size, num_heads) after overrides."""
+        depth, hidden, heads = SIT_PRESETS[self.size]
+        return (self.depth or depth, self.hidden_size or hidden, self.num_heads or heads)
+
+
+@dataclass
+class EncoderConfig:
+    name: str = "dinov2-vit-b"  # registry name; "none" trains without alignment (plain SiT)
+    weights: str = ""  # local file or s3:// URI; empty = timm's hub (needs a network)
+    dim: int | None = None  # expected token width; checked against the encoder when set
+
+
+@dataclass
+class DataConfig:
+    source: str = ""  # images to precompute: ImageFolder or image tar shards, local or s3://
+    shards: str = ""  # latent shards (the directory that holds manifest.json), local or s3://
+    resolution: int = 256
+    codec: str = "sd-vae-ft-ema"  # "identity" stores pixels in [-1, 1]; anything else is a VAE
+    codec_weights: str = ""  # diffusers AutoencoderKL directory, local or s3://; empty = hub
+    num_workers: int = 4
+    shuffle_buffer: int = 2000
+
+    @property
+    def latent_channels(self) -> int:
+        return 3 if self.codec == "identity" else 4
+
+    @property
+    def latent_downsample(self) -> int:
+        return 1 if self.codec == "identity" else 8
+
+    @property
+    def latent_size(self) -> int:
+        return self.resolution // self.latent_downsample
+
+
+@dataclass
+class ObjectiveConfig:
+    path: str = "linear"  # linear | cosine
+    time_sampling: str = "uniform"  # uniform | lognormal
+    lognormal_mean: float = 0.0
+    lognormal_std: float = 1.0
+    align_coeff: float | None = None  # c0; None = by model size (XL 6, L 3, B/S 1); 0 = no alignment
+    align_schedule: str = "decay"  # decay: c0 * 2^(-(s - W) / half_life) | constant: c0 (REPA)
+    align_half_life: int = 50_000
+
+    def resolved_align_coeff(self, model: ModelConfig) -> float:
+        return ALIGN_COEFF_BY_SIZE[model.size] if self.align_coeff is None else self.align_coeff
+
+
+@dataclass
+class PhaseConfig:
+    """Optimisation settings of one phase (warmup or train); one trainer runs both."""
+
+    steps: int = 100_000
+    batch_size: int = 256  # global, across all ranks and accumulation steps
+    grad_accum: int = 1
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+    precision: str = "bf16"
+    compile: bool = False
+    ckpt_every: int = 10_000
+    keep_last: int = 3  # newest committed checkpoints kept; older ones are deleted
+    log_every: int = 100
+    max_nonfinite: int = 10  # stop after this many non-finite losses in a row
+    out: str = ""  # checkpoint directory, local or s3://
+
+
+@dataclass
+class SampleConfig:
+    mode: str = "sde"  # sde | ode
+    solver: str = "euler"  # ode solver: euler | heun
+    steps: int = 250
+    cfg_scale: float = 1.0
+    guidance_low: float = 0.0
+    guidance_high: float = 1.0
+    num_samples: int = 50_000
+    batch_size: int = 64
+    use_ema: bool = True
+    out: str = ""
+
+
+@dataclass
+class EvalConfig:
+    reference: str = ""  # ADM reference batch .npz, or image shards/folder to compute stats from
+    inception_weights: str = ""  # torch-fidelity Inception weights, local or s3://
+    feature_network: str = ""  # optional small feature network checkpoint (small datasets)
+    out: str = ""
+
+
+@dataclass
+class MetricsConfig:
+    port: int = 0  # base port of each rank's /metrics (rank r serves port + local rank); 0 = off
+    pushgateway: str = ""  # host:port of a Pushgateway for batch steps; empty = off
+
+
+@dataclass
+class Config:
+    run_id: str = ""
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    warmup: PhaseConfig = field(default_factory=PhaseConfig)
+    train: PhaseConfig = field(default_factory=PhaseConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building configs from dicts, YAML files and overrides.
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Convert a YAML value to the annotated field type, or raise ConfigError naming the key."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(typing.get_args(annotation)):
+            raise ConfigError(f"{where}: expected a list of {len(typing.get_args(annotation))} numbers, got {value!r}")
+        return tuple(_coerce(v, a, where) for v, a in zip(value, typing.get_args(annotation)))
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return int(value)
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        return "" if value is None else str(value)
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(names)})"
+            raise ConfigError(f"unknown config key {path!r}{hint}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value or {}, path)
+        else:
+            kwargs[key] = _coerce(value, hint, path)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {key!r} is not a section")
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'train.lr=2e-4' -> ('train.lr', 0.0002). Values are parsed as YAML scalars."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form section.key=value")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    # YAML reads 2e-4 as a string (it wants 2.0e-4); accept the form everyone types.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value.lower() for c in ".e") else int(value)
+        except ValueError:
+            pass
+    return key.strip(), value
+
+
+def config_from_dict(data: dict[str, Any], overrides: list[str] = ()) -> Config:
+    tree = dict(data or {})
+    tree = yaml.safe_load(yaml.safe_dump(tree))  # deep copy
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    return _build(Config, tree, "")
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML preset (or start from defaults when path is None) and apply overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist (presets live in configs/)")
+        text = path.read_text()
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    return config_from_dict(data, overrides)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: every problem in one message, before any compute.
+
+
+def problems(cfg: Config, world_size: int = 1, phase: str | None = None) -> list[str]:
+    """All reasons this config cannot work, as readable lines (empty when it is fine)."""
+    out: list[str] = []
+    m, d, o = cfg.model, cfg.data, cfg.objective
+    try:
+        size, patch = parse_arch(m.arch)
+    except ConfigError as err:
+        return [str(err)]
+    depth, hidden, heads = m.dims()
+    if depth < 1 or hidden < 1 or heads < 1:
+        out.append(f"model depth/hidden_size/num_heads must be positive, got {depth}/{hidden}/{heads}")
+    elif hidden % heads:
+        out.append(f"model.hidden_size={hidden} is not divisible by model.num_heads={heads}")
+    elif m.rope and (hidden // heads) % 4:
+        out.append(f"model.rope needs a head dimension divisible by 4, got {hidden // heads}")
+    if not 1 <= m.l2r_depth < depth:
+        out.append(
+            f"model.l2r_depth={m.l2r_depth} must be at least 1 and less than the model depth {depth} "
+            "(the warmup trains a strict prefix of the blocks)"
+        )
+    if not 1 <= m.align_depth <= depth:
+        out.append(f"model.align_depth={m.align_depth} is outside the model: choose 1..{depth}")
+    if m.num_classes < 1:
+        out.append(f"model.num_classes must be at least 1, got {m.num_classes}")
+    if not 0.0 <= m.class_dropout < 1.0:
+        out.append(f"model.class_dropout={m.class_dropout} must be in [0, 1)")
+    step = d.latent_downsample * patch
+    if d.resolution <= 0 or d.resolution % step:
+        out.append(
+            f"data.resolution={d.resolution} must be a positive multiple of {step} "
+            f"(codec downsampling {d.latent_downsample} x patch size {patch})"
+        )
+    if o.path not in ("linear", "cosine"):
+        out.append(f"objective.path={o.path!r} must be 'linear' or 'cosine'")
+    if o.time_sampling not in ("uniform", "lognormal"):
+        out.append(f"objective.time_sampling={o.time_sampling!r} must be 'uniform' or 'lognormal'")
+    if o.align_schedule not in ("decay", "constant"):
+        out.append(f"objective.align_schedule={o.align_schedule!r} must be 'decay' or 'constant'")
+    if o.align_half_life <= 0:
+        out.append(f"objective.align_half_life must be positive, got {o.align_half_life}")
+    if o.align_coeff is not None and o.align_coeff < 0:
+        out.append(f"objective.align_coeff must be >= 0, got {o.align_coeff}")
+    out += _encoder_problems(cfg, phase)
+    phases = [phase] if phase else ["warmup", "train"]
+    for name in phases:
+        out += _phase_problems(name, getattr(cfg, name), world_size)
+    s = cfg.sample
+    if s.mode not in ("sde", "ode"):
+        out.append(f"sample.mode={s.mode!r} must be 'sde' or 'ode'")
+    if s.solver not in ("euler", "heun"):
+        out.append(f"sample.solver={s.solver!r} must be 'euler' or 'heun'")
+    if not 0.0 <= s.guidance_low <= s.guidance_high <= 1.0:
+        out.append(f"sample guidance interval [{s.guidance_low}, {s.guidance_high}] must lie inside [0, 1]")
+    if cfg.metrics.port < 0 or cfg.metrics.port > 65535:
+        out.append(f"metrics.port={cfg.metrics.port} is not a TCP port (0 turns the exporter off)")
+    return out
+
+
+def _encoder_problems(cfg: Config, phase: str | None) -> list[str]:
+    enc = cfg.encoder
+    if enc.name == "none":
+        if phase == "warmup":
+            return ["the ERW warmup aligns to a representation: set encoder.name (encoder.name=none is plain SiT)"]
+        return []
+    from erw.models.encoders import ENCODERS  # local import: keeps config free of torch at import
+
+    spec = ENCODERS.get(enc.name)
+    if spec is None:
+        close = difflib.get_close_matches(enc.name, list(ENCODERS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return [f"encoder.name={enc.name!r} is not a known encoder{hint}; known: {', '.join(sorted(ENCODERS))}, none"]
+    if enc.dim is not None and spec.dim is not None and enc.dim != spec.dim:
+        return [f"encoder.dim={enc.dim} does not match {enc.name}, whose tokens are {spec.dim}-dimensional"]
+    return []
+
+
+def _phase_problems(name: str, p: PhaseConfig, world_size: int) -> list[str]:
+    out = []
+    if p.steps < 1:
+        out.append(f"{name}.steps must be at least 1, got {p.steps}")
+    if p.grad_accum < 1:
+        out.append(f"{name}.grad_accum must be at least 1, got {p.grad_accum}")
+    elif p.batch_size < 1 or p.batch_size % (world_size * p.grad_accum):
+        out.append(
+            f"{name}.batch_size={p.batch_size} is not divisible by world size {world_size} x "
+            f"{name}.grad_accum={p.grad_accum}: every rank needs the same whole micro-batch"
+        )
+    if p.lr <= 0:
+        out.append(f"{name}.lr must be positive, got {p.lr}")
+    if not 0.0 <= p.ema_decay < 1.0:
+        out.append(f"{name}.ema_decay={p.ema_decay} must be in [0, 1)")
+    if p.precision not in PRECISIONS:
+        out.append(f"{name}.precision={p.precision!r} must be one of {', '.join(PRECISIONS)}")
+    if p.ckpt_every < 1:
+        out.append(f"{name}.ckpt_every must be at least 1, got {p.ckpt_every}")
+    if p.keep_last < 1:
+        out.append(f"{name}.keep_last must be at least 1, got {p.keep_last}")
+    if p.log_every < 1:
+        out.append(f"{name}.log_every must be at least 1, got {p.log_every}")
+    if p.max_nonfinite < 1:
+        out.append(f"{name}.max_nonfinite must be at least 1, got {p.max_nonfinite}")
+    return out
+
+
+def validate(cfg: Config, world_size: int = 1, phase: str | None = None) -> Config:
+    """Raise ConfigError listing every problem; return cfg unchanged when it is valid."""
+    found = problems(cfg, world_size, phase)
+    if found:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(found))
+    return cfg

@@ -1,0 +1,66 @@
+"""`erw warmup` and `erw train`: config -> data, encoder, metrics -> the training loop."""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+def register(sub: argparse._SubParsersAction) -> None:
+    for phase, help_text in (
+        ("warmup", "ERW phase 1: train the L2R blocks to reproduce the frozen encoder's representation"),
+        ("train", "phase 2: full diffusion training (optionally from a warmup checkpoint)"),
+    ):
+        p = sub.add_parser(phase, help=help_text, description=help_text)
+        p.add_argument("--config", required=True, help="YAML preset, e.g. configs/demo.yaml")
+        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=2e-4")
+        p.add_argument(
+            "--resume", default=None, metavar="auto|URI",
+            help="auto: continue from the latest complete checkpoint in <phase>.out (fresh start if none)",
+        )
+        if phase == "train":
+            p.add_argument("--init-from", default=None, metavar="URI", help="warmup checkpoint (or its run directory)")
+        p.set_defaults(func=_run, phase=phase)
+
+def run_id_for(cfg_run_id: str) -> str:
+    """One id shared by all ranks: config, then the launcher's, then torchrun's, then the clock."""
+    return (
+        cfg_run_id
+        or os.environ.get("ERW_RUN_ID")
+        or os.environ.get("TORCHELASTIC_RUN_ID", "").replace("none", "")
+        or time.strftime("run-%Y%m%d-%H%M%S")
+    )
+
+def _run(args: argparse.Namespace) -> int:
+
+    from erw.config import load_config, validate
+    from erw.data.loader import build_loader
+    from erw.metrics import TrainingMetrics
+    from erw.models.encoders import load_encoder
+    from erw.training import trainer
+    from erw.training.distributed import init_distributed, shutdown, world_size_from_env
+
+    phase = args.phase
+    cfg = load_config(args.config, args.overrides)
+    validate(cfg, world_size=world_size_from_env(), phase=phase)  # before any process group or GPU work
+    cfg.run_id = run_id_for(cfg.run_id)
+    d = init_distributed()
+    try:
+        p = getattr(cfg, phase)
+        aligns = cfg.encoder.name != "none" and (phase == "warmup" or cfg.objective.resolved_align_coeff(cfg.model) > 0)
+        encoder = load_encoder(cfg.encoder, cfg.data.resolution, d.device) if aligns else None
+        micro_batch = p.batch_size // (d.world_size * p.grad_accum)
+        batches = build_loader(cfg.data, micro_batch, d.rank, d.world_size, cfg.seed, with_images=aligns)
+        metrics = TrainingMetrics(cfg.metrics.port, cfg.run_id, phase, d.rank, d.local_rank)
+        try:
+            result = trainer.run(
+                cfg, phase, batches, d, encoder=encoder, init_from=getattr(args, "init_from", None),
+                resume=args.resume, log=lambda msg: print(msg, flush=True), metrics=metrics,
+            )
+        finally:
+            metrics.close()
+        if d.is_main:
+            state = "preempted at" if result.preempted else "finished at"
+            print(f"{phase} {state} step {result.step}: {result.checkpoint}", flush=True)
+        return 143 if result.preempted else 0
+    finally:
+        shutdown(d)
