@@ -303,8 +303,9 @@ def problems(cfg: Config, world_size: int = 1, phase: str | None = None) -> list
     depth, hidden, heads = m.dims()
     if depth < 1 or hidden < 1 or heads < 1:
         out.append(f"model depth/hidden_size/num_heads must be positive, got {depth}/{hidden}/{heads}")
-    elif hidden % heads:
-        out.append(f"model.hidden_size={hidden} is not divisible by model.num_heads={heads}")
+    elif hidden % heads or hidden % 4:
+        why = "num_heads" if hidden % heads else "4 (the 2-D sin-cos position embedding)"
+        out.append(f"model.hidden_size={hidden} is not divisible by {why}")
     elif m.rope and (hidden // heads) % 4:
         out.append(f"model.rope needs a head dimension divisible by 4, got {hidden // heads}")
     if not 1 <= m.l2r_depth < depth:

@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from erw.config import Config, PhaseConfig
 from erw.errors import ErwError
-from erw.models.sit import l2r_from_config, load_warmup, sit_from_config
+from erw.models.sit import check_warmup_config, l2r_from_config, load_warmup, sit_from_config
 from erw.objectives import DiffusionObjective, WarmupObjective
 from erw.training import checkpoint as ckpt
 from erw.training.distributed import Dist, all_reduce_mean, barrier
@@ -57,14 +57,7 @@ def init_from_warmup(model: torch.nn.Module, cfg: Config, uri: str, log: Callabl
     warm = ckpt.load_checkpoint(uri, with_train_state=False)
     if warm.phase != "warmup":
         raise ckpt.CheckpointError(f"--init-from {warm.uri} is a {warm.phase!r} checkpoint; expected one from `erw warmup`")
-    wm = warm.config().model
-    # RoPE has no parameters, so a shape check cannot catch a mismatch: compare the settings.
-    for key in ("arch", "depth", "hidden_size", "num_heads", "qk_norm", "rope", "l2r_depth"):
-        if getattr(wm, key) != getattr(cfg.model, key):
-            raise ckpt.CheckpointError(
-                f"warmup checkpoint {warm.uri} has model.{key}={getattr(wm, key)!r} but this run has "
-                f"{getattr(cfg.model, key)!r}; warm up again with the same model settings"
-            )
+    check_warmup_config(cfg.model, warm.config().model)
     loaded = load_warmup(model, warm.model_state, cfg.model.l2r_depth)
     log(f"init-from {warm.uri} (warmup step {warm.step}): loaded {len(loaded)} tensors: {', '.join(loaded)}")
     return warm.step
@@ -107,7 +100,8 @@ def any_rank(flag: bool, d: Dist) -> bool:
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach(), 1.0 - decay)
+        if p.requires_grad:
+            e.lerp_(p.detach(), 1.0 - decay)
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
@@ -145,7 +139,8 @@ def run(
             raise ErwError("--init-from takes a warmup checkpoint into `erw train`; the warmup itself starts fresh")
         warmup_steps = init_from_warmup(model, cfg, init_from, say)
     ema = copy.deepcopy(model).requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=p.lr, betas=p.betas, weight_decay=p.weight_decay)
+    trainable = [q for q in model.parameters() if q.requires_grad]  # pos_embed is fixed
+    optimizer = torch.optim.AdamW(trainable, lr=p.lr, betas=p.betas, weight_decay=p.weight_decay)
     autocast_dtype = AUTOCAST_DTYPES[p.precision]
     scaler = torch.amp.GradScaler(d.device.type, enabled=p.precision == "fp16" and d.device.type == "cuda")
     if d.device.type == "cuda":
@@ -179,7 +174,7 @@ def run(
         net = torch.compile(net)
     micro = p.batch_size // (d.world_size * p.grad_accum)
     say(
-        f"{phase}: {sum(q.numel() for q in model.parameters()) / 1e6:.1f}M parameters, "
+        f"{phase}: {sum(q.numel() for q in trainable) / 1e6:.1f}M trainable parameters, "
         f"{d.world_size} rank(s) x {micro} samples x {p.grad_accum} accumulation = batch {p.batch_size}, "
         f"steps {step}->{p.steps}, precision {p.precision}, device {d.device}"
     )
@@ -234,7 +229,7 @@ def run(
                     logs_sum[key] = logs_sum.get(key, 0.0) + float(value) / p.grad_accum
             scaler.unscale_(optimizer)
             max_norm = p.grad_clip if p.grad_clip > 0 else math.inf
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
             # Gradients are all-reduced, so every rank sees the same norm and skips together. With
             # fp16 the grad scaler skips overflowing steps itself; only a non-finite loss counts then.
             if scaler.is_enabled():

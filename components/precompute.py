@@ -1,0 +1,24 @@
+"""One precompute worker: encode its share of the source into latent shards (GPU when present)."""
+from typing import List
+
+from kfp import dsl
+
+from components import IMAGE
+from components.common import run_erw
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False, additional_funcs=[run_erw])
+def precompute(work: dict, config: str, overrides: List[str], source: str) -> str:
+    """Returns the dataset location, so the merge step can collect it from every worker."""
+    from erw.config import load_config
+
+    d = load_config(config, overrides).data
+    argv = [
+        "precompute", "--source", source, "--out", work["dataset"],
+        "--resolution", d.resolution, "--codec", d.codec,
+        "--worker-index", int(work["worker_index"]), "--num-workers", int(work["num_workers"]),
+    ]
+    if d.codec_weights:
+        argv += ["--codec-weights", d.codec_weights]
+    run_erw(argv)
+    return work["dataset"]

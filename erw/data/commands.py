@@ -1,0 +1,71 @@
+"""`erw precompute` and `erw data digits`."""
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "precompute",
+        help="encode images into latent shards (one worker of a fan-out, or --merge)",
+        description=(
+            "Encode an ImageFolder or image tar shards (local or s3://) into WebDataset latent shards. "
+            "Run n workers with --worker-index 0..n-1, then once with --merge to write manifest.json. "
+            "Reruns skip finished shards."
+        ),
+    )
+    p.add_argument("--source", default="", help="ImageFolder (one folder per class) or .tar shards of jpg|png + cls")
+    p.add_argument("--out", required=True, help="output directory or s3://bucket/prefix")
+    p.add_argument("--resolution", type=int, default=256, help="side of the ADM centre crop (default 256)")
+    p.add_argument("--codec", default="sd-vae-ft-ema", help="identity | sd-vae-ft-ema | sd-vae-ft-mse")
+    p.add_argument("--codec-weights", default="", metavar="URI",
+                   help="diffusers AutoencoderKL directory, local or s3://; empty = Hugging Face hub")
+    p.add_argument("--latent-norm", default="scale", choices=("scale", "channel"),
+                   help="model space: latent * scaling factor (default) or per-channel (latent - mean) / std")
+    p.add_argument("--worker-index", type=int, default=0)
+    p.add_argument("--num-workers", type=int, default=1,
+                   help="workers of the fan-out; with --merge, names the workers to rerun when shards are missing")
+    p.add_argument("--store", default="images", choices=("images", "features"),
+                   help="keep the centre crop (online encoder targets) or cached encoder tokens")
+    p.add_argument("--image-format", default="png", choices=("png", "jpg"), help="format of the stored crop")
+    p.add_argument("--encoder", default="", help="--store features: encoder registry name, e.g. dinov2-vit-b")
+    p.add_argument("--encoder-weights", default="", metavar="URI", help="--store features: encoder weights")
+    p.add_argument("--batch-size", type=int, default=64, help="images per encoder call")
+    p.add_argument("--shard-size", type=int, default=1000, help="images per shard (ImageFolder sources)")
+    p.add_argument("--device", default="auto", help="auto (cuda when available) | cpu | cuda | cuda:N")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (summary lines only)")
+    p.add_argument("--merge", action="store_true", help="check every shard is done and write manifest.json")
+    p.set_defaults(func=_precompute)
+
+    data = sub.add_parser("data", help="demo datasets")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="DATASET")
+    digits = data_sub.add_parser(
+        "digits", help="scikit-learn's 1,797 handwritten digits as a 32x32 RGB ImageFolder (no download)"
+    )
+    digits.add_argument("--out", required=True, help="output directory or s3://bucket/prefix")
+    digits.set_defaults(func=_digits)
+
+
+def _precompute(args: argparse.Namespace) -> int:
+    from erw.data import precompute
+
+    if args.merge:
+        precompute.merge(args.out, args.num_workers if args.num_workers > 1 else None)
+        return 0
+    job = precompute.PrecomputeJob(
+        source=args.source, out=args.out, resolution=args.resolution, codec=args.codec,
+        codec_weights=args.codec_weights, worker_index=args.worker_index, num_workers=args.num_workers,
+        store=args.store, image_format=args.image_format, latent_norm=args.latent_norm,
+        batch_size=args.batch_size, shard_size=args.shard_size, encoder=args.encoder,
+        encoder_weights=args.encoder_weights, device=args.device,
+    )
+    precompute.run_worker(job, progress=not args.no_progress)
+    return 0
+
+
+def _digits(args: argparse.Namespace) -> int:
+    from erw.data.digits import write_digits
+
+    count = write_digits(args.out)
+    print(f"wrote {count} digit images in 10 class folders to {args.out}")
+    return 0

@@ -1,0 +1,90 @@
+"""WebDataset tar shards: a deterministic writer and a streaming reader (local or s3://).
+
+A sample is a group of tar members sharing a key: `{key}.latent.npy`, `{key}.cls`, and
+`{key}.png|jpg` or `{key}.feat.npy`. The writer fixes every tar header field (mtime 0,
+no owner), so re-encoding the same inputs yields a byte-identical shard and checksum.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import sys
+import tarfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from erw.data import storage
+
+MANIFEST = "manifest.json"
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}.tar"
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def load_npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+class ShardWriter:
+    """Appends samples to a local tar file; close() returns (sample count, sha256, bytes)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.tar = tarfile.open(self.path, "w", format=tarfile.PAX_FORMAT)
+        self.count = 0
+
+    def write(self, key: str, members: dict[str, bytes]) -> None:
+        if "." in key or "/" in key:
+            raise ValueError(f"sample key {key!r} must not contain '.' or '/' (WebDataset splits on them)")
+        for suffix, data in members.items():
+            info = tarfile.TarInfo(f"{key}.{suffix}")
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            self.tar.addfile(info, io.BytesIO(data))
+        self.count += 1
+
+    def close(self) -> tuple[int, str, int]:
+        self.tar.close()
+        digest = hashlib.sha256()
+        with open(self.path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        return self.count, digest.hexdigest(), self.path.stat().st_size
+
+
+def read_tar_samples(uri: str) -> Iterator[dict]:
+    """Stream the samples of one tar (local or s3://) as WebDataset dicts: {"__key__", suffix: bytes}.
+
+    The stream is opened here and closed when the iteration ends or is abandoned.
+    """
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    with storage.open_read(uri) as stream:
+        yield from group_by_keys(tar_file_expander([{"url": uri, "stream": stream}]))
+
+
+def _gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **_: object):
+    if mode != "rb":
+        raise ValueError(f"s3 shards are read-only through webdataset, got mode {mode!r}")
+    return storage.open_read(url)
+
+
+def register_s3_with_webdataset() -> None:
+    """Let any webdataset pipeline (wds.WebDataset("s3://...")) stream S3 through boto3.
+
+    `webdataset.gopen` the attribute is a function; the module is only in sys.modules.
+    """
+    import webdataset  # noqa: F401  (imports webdataset.gopen)
+
+    sys.modules["webdataset.gopen"].gopen_schemes["s3"] = _gopen_s3
+
+
+register_s3_with_webdataset()

@@ -1,0 +1,146 @@
+"""The ERW pipeline DAG:
+
+    plan -> precompute x N (ParallelFor) -> merge -> warmup -> train -> evaluate -> promote
+
+GPU work happens in two places: the precompute and evaluate steps are single-GPU pods on the
+GPU node pool, and the warmup and train steps are small CPU pods that launch torchrun jobs
+(TorchX, Volcano) on that pool and wait for them. S3 credentials come from a Secret and the
+endpoint from the `erw-defaults` ConfigMap (k8s/); neither is written into the pipeline spec.
+"""
+
+from typing import NamedTuple
+
+from kfp import dsl, kubernetes
+from kfp.dsl import HTML, Artifact, Markdown, Metrics, Model
+
+from components.evaluate import evaluate
+from components.merge import merge
+from components.plan import plan
+from components.precompute import precompute
+from components.promote import promote
+from components.train import train
+from components.warmup import warmup
+from pipeline.params import PipelineArgs
+
+D = PipelineArgs()  # defaults of every parameter below
+CONFIG_MAP = "erw-defaults"  # k8s/base: S3 endpoint and region for every step
+CONFIG_MAP_KEYS = ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION")
+SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+# KFP labels every pod of a run with its id; erw reads ERW_RUN_ID to label metrics. The cached
+# warmup step gets it only this way: as an input it would change the cache key on every run.
+RUN_ID_ENV = "ERW_RUN_ID"
+RUN_ID_LABEL = "pipeline/runid"
+
+
+class Outputs(NamedTuple):
+    model: Model
+    evaluation: Artifact  # folder with metrics.json, grid.png and the samples
+    metrics: Metrics
+    grid: HTML
+    promotion: Markdown
+
+
+def _step(
+    task: dsl.PipelineTask, step: str, name: str, cpu: str, memory: str, retries: int, image, s3_secret
+) -> dsl.PipelineTask:
+    """Settings every step shares: image, name, resources, retries, S3 access, labels, the run id."""
+    task.set_container_image(image).set_display_name(name).set_cpu_request(cpu).set_cpu_limit(cpu).set_memory_request(memory).set_memory_limit(memory)
+    if retries:
+        task.set_retry(num_retries=retries, backoff_duration="60s", backoff_factor=2.0, backoff_max_duration="3600s")
+    kubernetes.use_secret_as_env(task, s3_secret, {k: k for k in SECRET_KEYS}, optional=True)  # IRSA needs none
+    kubernetes.use_config_map_as_env(task, CONFIG_MAP, {k: k for k in CONFIG_MAP_KEYS}, optional=True)
+    kubernetes.use_field_path_as_env(task, RUN_ID_ENV, f"metadata.labels['{RUN_ID_LABEL}']")
+    kubernetes.add_pod_label(task, "app.kubernetes.io/part-of", "erw")
+    kubernetes.add_pod_label(task, "erw.dev/step", step)
+    return task
+
+
+def _on_gpu_pool(task: dsl.PipelineTask, gpu_resource, node_selector, tolerations) -> dsl.PipelineTask:
+    task.set_accelerator_type(gpu_resource).set_accelerator_limit(1)
+    kubernetes.add_node_selector_json(task, node_selector)
+    kubernetes.add_toleration_json(task, tolerations)
+    return task
+
+
+@dsl.pipeline(
+    name="erw",
+    description="Latent diffusion transformer (SiT) trained with Embedded Representation Warmup: "
+    "precompute latents, ERW warmup, full training, evaluation, promotion.",
+)
+def erw_pipeline(
+    config: str = D.config,
+    overrides: list = D.overrides,
+    source: str = D.source,
+    workspace: str = D.workspace,
+    registry: str = D.registry,
+    image: str = D.image,
+    precompute_workers: int = D.precompute_workers,
+    warmup_nodes: int = D.warmup_nodes,
+    train_nodes: int = D.train_nodes,
+    procs_per_node: int = D.procs_per_node,
+    gpus_per_node: int = D.gpus_per_node,
+    cpus_per_node: int = D.cpus_per_node,
+    memory_gb_per_node: int = D.memory_gb_per_node,
+    gpu_resource: str = D.gpu_resource,
+    gpu_node_selector: dict = D.gpu_node_selector,
+    gpu_tolerations: list = D.gpu_tolerations,
+    scheduler: str = D.scheduler,
+    volcano_queue: str = D.volcano_queue,
+    trainer_service_account: str = D.trainer_service_account,
+    s3_secret: str = D.s3_secret,
+    job_timeout: str = D.job_timeout,
+    max_restarts: int = D.max_restarts,
+    metrics_port: int = D.metrics_port,
+) -> Outputs:
+    planned = plan(
+        config=config, overrides=overrides, source=source, workspace=workspace,
+        precompute_workers=precompute_workers, warmup_nodes=warmup_nodes, train_nodes=train_nodes,
+        procs_per_node=procs_per_node,
+    ).set_caching_options(False)  # listing the source is how new data is noticed
+    _step(planned, "plan", "Plan: validate, fingerprint source", "1", "4G", 2, image, s3_secret)
+
+    with dsl.ParallelFor(planned.output, name="precompute-workers") as work:
+        encoded = precompute(work=work, config=config, overrides=overrides, source=source)
+        encoded.set_caching_options(True)
+        _step(encoded, "precompute", "Precompute latents (one worker)", "8", "48G", 3, image, s3_secret)
+        _on_gpu_pool(encoded, gpu_resource, gpu_node_selector, gpu_tolerations)
+
+    dataset = merge(parts=dsl.Collected(encoded.output)).set_caching_options(True)
+    _step(dataset, "merge", "Merge shards, write manifest", "1", "4G", 3, image, s3_secret)
+
+    launcher = dict(
+        config=config, overrides=overrides, workspace=workspace, scheduler=scheduler, image=image,
+        procs_per_node=procs_per_node, gpus_per_node=gpus_per_node, cpus_per_node=cpus_per_node,
+        memory_gb_per_node=memory_gb_per_node, node_selector=gpu_node_selector, tolerations=gpu_tolerations,
+        s3_secret=s3_secret, queue=volcano_queue, service_account=trainer_service_account, timeout=job_timeout,
+        max_restarts=max_restarts, metrics_port=metrics_port,
+    )
+    warm = warmup(dataset=dataset.outputs["dataset"], nodes=warmup_nodes, **launcher).set_caching_options(True)
+    _step(warm, "warmup", "Warmup (ERW phase 1, torchrun job)", "1", "2G", 1, image, s3_secret)
+
+    trained = train(
+        dataset=dataset.outputs["dataset"], warmup=warm.outputs["checkpoint"], nodes=train_nodes,
+        run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, **launcher,
+    ).set_caching_options(False)
+    _step(trained, "train", "Train (ERW phase 2, torchrun job)", "1", "2G", 1, image, s3_secret)
+
+    scored = evaluate(
+        checkpoint=trained.outputs["checkpoint"], config=config, overrides=overrides, workspace=workspace,
+        run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+    ).set_caching_options(False)
+    _step(scored, "evaluate", "Evaluate: sample, FID", "8", "64G", 1, image, s3_secret)
+    _on_gpu_pool(scored, gpu_resource, gpu_node_selector, gpu_tolerations)
+
+    gate = promote(
+        checkpoint=trained.outputs["checkpoint"], evaluation=scored.outputs["evaluation"],
+        workspace=workspace, registry=registry, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+    ).set_caching_options(False)
+    _step(gate, "promote", "Promote if better", "1", "1G", 3, image, s3_secret)
+
+    return Outputs(
+        model=trained.outputs["checkpoint"],
+        evaluation=scored.outputs["evaluation"],
+        metrics=scored.outputs["metrics"],
+        grid=scored.outputs["grid"],
+        promotion=gate.outputs["summary"],
+    )

@@ -1,0 +1,89 @@
+"""Shared fixtures. Add yours below; keep each one small and documented."""
+from __future__ import annotations
+
+import contextlib
+import socket
+import uuid
+
+import pytest
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# Credentials and settings the S3 fixtures put in the environment (boto3 reads them itself).
+S3_TEST_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_MAX_ATTEMPTS": "2",  # fail fast in the error tests; retries are botocore's own
+    "AWS_EC2_METADATA_DISABLED": "true",  # never probe an instance role from a test
+}
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 endpoint on 127.0.0.1: moto in server mode; boto3 talks HTTP to it.
+
+    Sets AWS_ENDPOINT_URL and test credentials for the rest of the session (DataLoader
+    workers and subprocesses inherit them). Yields the endpoint URL.
+    """
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    patch = pytest.MonkeyPatch()
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+        patch.delenv(name, raising=False)
+    for name, value in {**S3_TEST_ENV, "AWS_ENDPOINT_URL": endpoint}.items():
+        patch.setenv(name, value)
+    try:
+        yield endpoint
+    finally:
+        patch.undo()
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint) -> str:
+    """A fresh, empty bucket on the test endpoint, as 's3://NAME'."""
+    import boto3
+
+    name = f"erw-test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
+@pytest.fixture
+def s3_auth_enforced(s3_endpoint):
+    """Make the test endpoint check credentials (moto accepts any by default): unknown keys
+    get InvalidAccessKeyId, as from a real S3."""
+    from moto import settings
+    from moto.core.authorization import ActionAuthenticatorMixin
+
+    @contextlib.contextmanager
+    def enforced():
+        before = settings.INITIAL_NO_AUTH_ACTION_COUNT
+        settings.INITIAL_NO_AUTH_ACTION_COUNT = 0
+        ActionAuthenticatorMixin.request_count = 0
+        try:
+            yield
+        finally:
+            settings.INITIAL_NO_AUTH_ACTION_COUNT = before
+
+    return enforced
+
+
+@pytest.fixture(scope="session")
+def digits_folder(tmp_path_factory) -> str:
+    """The demo digits as a 32x32 ImageFolder on local disk (written once per session)."""
+    from erw.data.digits import write_digits
+
+    root = tmp_path_factory.mktemp("digits")
+    write_digits(str(root))
+    return str(root)

@@ -1,0 +1,268 @@
+"""The Kubeflow pipeline: the compiled spec, parameter validation, submit/schedule, promotion, and
+(slow) the whole DAG run locally on the digits demo."""
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from erw.cli import build_parser, main
+from erw.launch import spec_from_args
+from erw.promote import PromoteError, promote_if_better
+from pipeline.compile import PIPELINE_YAML, compile_pipeline
+from pipeline.params import PipelineParamError, defaults, parse_cli_arguments, resolve
+from pipeline.submit import check_cron, schedule, submit
+
+STEPS = ("plan", "precompute", "merge", "warmup", "train", "evaluate", "promote")
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    path = compile_pipeline(tmp_path_factory.mktemp("kfp") / "pipeline.yaml")
+    spec, platform = yaml.safe_load_all(path.read_text())
+    return path, spec, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def test_checked_in_pipeline_yaml_is_current(compiled):
+    path, _, _ = compiled
+    assert PIPELINE_YAML.read_text() == path.read_text(), "pipeline.yaml is stale: run `erw pipeline compile`"
+
+
+def test_dag_edges_and_fan_out(compiled):
+    _, spec, _ = compiled
+    tasks = spec["root"]["dag"]["tasks"]
+    after = {name: set(task.get("dependentTasks", [])) for name, task in tasks.items()}
+    loop = next(name for name in tasks if name.startswith("for-loop"))
+    assert after["plan"] == set()
+    assert after[loop] == {"plan"}
+    assert after["merge"] == {loop}
+    assert after["warmup"] == {"merge"}
+    assert after["train"] == {"merge", "warmup"}
+    assert after["evaluate"] == {"train"}
+    assert after["promote"] == {"train", "evaluate"}
+    # One precompute pod per work item that plan returns; merge collects every worker's output.
+    assert tasks[loop]["parameterIterator"]["items"]["inputParameter"].endswith("plan-Output")
+    assert "precompute" in spec["components"][tasks[loop]["componentRef"]["name"]]["dag"]["tasks"]
+    assert tasks["merge"]["inputs"]["parameters"]["parts"]["taskOutputParameter"]["producerTask"] == loop
+
+
+def test_caching_retries_and_names(compiled):
+    _, spec, _ = compiled
+    tasks = spec["root"]["dag"]["tasks"]
+    loop = next(name for name in tasks if name.startswith("for-loop"))
+    inner = spec["components"][tasks[loop]["componentRef"]["name"]]["dag"]["tasks"]["precompute"]
+    by_step = {**{n: tasks[n] for n in STEPS if n in tasks}, "precompute": inner}
+    cached = {n for n, t in by_step.items() if t.get("cachingOptions", {}).get("enableCache")}
+    assert cached == {"precompute", "merge", "warmup"}
+    for name, task in by_step.items():
+        assert task["retryPolicy"]["maxRetryCount"] >= 1, name
+        assert task["taskInfo"]["name"] != name, f"{name} has no display name"
+
+
+def test_gpu_steps_request_an_accelerator_on_the_gpu_pool(compiled):
+    _, spec, executors = compiled
+    for step in ("precompute", "evaluate"):
+        resources = spec["deploymentSpec"]["executors"][f"exec-{step}"]["container"]["resources"]
+        assert resources["accelerator"]["resourceCount"] == "1"
+        assert "gpu_resource" in resources["accelerator"]["resourceType"]
+        platform = executors[f"exec-{step}"]
+        assert "gpu_node_selector" in json.dumps(platform["nodeSelector"])
+        assert "gpu_tolerations" in json.dumps(platform["tolerations"])
+    for step in ("plan", "merge", "warmup", "train", "promote"):  # CPU pods: launchers and bookkeeping
+        resources = spec["deploymentSpec"]["executors"][f"exec-{step}"]["container"]["resources"]
+        assert "accelerator" not in resources and resources["resourceCpuLimit"] and resources["resourceMemoryLimit"]
+
+
+def test_every_step_gets_s3_from_the_secret_and_labels(compiled):
+    _, spec, executors = compiled
+    for step in STEPS:
+        platform = executors[f"exec-{step}"]
+        (secret,) = platform["secretAsEnv"]
+        assert {e["envVar"] for e in secret["keyToEnv"]} == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+        assert "s3_secret" in json.dumps(secret["secretNameParameter"])
+        assert platform["podMetadata"]["labels"]["erw.dev/step"] == step
+        assert platform["fieldPathAsEnv"][0]["name"] == "ERW_RUN_ID"
+        image = spec["deploymentSpec"]["executors"][f"exec-{step}"]["container"]["image"]
+        assert "image" in image  # the pipeline's `image` parameter, not a baked-in tag
+
+
+def test_defaults_are_the_xl_recipe(compiled):
+    _, spec, _ = compiled
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert params["config"]["defaultValue"] == "configs/imagenet256-sit-xl2.yaml"
+    assert params["train_nodes"]["defaultValue"] * params["procs_per_node"]["defaultValue"] >= 8
+    assert params["scheduler"]["defaultValue"] == "kubernetes"
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        ({"overrides": ["model.arch=SiT-XXL/2"]}, "model.arch='SiT-XXL/2' is not one of"),
+        ({"train_nodes": 0}, "train_nodes must be at least 1, got 0"),
+        ({"workspace": "s3://x/runs"}, "workspace='s3://x/runs' has no bucket"),
+        ({"source": "s3:///imagenet"}, "source='s3:///imagenet' has no bucket"),
+        ({"train_node": 2}, "unknown pipeline parameter 'train_node' (did you mean 'train_nodes'?)"),
+        ({"workspace": "/data/erw"}, "is a local path, but the steps of a cluster run are separate pods"),
+        ({"procs_per_node": 16}, "procs_per_node=16 exceeds gpus_per_node=8"),
+        ({"job_timeout": "soon"}, "job_timeout"),
+        ({"gpu_tolerations": [{"effect": "NoSchedule"}]}, "is not a toleration"),
+        ({"train_nodes": "4"}, "train_nodes must be a int"),
+    ],
+)
+def test_bad_arguments_fail_before_anything_runs(arguments, message):
+    with pytest.raises(PipelineParamError) as err:
+        resolve(arguments)
+    assert message in str(err.value)
+
+
+def test_world_size_problems_name_the_phase():
+    # 256 images per batch cannot be split over 3 x 8 processes.
+    with pytest.raises(PipelineParamError, match="train.batch_size=256 is not divisible by world size 24"):
+        resolve({"train_nodes": 3})
+
+
+def test_cli_arguments_are_typed():
+    parsed = parse_cli_arguments(['train_nodes=8', 'overrides=["train.lr=2e-4"]', 'gpu_node_selector={"pool": "a100"}'])
+    assert parsed == {"train_nodes": 8, "overrides": ["train.lr=2e-4"], "gpu_node_selector": {"pool": "a100"}}
+    with pytest.raises(PipelineParamError, match="NAME=VALUE"):
+        parse_cli_arguments(["train_nodes"])
+
+
+class RecordingClient:
+    def __init__(self):
+        self.calls = []
+
+    def create_run_from_pipeline_func(self, pipeline_func, **kwargs):
+        self.calls.append(("run", pipeline_func, kwargs))
+        return type("Run", (), {"run_id": "r-1"})()
+
+    def create_experiment(self, name, **kwargs):
+        self.calls.append(("experiment", name, kwargs))
+        return type("Experiment", (), {"experiment_id": "e-1"})()
+
+    def create_recurring_run(self, experiment_id, job_name, **kwargs):
+        package = Path(kwargs["pipeline_package_path"])
+        assert len(list(yaml.safe_load_all(package.read_text()))) == 2  # a real compiled package
+        self.calls.append(("recurring", experiment_id, job_name, kwargs))
+        return type("Job", (), {"recurring_run_id": "j-1"})()
+
+
+def test_submit_sends_only_the_changed_arguments():
+    client = RecordingClient()
+    submit(client, {"train_nodes": 8, "warmup_nodes": 1}, "erw", run_name="xl-8x8", service_account="erw-pipeline")
+    ((kind, func, kwargs),) = client.calls
+    assert kind == "run" and func.name == "erw"
+    assert kwargs["arguments"] == {"train_nodes": 8}  # warmup_nodes=1 is the default
+    assert (kwargs["experiment_name"], kwargs["run_name"], kwargs["service_account"]) == ("erw", "xl-8x8", "erw-pipeline")
+
+
+def test_submit_refuses_bad_arguments_without_contacting_the_server():
+    client = RecordingClient()
+    with pytest.raises(PipelineParamError):
+        submit(client, {"train_nodes": 0}, "erw")
+    assert client.calls == []
+
+
+def test_schedule_creates_a_non_overlapping_recurring_run():
+    client = RecordingClient()
+    schedule(client, {"train_nodes": 2}, "0 0 3 * * 0", "erw-weekly", "erw")
+    (_, (kind, experiment_id, job_name, kwargs)) = client.calls
+    assert (kind, experiment_id, job_name) == ("recurring", "e-1", "erw-weekly")
+    assert kwargs["cron_expression"] == "0 0 3 * * 0"
+    assert kwargs["max_concurrency"] == 1 and kwargs["no_catchup"] is True
+    assert kwargs["params"] == {"train_nodes": 2}
+
+
+def test_cron_needs_kfps_six_fields():
+    with pytest.raises(PipelineParamError, match="did you mean '0 0 3 \\* \\* 0'"):
+        check_cron("0 3 * * 0")
+    with pytest.raises(PipelineParamError, match="6 fields"):
+        check_cron("every sunday")
+    assert check_cron("0 30 2 * * 1-5") == "0 30 2 * * 1-5"
+
+
+def test_launcher_arguments_round_trip_through_erw_launch():
+    from components.common import launch_argv
+
+    tolerations = [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+        {"key": "pool", "operator": "Equal", "value": "h100", "effect": "NoExecute"},
+    ]
+    argv = launch_argv(
+        ["train", "--config", "configs/demo.yaml", "--resume", "auto"], "kubernetes", "erw:1", 4, 8, 8, 96, 1000,
+        {"erw.dev/pool": "gpu"}, tolerations, "erw-s3", "erw", "erw-trainer", "120h", 3, 9400, "run-7",
+    )
+    spec, opts = spec_from_args(build_parser().parse_args([str(a) for a in argv]))
+    assert spec.tolerations == tolerations
+    assert spec.node_selector == {"erw.dev/pool": "gpu"}
+    assert (spec.nodes, spec.procs_per_node, spec.gpus_per_node, spec.memory_mb_per_node) == (4, 8, 8, 1_000_000)
+    assert spec.erw_args == ["train", "--config", "configs/demo.yaml", "--resume", "auto"]
+    assert (opts.queue, opts.service_account, spec.s3_secret, spec.run_id) == ("erw", "erw-trainer", "erw-s3", "run-7")
+
+
+# ---------------------------------------------------------------------------------------------
+# Promotion gate.
+
+
+def _metrics(tmp_path, name, fid):
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps({"fid": fid, "inception_score": 100.0}))
+    return str(path)
+
+
+def test_promotion_publishes_only_better_models(tmp_path):
+    registry = str(tmp_path / "registry.json")
+    first = promote_if_better("s3://b/run1/step-100", _metrics(tmp_path, "m1", 9.0), registry, run_id="run1")
+    assert first.promoted and first.previous is None
+    worse = promote_if_better("s3://b/run2/step-100", _metrics(tmp_path, "m2", 9.5), registry, run_id="run2")
+    assert not worse.promoted and "not better than the published 9" in worse.message
+    assert json.loads(Path(registry).read_text())["current"]["checkpoint"] == "s3://b/run1/step-100"
+    tie = promote_if_better("s3://b/run3/step-100", _metrics(tmp_path, "m3", 9.0), registry)
+    assert not tie.promoted  # only strictly better replaces the published model
+    better = promote_if_better("s3://b/run4/step-100", _metrics(tmp_path, "m4", 6.0), registry, run_id="run4")
+    assert better.promoted
+    saved = json.loads(Path(registry).read_text())
+    assert saved["current"]["run_id"] == "run4" and saved["metric"] == "fid"
+    assert [e["checkpoint"] for e in saved["history"]] == ["s3://b/run1/step-100", "s3://b/run4/step-100"]
+    assert "| candidate | `s3://b/run4/step-100` | 6 |" in better.markdown()
+
+
+def test_promotion_explains_unusable_inputs(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"inception_score": 50.0}))
+    with pytest.raises(PromoteError, match="has no finite 'fid' \\(has: inception_score\\)"):
+        promote_if_better("ckpt", str(bad), str(tmp_path / "r.json"))
+    with pytest.raises(PromoteError, match="does not exist"):
+        promote_if_better("ckpt", str(tmp_path / "missing.json"), str(tmp_path / "r.json"))
+
+
+def test_promote_cli(tmp_path, capsys):
+    registry = tmp_path / "registry.json"
+    rc = main(["promote", "--checkpoint", "ckpt-a", "--metrics", _metrics(tmp_path, "a", 5.0), "--registry", str(registry)])
+    assert rc == 0 and "promoted ckpt-a" in capsys.readouterr().out
+    assert json.loads(registry.read_text())["current"]["checkpoint"] == "ckpt-a"
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole DAG on this machine.
+
+
+@pytest.mark.slow
+def test_run_local_end_to_end_then_from_cache(tmp_path):
+    from pipeline.local import run_local
+
+    workspace = tmp_path / "pipeline"
+    first = run_local({"workspace": str(workspace)})
+    evaluation = first.outputs["evaluation"]
+    metrics = json.loads(Path(evaluation.metadata["metrics"]).read_text())
+    assert all(isinstance(metrics[k], float) for k in ("fid",))
+    assert Path(evaluation.metadata["grid"]).stat().st_size > 0
+    assert re.search(r"step-0+200$", first.outputs["model"].uri)
+    assert "data:image/png;base64," in Path(first.outputs["grid"].path).read_text()
+    assert json.loads((workspace / "registry.json").read_text())["current"]["checkpoint"] == first.outputs["model"].uri
+    assert first.cached == []
+
+    second = run_local({"workspace": str(workspace)})
+    assert {"precompute", "merge", "warmup"} <= {re.sub(r"-iteration-\d+$", "", t).split("/")[-1] for t in second.cached}
+    assert second.outputs["model"].uri != first.outputs["model"].uri  # training itself ran again

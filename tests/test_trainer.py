@@ -1,0 +1,137 @@
+"""The training loop through its Python API, on a tiny SiT and an in-memory batch source."""
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from erw.config import load_config
+from erw.models.sit import HandoffError
+from erw.training import checkpoint as ckpt
+from erw.training.distributed import Dist
+from erw.training.trainer import TrainingDiverged, run
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CPU = Dist(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+
+
+class TinyEncoder(nn.Module):
+    """A fixed random patchifier standing in for DINOv2: uint8 images -> [N, T, dim] tokens."""
+
+    dim = 16
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, self.dim, kernel_size=8, stride=8)
+        torch.nn.init.normal_(self.conv.weight, generator=torch.Generator().manual_seed(0))
+        torch.nn.init.zeros_(self.conv.bias)
+        self.requires_grad_(False)
+
+    def forward(self, images):
+        return self.conv(images.float() / 127.5 - 1).flatten(2).transpose(1, 2)
+
+
+class Batches:
+    """Deterministic batches; the position is checkpointed like the shard loader's."""
+
+    def __init__(self, batch_size=8, nan_from=None):
+        self.batch_size, self.nan_from, self.position = batch_size, nan_from, 0
+
+    def __iter__(self):
+        while True:
+            g = torch.Generator().manual_seed(self.position)
+            image = torch.randint(0, 256, (self.batch_size, 3, 32, 32), generator=g, dtype=torch.uint8)
+            latent = image.float() / 127.5 - 1
+            if self.nan_from is not None and self.position >= self.nan_from:
+                latent[0, 0, 0, 0] = float("nan")
+            self.position += 1
+            yield {"latent": latent, "label": torch.randint(0, 10, (self.batch_size,), generator=g), "image": image}
+
+    def state_dict(self):
+        return {"position": self.position}
+
+    def load_state_dict(self, state):
+        self.position = state["position"]
+
+
+def tiny_config(tmp_path, *overrides):
+    return load_config(
+        CONFIGS / "demo.yaml",
+        [
+            "model.depth=4", "model.hidden_size=64", "model.num_heads=2", "model.projector_dim=32",
+            "model.l2r_depth=2", "model.align_depth=3", "encoder.dim=null",
+            f"warmup.out={tmp_path}/warmup", f"train.out={tmp_path}/train",
+            "warmup.batch_size=8", "train.batch_size=8", "warmup.log_every=1", "train.log_every=1",
+            *overrides,
+        ],
+    )
+
+
+def test_warmup_learns_the_representation_then_hands_off(tmp_path, capsys):
+    cfg = tiny_config(tmp_path, "warmup.steps=30", "warmup.ckpt_every=30", "warmup.lr=1e-3")
+    warm = run(cfg, "warmup", Batches(), CPU, encoder=TinyEncoder())
+    losses = [h["loss_align"] for h in warm.history]
+    assert len(losses) == 30 and losses[-1] < losses[0] - 0.05
+    saved = ckpt.load_checkpoint(warm.checkpoint)
+    assert saved.phase == "warmup" and not any(k.startswith("final_layer") for k in saved.model_state)
+
+    cfg = tiny_config(tmp_path, "train.steps=2", "train.ckpt_every=2")
+    result = run(cfg, "train", Batches(), CPU, encoder=TinyEncoder(), init_from=str(tmp_path / "warmup"))
+    out = capsys.readouterr().out
+    assert "init-from" in out and "blocks.1.attn.qkv.weight" in out and "blocks.2." not in out.split("init-from")[1].split("\n")[0]
+    assert result.history[0]["align_weight"] == pytest.approx(1.0)  # c0 = 1 for S at s = W
+
+
+def test_handoff_refuses_a_mismatched_warmup(tmp_path):
+    cfg = tiny_config(tmp_path, "warmup.steps=1")
+    run(cfg, "warmup", Batches(), CPU, encoder=TinyEncoder())
+    wider = tiny_config(tmp_path, "model.qk_norm=true", "train.steps=1")
+    with pytest.raises(HandoffError, match="qk_norm: warmup False, now True"):
+        run(wider, "train", Batches(), CPU, encoder=TinyEncoder(), init_from=str(tmp_path / "warmup"))
+    run(tiny_config(tmp_path, "train.steps=1"), "train", Batches(), CPU, encoder=TinyEncoder())
+    with pytest.raises(ckpt.CheckpointError, match="expected one from `erw warmup`"):
+        run(tiny_config(tmp_path, "train.steps=2"), "train", Batches(), CPU, init_from=str(tmp_path / "train"))
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_resume_equals_an_uninterrupted_run(tmp_path, grad_accum):
+    common = [f"train.grad_accum={grad_accum}", "train.ckpt_every=3", "train.ema_decay=0.9"]
+    straight = run(tiny_config(tmp_path / "a", "train.steps=6", *common), "train", Batches(8 // grad_accum), CPU, encoder=TinyEncoder())
+    run(tiny_config(tmp_path / "b", "train.steps=3", *common), "train", Batches(8 // grad_accum), CPU, encoder=TinyEncoder())
+    resumed = run(
+        tiny_config(tmp_path / "b", "train.steps=6", *common), "train", Batches(8 // grad_accum), CPU,
+        encoder=TinyEncoder(), resume="auto",
+    )
+    assert resumed.step == 6
+    a, b = ckpt.load_checkpoint(straight.checkpoint), ckpt.load_checkpoint(resumed.checkpoint)
+    for name, tensor in a.model_state.items():
+        torch.testing.assert_close(b.model_state[name], tensor, rtol=0, atol=1e-6, msg=name)
+    for name, tensor in a.ema_state.items():
+        torch.testing.assert_close(b.ema_state[name], tensor, rtol=0, atol=1e-6, msg=name)
+    assert b.train_state["data"] == a.train_state["data"]
+
+
+def test_resume_mid_warmup(tmp_path):
+    cfg = tiny_config(tmp_path, "warmup.steps=2", "warmup.ckpt_every=2")
+    run(cfg, "warmup", Batches(), CPU, encoder=TinyEncoder())
+    cfg = tiny_config(tmp_path, "warmup.steps=4", "warmup.ckpt_every=2")
+    result = run(cfg, "warmup", Batches(), CPU, encoder=TinyEncoder(), resume="auto")
+    assert result.step == 4 and [h["step"] for h in result.history] == [3, 4]
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, capsys):
+    cfg = tiny_config(tmp_path, "train.steps=20", "train.max_nonfinite=3", "train.ckpt_every=2")
+    with pytest.raises(TrainingDiverged, match="3 non-finite steps in a row"):
+        run(cfg, "train", Batches(nan_from=4), CPU, encoder=TinyEncoder())
+    out = capsys.readouterr().out
+    assert out.count("non-finite loss or gradient, step skipped") == 3
+    # The good steps before the bad data were kept and checkpointed; no NaN reached the weights.
+    last = ckpt.load_checkpoint(str(tmp_path / "train"))
+    assert last.step == 4 and all(torch.isfinite(t).all() for t in last.model_state.values())
+
+
+def test_plain_sit_without_encoder(tmp_path):
+    cfg = tiny_config(tmp_path, "encoder.name=none", "train.steps=2")
+    result = run(cfg, "train", Batches(), CPU)
+    saved = ckpt.load_checkpoint(result.checkpoint)
+    assert not any(k.startswith("projectors") for k in saved.model_state)
