@@ -1,8 +1,9 @@
 """Cost of the Prometheus exporter on training step time, measured side by side in one run.
 
-    python bench/metrics_overhead.py [--rounds 6] [--steps 30] [--scrape-every 1.0]
+    python bench/metrics_overhead.py [--rounds 10] [--steps 20] [--scrape-every 1.0]
 
-Runs the real training loop (erw.training.trainer.run) on a small SiT on CPU in alternating
+Runs the real training loop (erw.training.trainer.run) on a small SiT on CPU (the demo preset
+shrunk to depth 4, width 64: a short step makes any per-step cost show) in alternating
 blocks: exporter off (metrics=None), exporter on (TrainingMetrics serving /metrics while a
 thread scrapes it every --scrape-every seconds; Prometheus in the cluster scrapes every 15 s, so
 the default is a harsh upper bound). Step time is the wall time between two batch fetches, so
@@ -107,12 +108,11 @@ def observe_step_microseconds(calls: int = 20_000) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=6, help="pairs of (off, on) blocks")
-    parser.add_argument("--steps", type=int, default=30, help="training steps per block")
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=10, help="pairs of (off, on) blocks")
+    parser.add_argument("--steps", type=int, default=20, help="training steps per block")
+    parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--scrape-every", type=float, default=1.0, help="seconds between scrapes while on")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
 
     times: dict[bool, list[float]] = {False: [], True: []}
     scrapes = 0
@@ -123,7 +123,8 @@ def main() -> None:
                 cfg = load_config(
                     CONFIGS / "demo.yaml",
                     [
-                        "encoder.name=none", f"train.steps={args.steps}", f"train.batch_size={args.batch}",
+                        "encoder.name=none", "model.depth=4", "model.hidden_size=64", "model.num_heads=2",
+                        "model.l2r_depth=2", "model.align_depth=2", f"train.steps={args.steps}", f"train.batch_size={args.batch}",
                         f"train.ckpt_every={args.steps}", f"train.log_every={args.steps}", "train.keep_last=0",
                         f"train.out={out}/{round_index}-{int(exporter_on)}",
                     ],
@@ -134,7 +135,7 @@ def main() -> None:
 
     off, on = statistics.median(times[False]), statistics.median(times[True])
     mean_off, mean_on = statistics.fmean(times[False]), statistics.fmean(times[True])
-    print(f"small SiT (configs/demo.yaml model, encoder none), batch {args.batch}, CPU, "
+    print(f"small SiT (demo preset, depth 4, width 64, no encoder), batch {args.batch}, CPU, "
           f"{args.rounds} rounds x {args.steps} steps per mode, {scrapes} scrapes while on")
     print(f"median step time: exporter off {1e3 * off:.2f} ms, on {1e3 * on:.2f} ms")
     print(f"step time ratio on/off: median {on / off:.4f}, mean {mean_on / mean_off:.4f}")

@@ -1,12 +1,13 @@
 """Sample from the trained model and score the samples (FID, sFID, IS, precision, recall).
 
-The scores become KFP metrics; the sample grid becomes an HTML artifact the KFP UI shows
-inline; `evaluation` is the folder holding metrics.json, the grid and the samples.
+The scores become KFP metrics; the report with the sample grid becomes an HTML artifact the KFP
+UI shows inline; `evaluation` is the folder holding metrics.json, grid.png and the samples.
+Without a configured reference (eval.reference) the samples are compared with the training data.
 """
 from typing import List
 
 from kfp import dsl
-from kfp.dsl import HTML, Artifact, Input, Metrics, Model, Output
+from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
 
 from components import IMAGE
 from components.common import run_erw
@@ -15,15 +16,15 @@ from components.common import run_erw
 @dsl.component(base_image=IMAGE, install_kfp_package=False, additional_funcs=[run_erw])
 def evaluate(
     checkpoint: Input[Model],
+    dataset: Input[Dataset],
     config: str,
     overrides: List[str],
     workspace: str,
     run_id: str,
     metrics: Output[Metrics],
-    grid: Output[HTML],
+    report: Output[HTML],
     evaluation: Output[Artifact],
 ):
-    import base64
     import json
     import math
 
@@ -31,26 +32,25 @@ def evaluate(
     from erw.data import storage
 
     cfg = load_config(config, overrides)
-    s = cfg.sample
     out = storage.join(workspace, "eval", run_id)
     samples = storage.join(out, "samples")
-    run_erw([
-        "sample", "--ckpt", checkpoint.uri, "--out", samples, "--num-samples", s.num_samples,
-        "--cfg-scale", s.cfg_scale, "--mode", s.mode, "--steps", s.steps,
-    ])
-    run_erw(["evaluate", "--samples", samples, "--reference", cfg.eval.reference, "--out", out])
+    run_erw(["sample", "--ckpt", checkpoint.uri, "--out", samples])  # sampler settings: the checkpoint's sample.*
+    argv = ["evaluate", "--samples", samples, "--reference", cfg.eval.reference or dataset.uri, "--out", out,
+            "--run-id", run_id, "--pushgateway", cfg.metrics.pushgateway]
+    if cfg.eval.inception_weights:
+        argv += ["--inception-weights", cfg.eval.inception_weights]
+    if cfg.eval.feature_network:
+        argv += ["--feature-network", cfg.eval.feature_network]
+    run_erw(argv)
 
     scores = json.loads(storage.read_bytes(storage.join(out, "metrics.json")))
-    for name, value in sorted(scores.items()):
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+    for name in ("fid", "sfid", "inception_score", "precision", "recall"):
+        value = scores.get(name)
+        if isinstance(value, (int, float)) and math.isfinite(value):
             metrics.log_metric(name, value)
-    grid_uri = next(u for u in (storage.join(out, "grid.png"), storage.join(samples, "grid.png")) if storage.exists(u))
-    picture = base64.b64encode(storage.read_bytes(grid_uri)).decode()
-    caption = ", ".join(f"{k} {v:.3f}" for k, v in sorted(metrics.metadata.items()))
-    with open(grid.path, "w") as f:
-        f.write(
-            f"<html><body><p>{checkpoint.uri} (step {checkpoint.metadata.get('step', '?')}): {caption}</p>"
-            f'<img src="data:image/png;base64,{picture}" style="max-width:100%"/></body></html>'
-        )
+    with open(report.path, "wb") as f:
+        f.write(storage.read_bytes(storage.join(out, "summary.html")))  # self-contained: the grid is inlined
     evaluation.uri = out
-    evaluation.metadata.update({"metrics": storage.join(out, "metrics.json"), "grid": grid_uri, "samples": samples})
+    evaluation.metadata.update(
+        {"metrics": storage.join(out, "metrics.json"), "grid": storage.join(out, "grid.png"), "samples": samples}
+    )

@@ -21,7 +21,10 @@ def merge(parts: List[str], dataset: Output[Dataset]):
     run_erw(["precompute", "--merge", "--out", uri, "--num-workers", len(parts)])
     manifest = json.loads(storage.read_bytes(storage.join(uri, "manifest.json")))
     dataset.uri = uri  # the artifact is the S3 prefix itself: nothing is copied
-    for key in ("num_samples", "num_classes", "resolution", "codec", "source_fingerprint"):
-        if key in manifest:
-            dataset.metadata[key] = manifest[key]
-    dataset.metadata["shards"] = len(manifest.get("shards", []))
+    dataset.metadata.update({
+        "num_samples": manifest["num_samples"],
+        "num_classes": manifest["num_classes"],
+        "resolution": manifest["resolution"],
+        "shards": len(manifest["shards"]),
+        "failed_images": manifest["failures"]["count"],
+    })

@@ -366,6 +366,11 @@ def _encoder_problems(cfg: Config, phase: str | None) -> list[str]:
         return [f"encoder.name={enc.name!r} is not a known encoder{hint}; known: {', '.join(sorted(ENCODERS))}, none"]
     if enc.dim is not None and spec.dim is not None and enc.dim != spec.dim:
         return [f"encoder.dim={enc.dim} does not match {enc.name}, whose tokens are {spec.dim}-dimensional"]
+    if spec.dim is not None:  # a custom encoder's token grid is only known from its weights file
+        try:
+            spec.grid(cfg.data.resolution)
+        except ErwError as err:
+            return [str(err)]
     return []
 
 

@@ -34,9 +34,9 @@ RUN_ID_LABEL = "pipeline/runid"
 
 class Outputs(NamedTuple):
     model: Model
-    evaluation: Artifact  # folder with metrics.json, grid.png and the samples
+    evaluation: Artifact  # folder with metrics.json, grid.png, summary.html and the samples
     metrics: Metrics
-    grid: HTML
+    report: HTML  # scores and the sample grid
     promotion: Markdown
 
 
@@ -125,7 +125,7 @@ def erw_pipeline(
     _step(trained, "train", "Train (ERW phase 2, torchrun job)", "1", "2G", 1, image, s3_secret)
 
     scored = evaluate(
-        checkpoint=trained.outputs["checkpoint"], config=config, overrides=overrides, workspace=workspace,
+        checkpoint=trained.outputs["checkpoint"], dataset=dataset.outputs["dataset"], config=config, overrides=overrides, workspace=workspace,
         run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
     ).set_caching_options(False)
     _step(scored, "evaluate", "Evaluate: sample, FID", "8", "64G", 1, image, s3_secret)
@@ -141,6 +141,6 @@ def erw_pipeline(
         model=trained.outputs["checkpoint"],
         evaluation=scored.outputs["evaluation"],
         metrics=scored.outputs["metrics"],
-        grid=scored.outputs["grid"],
+        report=scored.outputs["report"],
         promotion=gate.outputs["summary"],
     )

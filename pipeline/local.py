@@ -33,7 +33,7 @@ class LocalRun:
             f"pipeline finished in {self.seconds / 60:.1f} min (run {self.run_id})",
             f"  checkpoint   {model.uri}  (step {model.metadata.get('step', '?')})",
             f"  metrics      {evaluation.metadata['metrics']}  ({scores})",
-            f"  sample grid  {evaluation.metadata['grid']}  (HTML view: {self.outputs['grid'].path})",
+            f"  sample grid  {evaluation.metadata['grid']}  (report: {self.outputs['report'].path})",
             f"  promotion    {self.outputs['promotion'].path}",
             f"  from cache   {', '.join(self.cached) if self.cached else 'nothing (first run, or --no-cache)'}",
         ]
@@ -68,15 +68,20 @@ def run_local(arguments: dict[str, Any], use_cache: bool = True) -> LocalRun:
         cache_root=str(Path(workspace, "kfp-cache")),
         raise_on_error=True,
     )
-    hits, root = _CacheHits(), logging.getLogger()
+    # kfp.local logs cache hits at INFO outside its own log setup: listen at INFO, and since any
+    # handler on the root logger silences Python's last-resort one, print warnings ourselves.
+    root, hits, problems = logging.getLogger(), _CacheHits(), logging.StreamHandler()
+    problems.setLevel(logging.WARNING)
     level = root.level
+    root.setLevel(min(level, logging.INFO))
     root.addHandler(hits)
-    root.setLevel(min(level, logging.INFO))  # kfp.local logs cache hits at INFO, outside its own log setup
+    root.addHandler(problems)
     started = time.monotonic()
     try:
         task = erw_pipeline(**args)
     finally:
         root.removeHandler(hits)
+        root.removeHandler(problems)
         root.setLevel(level)
     outputs = dict(task.outputs)
     run_id = outputs["model"].uri.rstrip("/").split("/")[-2]  # <workspace>/train/<run id>/step-N

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from erw import cli
@@ -202,13 +201,13 @@ def test_features_store(tmp_path):
 
 
 def test_centre_crop_keeps_the_middle():
-    # Left quarter red, middle half green, right quarter blue: the centre square is all green,
-    # with (256x512 -> box halvings) or without (64x32, no resize) the downsampling path.
+    # Red and blue bands at the sides, green in the middle: the centre square of a 2:1 image is
+    # all green, with (box halvings, bicubic) or without (no resize) the resampling path.
     for width, height, size in [(64, 32, 32), (512, 256, 32), (1000, 500, 64)]:
         pixels = np.zeros((height, width, 3), dtype=np.uint8)
-        pixels[:, : width // 4, 0] = 255
-        pixels[:, width // 4: 3 * width // 4, 1] = 255
-        pixels[:, 3 * width // 4:, 2] = 255
+        pixels[:, : width // 8, 0] = 255
+        pixels[:, width // 8: 7 * width // 8, 1] = 255
+        pixels[:, 7 * width // 8:, 2] = 255
         crop = center_crop_adm(Image.fromarray(pixels), size)
         assert crop.shape == (size, size, 3) and crop.dtype == np.uint8
         assert (crop[..., 1] > 250).all() and (crop[..., [0, 2]] < 5).all()
@@ -250,5 +249,5 @@ def test_digits_dataset(digits_folder):
     assert len(files) == 1797
     image = Image.open(files[0])
     assert image.size == (32, 32) and image.mode == "RGB"
-    pixels = torch.from_numpy(np.asarray(image))
+    pixels = np.asarray(image)
     assert pixels.min() < 64 and pixels.max() > 192  # ink on paper, not a blank square

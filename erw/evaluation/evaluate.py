@@ -1,0 +1,139 @@
+"""`erw evaluate`: samples + reference -> metrics.json, grid.png, summary.md and summary.html.
+
+Everything that can be checked cheaply (the samples exist, the reference has the right shape,
+the networks load) is checked before the feature pass over the samples.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from erw.data import storage
+from erw.evaluation import report
+from erw.evaluation.features import FeatureNetwork, Features, extract_features, load_network
+from erw.evaluation.grid import GridCollector
+from erw.evaluation.images import ImageSetError, open_image_set
+from erw.evaluation.metrics import Gaussian, frechet_distance, inception_score, precision_recall
+from erw.evaluation.reference import Reference, ReferenceError, load_reference
+
+IS_SPLITS = 10
+PR_NEIGHBOURS = 3
+OUTPUTS = ("metrics.json", "grid.png", "summary.md", "summary.html")
+
+
+@dataclass
+class EvalOptions:
+    samples: str
+    reference: str
+    out: str
+    inception_weights: str = ""
+    feature_network: str = ""
+    batch_size: int = 64
+    device: str = "auto"
+    num_samples: int | None = None  # None = all
+    reference_limit: int = 50_000
+    reference_cache: str = ""
+    grid_rows: int = 8
+    grid_per_class: int = 8
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def evaluate(opts: EvalOptions) -> dict[str, Any]:
+    """Run the evaluation and write its outputs under opts.out; returns the metrics.json content."""
+    started = time.time()
+    device = resolve_device(opts.device)
+    try:
+        samples = open_image_set(opts.samples)
+    except ImageSetError as err:
+        raise ImageSetError(f"samples: {err}") from None
+    if samples.kind == "source":
+        raise ImageSetError(f"samples {opts.samples}: expected the --out of `erw sample` (with manifest.json) or an .npz")
+    network = load_network(opts.inception_weights, opts.feature_network, device)
+    reference = load_reference(
+        opts.reference, network, resolution=samples.resolution, batch_size=opts.batch_size, device=device,
+        limit=opts.reference_limit, cache=opts.reference_cache,
+    )
+
+    grid = GridCollector(opts.grid_rows, opts.grid_per_class)
+
+    def sample_batches():
+        for images, labels in samples.batches(opts.batch_size, opts.num_samples):
+            grid.add(images, labels)
+            yield images
+
+    features = extract_features(network, sample_batches(), device)
+    result = compute_metrics(features, reference, network, device)
+    result |= {
+        "samples": opts.samples, "reference": opts.reference, "seconds": round(time.time() - started, 1),
+        "sampling": _sampling_info(samples.manifest),
+    }
+    write_outputs(opts.out, result, grid, samples.manifest)
+    return result
+
+
+def compute_metrics(features: Features, reference: Reference, network: FeatureNetwork, device: torch.device) -> dict[str, Any]:
+    n, dim = features.pool.shape
+    if dim != reference.pool.mu.shape[0]:
+        raise ReferenceError(
+            f"the samples' features are {dim}-d but the reference statistics are {reference.pool.mu.shape[0]}-d: "
+            "the reference was computed with another feature network"
+        )
+    if n < 2:
+        raise ImageSetError(f"{n} sample(s): the metrics need at least 2")
+    notes = []
+    if n < dim:
+        notes.append(f"{n} samples for {dim}-d features: FID is biased upwards, compare only runs with equal sample counts")
+    result: dict[str, Any] = {"fid": frechet_distance(Gaussian.fit(features.pool), reference.pool)}
+    result["sfid"] = None
+    if features.spatial is not None and reference.spatial is not None:
+        result["sfid"] = frechet_distance(Gaussian.fit(features.spatial), reference.spatial)
+    elif network.has_spatial:
+        notes.append("no sFID: the reference has no spatial statistics")
+    result["inception_score"] = None
+    if features.logits is not None:
+        splits = min(IS_SPLITS, n)
+        if splits < IS_SPLITS:
+            notes.append(f"Inception Score over {splits} splits (fewer samples than {IS_SPLITS})")
+        result["inception_score"] = inception_score(features.logits, splits)
+    result["precision"] = result["recall"] = None
+    if reference.activations is not None and min(n, len(reference.activations)) > PR_NEIGHBOURS:
+        result["precision"], result["recall"] = precision_recall(reference.activations, features.pool, PR_NEIGHBOURS, device=device)
+    else:
+        notes.append("no precision/recall: the reference has no per-image features (give arr_0 images)")
+    return result | {
+        "num_samples": n, "num_reference": reference.count, "feature_network": network.identity, "notes": notes,
+    }
+
+
+def _sampling_info(manifest: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What produced the samples, when they come from `erw sample`."""
+    if not manifest or manifest.get("format") != "erw-samples":
+        return None
+    return {key: manifest.get(key) for key in ("checkpoint", "step", "run_id", "settings")}
+
+
+def write_outputs(out: str, result: dict[str, Any], grid: GridCollector, manifest: dict[str, Any] | None) -> None:
+    names = (manifest or {}).get("class_names") or []
+    classes = [names[c] if 0 <= c < len(names) else str(c) for c in grid.classes()]
+    png = grid.png()
+    storage.write_bytes(storage.join(out, "grid.png"), png)
+    storage.write_bytes(storage.join(out, "summary.md"), report.markdown(result, "grid.png", classes).encode())
+    storage.write_bytes(storage.join(out, "summary.html"), report.html_page(result, png, classes).encode())
+    # Written last: its presence says the evaluation finished.
+    storage.write_bytes(storage.join(out, "metrics.json"), json.dumps(result, indent=2, default=_json_default).encode())
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")

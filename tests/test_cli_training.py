@@ -1,0 +1,65 @@
+"""`erw warmup` then `erw train --init-from` from the command line, as 2 torchrun processes (gloo)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from erw.training import checkpoint as ckpt
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+TINY = ["model.depth=4", "model.hidden_size=64", "model.num_heads=2", "model.projector_dim=32", "data.num_workers=1"]
+
+
+def erw(*args, cwd, torchrun=False, check=True):
+    cmd = [str(BIN / "erw"), *args]
+    if torchrun:
+        cmd = [str(BIN / "torchrun"), "--nproc-per-node", "2", "--no-python", *cmd]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    work = tmp_path_factory.mktemp("digits")
+    erw("data", "digits", "--out", "digits", cwd=work)
+    erw("precompute", "--source", "digits", "--out", "shards", "--resolution", "32", "--codec", "identity",
+        "--shard-size", "500", "--no-progress", cwd=work)
+    erw("precompute", "--merge", "--out", "shards", cwd=work)
+    return work / "shards"
+
+
+def test_warmup_then_train_under_torchrun(shards, tmp_path):
+    common = ["--config", str(ROOT / "configs/demo.yaml"), f"data.shards={shards}", *TINY]
+    warm = erw("warmup", *common, "warmup.steps=4", "warmup.ckpt_every=2", "warmup.log_every=2",
+               "warmup.out=out/warmup", cwd=tmp_path, torchrun=True)
+    assert "2 rank(s) x 16 samples" in warm.stdout and "warmup finished at step 4" in warm.stdout
+    assert [s for s, _ in ckpt.list_checkpoints(str(tmp_path / "out/warmup"))] == [2, 4]
+
+    train = erw("train", *common, "train.steps=2", "train.ckpt_every=2", "train.log_every=1",
+                "train.out=out/train", "--init-from", "out/warmup", cwd=tmp_path, torchrun=True)
+    handoff = next(line for line in train.stdout.splitlines() if line.startswith("init-from"))
+    assert "step-00000004 (warmup step 4)" in handoff
+    assert "blocks.1.adaLN_modulation.1.bias" in handoff and "blocks.2." not in handoff
+    assert "projectors" not in handoff and "final_layer" not in handoff
+    final = ckpt.load_checkpoint(str(tmp_path / "out/train"))
+    assert final.step == 2 and final.meta["warmup_steps"] == 4 and final.phase == "train"
+
+
+
+def test_cli_errors_are_one_clear_message(shards, tmp_path):
+    bad = erw("warmup", "--config", str(ROOT / "configs/demo.yaml"), "model.l2r_depth=9", "warmup.batch_size=31",
+              cwd=tmp_path, check=False)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "model.l2r_depth=9 must be at least 1" in bad.stderr and "warmup.batch_size=31" not in bad.stderr
+    odd = erw("warmup", "--config", str(ROOT / "configs/demo.yaml"), "warmup.batch_size=31", cwd=tmp_path,
+              torchrun=True, check=False)
+    assert odd.returncode != 0 and "warmup.batch_size=31 is not divisible by world size 2" in odd.stderr
+    missing = erw("train", "--config", str(ROOT / "configs/demo.yaml"), f"data.shards={shards}", *TINY,
+                  "train.out=out/train", "--init-from", str(tmp_path / "nothing"), cwd=tmp_path, check=False)
+    assert missing.returncode == 2 and "no complete checkpoint" in missing.stderr and "Traceback" not in missing.stderr
