@@ -11,6 +11,7 @@ from erw.errors import ErwError
 COMMAND_MODULES = (
     "erw.data.commands",
     "erw.training.commands",
+    "erw.models.commands",
     "erw.evaluation.commands",
     "erw.launch",
     "erw.pipeline_command",

@@ -29,6 +29,9 @@ SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 # KFP labels every pod of a run with its id; erw reads ERW_RUN_ID to label metrics. The cached
 # warmup step gets it only this way: as an input it would change the cache key on every run.
 RUN_ID_ENV = "ERW_RUN_ID"
+# The single-GPU steps' accelerator resource. A constant: kfp.local cannot resolve a parameter
+# here inside a ParallelFor, and the pipeline must run unchanged on a laptop.
+GPU_RESOURCE = "nvidia.com/gpu"
 RUN_ID_LABEL = "pipeline/runid"
 
 
@@ -55,8 +58,8 @@ def _step(
     return task
 
 
-def _on_gpu_pool(task: dsl.PipelineTask, gpu_resource, node_selector, tolerations) -> dsl.PipelineTask:
-    task.set_accelerator_type(gpu_resource).set_accelerator_limit(1)
+def _on_gpu_pool(task: dsl.PipelineTask, node_selector, tolerations) -> dsl.PipelineTask:
+    task.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(1)
     kubernetes.add_node_selector_json(task, node_selector)
     kubernetes.add_toleration_json(task, tolerations)
     return task
@@ -81,7 +84,6 @@ def erw_pipeline(
     gpus_per_node: int = D.gpus_per_node,
     cpus_per_node: int = D.cpus_per_node,
     memory_gb_per_node: int = D.memory_gb_per_node,
-    gpu_resource: str = D.gpu_resource,
     gpu_node_selector: dict = D.gpu_node_selector,
     gpu_tolerations: list = D.gpu_tolerations,
     scheduler: str = D.scheduler,
@@ -103,7 +105,7 @@ def erw_pipeline(
         encoded = precompute(work=work, config=config, overrides=overrides, source=source)
         encoded.set_caching_options(True)
         _step(encoded, "precompute", "Precompute latents (one worker)", "8", "48G", 3, image, s3_secret)
-        _on_gpu_pool(encoded, gpu_resource, gpu_node_selector, gpu_tolerations)
+        _on_gpu_pool(encoded, gpu_node_selector, gpu_tolerations)
 
     dataset = merge(parts=dsl.Collected(encoded.output)).set_caching_options(True)
     _step(dataset, "merge", "Merge shards, write manifest", "1", "4G", 3, image, s3_secret)
@@ -129,7 +131,7 @@ def erw_pipeline(
         run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
     ).set_caching_options(False)
     _step(scored, "evaluate", "Evaluate: sample, FID", "8", "64G", 1, image, s3_secret)
-    _on_gpu_pool(scored, gpu_resource, gpu_node_selector, gpu_tolerations)
+    _on_gpu_pool(scored, gpu_node_selector, gpu_tolerations)
 
     gate = promote(
         checkpoint=trained.outputs["checkpoint"], evaluation=scored.outputs["evaluation"],

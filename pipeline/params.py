@@ -43,7 +43,6 @@ class PipelineArgs:
     gpus_per_node: int = 8
     cpus_per_node: int = 96
     memory_gb_per_node: int = 1000
-    gpu_resource: str = "nvidia.com/gpu"  # accelerator resource name of the single-GPU steps
     gpu_node_selector: dict = field(default_factory=lambda: {"erw.dev/pool": "gpu"})
     gpu_tolerations: list = field(
         default_factory=lambda: [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]

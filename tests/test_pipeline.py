@@ -67,7 +67,7 @@ def test_gpu_steps_request_an_accelerator_on_the_gpu_pool(compiled):
     for step in ("precompute", "evaluate"):
         resources = spec["deploymentSpec"]["executors"][f"exec-{step}"]["container"]["resources"]
         assert resources["accelerator"]["resourceCount"] == "1"
-        assert "gpu_resource" in resources["accelerator"]["resourceType"]
+        assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
         platform = executors[f"exec-{step}"]
         assert "gpu_node_selector" in json.dumps(platform["nodeSelector"])
         assert "gpu_tolerations" in json.dumps(platform["tolerations"])
