@@ -1,19 +1,19 @@
 """Cost of the Prometheus exporter on training step time, measured side by side in one run.
 
-    python bench/metrics_overhead.py [--rounds 10] [--steps 20] [--scrape-every 1.0]
+    python bench/metrics_overhead.py [--steps 400] [--switch-every 5] [--scrape-every 1.0]
 
-Runs the real training loop (erw.training.trainer.run) on a small SiT on CPU (the demo preset
-shrunk to depth 4, width 64: a short step makes any per-step cost show) in alternating
-blocks: exporter off (metrics=None), exporter on (TrainingMetrics serving /metrics while a
-thread scrapes it every --scrape-every seconds; Prometheus in the cluster scrapes every 15 s, so
-the default is a harsh upper bound). Step time is the wall time between two batch fetches, so
-it includes every metrics call the loop makes. The order of the two blocks alternates per round
-to cancel drift in the machine's load; the ratio of the medians is the result.
+One run of the real training loop (erw.training.trainer.run) on a small SiT on CPU (the demo
+preset shrunk to depth 4, width 64: a short step makes any per-step cost show). The exporter is
+switched on and off every --switch-every steps: on, every metrics call reaches a live
+TrainingMetrics and a thread scrapes its /metrics every --scrape-every seconds (Prometheus in
+the cluster scrapes every 15 s, so the default is a harsh upper bound); off, the calls do
+nothing and nobody scrapes. Step time is the wall time between two batch fetches, so it holds
+every call the loop makes. Interleaving in one run cancels drift in the machine's load, which
+on a shared machine is far larger than the effect measured; the ratio of medians is the result.
 """
 from __future__ import annotations
 
 import argparse
-import itertools
 import socket
 import statistics
 import tempfile
@@ -30,39 +30,63 @@ from erw.training.distributed import Dist
 from erw.training.trainer import run
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-WARMUP_STEPS = 3  # first steps of each block pay for allocator and thread-pool warm-up
+WARMUP_STEPS = 5  # the first steps pay for allocator and thread-pool warm-up
 
 
-class TimedBatches:
-    """Fixed random batches; records when each one is fetched."""
+class Switch:
+    """Whether the exporter is on for the current step."""
 
-    def __init__(self, batch_size: int, channels: int, size: int):
+    on = False
+
+
+class SwitchedMetrics:
+    """Forwards every metrics call to `metrics` while the switch is on, drops it while off."""
+
+    def __init__(self, metrics: TrainingMetrics, switch: Switch):
+        self.metrics, self.switch = metrics, switch
+
+    def __getattr__(self, name: str):
+        return getattr(self.metrics, name) if self.switch.on else _ignore
+
+
+def _ignore(*args, **kwargs) -> None:
+    return None
+
+
+class SwitchingBatches:
+    """Fixed random batches; records each fetch time and flips the switch every `every` steps."""
+
+    def __init__(self, batch_size: int, channels: int, size: int, switch: Switch, every: int):
         self.latent = torch.randn(batch_size, channels, size, size)
         self.label = torch.randint(0, 10, (batch_size,))
-        self.fetched: list[float] = []
+        self.switch, self.every = switch, every
+        self.fetched: list[tuple[float, bool]] = []
 
     def __iter__(self):
         while True:
-            self.fetched.append(time.perf_counter())
+            self.switch.on = (len(self.fetched) // self.every) % 2 == 1
+            self.fetched.append((time.perf_counter(), self.switch.on))
             yield {"latent": self.latent, "label": self.label}
 
-    def step_seconds(self) -> list[float]:
-        times = self.fetched[WARMUP_STEPS:]
-        return [b - a for a, b in zip(times, times[1:])]
+    def step_seconds(self, exporter_on: bool) -> list[float]:
+        """Durations of the steps that ran with the exporter on (or off), warm-up excluded."""
+        pairs = zip(self.fetched[WARMUP_STEPS:], self.fetched[WARMUP_STEPS + 1:])
+        return [end - start for (start, on), (end, _) in pairs if on == exporter_on]
 
 
 class Scraper(threading.Thread):
-    """Scrapes a /metrics endpoint every `every` seconds until stopped; counts the scrapes."""
+    """Scrapes a /metrics endpoint every `every` seconds while the switch is on."""
 
-    def __init__(self, url: str, every: float):
+    def __init__(self, url: str, every: float, switch: Switch):
         super().__init__(daemon=True)
-        self.url, self.every, self.count = url, every, 0
+        self.url, self.every, self.switch, self.count = url, every, switch, 0
         self.stopped = threading.Event()
 
     def run(self) -> None:
         while not self.stopped.wait(self.every):
-            urllib.request.urlopen(self.url, timeout=5).read()
-            self.count += 1
+            if self.switch.on:
+                urllib.request.urlopen(self.url, timeout=5).read()
+                self.count += 1
 
 
 def free_port() -> int:
@@ -71,34 +95,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def block(cfg, exporter_on: bool, scrape_every: float) -> tuple[list[float], int]:
-    """One training run of cfg.train.steps steps; returns its step times and the scrape count."""
-    batches = TimedBatches(cfg.train.batch_size, cfg.data.latent_channels, cfg.data.latent_size)
-    cpu = Dist(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
-    metrics, scraper = None, None
-    if exporter_on:
-        port = free_port()
-        metrics = TrainingMetrics(port, "bench", "train", rank=0, local_rank=0, addr="127.0.0.1")
-        scraper = Scraper(f"http://127.0.0.1:{port}/metrics", scrape_every)
-        scraper.start()
-    try:
-        run(cfg, "train", batches, cpu, metrics=metrics, log=lambda _msg: None)
-    finally:
-        if scraper is not None:
-            scraper.stopped.set()
-            scraper.join()
-        if metrics is not None:
-            metrics.close()
-    return batches.step_seconds(), scraper.count if scraper else 0
-
-
 def observe_step_microseconds(calls: int = 20_000) -> float:
     metrics = TrainingMetrics(free_port(), "bench", "train", rank=0, local_rank=0, addr="127.0.0.1")
     try:
         started = time.perf_counter()
         for step in range(calls):
             metrics.observe_step(
-                step=step, samples=32, losses={"loss": 0.5, "loss_denoise": 0.4, "loss_align": -0.1},
+                step=step, samples=8, losses={"loss": 0.5, "loss_denoise": 0.4, "loss_align": -0.1},
                 align_weight=1.0, lr=1e-4, grad_norm=1.0, step_seconds=0.05, data_wait_seconds=0.001,
             )
         return 1e6 * (time.perf_counter() - started) / calls
@@ -108,37 +111,46 @@ def observe_step_microseconds(calls: int = 20_000) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=10, help="pairs of (off, on) blocks")
-    parser.add_argument("--steps", type=int, default=20, help="training steps per block")
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--switch-every", type=int, default=5, help="steps between exporter on/off switches")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--scrape-every", type=float, default=1.0, help="seconds between scrapes while on")
     args = parser.parse_args()
 
-    times: dict[bool, list[float]] = {False: [], True: []}
-    scrapes = 0
+    switch = Switch()
+    port = free_port()
+    metrics = TrainingMetrics(port, "bench", "train", rank=0, local_rank=0, addr="127.0.0.1")
+    scraper = Scraper(f"http://127.0.0.1:{port}/metrics", args.scrape_every, switch)
+    scraper.start()
     with tempfile.TemporaryDirectory() as out:
-        for round_index in range(args.rounds):
-            order = (False, True) if round_index % 2 == 0 else (True, False)
-            for exporter_on in order:
-                cfg = load_config(
-                    CONFIGS / "demo.yaml",
-                    [
-                        "encoder.name=none", "model.depth=4", "model.hidden_size=64", "model.num_heads=2",
-                        "model.l2r_depth=2", "model.align_depth=2", f"train.steps={args.steps}", f"train.batch_size={args.batch}",
-                        f"train.ckpt_every={args.steps}", f"train.log_every={args.steps}", "train.keep_last=0",
-                        f"train.out={out}/{round_index}-{int(exporter_on)}",
-                    ],
-                )
-                step_times, count = block(cfg, exporter_on, args.scrape_every)
-                times[exporter_on] += step_times
-                scrapes += count
+        cfg = load_config(
+            CONFIGS / "demo.yaml",
+            [
+                "encoder.name=none", "model.depth=4", "model.hidden_size=64", "model.num_heads=2",
+                "model.l2r_depth=2", "model.align_depth=2", f"train.steps={args.steps}",
+                f"train.batch_size={args.batch}", f"train.ckpt_every={args.steps}", f"train.log_every={args.steps}",
+                f"train.out={out}",
+            ],
+        )
+        batches = SwitchingBatches(cfg.train.batch_size, cfg.data.latent_channels, cfg.data.latent_size, switch, args.switch_every)
+        cpu = Dist(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+        try:
+            run(cfg, "train", batches, cpu, metrics=SwitchedMetrics(metrics, switch), log=lambda _msg: None)
+        finally:
+            scraper.stopped.set()
+            scraper.join()
+            metrics.close()
 
-    off, on = statistics.median(times[False]), statistics.median(times[True])
-    mean_off, mean_on = statistics.fmean(times[False]), statistics.fmean(times[True])
-    print(f"small SiT (demo preset, depth 4, width 64, no encoder), batch {args.batch}, CPU, "
-          f"{args.rounds} rounds x {args.steps} steps per mode, {scrapes} scrapes while on")
-    print(f"median step time: exporter off {1e3 * off:.2f} ms, on {1e3 * on:.2f} ms")
-    print(f"step time ratio on/off: median {on / off:.4f}, mean {mean_on / mean_off:.4f}")
+    off, on = batches.step_seconds(False), batches.step_seconds(True)
+    print(
+        f"small SiT (demo preset, depth 4, width 64, no encoder), batch {args.batch}, CPU, {args.steps} steps, "
+        f"exporter switched every {args.switch_every} steps, {scraper.count} scrapes while on"
+    )
+    print(f"median step time: exporter off {1e3 * statistics.median(off):.2f} ms, on {1e3 * statistics.median(on):.2f} ms")
+    print(
+        f"step time ratio on/off: median {statistics.median(on) / statistics.median(off):.4f}, "
+        f"mean {statistics.fmean(on) / statistics.fmean(off):.4f}"
+    )
     print(f"one observe_step call: {observe_step_microseconds():.1f} us")
 
 

@@ -153,6 +153,7 @@ def test_identical_samples_and_reference_score_perfectly(samples, feature_networ
     assert metrics["precision"] == metrics["recall"] == 1.0
 
 
+@pytest.mark.slow  # two eigendecompositions of ~2048x2048 matrices: seconds on a free CPU, minutes on a busy one
 def test_evaluate_with_inception_features(samples, inception_weights, tmp_path, capsys):
     """FID, sFID, IS and precision/recall through the Inception with random weights of the real architecture."""
     reference = _npz(tmp_path / "ref.npz", arr_0=_images(8, seed=4))

@@ -115,7 +115,7 @@ def test_latent_is_sampled_from_the_moments_every_epoch():
     mean = np.full((2, 4, 4), 1.5, np.float32)
     std = np.full((2, 4, 4), 0.5, np.float32)
     sample = {"latent.npy": npy_bytes(np.concatenate([mean, std]).astype(np.float16)), "cls": b"3"}
-    how = Decoding(seed=0, norm=LatentNorm.uniform(2, 0.5), image_key=None, with_features=False)
+    how = Decoding(seed=0, norm=LatentNorm.uniform(2, 0.5), image_format=None, with_features=False)
     a, again, other_epoch = (decode_sample(e, 11, sample, how)["latent"] for e in (0, 0, 1))
     assert np.array_equal(a, again) and not np.array_equal(a, other_epoch)
     noise = (a - 1.5) / 0.5

@@ -21,17 +21,15 @@ never ends), so every rank always has a next batch.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
 import torch
-from PIL import Image
 
 from erw.data import storage
-from erw.data.shards import MANIFEST, load_npy, read_tar_samples
+from erw.data.shards import IMAGE_MEMBERS, MANIFEST, decode_crop, load_npy, read_tar_samples
 from erw.errors import ErwError
 from erw.models.vae import LatentNorm
 
@@ -206,7 +204,7 @@ def _arrivals(plan: Plan, pieces: list[tuple[int, int, int]], first: int) -> Ite
 class Decoding:
     seed: int
     norm: LatentNorm
-    image_key: str | None  # "png"/"jpg" to decode the crop, None to skip it
+    image_format: str | None  # of the stored crop; None: do not decode it
     with_features: bool
 
 
@@ -217,9 +215,8 @@ def decode_sample(epoch: int, sample_id: int, sample: dict, how: Decoding) -> di
         noise = np.random.default_rng([how.seed, epoch, sample_id]).standard_normal(mean.shape, dtype=np.float32)
         mean = mean + std * noise
     out = {"latent": mean, "label": int(sample["cls"]), "index": sample_id, "epoch": epoch}
-    if how.image_key is not None:
-        with Image.open(io.BytesIO(sample[how.image_key])) as image:
-            out["image"] = np.asarray(image.convert("RGB")).transpose(2, 0, 1)
+    if how.image_format is not None:
+        out["image"] = decode_crop(sample[IMAGE_MEMBERS[how.image_format]], how.image_format).transpose(2, 0, 1)
     if how.with_features:
         out["feat"] = load_npy(sample["feat.npy"]).astype(np.float32)
     return out
@@ -290,7 +287,7 @@ class ShardLoader:
         cached_features = manifest["store"] == "features"
         self.how = Decoding(
             seed=seed, norm=LatentNorm.from_manifest(manifest),
-            image_key=manifest["image_format"] if with_images and not cached_features else None,
+            image_format=manifest["image_format"] if with_images and not cached_features else None,
             with_features=with_images and cached_features,
         )
         self.batches = 0

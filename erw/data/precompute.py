@@ -17,7 +17,6 @@ shard it was writing. Memory is bounded by one batch plus the read-ahead window.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import sys
 import tempfile
@@ -30,10 +29,9 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
-from PIL import Image
 
 from erw.data import storage
-from erw.data.shards import MANIFEST, ShardWriter, npy_bytes, shard_name
+from erw.data.shards import IMAGE_MEMBERS, MANIFEST, ShardWriter, encode_crop, npy_bytes, shard_name
 from erw.data.sources import BadImage, RawSample, Source, Unit, decode_image, open_source
 from erw.errors import ErwError
 from erw.models.vae import CODECS, NORMALIZATIONS, LatentCodec, build_codec
@@ -42,7 +40,6 @@ FORMAT_VERSION = 1
 PLAN = "precompute.json"
 PROGRESS = "_progress"
 STORES = ("images", "features")
-IMAGE_FORMATS = ("png", "jpg")
 
 
 class PrecomputeError(ErwError):
@@ -59,7 +56,7 @@ class PrecomputeJob:
     worker_index: int = 0
     num_workers: int = 1
     store: str = "images"  # images: keep the crop (for online encoder targets) | features: encoder tokens
-    image_format: str = "png"
+    image_format: str = "png"  # png | jpg (lossy, smallest) | npy (raw pixels, no decoding in the loader)
     latent_norm: str = "scale"  # scale: latent * scaling_factor | channel: per-channel (latent - mean) / std
     batch_size: int = 64
     shard_size: int = 1000
@@ -82,8 +79,8 @@ class PrecomputeJob:
             out.append(f"--store {self.store!r} must be one of {', '.join(STORES)}")
         if self.store == "features" and not self.encoder:
             out.append("--store features needs --encoder NAME (the encoder whose tokens are cached)")
-        if self.image_format not in IMAGE_FORMATS:
-            out.append(f"--image-format {self.image_format!r} must be one of {', '.join(IMAGE_FORMATS)}")
+        if self.image_format not in IMAGE_MEMBERS:
+            out.append(f"--image-format {self.image_format!r} must be one of {', '.join(IMAGE_MEMBERS)}")
         if self.latent_norm not in NORMALIZATIONS:
             out.append(f"--latent-norm {self.latent_norm!r} must be one of {', '.join(NORMALIZATIONS)}")
         if self.batch_size < 1 or self.shard_size < 1:
@@ -203,7 +200,7 @@ def encode_unit(
             if feats is not None:
                 members["feat.npy"] = npy_bytes(feats[j].numpy())
             else:
-                members[job.image_format] = _encode_image(crop, job.image_format)
+                members[IMAGE_MEMBERS[job.image_format]] = encode_crop(crop, job.image_format)
             members["src.txt"] = raw.name.encode()
             writer.write(key, members)
             labels[raw.label] += 1
@@ -230,15 +227,6 @@ def _decode(raw: RawSample, resolution: int) -> tuple[str, np.ndarray | str]:
         return digest, decode_image(raw.data, resolution)
     except BadImage as err:
         return digest, str(err)
-
-
-def _encode_image(pixels: np.ndarray, image_format: str) -> bytes:
-    buffer = io.BytesIO()
-    if image_format == "png":
-        Image.fromarray(pixels).save(buffer, format="PNG", compress_level=3)
-    else:
-        Image.fromarray(pixels).save(buffer, format="JPEG", quality=95)
-    return buffer.getvalue()
 
 
 def _chunks(items: Iterable[RawSample], size: int) -> Iterator[list[RawSample]]:

@@ -1,7 +1,9 @@
 """WebDataset tar shards: a deterministic writer and a streaming reader (local or s3://).
 
-A sample is a group of tar members sharing a key: `{key}.latent.npy`, `{key}.cls`, and
-`{key}.png|jpg` or `{key}.feat.npy`. The writer fixes every tar header field (mtime 0,
+A sample is a group of tar members sharing a key: `{key}.latent.npy` (fp16 moments),
+`{key}.cls`, `{key}.src.txt` (the source file) and either the centre crop
+(`{key}.png`, `{key}.jpg`, or `{key}.image.npy`: raw uint8 [R, R, 3], no decoding cost) or
+cached encoder tokens (`{key}.feat.npy`). The writer fixes every tar header field (mtime 0,
 no owner), so re-encoding the same inputs yields a byte-identical shard and checksum.
 """
 from __future__ import annotations
@@ -22,6 +24,34 @@ MANIFEST = "manifest.json"
 
 def shard_name(index: int) -> str:
     return f"shard-{index:06d}.tar"
+
+
+# --image-format -> the tar member suffix of the crop
+IMAGE_MEMBERS = {"png": "png", "jpg": "jpg", "npy": "image.npy"}
+
+
+def encode_crop(pixels: np.ndarray, image_format: str) -> bytes:
+    """uint8 [R, R, 3] -> the bytes of an image member."""
+    from PIL import Image
+
+    if image_format == "npy":
+        return npy_bytes(pixels)
+    buffer = io.BytesIO()
+    if image_format == "png":
+        Image.fromarray(pixels).save(buffer, format="PNG", compress_level=3)
+    else:
+        Image.fromarray(pixels).save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def decode_crop(data: bytes, image_format: str) -> np.ndarray:
+    """The bytes of an image member -> uint8 [R, R, 3]."""
+    from PIL import Image
+
+    if image_format == "npy":
+        return load_npy(data)
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"))
 
 
 def npy_bytes(array: np.ndarray) -> bytes:

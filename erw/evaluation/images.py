@@ -92,7 +92,7 @@ class ImageSet:
 
 def decode_rgb(data: bytes) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as image:
-        return np.asarray(image.convert("RGB"))
+        return np.array(image.convert("RGB"))  # a writable copy: torch.from_numpy wants one
 
 
 def _rebatch(stream: Iterator[Batch], batch_size: int, limit: int | None) -> Iterator[Batch]:
