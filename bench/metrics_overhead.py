@@ -1,6 +1,6 @@
 """Cost of the Prometheus exporter on training step time, measured side by side in one run.
 
-    python bench/metrics_overhead.py [--steps 400] [--switch-every 5] [--scrape-every 1.0]
+    python bench/metrics_overhead.py [--steps 600] [--switch-every 1] [--scrape-every 1.0]
 
 One run of the real training loop (erw.training.trainer.run) on a small SiT on CPU (the demo
 preset shrunk to depth 4, width 64: a short step makes any per-step cost show). The exporter is
@@ -8,8 +8,9 @@ switched on and off every --switch-every steps: on, every metrics call reaches a
 TrainingMetrics and a thread scrapes its /metrics every --scrape-every seconds (Prometheus in
 the cluster scrapes every 15 s, so the default is a harsh upper bound); off, the calls do
 nothing and nobody scrapes. Step time is the wall time between two batch fetches, so it holds
-every call the loop makes. Interleaving in one run cancels drift in the machine's load, which
-on a shared machine is far larger than the effect measured; the ratio of medians is the result.
+every call the loop makes. Interleaving step by step in one run cancels drift in the machine's
+load, which on a shared machine is far larger than the effect measured; the ratio of medians is
+the result. On a crowded machine, OMP_NUM_THREADS=1 keeps torch's thread pool from dominating.
 """
 from __future__ import annotations
 
@@ -111,8 +112,8 @@ def observe_step_microseconds(calls: int = 20_000) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--switch-every", type=int, default=5, help="steps between exporter on/off switches")
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--switch-every", type=int, default=1, help="steps between exporter on/off switches")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--scrape-every", type=float, default=1.0, help="seconds between scrapes while on")
     args = parser.parse_args()

@@ -35,7 +35,7 @@ RUN_ID_LABEL = "erw.dev/run-id"
 INSTANCE_TYPE_LABEL = "node.kubernetes.io/instance-type"  # the one nodeSelector TorchX maps from capabilities
 # Cluster-wide settings the job inherits from the launching step. Credentials are deliberately
 # absent: they reach the job through the Kubernetes Secret (envFrom) or the service account (IRSA).
-FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "ERW_PUSHGATEWAY")
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION")
 TAIL_LINES = 400  # log lines per node kept for the failure report
 REPORT_LINES = 20  # worker lines per node shown in it
 # A worker's output under torchrun --tee: "[local_rank]:text", after a timestamp on Kubernetes.
@@ -222,7 +222,7 @@ def launch(
                 status = runner.status(handle)
                 if status is None:
                     raise LaunchError(f"job {handle} disappeared from the scheduler (deleted by someone else?)")
-                if not streams and status.state in (AppState.RUNNING, *_terminal_states()):
+                if not streams and (status.state == AppState.RUNNING or status.is_terminal()):
                     streams = [
                         _stream_logs(runner, handle, node, spec.nodes > 1, tails[node], write)
                         for node in range(spec.nodes)
@@ -336,12 +336,6 @@ def _own_namespace() -> str:
             return f.read().strip() or "default"
     except OSError:
         return "default"
-
-
-def _terminal_states() -> tuple:
-    from torchx.specs import AppState
-
-    return (AppState.SUCCEEDED, AppState.FAILED, AppState.CANCELLED)
 
 
 def _structured_reason(message: str) -> str:
@@ -474,6 +468,12 @@ def spec_from_args(args: argparse.Namespace) -> tuple[JobSpec, SchedulerOptions]
 
 
 def _run(args: argparse.Namespace) -> int:
+    import logging
+    import warnings
+
+    logging.getLogger("torchx").setLevel(logging.WARNING)  # its INFO lines (log dirs, trackers) are noise here
+    # TorchX warns about Volcano's per-task retries; the job uses whole-job restarts (RestartJob) instead.
+    warnings.filterwarnings("ignore", message=r"\s*Role \S+ configured with restarts")
     spec, opts = spec_from_args(args)
     timeout_s = parse_duration(args.timeout)
     _raise_problems(spec, opts)

@@ -77,7 +77,7 @@ class TrainingMetrics:
         self._server = None
         if not self.enabled:
             return
-        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry = CollectorRegistry()
         values = {"run_id": run_id or "unnamed", "phase": phase, "rank": str(rank)}
 
         def gauge(name: str, doc: str) -> Gauge:

@@ -261,3 +261,16 @@ def test_two_process_torchrun_writes_the_same_samples(checkpoint, samples, tmp_p
     )
     for name in ("shard-000000.tar", "shard-000001.tar", "shard-000002.tar"):
         assert (out / name).read_bytes() == Path(samples, name).read_bytes()
+
+
+def test_sample_and_evaluate_through_s3(checkpoint, feature_network, s3_bucket, capsys):
+    from erw.data import storage
+
+    out = f"{s3_bucket}/samples"
+    assert main(["sample", "--ckpt", checkpoint, "--out", out, "--num-samples", "4", "--npz"]) == 0
+    code, err = _run(capsys, "evaluate", "--samples", out, "--reference", f"{out}/samples.npz",
+                     "--out", f"{s3_bucket}/eval", "--feature-network", feature_network)
+    assert code == 0, err
+    metrics = json.loads(storage.read_bytes(f"{s3_bucket}/eval/metrics.json"))
+    assert metrics["num_samples"] == 4 and metrics["fid"] == pytest.approx(0.0, abs=1e-6)
+    assert storage.exists(f"{s3_bucket}/eval/grid.png") and storage.exists(f"{s3_bucket}/eval/summary.html")

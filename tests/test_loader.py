@@ -100,6 +100,16 @@ def test_resumed_loader_yields_exactly_the_same_batches(shards, num_workers):
             assert torch.equal(want[key], have[key]), key
 
 
+def test_raw_crops_load_like_png_crops(shards, tmp_path):
+    raw = str(tmp_path / "raw")
+    run_worker(PrecomputeJob(source=str(Path(shards).parent / "images"), out=raw, resolution=16, codec="identity",
+                             shard_size=7, image_format="npy", io_threads=2), progress=False)
+    png_batches = take(build_loader(config(shards, num_workers=0), 6, 0, 1, seed=2, with_images=True), 3)
+    raw_batches = take(build_loader(config(raw, num_workers=0), 6, 0, 1, seed=2, with_images=True), 3)
+    for a, b in zip(png_batches, raw_batches):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_loader_reads_shards_from_s3(shards, s3_bucket):
     remote = f"{s3_bucket}/datasets/tiny"
     for file in Path(shards).glob("*"):
@@ -109,6 +119,11 @@ def test_loader_reads_shards_from_s3(shards, s3_bucket):
     over_s3 = take(build_loader(config(remote), 4, 0, 1, seed=1, with_images=True), 4)
     for a, b in zip(local, over_s3):
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+    import webdataset as wds  # plain webdataset pipelines can stream s3:// too
+
+    keys = [s["__key__"] for s in wds.WebDataset(f"{remote}/shard-000000.tar", shardshuffle=False)]
+    assert keys == [f"000000_{i:06d}" for i in range(7)]
 
 
 def test_latent_is_sampled_from_the_moments_every_epoch():

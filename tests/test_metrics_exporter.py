@@ -4,7 +4,10 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import os
+import signal
 import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -14,6 +17,7 @@ from erw.metrics import PUSHED_METRICS, MetricsError, TrainingMetrics, push_metr
 from prometheus import free_port, free_port_range, prometheus_stack, require_binary  # noqa: F401 (fixture)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+BIN = Path(sys.executable).parent
 
 
 def one_value(result: list[dict]) -> float:
@@ -173,3 +177,62 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(prometheus_stack,
         assert math.isfinite(loss)  # skipped steps never reach the exported loss
     finally:
         metrics.close()
+
+
+@pytest.fixture(scope="module")
+def digit_shards(tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("digits")
+    for args in (
+        ["data", "digits", "--out", "digits"],
+        ["precompute", "--source", "digits", "--out", "shards", "--resolution", "32", "--codec", "identity",
+         "--shard-size", "500", "--no-progress"],
+        ["precompute", "--merge", "--out", "shards"],
+    ):
+        subprocess.run([str(BIN / "erw"), *args], cwd=work, check=True, capture_output=True, timeout=300)
+    return work / "shards"
+
+
+@pytest.mark.slow  # about 90 s on a loaded 2-core machine, most of it building the digit shards
+def test_torchrun_training_is_scraped_with_run_phase_rank_labels(prometheus_stack, digit_shards, tmp_path):
+    """Two gloo ranks of `erw train`, each serving metrics.port + local rank, read back through
+    Prometheus while the run goes on (it is long on purpose and stopped once read)."""
+    base = free_port_range(2)
+    run_id = "torchrun-metrics-test"
+    command = [
+        str(BIN / "torchrun"), "--nproc-per-node", "2", "--no-python", str(BIN / "erw"), "train",
+        "--config", str(CONFIGS / "demo.yaml"), f"data.shards={digit_shards}", "data.num_workers=1",
+        "encoder.name=none", "model.depth=2", "model.hidden_size=32", "model.num_heads=2", "model.l2r_depth=1",
+        "model.align_depth=1", "train.batch_size=8", "train.steps=100000", "train.ckpt_every=100000",
+        "train.out=out/train", f"metrics.port={base}", f"run_id={run_id}",
+    ]
+    process = subprocess.Popen(
+        command, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    try:
+        prometheus_stack.scrape("torchrun-test", [f"127.0.0.1:{base}", f"127.0.0.1:{base + 1}"])
+        selector = f'{{run_id="{run_id}", phase="train"}}'
+        try:
+            steps = prometheus_stack.wait_for(
+                f"erw_steps_total{selector} >= 2", lambda r: len(r) == 2, timeout=120
+            )
+        except AssertionError:
+            os.killpg(process.pid, signal.SIGKILL)  # torchrun, its ranks and their loader workers
+            raise AssertionError(f"no metrics from the run; its output:\n{process.communicate()[0][-4000:]}")
+        assert sorted(s["metric"]["rank"] for s in steps) == ["0", "1"]
+        loss = prometheus_stack.query(f'erw_loss{{run_id="{run_id}", phase="train", term="loss"}}')
+        assert sorted(s["metric"]["rank"] for s in loss) == ["0", "1"]
+        assert all(math.isfinite(float(s["value"][1])) for s in loss)
+        # Both ranks take every step together; samples are per rank (4 each of a batch of 8).
+        per_step = prometheus_stack.query(f"erw_samples_total{selector} / erw_steps_total{selector}")
+        assert sorted(float(s["value"][1]) for s in per_step) == [4.0, 4.0], (
+            "erw_samples_total must count the samples of this rank (micro-batch x grad_accum), "
+            f"not the global batch: {per_step}"
+        )
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()

@@ -22,14 +22,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="diffusers AutoencoderKL directory, local or s3://; empty = Hugging Face hub")
     p.add_argument("--latent-norm", default="scale", choices=("scale", "channel"),
                    help="model space: latent * scaling factor (default) or per-channel (latent - mean) / std")
-    p.add_argument("--worker-index", type=int, default=0)
+    p.add_argument("--worker-index", type=int, default=0, help="this worker's index, 0..n-1")
     p.add_argument("--num-workers", type=int, default=1,
-                   help="workers of the fan-out; with --merge, names the workers to rerun when shards are missing")
+                   help="workers of the fan-out (a lone worker also writes manifest.json); with --merge, "
+                        "names the workers to rerun when shards are missing")
     p.add_argument("--store", default="images", choices=("images", "features"),
                    help="keep the centre crop (online encoder targets) or cached encoder tokens")
     p.add_argument("--image-format", default="png", choices=("png", "jpg", "npy"),
-                   help="stored crop: png (lossless), jpg (quality 95, smallest), npy (raw pixels: no decoding "
-                        "in the loader, about 1.5x the size of png for photos)")
+                   help="stored crop: png (lossless, default), jpg (quality 95, smallest), npy (raw pixels: "
+                        "no decoding in the loader, largest)")
     p.add_argument("--encoder", default="", help="--store features: encoder registry name, e.g. dinov2-vit-b")
     p.add_argument("--encoder-weights", default="", metavar="URI", help="--store features: encoder weights")
     p.add_argument("--batch-size", type=int, default=64, help="images per encoder call")

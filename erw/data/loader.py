@@ -292,15 +292,6 @@ class ShardLoader:
         )
         self.batches = 0
 
-    @property
-    def samples_per_epoch(self) -> int:
-        return self.plan.num_samples
-
-    @property
-    def epoch(self) -> float:
-        """Epochs completed, counting every rank's batches."""
-        return self.batches * self.batch_size * self.world_size / self.plan.num_samples
-
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         dataset = RankBatches(self.plan, self.how, self.rank, self.workers, self.batch_size, self.batches)
         if self.num_workers == 0:
@@ -337,7 +328,13 @@ class ShardLoader:
 def build_loader(
     data_cfg: Any, batch_size: int, rank: int, world_size: int, seed: int, with_images: bool
 ) -> ShardLoader:
-    """The loader of `data_cfg.shards` for one rank, after checking the manifest against data_cfg."""
+    """The loader of `data_cfg.shards` for one rank, after checking the manifest against data_cfg.
+
+    Batches: "latent" float32 [B, C, h, w] in model space, "label" int64 [B], "index" and
+    "epoch" int64 [B] (the sample's position in the manifest's shard order, and the epoch it
+    was drawn in), and with_images: "image" uint8 [B, 3, R, R], or "feat" float32 [B, T, D]
+    when the shards cache encoder tokens instead of images.
+    """
     if batch_size < 1:
         raise DatasetError(f"per-rank batch size must be at least 1, got {batch_size}")
     manifest = read_manifest(data_cfg.shards)

@@ -25,18 +25,19 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, TypeVar
 
 import numpy as np
 import torch
 
 from erw.data import storage
 from erw.data.shards import IMAGE_MEMBERS, MANIFEST, ShardWriter, encode_crop, npy_bytes, shard_name
-from erw.data.sources import BadImage, RawSample, Source, Unit, decode_image, open_source
+from erw.data.sources import BadImage, RawSample, Source, Unit, decode_image, open_source, ordered_map
 from erw.errors import ErwError
 from erw.models.vae import CODECS, NORMALIZATIONS, LatentCodec, build_codec
 
 FORMAT_VERSION = 1
+T = TypeVar("T")
 PLAN = "precompute.json"
 PROGRESS = "_progress"
 STORES = ("images", "features")
@@ -119,6 +120,9 @@ def run_worker(job: PrecomputeJob, progress: bool = True) -> WorkerReport:
     report = WorkerReport(shards_total=len(mine), shards_skipped=len(mine) - len(todo))
     name = f"worker {job.worker_index}/{job.num_workers}"
     print(f"{name}: {len(mine)} of {len(source.units)} shards are mine, {report.shards_skipped} already done", flush=True)
+    if source.ignored:
+        shown = ", ".join(source.ignored[:5]) + (" ..." if len(source.ignored) > 5 else "")
+        print(f"{name}: ignoring {len(source.ignored)} files outside the class folders: {shown}", flush=True)
     if todo:
         _encode_units(job, source, todo, report, name, progress)
     if job.num_workers == 1:  # a lone worker is also the last one: it writes the manifest
@@ -133,6 +137,7 @@ def _encode_units(
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(job.device)
+    torch.backends.cudnn.benchmark = True  # one input shape throughout
     codec = build_codec(job.codec, job.codec_weights, device=device)
     encoder = _load_encoder(job, device) if job.store == "features" else None
     if job.resolution % codec.downsample:
@@ -173,10 +178,12 @@ def encode_unit(
     content = hashlib.sha256()  # over (name, sha256 of bytes): the source content this shard saw
     feat_shape = None
     position = 0
-    for batch in _chunks(source.read(unit, pool), job.batch_size):
-        decoded = list(pool.map(lambda raw: _decode(raw, job.resolution), batch))
+    # Reading and decoding run ahead in the pool (about two batches) while a batch is encoded.
+    decoded = ordered_map(lambda raw: (raw, *_decode(raw, job.resolution)), source.read(unit, pool), pool,
+                          2 * job.batch_size)
+    for batch in _chunks(decoded, job.batch_size):
         good = []
-        for raw, (digest, pixels_or_reason) in zip(batch, decoded):
+        for raw, digest, pixels_or_reason in batch:
             key = f"{unit.index:06d}_{position:06d}"
             position += 1
             content.update(f"{raw.name}\t{digest}\n".encode())
@@ -195,14 +202,19 @@ def encode_unit(
             with torch.no_grad():
                 feats = encoder(pixels).half().cpu()
             feat_shape = list(feats.shape[1:])
-        for j, (key, raw, crop) in enumerate(good):
-            members = {"cls": str(raw.label).encode(), "latent.npy": npy_bytes(moments[j].numpy())}
+
+        def members(j: int) -> dict[str, bytes]:
+            _, raw, crop = good[j]
+            out = {"cls": str(raw.label).encode(), "latent.npy": npy_bytes(moments[j].numpy())}
             if feats is not None:
-                members["feat.npy"] = npy_bytes(feats[j].numpy())
+                out["feat.npy"] = npy_bytes(feats[j].numpy())
             else:
-                members[IMAGE_MEMBERS[job.image_format]] = encode_crop(crop, job.image_format)
-            members["src.txt"] = raw.name.encode()
-            writer.write(key, members)
+                out[IMAGE_MEMBERS[job.image_format]] = encode_crop(crop, job.image_format)
+            out["src.txt"] = raw.name.encode()
+            return out
+
+        for (key, raw, _), sample in zip(good, pool.map(members, range(len(good)))):
+            writer.write(key, sample)
             labels[raw.label] += 1
     count, sha256, size = writer.close()
     if count:
@@ -229,8 +241,8 @@ def _decode(raw: RawSample, resolution: int) -> tuple[str, np.ndarray | str]:
         return digest, str(err)
 
 
-def _chunks(items: Iterable[RawSample], size: int) -> Iterator[list[RawSample]]:
-    batch: list[RawSample] = []
+def _chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    batch: list[T] = []
     for item in items:
         batch.append(item)
         if len(batch) == size:

@@ -9,8 +9,8 @@ no owner), so re-encoding the same inputs yields a byte-identical shard and chec
 from __future__ import annotations
 
 import hashlib
+import importlib
 import io
-import sys
 import tarfile
 from pathlib import Path
 from typing import Iterator
@@ -110,11 +110,9 @@ def _gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **_: object):
 def register_s3_with_webdataset() -> None:
     """Let any webdataset pipeline (wds.WebDataset("s3://...")) stream S3 through boto3.
 
-    `webdataset.gopen` the attribute is a function; the module is only in sys.modules.
+    The attribute `webdataset.gopen` is a function; import_module returns the module.
     """
-    import webdataset  # noqa: F401  (imports webdataset.gopen)
-
-    sys.modules["webdataset.gopen"].gopen_schemes["s3"] = _gopen_s3
+    importlib.import_module("webdataset.gopen").gopen_schemes["s3"] = _gopen_s3
 
 
 register_s3_with_webdataset()

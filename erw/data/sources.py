@@ -5,6 +5,10 @@ unit is `shard_size` files, for tar shards it is one input tar. The cut depends 
 the listing, so every worker of a fan-out computes the same units and takes a disjoint
 subset of them. Images are decoded here and centre-cropped the way ADM/DiT do it; a file
 that is not a readable image is reported as a failure, never raised.
+
+ImageFolder: every file below a class folder is an input (hidden files excepted); class
+indices follow the sorted folder names. Tar shards: samples of jpg|jpeg|png|webp|bmp plus
+cls (an integer); the classes are 0..max(cls).
 """
 from __future__ import annotations
 
@@ -65,7 +69,7 @@ class Source:
     class_names: list[str] | None  # None for tars: labels come from the cls members
     listing_sha256: str  # of names and sizes: tells whether two runs saw the same input
     num_files: int = 0
-    ignored: list[str] = field(default_factory=list)  # files outside any class folder
+    ignored: list[str] = field(default_factory=list)  # ImageFolder: files beside the class folders
 
     def read(self, unit: Unit, executor: Executor, prefetch: int = 64) -> Iterator[RawSample]:
         """The raw samples of one unit, in a fixed order; S3 reads overlap through executor."""
@@ -84,7 +88,7 @@ def open_source(uri: str, shard_size: int) -> Source:
     """List the source (one listing, no reads) and cut it into units."""
     if not uri:
         raise SourceError("no source given: pass --source DIR_OR_URI (an ImageFolder or a directory of .tar shards)")
-    if uri.endswith(".tar") or "{" in uri:
+    if uri.endswith(".tar") or "{" in uri or "::" in uri:
         return _tar_source(uri, _expand(uri))
     try:
         files = storage.list_files(uri)
@@ -135,9 +139,10 @@ def _tar_source(uri: str, tars: list[str], sizes: dict[str, int] | None = None) 
 
 
 def _expand(pattern: str) -> list[str]:
-    import braceexpand
+    """WebDataset's URL syntax: braces (shard-{000000..000099}.tar) and "::" between lists."""
+    from webdataset.shardlists import expand_urls
 
-    return list(braceexpand.braceexpand(pattern))
+    return expand_urls(pattern)
 
 
 def _hidden(path: str) -> bool:

@@ -131,6 +131,8 @@ def _translate(err: BaseException, uri: str, action: str) -> StorageError | None
         )
     if code in ("NoSuchKey", "404", "NotFound"):
         return ObjectNotFound(f"{uri} does not exist")
+    if code == "PreconditionFailed":
+        return StorageError(f"{uri} was replaced while it was being read; retry when the writer is done")
     if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken", "TokenRefreshRequired"):
         return StorageError(
             f"cannot {action} {uri}: the S3 endpoint {_endpoint()} rejected the credentials ({code}). "
@@ -211,7 +213,15 @@ class _S3Stream(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
+    def readall(self) -> bytes:
+        chunks = []
+        while chunk := self.read(8 * 1024 * 1024):  # the default would read 8 KiB at a time
+            chunks.append(chunk)
+        return b"".join(chunks)
+
     def readinto(self, buffer) -> int:
+        from http.client import HTTPException
+
         from botocore import exceptions as bx
         from urllib3 import exceptions as ux
 
@@ -219,7 +229,7 @@ class _S3Stream(io.RawIOBase):
             try:
                 data = self.body.read(len(buffer))
                 break
-            except (bx.BotoCoreError, ux.HTTPError, ConnectionError) as err:
+            except (bx.BotoCoreError, ux.HTTPError, HTTPException, OSError) as err:
                 if attempt == STREAM_REOPEN_ATTEMPTS:
                     raise StorageError(f"reading {self.uri} kept failing at byte {self.pos}: {err}") from err
                 time.sleep(min(10.0, 0.5 * 2**attempt) * random.uniform(0.5, 1.0))

@@ -82,14 +82,12 @@ def to_uint8(pixels: torch.Tensor) -> torch.Tensor:
 
 
 class LatentCodec(nn.Module):
-    name: str
-    latent_channels: int
-    downsample: int
-    scaling_factor: float
-
-    def __init__(self, norm: LatentNorm | None = None):
+    def __init__(self, name: str, latent_channels: int, downsample: int, scaling_factor: float,
+                 norm: LatentNorm | None = None):
         super().__init__()
-        self.norm = norm or LatentNorm.uniform(self.latent_channels, self.scaling_factor)
+        self.name, self.latent_channels, self.downsample = name, latent_channels, downsample
+        self.scaling_factor = scaling_factor
+        self.norm = norm or LatentNorm.uniform(latent_channels, scaling_factor)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 [N,3,R,R] -> fp16 moments [N, 2C, R/d, R/d] (mean channels, then std)."""
@@ -116,7 +114,8 @@ class LatentCodec(nn.Module):
 
 
 class IdentityCodec(LatentCodec):
-    name, latent_channels, downsample, scaling_factor = "identity", 3, 1, 1.0
+    def __init__(self, norm: LatentNorm | None = None):
+        super().__init__("identity", 3, 1, 1.0, norm)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         pixels = to_unit_range(images)
@@ -130,11 +129,9 @@ class VAECodec(LatentCodec):
     """A diffusers AutoencoderKL; encoding runs in fp32 (fp16 SD-VAE encoders can overflow)."""
 
     def __init__(self, name: str, vae: nn.Module, norm: LatentNorm | None = None):
-        self.name = name
-        self.latent_channels = int(vae.config.latent_channels)
-        self.downsample = 2 ** (len(vae.config.block_out_channels) - 1)
-        self.scaling_factor = float(vae.config.scaling_factor)
-        super().__init__(norm)
+        config = vae.config
+        downsample = 2 ** (len(config.block_out_channels) - 1)
+        super().__init__(name, int(config.latent_channels), downsample, float(config.scaling_factor), norm)
         self.vae = vae.eval().requires_grad_(False)
 
     @torch.no_grad()

@@ -268,7 +268,7 @@ def run(
                     step_seconds=seconds, data_wait_seconds=data_wait,
                 )
             if step % p.log_every == 0 or step == p.steps:
-                loss_mean = float(all_reduce_mean(torch.tensor(logs_sum.get("loss", 0.0)), d))
+                loss_mean = float(all_reduce_mean(torch.tensor(logs_sum["loss"], device=d.device), d))
                 record = {"step": step, **logs_sum, "loss": loss_mean, "grad_norm": float(grad_norm)}
                 history.append(record)
                 detail = " ".join(f"{k} {v:.4f}" for k, v in logs_sum.items() if k != "loss")
