@@ -38,4 +38,5 @@ def plan(
     key = hashlib.sha256(json.dumps([listing, d.resolution, d.codec, d.codec_weights]).encode()).hexdigest()
     dataset = storage.join(workspace, "latents", f"{d.codec}-{d.resolution}px-{key[:16]}")
     print(f"source {source}: listing {listing[:16]}; latents go to {dataset}", flush=True)
-    return [{"dataset": dataset, "worker_index": i, "num_workers": precompute_workers} for i in range(precompute_workers)]
+    n = precompute_workers
+    return [{"dataset": dataset, "worker_index": i, "num_workers": n} for i in range(n)]

@@ -51,5 +51,6 @@ def train(
         node_selector, tolerations, s3_secret, queue, service_account, timeout, max_restarts, metrics_port, run_id,
     ))
     final = resolve_checkpoint(out)
-    checkpoint.uri = final
-    checkpoint.metadata.update({"phase": "train", "step": json.loads(storage.read_bytes(storage.join(final, META)))["step"]})
+    meta = json.loads(storage.read_bytes(storage.join(final, META)))
+    checkpoint.uri = final  # the artifact is the checkpoint directory itself
+    checkpoint.metadata.update({"phase": "train", "step": meta["step"]})

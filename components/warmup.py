@@ -46,7 +46,8 @@ def warmup(
     overrides = [*overrides, f"data.shards={dataset.uri}", f"metrics.port={metrics_port}"]
     cfg = load_config(config, overrides)
     # What the warmup's result depends on; not where it is written, nor phase 2's settings.
-    settings = {k: v for k, v in cfg.to_dict().items() if k in ("seed", "model", "encoder", "data", "objective", "warmup")}
+    sections = ("seed", "model", "encoder", "data", "objective", "warmup")
+    settings = {k: v for k, v in cfg.to_dict().items() if k in sections}
     settings["warmup"] = {k: v for k, v in settings["warmup"].items() if k != "out"}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     out = storage.join(workspace, "warmup", key)
@@ -57,5 +58,6 @@ def warmup(
         os.environ.get("ERW_RUN_ID", ""),
     ))
     final = resolve_checkpoint(out)
-    checkpoint.uri = final
-    checkpoint.metadata.update({"phase": "warmup", "step": json.loads(storage.read_bytes(storage.join(final, META)))["step"]})
+    meta = json.loads(storage.read_bytes(storage.join(final, META)))
+    checkpoint.uri = final  # the artifact is the checkpoint directory itself
+    checkpoint.metadata.update({"phase": "warmup", "step": meta["step"]})

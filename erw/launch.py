@@ -40,9 +40,14 @@ TAIL_LINES = 400  # log lines per node kept for the failure report
 REPORT_LINES = 20  # worker lines per node shown in it
 # A worker's output under torchrun --tee: "[local_rank]:text", after a timestamp on Kubernetes.
 WORKER_LINE = re.compile(r"^(?:\S+ )?\[(\d+)\]:(.+)")
-ROOT_CAUSE = re.compile(r"Root Cause.*?rank\s*:\s*(?P<rank>\d+) \(local_rank: (?P<local_rank>\d+)\).*?exitcode\s*:\s*(?P<exitcode>-?\d+)", re.S)
+ROOT_CAUSE = re.compile(
+    r"Root Cause.*?rank\s*:\s*(?P<rank>\d+) \(local_rank: (?P<local_rank>\d+)\).*?exitcode\s*:\s*(?P<exitcode>-?\d+)",
+    re.S,
+)
 DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
-TOLERATION = re.compile(r"^(?P<key>[^=:]+)(?:=(?P<value>[^:]*))?(?::(?P<effect>NoSchedule|PreferNoSchedule|NoExecute))?$")
+TOLERATION = re.compile(
+    r"^(?P<key>[^=:]+)(?:=(?P<value>[^:]*))?(?::(?P<effect>NoSchedule|PreferNoSchedule|NoExecute))?$"
+)
 
 
 class LaunchError(ErwError):
@@ -263,7 +268,8 @@ def failure_report(handle: str, status: AppStatus, logs: list[deque], elapsed: s
     report = f"job {handle} failed after {elapsed}: {culprit}: {reason}"
     for node, node_lines in enumerate(workers):
         if node_lines:
-            report += f"\n--- last output of the workers on node {node} ---\n" + "".join(node_lines[-REPORT_LINES:]).rstrip()
+            shown = "".join(node_lines[-REPORT_LINES:]).rstrip()
+            report += f"\n--- last output of the workers on node {node} ---\n{shown}"
     if not any(workers):
         report += "\nThe workers printed nothing; see the job's logs above."
     return report
@@ -418,7 +424,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image", default="", help="container image (kubernetes)")
     p.add_argument("--name", default="", help="job name (default erw-<command>)")
     p.add_argument("--instance-type", default="", help=f"node type, as the {INSTANCE_TYPE_LABEL} label")
-    p.add_argument("--node-selector", action="append", default=[], metavar="KEY=VALUE", help="node pool label (repeatable)")
+    p.add_argument(
+        "--node-selector", action="append", default=[], metavar="KEY=VALUE", help="node pool label (repeatable)"
+    )
     p.add_argument("--toleration", action="append", default=[], metavar="KEY[=VALUE][:EFFECT]", help="repeatable")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="job environment (repeatable)")
     p.add_argument("--s3-secret", default="", help="Kubernetes Secret with the S3 credentials (kubernetes)")

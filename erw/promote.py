@@ -103,8 +103,8 @@ def promote_if_better(
     promoted = previous is None or _better(value, previous["metrics"][metric], metric)
     if promoted:
         history = (registry or {}).get("history", [])
-        new = {"format_version": FORMAT_VERSION, "metric": metric, "current": candidate, "history": [*history, candidate]}
-        storage.write_bytes(registry_uri, json.dumps(new, indent=2).encode())
+        updated = {"format_version": FORMAT_VERSION, "metric": metric, "current": candidate, "history": [*history, candidate]}
+        storage.write_bytes(registry_uri, json.dumps(updated, indent=2).encode())
     return Decision(promoted, metric, candidate, previous, registry_uri)
 
 

@@ -47,7 +47,8 @@ def _step(
     task: dsl.PipelineTask, step: str, name: str, cpu: str, memory: str, retries: int, image, s3_secret
 ) -> dsl.PipelineTask:
     """Settings every step shares: image, name, resources, retries, S3 access, labels, the run id."""
-    task.set_container_image(image).set_display_name(name).set_cpu_request(cpu).set_cpu_limit(cpu).set_memory_request(memory).set_memory_limit(memory)
+    task.set_container_image(image).set_display_name(name)
+    task.set_cpu_request(cpu).set_cpu_limit(cpu).set_memory_request(memory).set_memory_limit(memory)
     if retries:
         task.set_retry(num_retries=retries, backoff_duration="60s", backoff_factor=2.0, backoff_max_duration="3600s")
     kubernetes.use_secret_as_env(task, s3_secret, {k: k for k in SECRET_KEYS}, optional=True)  # IRSA needs none
@@ -127,7 +128,8 @@ def erw_pipeline(
     _step(trained, "train", "Train (ERW phase 2, torchrun job)", "1", "2G", 1, image, s3_secret)
 
     scored = evaluate(
-        checkpoint=trained.outputs["checkpoint"], dataset=dataset.outputs["dataset"], config=config, overrides=overrides, workspace=workspace,
+        checkpoint=trained.outputs["checkpoint"], dataset=dataset.outputs["dataset"], config=config,
+        overrides=overrides, workspace=workspace,
         run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
     ).set_caching_options(False)
     _step(scored, "evaluate", "Evaluate: sample, FID", "8", "64G", 1, image, s3_secret)

@@ -14,14 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.params import DEMO, REPO, defaults, resolve
+from pipeline.params import DEMO, DEMO_INPUTS, REPO, defaults, resolve
 
 CACHE_HIT = re.compile(r"Task (\S+) cache hit")
 
 
 @dataclass
 class LocalRun:
-    run_id: str
     seconds: float
     outputs: dict[str, Any]
     cached: list[str] = field(default_factory=list)  # tasks served from the cache
@@ -30,7 +29,7 @@ class LocalRun:
         model, evaluation = self.outputs["model"], self.outputs["evaluation"]
         scores = ", ".join(f"{k} {v:.4g}" for k, v in sorted(self.outputs["metrics"].metadata.items()))
         lines = [
-            f"pipeline finished in {self.seconds / 60:.1f} min (run {self.run_id})",
+            f"pipeline finished in {self.seconds / 60:.1f} min",
             f"  checkpoint   {model.uri}  (step {model.metadata.get('step', '?')})",
             f"  metrics      {evaluation.metadata['metrics']}  ({scores})",
             f"  sample grid  {evaluation.metadata['grid']}  (report: {self.outputs['report'].path})",
@@ -59,7 +58,8 @@ def run_local(arguments: dict[str, Any], use_cache: bool = True) -> LocalRun:
     from pipeline.dag import erw_pipeline
 
     args = local_arguments(arguments)
-    _prepare_demo_data(args)
+    if args["config"] == str(REPO / DEMO["config"]):
+        _make_demo_inputs()
     workspace = args["workspace"] if "://" not in args["workspace"] else str(REPO / "runs" / "kfp-local")
     local.init(
         runner=local.SubprocessRunner(use_venv=False),  # this environment already has erw and kfp
@@ -83,20 +83,19 @@ def run_local(arguments: dict[str, Any], use_cache: bool = True) -> LocalRun:
         root.removeHandler(hits)
         root.removeHandler(problems)
         root.setLevel(level)
-    outputs = dict(task.outputs)
-    run_id = outputs["model"].uri.rstrip("/").split("/")[-2]  # <workspace>/train/<run id>/step-N
-    return LocalRun(run_id, time.monotonic() - started, outputs, sorted(hits.tasks))
+    return LocalRun(time.monotonic() - started, dict(task.outputs), sorted(hits.tasks))
 
 
-def _prepare_demo_data(args: dict[str, Any]) -> None:
-    """The demo's images are generated on first use (the bundled digits, a few seconds)."""
+def _make_demo_inputs() -> None:
+    """Create the demo's generated inputs (the digits images, ...) that do not exist yet."""
     from erw.cli import main
 
-    demo_source = REPO / DEMO["source"]
-    if args["source"] == str(demo_source) and not demo_source.exists():
-        print(f"creating the demo images in {demo_source} (erw data digits)", flush=True)
-        if main(["data", "digits", "--out", str(demo_source)]):
-            raise SystemExit("erw data digits failed; see the message above")
+    for path, argv in DEMO_INPUTS.items():
+        if not (REPO / path).exists():
+            argv = [str(REPO / a) if a == path else a for a in argv]
+            print(f"creating {path}: erw {' '.join(argv)}", flush=True)
+            if main(argv):
+                raise SystemExit(f"erw {argv[0]} failed while creating the demo input {path}; see above")
 
 
 def _config_source(config: str, overrides: list[str]) -> str:

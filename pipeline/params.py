@@ -75,6 +75,13 @@ DEMO = dict(
 )
 
 
+# Inputs of the demo that are generated on first use: path (relative to the repository) -> the
+# erw command that creates it. Everything else the demo needs ships with the repository.
+DEMO_INPUTS = {
+    "runs/demo/digits": ["data", "digits", "--out", "runs/demo/digits"],
+}
+
+
 def defaults() -> dict[str, Any]:
     return dataclasses.asdict(PipelineArgs())
 
@@ -120,13 +127,15 @@ def problems(v: dict[str, Any]) -> list[str]:
             out.append(f"{name} must be a {kind}, got {v[name]!r}")
     if out:
         return out
-    for name in ("precompute_workers", "warmup_nodes", "train_nodes", "procs_per_node", "cpus_per_node", "memory_gb_per_node"):
+    positive = ("precompute_workers", "warmup_nodes", "train_nodes", "procs_per_node", "cpus_per_node", "memory_gb_per_node")
+    for name in positive:
         if v[name] < 1:
             out.append(f"{name} must be at least 1, got {v[name]}")
     if v["gpus_per_node"] < 0:
         out.append(f"gpus_per_node must be >= 0, got {v['gpus_per_node']}")
     elif v["gpus_per_node"] and v["procs_per_node"] > v["gpus_per_node"]:
-        out.append(f"procs_per_node={v['procs_per_node']} exceeds gpus_per_node={v['gpus_per_node']}: one process per GPU")
+        procs, gpus = v["procs_per_node"], v["gpus_per_node"]
+        out.append(f"procs_per_node={procs} exceeds gpus_per_node={gpus}: one process per GPU")
     if v["max_restarts"] < 0:
         out.append(f"max_restarts must be >= 0, got {v['max_restarts']}")
     if not 0 <= v["metrics_port"] <= 65535 - v["procs_per_node"]:

@@ -50,7 +50,9 @@ def _run(args: argparse.Namespace) -> int:
         encoder = load_encoder(cfg.encoder, cfg.data.resolution, d.device) if aligns else None
         micro_batch = p.batch_size // (d.world_size * p.grad_accum)
         batches = build_loader(cfg.data, micro_batch, d.rank, d.world_size, cfg.seed, with_images=aligns)
-        metrics = TrainingMetrics(cfg.metrics.port, cfg.run_id, phase, d.rank, d.local_rank)
+        metrics = TrainingMetrics(
+            cfg.metrics.port, cfg.run_id, phase, d.rank, d.local_rank, checkpoint_every=p.ckpt_every
+        )
         try:
             result = trainer.run(
                 cfg, phase, batches, d, encoder=encoder, init_from=getattr(args, "init_from", None),

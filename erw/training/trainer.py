@@ -182,24 +182,33 @@ def run(
     def save(at_step: int) -> str:
         started = time.perf_counter()
         uri = ""
-        if d.is_main:
-            train_state = {
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(),
-                "step": at_step,
-                "warmup_steps": warmup_steps,
-                "data": batches.state_dict() if hasattr(batches, "state_dict") else None,
-            }
-            uri = ckpt.save_checkpoint(
-                p.out, step=at_step, phase=phase, config=cfg,
-                model_state=model.state_dict(), ema_state=ema.state_dict(), train_state=train_state,
-                extra_meta={"warmup_steps": warmup_steps},
-            )
-            ckpt.prune_checkpoints(p.out, p.keep_last)
-            say(f"checkpoint {uri}")
-        barrier(d)
+        try:
+            if d.is_main:
+                uri = write_checkpoint(at_step)
+            barrier(d)
+        except BaseException:
+            if metrics is not None:
+                metrics.observe_checkpoint(time.perf_counter() - started, ok=False)
+            raise
         if metrics is not None:
             metrics.observe_checkpoint(time.perf_counter() - started, ok=True)
+        return uri
+
+    def write_checkpoint(at_step: int) -> str:
+        train_state = {
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
+            "step": at_step,
+            "warmup_steps": warmup_steps,
+            "data": batches.state_dict() if hasattr(batches, "state_dict") else None,
+        }
+        uri = ckpt.save_checkpoint(
+            p.out, step=at_step, phase=phase, config=cfg,
+            model_state=model.state_dict(), ema_state=ema.state_dict(), train_state=train_state,
+            extra_meta={"warmup_steps": warmup_steps},
+        )
+        ckpt.prune_checkpoints(p.out, p.keep_last)
+        say(f"checkpoint {uri}")
         return uri
 
     iterator: Iterator = iter(batches)
@@ -263,7 +272,7 @@ def run(
             window["data"] += data_wait
             if metrics is not None:
                 metrics.observe_step(
-                    step=step, samples=p.batch_size, losses={k: v for k, v in logs_sum.items() if k.startswith("loss")},
+                    step=step, samples=p.batch_size // d.world_size, losses={k: v for k, v in logs_sum.items() if k.startswith("loss")},
                     align_weight=logs_sum.get("align_weight"), lr=p.lr, grad_norm=float(grad_norm),
                     step_seconds=seconds, data_wait_seconds=data_wait,
                 )

@@ -1,0 +1,393 @@
+"""Machinery shared by the small-scale studies (convergence.py, sweeps.py) on the digits.
+
+- the digits in memory (1,797 images, 32x32, 10 classes) as an endless, resumable batch source
+  with the identity codec: latents are pixels in [-1, 1], as `erw precompute --codec identity`
+  would store them;
+- the small encoder (alignment target) and the separate evaluator, trained once and reused
+  from the cache directory while their settings are unchanged;
+- one run of a method through the project's own trainer (erw.training.trainer.run): trained in
+  segments of `eval_every` steps, each resumed from the previous segment's checkpoint (the
+  trainer's exact resume), and the EMA weights of each segment's checkpoint are sampled and
+  scored by the evaluator;
+- the cost of a run in steps and in FLOPs (warmup steps priced as warmup steps);
+- a per-block linear probe of a trained model's hidden states.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from erw.config import Config, config_from_dict
+from erw.evaluation.features import load_feature_network
+from erw.evaluation.generate import PerSampleNoise
+from erw.evaluation.metrics import Gaussian, frechet_distance
+from erw.models import small_nets
+from erw.models.encoders import CUSTOM, load_encoder
+from erw.models.sit import flops_per_image
+from erw.models.vae import to_uint8, to_unit_range
+from erw.sampling import model_velocity, sample
+from erw.training import checkpoint as ckpt
+from erw.training.distributed import Dist
+from erw.training.trainer import build_model, run
+
+CPU = Dist(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+RESOLUTION, NUM_CLASSES = 32, 10
+SAMPLE_SEED = 1234  # every method and evaluation point samples from the same noise: paired comparisons
+PROBE_SPLIT_SEED = 2  # train/test split of the linear probes (the small nets use seeds 0 and 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sizes and methods.
+
+
+@dataclass(frozen=True)
+class Size:
+    """Everything that scales with the --tiny / default / --full switch."""
+
+    budget: int  # optimizer steps per run, ERW warmup included
+    eval_every: int
+    warmup: int  # ERW warmup steps, part of the budget
+    batch: int
+    seeds: tuple[int, ...]
+    num_samples: int  # generated images per evaluation point
+    sample_steps: int  # Heun ODE steps (2 velocity evaluations each)
+    depth: int = 6
+    hidden: int = 128
+    heads: int = 4
+    projector_dim: int = 256
+    align_depth: int = 3
+    l2r_depth: int = 2
+    lr: float = 1e-3
+    ema_decay: float = 0.99
+    encoder_steps: int = 600
+    evaluator_steps: int = 600
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.budget % self.eval_every or self.warmup % self.eval_every:
+            out.append(f"budget {self.budget} and warmup {self.warmup} must be multiples of eval_every {self.eval_every}")
+        if not 0 < self.warmup < self.budget:
+            out.append(f"warmup {self.warmup} must be inside the budget {self.budget}")
+        return out
+
+
+@dataclass(frozen=True)
+class Method:
+    """A way to spend the budget. overrides are config keys applied on top of the study's."""
+
+    name: str
+    align: bool  # aligns to the encoder (REPA) in phase 2
+    warmup: int = 0  # ERW warmup steps (0 = none), counted in the budget
+    overrides: tuple[str, ...] = ()
+
+
+def main_methods(size: Size) -> list[Method]:
+    """Plain SiT, SiT + REPA (constant weight, from scratch), SiT + REPA + ERW (warmup, then the
+    decaying weight). The ERW half-life is half of its phase 2, as 50K of the paper's 100K."""
+    half_life = max(1, (size.budget - size.warmup) // 2)
+    return [
+        Method("SiT", align=False),
+        Method("SiT+REPA", align=True, overrides=("objective.align_schedule=constant",)),
+        Method(
+            "SiT+REPA+ERW", align=True, warmup=size.warmup,
+            overrides=("objective.align_schedule=decay", f"objective.align_half_life={half_life}"),
+        ),
+    ]
+
+
+def study_config(size: Size, method: Method, seed: int, run_dir: Path, encoder_file: str) -> Config:
+    phase = {
+        "batch_size": size.batch, "lr": size.lr, "precision": "fp32", "ema_decay": size.ema_decay,
+        "ckpt_every": size.budget, "keep_last": 1, "log_every": size.eval_every,
+    }
+    tree = {
+        "run_id": f"{method.name}-seed{seed}", "seed": seed,
+        "model": {
+            "arch": "SiT-S/8", "depth": size.depth, "hidden_size": size.hidden, "num_heads": size.heads,
+            "num_classes": NUM_CLASSES, "projector_dim": size.projector_dim, "align_depth": size.align_depth,
+            "l2r_depth": size.l2r_depth,
+        },
+        "encoder": {"name": CUSTOM, "weights": encoder_file} if method.align else {"name": "none"},
+        "data": {"resolution": RESOLUTION, "codec": "identity"},
+        "warmup": {**phase, "steps": max(method.warmup, 1), "out": str(run_dir / "warmup")},
+        "train": {**phase, "steps": size.budget - method.warmup, "out": str(run_dir / "train")},
+    }
+    return config_from_dict(tree, list(method.overrides))
+
+
+# ---------------------------------------------------------------------------------------------
+# Data.
+
+
+@dataclass(frozen=True)
+class Digits:
+    images: Tensor  # uint8 [N, 3, 32, 32]
+    labels: Tensor  # int64 [N]
+
+    @classmethod
+    def load(cls) -> "Digits":
+        from erw.data.digits import digit_images
+
+        images, labels = digit_images()
+        return cls(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels))
+
+
+class DigitBatches:
+    """Endless batches {"latent", "label", "image"}: epochs are permutations drawn from
+    (seed, epoch); the position (batches handed out) is all the state a resume needs."""
+
+    def __init__(self, digits: Digits, batch_size: int, seed: int):
+        self.digits, self.batch_size, self.seed, self.position = digits, batch_size, seed, 0
+
+    def _index(self, stream_positions: range) -> Tensor:
+        n = len(self.digits.labels)
+        out, cached = [], {}
+        for i in stream_positions:
+            epoch = i // n
+            if epoch not in cached:
+                cached[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+            out.append(int(cached[epoch][i % n]))
+        return torch.tensor(out)
+
+    def __iter__(self):
+        while True:
+            start = self.position * self.batch_size
+            index = self._index(range(start, start + self.batch_size))
+            self.position += 1
+            images = self.digits.images[index]
+            yield {"latent": to_unit_range(images), "label": self.digits.labels[index], "image": images}
+
+    def state_dict(self) -> dict[str, int]:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.position = int(state["position"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The small networks, trained once.
+
+
+@dataclass
+class SmallNets:
+    encoder_file: str
+    evaluator_file: str
+    reports: dict[str, dict]
+
+
+def ensure_small_nets(cache: Path, digits: Digits, size: Size, log: Callable[[str], None]) -> SmallNets:
+    """Train the encoder and the evaluator unless files for the same settings are in `cache`."""
+    cache.mkdir(parents=True, exist_ok=True)
+    encoder_settings = small_nets.FitSettings(steps=size.encoder_steps, seed=0)
+    evaluator_settings = small_nets.FitSettings(steps=size.evaluator_steps, seed=1)
+    kwargs = small_nets.encoder_kwargs(RESOLUTION, patch_size=8)
+
+    def key(*parts) -> str:
+        return hashlib.sha256(repr(parts).encode()).hexdigest()[:10]
+
+    encoder_file = cache / f"digits-encoder-{key(encoder_settings, kwargs)}.safetensors"
+    evaluator_file = cache / f"digits-evaluator-{key(evaluator_settings)}.pt2"
+    reports_file = cache / "small-nets.json"
+    reports = json.loads(reports_file.read_text()) if reports_file.exists() else {}
+    if not encoder_file.exists() or encoder_file.name not in reports:
+        log(f"training the digits encoder -> {encoder_file}")
+        vit, report = small_nets.fit_encoder(digits.images, digits.labels, encoder_settings, kwargs, log=lambda _: None)
+        small_nets.save_encoder(vit, kwargs, str(encoder_file))
+        reports[encoder_file.name] = dataclasses.asdict(report)
+        log(f"encoder: {report.describe()}")
+    if not evaluator_file.exists() or evaluator_file.name not in reports:
+        log(f"training the evaluator -> {evaluator_file}")
+        net, report = small_nets.fit_evaluator(digits.images, digits.labels, evaluator_settings, log=lambda _: None)
+        small_nets.save_evaluator(net, str(evaluator_file), RESOLUTION)
+        reports[evaluator_file.name] = dataclasses.asdict(report)
+        log(f"evaluator: {report.describe()}")
+    reports_file.write_text(json.dumps(reports, indent=2))
+    return SmallNets(
+        str(encoder_file), str(evaluator_file),
+        {"encoder": reports[encoder_file.name], "evaluator": reports[evaluator_file.name]},
+    )
+
+
+class Evaluator:
+    """Fréchet distance to the real digits in the evaluator's features, and the class accuracy
+    of generated images for their conditioning label. The network is the exported program,
+    loaded as `erw evaluate --feature-network` loads it."""
+
+    def __init__(self, uri: str, digits: Digits, num_samples: int):
+        self.network = load_feature_network(uri)
+        real = self._features(digits.images)[0]
+        self.reference = Gaussian.fit(real)
+        # The distance a perfect generator gets with this many samples: the floor of the curves.
+        rng = np.random.default_rng(0)
+        self.floor = float(np.mean([
+            frechet_distance(Gaussian.fit(real[rng.choice(len(real), num_samples, replace=False)]), self.reference)
+            for _ in range(5)
+        ]))
+
+    @torch.no_grad()
+    def _features(self, images: Tensor) -> tuple[np.ndarray, np.ndarray]:
+        out = [self.network(images[i:i + 500]) for i in range(0, len(images), 500)]
+        return torch.cat([o["pool"] for o in out]).numpy(), torch.cat([o["logits"] for o in out])
+
+    def score(self, images: Tensor, labels: Tensor) -> dict[str, float]:
+        pool, logits = self._features(images)
+        return {
+            "fd": frechet_distance(Gaussian.fit(pool), self.reference),
+            "accuracy": float((logits.argmax(dim=1) == labels).float().mean()),
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Cost.
+
+
+def encoder_flops(encoder: torch.nn.Module) -> float:
+    """Forward FLOPs of the encoder per image, counted by torch's FLOP counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        encoder(torch.zeros(1, 3, RESOLUTION, RESOLUTION, dtype=torch.uint8))
+    return float(counter.get_total_flops())
+
+
+def step_flops(cfg: Config, phase: str, encoder_dim: int | None, encoder_cost: float) -> float:
+    """FLOPs of one optimizer step: forward + backward (3 forwards) of the model trained in that
+    phase, plus the encoder's forward for the targets."""
+    model = build_model(cfg, phase, encoder_dim)
+    return getattr(cfg, phase).batch_size * (3 * flops_per_image(model) + encoder_cost)
+
+
+# ---------------------------------------------------------------------------------------------
+# One run.
+
+
+@dataclass
+class Curve:
+    method: str
+    seed: int
+    points: list[dict[str, float]] = field(default_factory=list)  # step, flops, fd, accuracy, loss
+    seconds: float = 0.0
+    final_checkpoint: str = ""
+
+
+@torch.no_grad()
+def generate(cfg: Config, ema_state: dict[str, Tensor], encoder_dim: int | None, size: Size) -> tuple[Tensor, Tensor]:
+    """Class-balanced samples from the EMA weights: Heun ODE, no guidance, fixed noise."""
+    model = build_model(cfg, "train", encoder_dim)
+    model.load_state_dict(ema_state)
+    model.eval()
+    labels = torch.arange(size.num_samples) % NUM_CLASSES
+    noise = PerSampleNoise(SAMPLE_SEED, range(size.num_samples), (3, RESOLUTION, RESOLUTION), "cpu")
+    latents = sample(model_velocity(model), noise, labels, mode="ode", steps=size.sample_steps, solver="heun")
+    return to_uint8(latents), labels  # identity codec: model space is pixels in [-1, 1]
+
+
+def train_and_evaluate(
+    method: Method, size: Size, seed: int, run_dir: Path, digits: Digits, nets: SmallNets, evaluator: Evaluator,
+    log: Callable[[str], None],
+) -> Curve:
+    """Train one method for the whole budget, scoring the EMA model every eval_every steps."""
+    shutil.rmtree(run_dir, ignore_errors=True)  # resume="auto" below must only see this run's checkpoints
+    run_dir.mkdir(parents=True)
+    trainer_log = (run_dir / "trainer.log").open("a")
+
+    def quiet(message: str) -> None:
+        trainer_log.write(message + "\n")
+
+    cfg = study_config(size, method, seed, run_dir, nets.encoder_file)
+    encoder = load_encoder(cfg.encoder, RESOLUTION) if method.align else None
+    encoder_dim = encoder.dim if encoder is not None else None
+    encoder_cost = encoder_flops(encoder) if encoder is not None else 0.0
+    full_step = step_flops(cfg, "train", encoder_dim, encoder_cost)
+    curve = Curve(method.name, seed)
+    started = time.perf_counter()
+    init_from = None
+    if method.warmup:
+        warm = run(cfg, "warmup", DigitBatches(digits, size.batch, seed), CPU, encoder=encoder, log=quiet)
+        init_from = warm.checkpoint
+    curve.seconds = time.perf_counter() - started  # training time only; evaluation is not counted
+    warmup_flops = method.warmup * step_flops(cfg, "warmup", encoder_dim, encoder_cost) if method.warmup else 0.0
+    batches = DigitBatches(digits, size.batch, seed)
+    for end in range(size.eval_every, cfg.train.steps + 1, size.eval_every):
+        segment = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=end))
+        started = time.perf_counter()
+        result = run(segment, "train", batches, CPU, encoder=encoder, init_from=init_from, resume="auto", log=quiet)
+        curve.seconds += time.perf_counter() - started
+        init_from = None  # later segments resume from the checkpoint, which already holds the hand-off
+        state = ckpt.load_checkpoint(result.checkpoint, with_train_state=False).ema_state
+        images, labels = generate(cfg, state, encoder_dim, size)
+        scores = evaluator.score(images, labels)
+        step = method.warmup + end
+        curve.points.append({
+            "step": step, "flops": warmup_flops + end * full_step, **scores,
+            "loss_denoise": result.history[-1]["loss_denoise"],
+        })
+        log(f"  {method.name:<13} seed {seed} step {step:>5}: FD {scores['fd']:8.2f}  accuracy {100 * scores['accuracy']:5.1f}%")
+        curve.final_checkpoint = result.checkpoint
+    trainer_log.close()
+    return curve
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading curves.
+
+
+def steps_to_target(points: list[dict[str, float]], target: float, key: str = "step") -> float | None:
+    """`key` (step or flops) of the first evaluation at or below the target distance."""
+    return next((p[key] for p in points if p["fd"] <= target), None)
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    arr = np.asarray(values, dtype=np.float64)
+    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the representation lives: a linear probe per block.
+
+
+@torch.no_grad()
+def block_features(cfg: Config, state: dict[str, Tensor], encoder_dim: int | None, digits: Digits, t: float) -> list[np.ndarray]:
+    """Mean-pooled hidden state after every block for all digits noised to time t, with the
+    null class as the label (a class-conditional model would otherwise be handed the answer)."""
+    model = build_model(cfg, "train", encoder_dim)
+    model.load_state_dict(state)
+    model.eval()
+    captured: list[list[Tensor]] = [[] for _ in model.blocks]
+    hooks = [
+        block.register_forward_hook(lambda _m, _i, out, i=i: captured[i].append(out.mean(dim=1)))
+        for i, block in enumerate(model.blocks)
+    ]
+    noise = torch.randn(digits.images.shape, generator=torch.Generator().manual_seed(PROBE_SPLIT_SEED))
+    x = to_unit_range(digits.images)
+    x_t = (1 - t) * x + t * noise
+    null = torch.full_like(digits.labels, NUM_CLASSES)
+    for i in range(0, len(x_t), 500):
+        model(x_t[i:i + 500], torch.full((len(x_t[i:i + 500]),), t), null[i:i + 500])
+    for hook in hooks:
+        hook.remove()
+    return [torch.cat(c).numpy() for c in captured]
+
+
+def probe_accuracy(features: np.ndarray, labels: Tensor) -> float:
+    """Held-out accuracy of a logistic regression on standardised features."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    train, test = small_nets.split_indices(len(labels), 0.3, PROBE_SPLIT_SEED)
+    y = labels.numpy()
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    probe.fit(features[train.numpy()], y[train.numpy()])
+    return float(probe.score(features[test.numpy()], y[test.numpy()]))
