@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,7 +79,11 @@ def run_local(arguments: dict[str, Any], use_cache: bool = True) -> LocalRun:
     root.addHandler(problems)
     started = time.monotonic()
     try:
-        task = erw_pipeline(**args)
+        with warnings.catch_warnings():
+            # Cluster-only settings (resources, display names, Kubernetes) are ignored here by design.
+            warnings.filterwarnings("ignore", message=r"Task '.*': settings .* have no effect in the current local")
+            warnings.filterwarnings("ignore", message=r"You may be attemping to run a task that uses custom")
+            task = erw_pipeline(**args)
     finally:
         root.removeHandler(hits)
         root.removeHandler(problems)

@@ -63,3 +63,26 @@ def test_cli_errors_are_one_clear_message(shards, tmp_path):
     missing = erw("train", "--config", str(ROOT / "configs/demo.yaml"), f"data.shards={shards}", *TINY,
                   "train.out=out/train", "--init-from", str(tmp_path / "nothing"), cwd=tmp_path, check=False)
     assert missing.returncode == 2 and "no complete checkpoint" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_sigterm_checkpoints_and_exits(shards, tmp_path):
+    """A preempted pod gets SIGTERM (its loader workers too): the run saves at the next step and exits 143."""
+    import signal
+
+    cmd = [str(BIN / "erw"), "train", "--config", str(ROOT / "configs/demo.yaml"), f"data.shards={shards}", *TINY,
+           "encoder.name=none", "train.steps=100000", "train.log_every=1", "train.ckpt_every=100000",
+           "train.out=out/train"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("train step 2/"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    lines += proc.stdout.readlines()
+    assert proc.wait(timeout=120) == 143, "".join(lines)
+    output = "".join(lines)
+    assert "termination signal received, checkpointing" in output and "preempted at step" in output
+    saved = ckpt.load_checkpoint(str(tmp_path / "out/train"))
+    assert 2 <= saved.step < 100000

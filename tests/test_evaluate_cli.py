@@ -193,6 +193,12 @@ def test_reference_from_a_dataset_is_computed_once_and_cached(samples, feature_n
     a = json.loads((tmp_path / "a" / "metrics.json").read_text())
     b = json.loads((tmp_path / "b" / "metrics.json").read_text())
     assert a["fid"] == b["fid"] == pytest.approx(0.0, abs=1e-6)
+    assert a["num_reference"] == 12
+    # Another reference limit is another reference: the cache is recomputed, not reused.
+    assert _run(capsys, *argv, "--out", tmp_path / "c", "--reference-limit", 6)[0] == 0
+    assert cache.stat().st_mtime_ns != cache_time
+    c = json.loads((tmp_path / "c" / "metrics.json").read_text())
+    assert c["num_reference"] == 6 and c["fid"] > 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,6 +209,13 @@ def test_missing_reference_is_reported(samples, feature_network, tmp_path, capsy
     code, err = _run(capsys, "evaluate", "--samples", samples, "--reference", tmp_path / "nope.npz",
                      "--out", tmp_path / "e", "--feature-network", feature_network)
     assert code == 2 and "nope.npz does not exist" in err and "Traceback" not in err
+
+
+def test_unfinished_samples_are_reported(feature_network, tmp_path, capsys):
+    (tmp_path / "samples").mkdir()
+    code, err = _run(capsys, "evaluate", "--samples", tmp_path / "samples", "--reference", tmp_path / "r.npz",
+                     "--out", tmp_path / "e", "--feature-network", feature_network)
+    assert code == 2 and "has no manifest.json: give the --out of a finished `erw sample`" in err
 
 
 def test_wrong_shape_reference_is_reported(samples, inception_weights, tmp_path, capsys):

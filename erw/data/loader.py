@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -260,6 +261,13 @@ class RankBatches(torch.utils.data.IterableDataset):
 # The loader the trainer holds.
 
 
+def _ignore_termination(_worker_id: int) -> None:
+    # Kubernetes and torchrun send SIGTERM to the whole process group; the trainer checkpoints at
+    # the next step, which needs its workers alive until then (they die with the main process).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class ShardLoader:
     """Iterates forever over epochs; state_dict()/load_state_dict() resume exactly.
 
@@ -299,7 +307,7 @@ class ShardLoader:
         else:
             batches = iter(torch.utils.data.DataLoader(
                 dataset, batch_size=None, num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
-                prefetch_factor=4,
+                prefetch_factor=4, worker_init_fn=_ignore_termination,
             ))
         for batch in batches:
             self.batches += 1

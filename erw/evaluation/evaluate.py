@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from erw.data import storage
+from erw.data.shards import MANIFEST
 from erw.evaluation import report
 from erw.evaluation.features import FeatureNetwork, Features, extract_features, load_network
 from erw.evaluation.grid import GridCollector
@@ -52,12 +53,15 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
     """Run the evaluation and write its outputs under opts.out; returns the metrics.json content."""
     started = time.time()
     device = resolve_device(opts.device)
+    if not opts.samples.endswith(".npz") and not storage.exists(storage.join(opts.samples, MANIFEST)):
+        raise ImageSetError(
+            f"samples {opts.samples} has no {MANIFEST}: give the --out of a finished `erw sample` (rerun it to "
+            "finish an interrupted one) or an .npz with arr_0 images"
+        )
     try:
         samples = open_image_set(opts.samples)
     except ImageSetError as err:
         raise ImageSetError(f"samples: {err}") from None
-    if samples.kind == "source":
-        raise ImageSetError(f"samples {opts.samples}: expected the --out of `erw sample` (with manifest.json) or an .npz")
     network = load_network(opts.inception_weights, opts.feature_network, device)
     reference = load_reference(
         opts.reference, network, resolution=samples.resolution, batch_size=opts.batch_size, device=device,

@@ -45,9 +45,9 @@ class Reference:
     spatial: Gaussian | None
     activations: np.ndarray | None  # pool features of reference images, for precision/recall
 
-    def to_npz(self) -> bytes:
+    def to_npz(self, **extra: np.ndarray) -> bytes:
         arrays = {"mu": self.pool.mu, "sigma": self.pool.sigma, "network": np.array(self.network),
-                  "source": np.array(self.source), "count": np.array(self.count)}
+                  "source": np.array(self.source), "count": np.array(self.count), **extra}
         if self.spatial is not None:
             arrays |= {"mu_s": self.spatial.mu, "sigma_s": self.spatial.sigma}
         if self.activations is not None:
@@ -76,20 +76,24 @@ def load_reference(
 ) -> Reference:
     """The reference for `network`; `resolution` crops image sources, `limit` caps the images read."""
     if uri.endswith(".npz"):
-        return _from_npz(uri, network, batch_size, device, limit)
+        return _from_arrays(uri, _read(uri), network, batch_size, device, limit)
+    from erw.data.sources import SourceError
+
     try:
         images = open_image_set(uri)
-    except ImageSetError as err:
+    except (ImageSetError, SourceError) as err:
         raise ReferenceError(f"reference {uri}: {err}") from None
-    cache = cache or storage.join(uri, f"reference-{_cache_key(images, network, resolution, limit)}.npz")
+    key = _cache_key(images, network, resolution, limit)
+    cache = cache or storage.join(uri, f"reference-{key}.npz")
     if storage.exists(cache):
-        cached = _from_npz(cache, network, batch_size, device, limit)
-        log.info("reference statistics from the cache %s", cache)
-        return cached
+        arrays = _read(cache)
+        if str(arrays.get("key")) == key:  # else: made for other images, network or limit
+            log.info("reference statistics from the cache %s", cache)
+            return _from_arrays(cache, arrays, network, batch_size, device, limit)
     features = extract_features(network, (x for x, _ in images.batches(batch_size, limit, resolution)), device)
     reference = from_features(uri, network, features)
     try:
-        storage.write_bytes(cache, reference.to_npz())
+        storage.write_bytes(cache, reference.to_npz(key=np.array(key)))
     except (storage.StorageError, OSError) as err:  # a read-only dataset: compute again next time
         log.warning("could not cache the reference statistics at %s: %s", cache, err)
     return reference
@@ -102,11 +106,15 @@ def _cache_key(images: ImageSet, network: FeatureNetwork, resolution: int, limit
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _from_npz(uri: str, network: FeatureNetwork, batch_size: int, device: str | torch.device, limit: int) -> Reference:
+def _read(uri: str) -> dict[str, np.ndarray]:
     try:
-        arrays = read_npz(uri)
+        return read_npz(uri)
     except ImageSetError as err:
         raise ReferenceError(f"reference {err}") from None
+
+
+def _from_arrays(uri: str, arrays: dict[str, np.ndarray], network: FeatureNetwork, batch_size: int,
+                 device: str | torch.device, limit: int) -> Reference:
     stored_by = str(arrays["network"]) if "network" in arrays else None
     if stored_by is not None and stored_by != network.identity:
         raise ReferenceError(

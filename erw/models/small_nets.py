@@ -116,19 +116,20 @@ def save_encoder(vit: nn.Module, kwargs: dict[str, Any], uri: str) -> None:
 
 
 class DigitEvaluator(nn.Module):
-    """uint8 images [N, 3, R, R] -> (features [N, width * 4], logits [N, classes]).
+    """uint8 images [N, 3, R, R] -> (features [N, 4 * width], logits [N, classes]).
 
-    Three stages of two 3x3 convolutions, halving the resolution after the first two; the
-    features are the global average of the last stage (the role of Inception's pool3)."""
+    A strided 3x3 stem, then 3x3 convolutions with batch norm, halving the resolution twice; the
+    features are the global average of the last one (the role of Inception's pool3)."""
 
     def __init__(self, num_classes: int, width: int = 16):
         super().__init__()
 
-        def stage(c_in: int, c_out: int) -> list[nn.Module]:
-            return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.GELU(), nn.Conv2d(c_out, c_out, 3, padding=1), nn.GELU()]
+        def conv(c_in: int, c_out: int, stride: int = 1) -> list[nn.Module]:
+            return [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.GELU()]
 
         self.body = nn.Sequential(
-            *stage(3, width), nn.MaxPool2d(2), *stage(width, 2 * width), nn.MaxPool2d(2), *stage(2 * width, 4 * width),
+            *conv(3, width, stride=2), *conv(width, 2 * width), nn.MaxPool2d(2),
+            *conv(2 * width, 4 * width), nn.MaxPool2d(2), *conv(4 * width, 4 * width),
             nn.AdaptiveAvgPool2d(1), nn.Flatten(),
         )
         self.head = nn.Linear(4 * width, num_classes)
@@ -241,7 +242,7 @@ def fit_classifier(
         optimizer.step()
         schedule.step()
         if step % max(1, settings.steps // 5) == 0:
-            log(f"step {step}/{settings.steps} loss {float(loss):.4f}")
+            log(f"step {step}/{settings.steps} loss {loss.item():.4f}")
     classify.eval()
     return FitReport(
         train_accuracy=accuracy(classify, images[train], labels[train]),

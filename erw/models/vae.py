@@ -181,17 +181,18 @@ def load_autoencoder(name: str, weights: str = "") -> nn.Module:
     """AutoencoderKL from a local directory, an s3:// prefix (cached locally) or the hub."""
     from diffusers import AutoencoderKL
 
+    # low_cpu_mem_usage needs `accelerate`; without it diffusers warns and loads this way anyway.
     if weights:
         local = fetch_weights_dir(weights)
         try:
-            return AutoencoderKL.from_pretrained(local)
+            return AutoencoderKL.from_pretrained(local, low_cpu_mem_usage=False)
         except (OSError, ValueError) as err:
             raise CodecError(
                 f"{weights} is not a diffusers AutoencoderKL directory (config.json + "
                 f"diffusion_pytorch_model.safetensors): {err}"
             ) from None
     try:
-        return AutoencoderKL.from_pretrained(HUB_IDS[name])
+        return AutoencoderKL.from_pretrained(HUB_IDS[name], low_cpu_mem_usage=False)
     except OSError as err:
         raise CodecError(
             f"cannot fetch {HUB_IDS[name]} from the Hugging Face hub ({err.__class__.__name__}). Without a "
