@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from results_md import machine, write_section  # noqa: E402
 from smallscale import (  # noqa: E402
-    Curve, Digits, Evaluator, Size, block_features, ensure_small_nets, main_methods, mean_std, probe_accuracy,
-    steps_to_target, train_and_evaluate,
+    RESOLUTION, Curve, Digits, Evaluator, Size, block_features, encoder_kwargs, ensure_small_nets, main_methods,
+    mean_std, probe_accuracy, steps_to_target, train_and_evaluate,
 )
 
 from erw.models.encoders import load_encoder  # noqa: E402
@@ -46,7 +46,7 @@ SIZES = {
     "tiny": Size(budget=4, eval_every=2, warmup=2, batch=8, seeds=(0, 1, 2), num_samples=20, sample_steps=2,
                  depth=3, hidden=32, heads=2, projector_dim=32, align_depth=2, l2r_depth=1,
                  encoder_steps=5, evaluator_steps=5),
-    "default": Size(budget=600, eval_every=50, warmup=150, batch=32, seeds=(0, 1, 2), num_samples=250, sample_steps=8),
+    "default": Size(budget=800, eval_every=100, warmup=200, batch=32, seeds=(0, 1, 2), num_samples=250, sample_steps=8),
     "full": Size(budget=2400, eval_every=200, warmup=600, batch=64, seeds=(0, 1, 2, 3, 4), num_samples=1000,
                  sample_steps=16, encoder_steps=1500, evaluator_steps=1500),
 }
@@ -170,8 +170,6 @@ def plot(curves: list[Curve], target: float, floor: float, png: Path) -> None:
 
 def layer_probes(curves: list[Curve], digits: Digits, encoder_file: str) -> dict[str, dict[float, list[float]]]:
     """Linear-probe accuracy per block of the first seed's final model of each method."""
-    from smallscale import RESOLUTION
-
     seed = curves[0].seed
     out: dict[str, dict[float, list[float]]] = {}
     for curve in (c for c in curves if c.seed == seed):
@@ -188,7 +186,6 @@ def layer_probes(curves: list[Curve], digits: Digits, encoder_file: str) -> dict
 def reference_probes(digits: Digits, encoder_file: str) -> dict[str, float]:
     """The same probe on raw pixels and on the encoder's mean token: what the numbers mean."""
     from erw.config import EncoderConfig
-    from smallscale import RESOLUTION
 
     encoder = load_encoder(EncoderConfig("timm-file", weights=encoder_file), RESOLUTION)
     with torch.no_grad():
@@ -220,6 +217,7 @@ def probe_table(probes: dict[str, dict[float, list[float]]], references: dict[st
 def markdown(args, size: Size, nets, evaluator: Evaluator, rows, target: float, target_source: str, probes_md: str,
              png_name: str, seconds: float) -> str:
     enc, ev = nets.reports["encoder"], nets.reports["evaluator"]
+    kw = encoder_kwargs()
     methods = main_methods(size)
     return "\n".join([
         f"## Convergence: plain SiT vs SiT+REPA vs SiT+REPA+ERW ({size_name(args)} size)",
@@ -233,7 +231,8 @@ def markdown(args, size: Size, nets, evaluator: Evaluator, rows, target: float, 
         f"constant weight c0 = 1 from step 0. ERW: {size.warmup} warmup steps of the budget train blocks 1-{size.l2r_depth} "
         f"to match the encoder on clean images, then {size.budget - size.warmup} steps of the full model initialised from "
         f"them, weight c0 * 2^(-(s - W) / {dict(o.split('=') for o in methods[2].overrides)['objective.align_half_life']}). "
-        f"Encoder: a 4-block ViT (width 64, 8x8 patches) trained supervised on the digit labels, "
+        f"Encoder: a {kw['depth']}-block ViT (width {kw['embed_dim']}, {kw['patch_size']}x{kw['patch_size']}-pixel "
+        f"patches) trained supervised on the digit labels (a linear classifier on its mean patch token), "
         f"{100 * enc['val_accuracy']:.1f}% held-out accuracy. Evaluator: a CNN (other architecture, seed and split), "
         f"{100 * ev['val_accuracy']:.1f}% held-out accuracy; FD between {size.num_samples} class-balanced samples "
         f"(Heun ODE, {size.sample_steps} steps, no guidance, the same noise for every model) and all real digits in its "
@@ -251,7 +250,7 @@ def markdown(args, size: Size, nets, evaluator: Evaluator, rows, target: float, 
         "",
         "### Where the representation lives: linear probe per block",
         "",
-        "Held-out accuracy (30% of the digits) of a logistic regression on each block's mean token of the first "
+        "Held-out accuracy (30% of the digits) of a linear probe (ridge classifier on standardised features) on each block's mean token of the first "
         "seed's final EMA model, on digits noised to time t, given the null class label (the class label would hand "
         "the probe the answer).",
         "",
@@ -268,7 +267,10 @@ def main() -> None:
     parser.add_argument("--cache", default="runs/bench/cache", help="where the small encoder and evaluator are kept")
     parser.add_argument("--results", default=str(ROOT / "docs" / "results.md"), help="markdown file to update")
     parser.add_argument("--target", type=float, help="target FD (default: plain SiT's mean FD at the end of the budget)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads; 1 avoids the stalls of several threads on a shared machine")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     size = SIZES[size_name(args)]
     if size.problems():

@@ -62,7 +62,7 @@ class Size:
     num_samples: int  # generated images per evaluation point
     sample_steps: int  # Heun ODE steps (2 velocity evaluations each)
     depth: int = 6
-    hidden: int = 128
+    hidden: int = 96
     heads: int = 4
     projector_dim: int = 256
     align_depth: int = 3
@@ -178,6 +178,20 @@ class DigitBatches:
 # The small networks, trained once.
 
 
+def encoder_kwargs() -> dict:
+    """The digits encoder: 8x8-pixel patches, the token grid of the SiT-S/8 studied here."""
+    return small_nets.encoder_kwargs(RESOLUTION, patch_size=8)
+
+
+def untrained_encoder(cache: Path) -> str:
+    """The encoder's architecture with its initial weights: the control for encoder quality."""
+    file = cache / "digits-encoder-untrained.safetensors"
+    if not file.exists():
+        torch.manual_seed(0)
+        small_nets.save_encoder(small_nets.build_encoder(encoder_kwargs()), encoder_kwargs(), str(file))
+    return str(file)
+
+
 @dataclass
 class SmallNets:
     encoder_file: str
@@ -190,13 +204,15 @@ def ensure_small_nets(cache: Path, digits: Digits, size: Size, log: Callable[[st
     cache.mkdir(parents=True, exist_ok=True)
     encoder_settings = small_nets.FitSettings(steps=size.encoder_steps, seed=0)
     evaluator_settings = small_nets.FitSettings(steps=size.evaluator_steps, seed=1)
-    kwargs = small_nets.encoder_kwargs(RESOLUTION, patch_size=8)
+    kwargs = encoder_kwargs()
 
     def key(*parts) -> str:
         return hashlib.sha256(repr(parts).encode()).hexdigest()[:10]
 
-    encoder_file = cache / f"digits-encoder-{key(encoder_settings, kwargs)}.safetensors"
-    evaluator_file = cache / f"digits-evaluator-{key(evaluator_settings)}.pt2"
+    # The architecture is part of the key: a changed network is retrained, never silently reused.
+    encoder_file = cache / f"digits-encoder-{key(encoder_settings, kwargs, small_nets.ENCODER_TIMM_NAME)}.safetensors"
+    evaluator_arch = repr(small_nets.DigitEvaluator(NUM_CLASSES))
+    evaluator_file = cache / f"digits-evaluator-{key(evaluator_settings, evaluator_arch)}.pt2"
     reports_file = cache / "small-nets.json"
     reports = json.loads(reports_file.read_text()) if reports_file.exists() else {}
     if not encoder_file.exists() or encoder_file.name not in reports:
@@ -381,13 +397,14 @@ def block_features(cfg: Config, state: dict[str, Tensor], encoder_dim: int | Non
 
 
 def probe_accuracy(features: np.ndarray, labels: Tensor) -> float:
-    """Held-out accuracy of a logistic regression on standardised features."""
-    from sklearn.linear_model import LogisticRegression
+    """Held-out accuracy of a linear probe (ridge classifier on standardised features): closed
+    form, so no optimiser settings sway the comparison between models."""
+    from sklearn.linear_model import RidgeClassifier
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    train, test = small_nets.split_indices(len(labels), 0.3, PROBE_SPLIT_SEED)
+    train, test = (i.numpy() for i in small_nets.split_indices(len(labels), 0.3, PROBE_SPLIT_SEED))
     y = labels.numpy()
-    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
-    probe.fit(features[train.numpy()], y[train.numpy()])
-    return float(probe.score(features[test.numpy()], y[test.numpy()]))
+    probe = make_pipeline(StandardScaler(), RidgeClassifier(alpha=1.0))
+    probe.fit(features[train], y[train])
+    return float(probe.score(features[test], y[test]))

@@ -264,7 +264,8 @@ def failure_report(handle: str, status: AppStatus, logs: list[deque], elapsed: s
         if failed_local is None or WORKER_LINE.match(line)[1] == failed_local
     ]
     errors = [line for line in suspects if re.search(r"error|exception|killed|out of memory", line, re.I)]
-    reason = _structured_reason(status.structured_error_msg) or (errors or suspects or ["no output"])[-1].strip()
+    last = (errors or suspects or [""])[-1]
+    reason = _structured_reason(status.structured_error_msg) or (WORKER_LINE.match(last)[2] if last else "no output")
     report = f"job {handle} failed after {elapsed}: {culprit}: {reason}"
     for node, node_lines in enumerate(workers):
         if node_lines:

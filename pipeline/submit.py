@@ -2,9 +2,12 @@
 
 Arguments are validated here first. The same can be done with the plain KFP CLI:
 
-    kfp --endpoint $KFP run submit -e erw -f pipeline.yaml train_nodes=8
-    kfp --endpoint $KFP recurring-run create -e erw --job-name erw-weekly \\
-        --cron-expression "0 0 3 * * 0" --max-concurrency 1 -f pipeline.yaml
+    kfp --endpoint $KFP run submit -e erw -f pipeline.yaml workspace=s3://bucket/erw
+    kfp --endpoint $KFP recurring-run create --experiment-name erw --job-name erw-weekly \\
+        --cron-expression "0 0 3 * * 0" --max-concurrency 1 --no-catchup \\
+        --pipeline-package-path pipeline.yaml workspace=s3://bucket/erw
+
+The KFP CLI sends every value as a string and checks nothing; these functions type and validate.
 """
 from __future__ import annotations
 
@@ -23,10 +26,10 @@ class KfpClient(Protocol):  # the part of kfp.Client used here
     def create_recurring_run(self, experiment_id: str, job_name: str, **kwargs: Any) -> Any: ...
 
 
-def connect(host: str, namespace: str | None) -> KfpClient:
+def connect(host: str) -> KfpClient:
     import kfp
 
-    return kfp.Client(host=host or None, namespace=namespace or "kubeflow")
+    return kfp.Client(host=host or None)
 
 
 def check_cron(expression: str) -> str:
@@ -50,6 +53,7 @@ def submit(
     experiment: str,
     run_name: str = "",
     service_account: str = "",
+    namespace: str = "",
     enable_caching: bool | None = None,
 ) -> Any:
     """Create one run; returns KFP's result (with .run_id)."""
@@ -61,6 +65,7 @@ def submit(
         arguments=_changed(args),
         run_name=run_name or None,
         experiment_name=experiment,
+        namespace=namespace or None,
         service_account=service_account or None,
         enable_caching=enable_caching,
     )
@@ -73,6 +78,7 @@ def schedule(
     job_name: str,
     experiment: str,
     service_account: str = "",
+    namespace: str = "",
     max_concurrency: int = 1,
     catchup: bool = False,
 ) -> Any:
@@ -85,7 +91,7 @@ def schedule(
     if max_concurrency < 1:
         raise PipelineParamError(f"--max-concurrency must be at least 1, got {max_concurrency}")
     args = resolve(arguments)
-    experiment_id = client.create_experiment(name=experiment).experiment_id
+    experiment_id = client.create_experiment(name=experiment, namespace=namespace or None).experiment_id
     with tempfile.TemporaryDirectory() as tmp:
         package = compile_pipeline(f"{tmp}/pipeline.yaml")
         return client.create_recurring_run(

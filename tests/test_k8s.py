@@ -95,10 +95,10 @@ def test_manifests_agree_with_the_pipeline(rendered):
     defaults = PipelineArgs()
     assert defaults.volcano_queue in by_kind(docs, "Queue")
     accounts = by_kind(docs, "ServiceAccount")
-    assert defaults.trainer_service_account in accounts and "erw-pipeline" in accounts
+    assert set(accounts) == {defaults.trainer_service_account}  # the training pods need no API access
     (binding,) = by_kind(docs, "RoleBinding").values()
     assert binding["roleRef"]["name"] == "erw-launcher"
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "erw-pipeline", "namespace": "erw"}]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "default-editor", "namespace": "erw"}]
     settings = by_kind(docs, "ConfigMap")[CONFIG_MAP]["data"]
     if overlay == "minio":
         assert settings["AWS_ENDPOINT_URL"].startswith("http://minio-service.kubeflow")

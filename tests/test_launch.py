@@ -1,5 +1,6 @@
 """The TorchX launcher: the Volcano job it would submit, and real 2-process torchrun jobs run locally."""
 import io
+import re
 import textwrap
 from pathlib import Path
 
@@ -149,7 +150,7 @@ def test_local_failing_job_fails_with_the_workers_reason(rank_job):
         launch(rank_job, SchedulerOptions(scheduler="local_cwd"), timeout_s=120, poll_s=0.2, out=io.StringIO())
     message = str(err.value)
     assert "rank 1 exited with code 1" in message
-    assert "RuntimeError: rank 1 found no shards under s3://bucket/missing" in message.splitlines()[0]
+    assert message.splitlines()[0].endswith("rank 1 exited with code 1: RuntimeError: rank 1 found no shards under s3://bucket/missing")
 
 
 def test_local_job_past_its_deadline_is_stopped(tmp_path, monkeypatch):
@@ -158,3 +159,43 @@ def test_local_job_past_its_deadline_is_stopped(tmp_path, monkeypatch):
     spec = JobSpec(erw_args=[], module="slow_job", procs_per_node=1)
     with pytest.raises(LaunchError, match="did not finish within 3s.*deleted"):
         launch(spec, SchedulerOptions(scheduler="local_cwd"), timeout_s=3, poll_s=0.2, out=io.StringIO())
+
+
+def test_a_failing_training_job_fails_the_pipeline_step(tmp_path, capsys):
+    # The KFP step's view: the component runs `erw launch ... -- train ...` and must fail with the reason.
+    from components.common import run_erw
+
+    missing = tmp_path / "no-such-dataset"
+    with pytest.raises(SystemExit, match="erw launch failed with exit code 2"):
+        run_erw([
+            "launch", "--procs-per-node", "2", "--timeout", "5m", "--",
+            "train", "--config", str(CONFIGS / "demo.yaml"), "encoder.name=none", f"data.shards={missing}",
+        ])
+    err = capsys.readouterr().err
+    assert re.search(rf"rank [01] exited with code 2: erw train: error: {re.escape(str(missing))} has no manifest.json", err)
+
+
+def test_failure_report_reads_kubernetes_logs():
+    # Kubernetes log lines carry a timestamp before torchrun's "[local_rank]:" prefix.
+    from collections import deque
+
+    from torchx.specs import AppState, AppStatus
+
+    from erw.launch import failure_report
+
+    node0 = deque(["2026-01-01T00:00:00Z [0]:train step 10/100 | loss 0.5\n"])
+    node1 = deque([
+        "2026-01-01T00:00:01Z [3]:train step 10/100 | loss 0.5\n",
+        "2026-01-01T00:00:02Z [3]:torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB\n",
+        "2026-01-01T00:00:03Z Root Cause (first observed failure):\n",
+        "2026-01-01T00:00:03Z [0]:\n",
+        "2026-01-01T00:00:03Z   rank      : 11 (local_rank: 3)\n",
+        "2026-01-01T00:00:03Z   exitcode  : 1 (pid: 77)\n",
+    ])
+    report = failure_report("kubernetes://erw/erw-train-x", AppStatus(AppState.FAILED), [node0, node1], "2h")
+    first = report.splitlines()[0]
+    assert first == (
+        "job kubernetes://erw/erw-train-x failed after 2h: rank 11 exited with code 1: "
+        "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    )
+    assert "--- last output of the workers on node 1 ---" in report and "Root Cause" not in report

@@ -153,11 +153,11 @@ class RecordingClient:
 
 def test_submit_sends_only_the_changed_arguments():
     client = RecordingClient()
-    submit(client, {"train_nodes": 8, "warmup_nodes": 1}, "erw", run_name="xl-8x8", service_account="erw-pipeline")
+    submit(client, {"train_nodes": 8, "warmup_nodes": 1}, "erw", run_name="xl-8x8", service_account="pipeline-runner")
     ((kind, func, kwargs),) = client.calls
     assert kind == "run" and func.name == "erw"
     assert kwargs["arguments"] == {"train_nodes": 8}  # warmup_nodes=1 is the default
-    assert (kwargs["experiment_name"], kwargs["run_name"], kwargs["service_account"]) == ("erw", "xl-8x8", "erw-pipeline")
+    assert (kwargs["experiment_name"], kwargs["run_name"], kwargs["service_account"]) == ("erw", "xl-8x8", "pipeline-runner")
 
 
 def test_submit_refuses_bad_arguments_without_contacting_the_server():
@@ -295,3 +295,21 @@ def test_run_local_end_to_end_then_from_cache(tmp_path, digits_evaluator):
     cached_steps = {re.sub(r"-iteration-\d+$", "", name) for name in second.cached}
     assert {"precompute", "merge", "warmup"} <= cached_steps, second.cached
     assert "train" not in cached_steps and second.outputs["model"].uri != first.outputs["model"].uri
+
+
+@pytest.mark.slow
+def test_run_local_writes_to_a_local_s3_endpoint(s3_bucket, digits_evaluator):
+    from erw.data import storage
+    from pipeline.local import run_local
+
+    workspace = f"{s3_bucket}/demo"
+    overrides = [
+        "warmup.steps=10", "warmup.ckpt_every=10", "train.steps=10", "train.ckpt_every=10",
+        "sample.num_samples=20", "sample.steps=5", "sample.batch_size=20", f"eval.feature_network={digits_evaluator}",
+    ]
+    run = run_local({"workspace": workspace, "overrides": overrides}, use_cache=False)
+    model = run.outputs["model"].uri
+    assert model.startswith(f"{workspace}/train/") and storage.exists(storage.join(model, "meta.json"))
+    metrics = json.loads(storage.read_bytes(run.outputs["evaluation"].metadata["metrics"]))
+    assert math.isfinite(metrics["fid"])
+    assert json.loads(storage.read_bytes(f"{workspace}/registry.json"))["current"]["checkpoint"] == model

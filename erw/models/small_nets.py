@@ -42,6 +42,14 @@ class FitSettings:
     val_fraction: float = 0.2
     max_shift: int = 2  # random translation in pixels, both axes
 
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise SmallNetError(
+                f"steps, batch size and learning rate must be positive, got {self.steps}, {self.batch_size}, {self.lr}"
+            )
+        if not 0 <= self.val_fraction < 1 or self.max_shift < 0:
+            raise SmallNetError(f"val_fraction={self.val_fraction} must be in [0, 1) and max_shift={self.max_shift} >= 0")
+
 
 @dataclass(frozen=True)
 class FitReport:
@@ -118,14 +126,17 @@ def save_encoder(vit: nn.Module, kwargs: dict[str, Any], uri: str) -> None:
 class DigitEvaluator(nn.Module):
     """uint8 images [N, 3, R, R] -> (features [N, 4 * width], logits [N, classes]).
 
-    A strided 3x3 stem, then 3x3 convolutions with batch norm, halving the resolution twice; the
-    features are the global average of the last one (the role of Inception's pool3)."""
+    A strided 3x3 stem, then 3x3 convolutions with group norm, halving the resolution twice; the
+    features are the global average of the last one (the role of Inception's pool3). Group norm,
+    not batch norm: no running statistics, so a short training evaluates as it trained."""
 
     def __init__(self, num_classes: int, width: int = 16):
         super().__init__()
+        if width < 4 or width % 4:
+            raise SmallNetError(f"evaluator width {width} must be a positive multiple of 4 (4 norm groups)")
 
         def conv(c_in: int, c_out: int, stride: int = 1) -> list[nn.Module]:
-            return [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.GELU()]
+            return [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.GroupNorm(4, c_out), nn.GELU()]
 
         self.body = nn.Sequential(
             *conv(3, width, stride=2), *conv(width, 2 * width), nn.MaxPool2d(2),
@@ -226,8 +237,6 @@ def fit_classifier(
 ) -> FitReport:
     """AdamW with cosine decay on cross-entropy; images uint8 [N, 3, R, R] -> logits."""
     check_images(images, labels)
-    if settings.steps < 1 or settings.batch_size < 1:
-        raise SmallNetError(f"steps and batch size must be positive, got {settings.steps} and {settings.batch_size}")
     started = time.perf_counter()
     train, val = split_indices(len(images), settings.val_fraction, settings.seed)
     generator = torch.Generator().manual_seed(settings.seed)

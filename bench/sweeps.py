@@ -1,0 +1,148 @@
+"""What ERW's result depends on, at the convergence study's scale: one setting at a time.
+
+    nice -n 5 .venv/bin/python bench/sweeps.py              # default size, seed 0
+    .venv/bin/python bench/sweeps.py --tiny --out DIR --results FILE
+    .venv/bin/python bench/sweeps.py --only l2r_depth,warmup
+
+Around the default SiT+REPA+ERW of bench/convergence.py (same model, data, batch, budget):
+
+    l2r_depth  blocks trained in the warmup: where does the representation-processing region end?
+    warmup     warmup steps taken from the budget
+    c0         alignment weight, for ERW and for REPA
+    schedule   ERW with a constant weight: separates the warmup from the decaying weight
+    encoder    an untrained encoder of the same architecture: how much the representation matters
+
+Every point is one run (seed 0; the convergence study's seed spread is the noise level to read
+them against), with plain SiT, REPA and ERW at the defaults as references. The target FD is plain
+SiT's FD at the end of the budget. Writes DIR/sweeps.json and the "sweeps" section of FILE.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from convergence import ROOT, SIZES, size_name  # noqa: E402
+from results_md import machine, write_section  # noqa: E402
+from smallscale import (  # noqa: E402
+    Curve, Digits, Evaluator, Method, Size, ensure_small_nets, main_methods, steps_to_target, train_and_evaluate,
+    untrained_encoder,
+)
+
+KNOBS = ("l2r_depth", "warmup", "c0", "schedule", "encoder")
+
+
+def sweep_points(size: Size, untrained_file: str, tiny: bool) -> dict[str, list[tuple[str, Method]]]:
+    """knob -> [(value, method)], the defaults left out (they are the reference runs)."""
+    plain, repa, erw = main_methods(size)
+
+    def erw_with(warmup: int = size.warmup, extra: tuple[str, ...] = ()) -> Method:
+        half_life = max(1, (size.budget - warmup) // 2)
+        overrides = ("objective.align_schedule=decay", f"objective.align_half_life={half_life}", *extra)
+        return Method(erw.name, align=True, warmup=warmup, overrides=overrides)
+
+    depths = [d for d in range(1, min(size.depth, 5)) if d != size.l2r_depth]
+    warmups = [w for w in (size.warmup // 2, size.warmup * 2) if 0 < w < size.budget and w % size.eval_every == 0]
+    coeffs = (0.5, 2.0)
+    if tiny:  # one value per knob: the test checks the path, not the science
+        depths, warmups, coeffs = depths[:1], warmups[:1] or [size.warmup], coeffs[:1]
+    return {
+        "l2r_depth": [(str(d), erw_with(extra=(f"model.l2r_depth={d}",))) for d in depths],
+        "warmup": [(str(w), erw_with(warmup=w)) for w in warmups],
+        "c0": [(f"{c:g}", m) for c in coeffs for m in (
+            dataclasses.replace(repa, overrides=repa.overrides + (f"objective.align_coeff={c}",)),
+            erw_with(extra=(f"objective.align_coeff={c}",)),
+        )],
+        "schedule": [("constant", erw_with(extra=("objective.align_schedule=constant",)))],
+        "encoder": [("untrained", m) for m in (
+            dataclasses.replace(repa, overrides=repa.overrides + (f"encoder.weights={untrained_file}",)),
+            erw_with(extra=(f"encoder.weights={untrained_file}",)),
+        )],
+    }
+
+
+def describe(curve: Curve, target: float, budget: int) -> dict[str, float | None]:
+    half = next(p for p in curve.points if p["step"] >= budget // 2)
+    return {
+        "steps": steps_to_target(curve.points, target), "fd_half": half["fd"], "half_step": half["step"],
+        "fd_end": curve.points[-1]["fd"], "accuracy_end": curve.points[-1]["accuracy"],
+    }
+
+
+def row(knob: str, value: str, method: str, d: dict) -> str:
+    steps = "not reached" if d["steps"] is None else f"{d['steps']:.0f}"
+    return (f"| {knob} | {value} | {method} | {steps} | {d['fd_half']:.2f} (step {d['half_step']:.0f}) | "
+            f"{d['fd_end']:.2f} | {100 * d['accuracy_end']:.1f}% |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--tiny", action="store_true", help="one value per knob on a tiny model: checks the path")
+    group.add_argument("--full", action="store_true", help="the --full size of bench/convergence.py")
+    parser.add_argument("--only", default=",".join(KNOBS), help=f"comma-separated knobs from {', '.join(KNOBS)}")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="runs/bench/sweeps", help="run directory (checkpoints, logs, json)")
+    parser.add_argument("--cache", default="runs/bench/cache", help="where the small encoder and evaluator are kept")
+    parser.add_argument("--results", default=str(ROOT / "docs" / "results.md"), help="markdown file to update")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (see bench/convergence.py)")
+    args = parser.parse_args()
+    knobs = [k for k in args.only.split(",") if k]
+    unknown = sorted(set(knobs) - set(KNOBS))
+    if unknown:
+        parser.error(f"unknown knob(s) {', '.join(unknown)}: choose from {', '.join(KNOBS)}")
+    torch.set_num_threads(args.threads)
+
+    size = SIZES[size_name(args)]
+    started = time.perf_counter()
+    out = Path(args.out)
+    digits = Digits.load()
+    nets = ensure_small_nets(Path(args.cache), digits, size, print)
+    evaluator = Evaluator(nets.evaluator_file, digits, size.num_samples)
+    points = sweep_points(size, untrained_encoder(Path(args.cache)), args.tiny)
+
+    def train(label: str, method: Method) -> Curve:
+        return train_and_evaluate(method, size, args.seed, out / label, digits, nets, evaluator, print)
+
+    references = {m.name: train(f"reference-{m.name}", m) for m in main_methods(size)}
+    target = references["SiT"].points[-1]["fd"]
+    results = {k: [(value, method.name, train(f"{k}-{value}-{method.name}", method)) for value, method in points[k]]
+               for k in knobs}
+
+    lines = [
+        f"## Sweeps around SiT+REPA+ERW ({size_name(args)} size, seed {args.seed})",
+        "",
+        f"Reproduce: `nice -n 5 .venv/bin/python bench/sweeps.py{' --full' if args.full else ' --tiny' if args.tiny else ''}` "
+        f"— this run: {(time.perf_counter() - started) / 60:.0f} min on {machine()}.",
+        "",
+        f"Same setup as the convergence study; one knob changed at a time, one seed. Target: FD ≤ {target:.2f} (plain SiT's "
+        f"FD at the end of the budget, this seed). Defaults: l2r_depth {size.l2r_depth}, warmup {size.warmup} of "
+        f"{size.budget} steps, c0 = 1, decaying weight for ERW and constant for REPA, the trained encoder.",
+        "",
+        f"| knob | value | method | steps to FD ≤ {target:.2f} | FD at half budget | FD at end | accuracy at end |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [row("reference", "default", name, describe(c, target, size.budget)) for name, c in references.items()]
+    for knob, runs in results.items():
+        lines += [row(knob, value, name, describe(c, target, size.budget)) for value, name, c in runs]
+    write_section(args.results, "sweeps", "\n".join(lines))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweeps.json").write_text(json.dumps({
+        "size": dataclasses.asdict(size), "seed": args.seed, "target": target,
+        "references": {n: dataclasses.asdict(c) for n, c in references.items()},
+        "sweeps": {k: [{"value": v, "method": n, "curve": dataclasses.asdict(c)} for v, n, c in runs]
+                   for k, runs in results.items()},
+    }, indent=2))
+    print("\n".join(lines[8:]))
+    print(f"wrote {args.results} and {out / 'sweeps.json'} in {(time.perf_counter() - started) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()
