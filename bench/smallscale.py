@@ -1,8 +1,8 @@
 """Machinery shared by the small-scale studies (convergence.py, sweeps.py) on the digits.
 
 - the digits in memory (1,797 images, 32x32, 10 classes) as an endless, resumable batch source
-  with the identity codec: latents are pixels in [-1, 1], as `erw precompute --codec identity`
-  would store them;
+  with the identity codec: latents are pixels in [-1, 1], and the encoder's tokens are computed
+  once for every image, as `erw precompute --codec identity --store features` would store them;
 - the small encoder (alignment target) and the separate evaluator, trained once and reused
   from the cache directory while their settings are unchanged;
 - one run of a method through the project's own trainer (erw.training.trainer.run): trained in
@@ -61,8 +61,11 @@ class Size:
     seeds: tuple[int, ...]
     num_samples: int  # generated images per evaluation point
     sample_steps: int  # Heun ODE steps (2 velocity evaluations each)
+    # Pixel space: the width must exceed a patch's 3 * patch**2 values, or the tokens cannot carry
+    # the noise the velocity target contains (8x8 patches at width 96 plateau at pure noise).
+    patch: int = 4
     depth: int = 6
-    hidden: int = 96
+    hidden: int = 64
     heads: int = 4
     projector_dim: int = 256
     align_depth: int = 3
@@ -113,7 +116,7 @@ def study_config(size: Size, method: Method, seed: int, run_dir: Path, encoder_f
     tree = {
         "run_id": f"{method.name}-seed{seed}", "seed": seed,
         "model": {
-            "arch": "SiT-S/8", "depth": size.depth, "hidden_size": size.hidden, "num_heads": size.heads,
+            "arch": f"SiT-S/{size.patch}", "depth": size.depth, "hidden_size": size.hidden, "num_heads": size.heads,
             "num_classes": NUM_CLASSES, "projector_dim": size.projector_dim, "align_depth": size.align_depth,
             "l2r_depth": size.l2r_depth,
         },
@@ -143,11 +146,13 @@ class Digits:
 
 
 class DigitBatches:
-    """Endless batches {"latent", "label", "image"}: epochs are permutations drawn from
-    (seed, epoch); the position (batches handed out) is all the state a resume needs."""
+    """Endless batches {"latent", "label", and "feat" (encoder tokens) when features are given}:
+    epochs are permutations drawn from (seed, epoch); the position (batches handed out) is all
+    the state a resume needs."""
 
-    def __init__(self, digits: Digits, batch_size: int, seed: int):
+    def __init__(self, digits: Digits, batch_size: int, seed: int, features: Tensor | None = None):
         self.digits, self.batch_size, self.seed, self.position = digits, batch_size, seed, 0
+        self.features = features
 
     def _index(self, stream_positions: range) -> Tensor:
         n = len(self.digits.labels)
@@ -164,8 +169,10 @@ class DigitBatches:
             start = self.position * self.batch_size
             index = self._index(range(start, start + self.batch_size))
             self.position += 1
-            images = self.digits.images[index]
-            yield {"latent": to_unit_range(images), "label": self.digits.labels[index], "image": images}
+            batch = {"latent": to_unit_range(self.digits.images[index]), "label": self.digits.labels[index]}
+            if self.features is not None:
+                batch["feat"] = self.features[index]
+            yield batch
 
     def state_dict(self) -> dict[str, int]:
         return {"position": self.position}
@@ -179,8 +186,8 @@ class DigitBatches:
 
 
 def encoder_kwargs() -> dict:
-    """The digits encoder: 8x8-pixel patches, the token grid of the SiT-S/8 studied here."""
-    return small_nets.encoder_kwargs(RESOLUTION, patch_size=8)
+    """The digits encoder: 4x4-pixel patches, the token grid of the SiT-S/4 studied here."""
+    return small_nets.encoder_kwargs(RESOLUTION, patch_size=4)
 
 
 def untrained_encoder(cache: Path) -> str:
@@ -277,11 +284,16 @@ def encoder_flops(encoder: torch.nn.Module) -> float:
     return float(counter.get_total_flops())
 
 
-def step_flops(cfg: Config, phase: str, encoder_dim: int | None, encoder_cost: float) -> float:
-    """FLOPs of one optimizer step: forward + backward (3 forwards) of the model trained in that
-    phase, plus the encoder's forward for the targets."""
+def step_flops(cfg: Config, phase: str, encoder_dim: int | None) -> float:
+    """FLOPs of one optimizer step: forward + backward (3 forwards) of the model trained in that phase."""
     model = build_model(cfg, phase, encoder_dim)
-    return getattr(cfg, phase).batch_size * (3 * flops_per_image(model) + encoder_cost)
+    return getattr(cfg, phase).batch_size * 3 * flops_per_image(model)
+
+
+@torch.no_grad()
+def encoder_features(encoder: torch.nn.Module, digits: Digits) -> Tensor:
+    """The encoder's tokens of every digit, computed once per run (`--store features`)."""
+    return torch.cat([encoder(digits.images[i:i + 500]) for i in range(0, len(digits.images), 500)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,7 +328,7 @@ def train_and_evaluate(
     """Train one method for the whole budget, scoring the EMA model every eval_every steps."""
     shutil.rmtree(run_dir, ignore_errors=True)  # resume="auto" below must only see this run's checkpoints
     run_dir.mkdir(parents=True)
-    trainer_log = (run_dir / "trainer.log").open("a")
+    trainer_log = (run_dir / "trainer.log").open("a", buffering=1)
 
     def quiet(message: str) -> None:
         trainer_log.write(message + "\n")
@@ -324,17 +336,19 @@ def train_and_evaluate(
     cfg = study_config(size, method, seed, run_dir, nets.encoder_file)
     encoder = load_encoder(cfg.encoder, RESOLUTION) if method.align else None
     encoder_dim = encoder.dim if encoder is not None else None
-    encoder_cost = encoder_flops(encoder) if encoder is not None else 0.0
-    full_step = step_flops(cfg, "train", encoder_dim, encoder_cost)
+    features = encoder_features(encoder, digits) if encoder is not None else None
+    # Aligned methods pay once for the encoder's tokens of the dataset, then nothing per step.
+    feature_flops = len(digits.labels) * encoder_flops(encoder) if encoder is not None else 0.0
+    full_step = step_flops(cfg, "train", encoder_dim)
     curve = Curve(method.name, seed)
     started = time.perf_counter()
     init_from = None
     if method.warmup:
-        warm = run(cfg, "warmup", DigitBatches(digits, size.batch, seed), CPU, encoder=encoder, log=quiet)
+        warm = run(cfg, "warmup", DigitBatches(digits, size.batch, seed, features), CPU, encoder=encoder, log=quiet)
         init_from = warm.checkpoint
     curve.seconds = time.perf_counter() - started  # training time only; evaluation is not counted
-    warmup_flops = method.warmup * step_flops(cfg, "warmup", encoder_dim, encoder_cost) if method.warmup else 0.0
-    batches = DigitBatches(digits, size.batch, seed)
+    warmup_flops = method.warmup * step_flops(cfg, "warmup", encoder_dim) if method.warmup else 0.0
+    batches = DigitBatches(digits, size.batch, seed, features)
     for end in range(size.eval_every, cfg.train.steps + 1, size.eval_every):
         segment = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=end))
         started = time.perf_counter()
@@ -346,7 +360,7 @@ def train_and_evaluate(
         scores = evaluator.score(images, labels)
         step = method.warmup + end
         curve.points.append({
-            "step": step, "flops": warmup_flops + end * full_step, **scores,
+            "step": step, "flops": feature_flops + warmup_flops + end * full_step, **scores,
             "loss_denoise": result.history[-1]["loss_denoise"],
         })
         log(f"  {method.name:<13} seed {seed} step {step:>5}: FD {scores['fd']:8.2f}  accuracy {100 * scores['accuracy']:5.1f}%")

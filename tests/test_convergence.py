@@ -1,0 +1,124 @@
+"""The benchmark report scripts: the convergence study end to end at --tiny size, its bookkeeping,
+the results page sections and the GPU check's refusal and table."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import gpu_check  # noqa: E402
+from results_md import write_section  # noqa: E402
+from smallscale import DigitBatches, Digits, steps_to_target  # noqa: E402
+
+
+def test_convergence_tiny_end_to_end(tmp_path):
+    results = tmp_path / "docs" / "results.md"
+    done = subprocess.run(
+        [sys.executable, "bench/convergence.py", "--tiny", "--out", str(tmp_path / "runs"),
+         "--cache", str(tmp_path / "cache"), "--results", str(results)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "runs" / "convergence.json").read_text())
+    curves = report["curves"]
+    assert sorted({(c["method"], c["seed"]) for c in curves}) == sorted(
+        (m, s) for m in ("SiT", "SiT+REPA", "SiT+REPA+ERW") for s in (0, 1, 2)
+    )
+    size = report["size"]
+    by_method = {c["method"]: c for c in curves if c["seed"] == 0}
+    # Plain SiT and REPA are evaluated from the first segment on; ERW after its warmup, on the same grid.
+    assert [p["step"] for p in by_method["SiT"]["points"]] == list(range(size["eval_every"], size["budget"] + 1, size["eval_every"]))
+    assert [p["step"] for p in by_method["SiT+REPA+ERW"]["points"]] == list(
+        range(size["warmup"] + size["eval_every"], size["budget"] + 1, size["eval_every"])
+    )
+    # The warmup is priced as warmup steps: ERW spends fewer FLOPs than REPA for the same step budget,
+    # and REPA more than plain SiT (its projector, and the encoder's tokens of the dataset).
+    end = {m: c["points"][-1]["flops"] for m, c in by_method.items()}
+    assert end["SiT+REPA+ERW"] < end["SiT+REPA"] and end["SiT"] < end["SiT+REPA"]
+    assert all(p["fd"] >= 0 and 0 <= p["accuracy"] <= 1 for c in curves for p in c["points"])
+
+    text = results.read_text()
+    assert "<!-- BEGIN convergence -->" in text and "bench/convergence.py --tiny" in text
+    for method in ("| SiT |", "| SiT+REPA |", "| SiT+REPA+ERW |"):
+        assert method in text
+    assert "linear probe per block" in text
+    png = results.parent / "convergence.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The small networks are cached: a second study would reuse them.
+    assert len(list((tmp_path / "cache").glob("digits-encoder-*.safetensors"))) == 1
+
+
+def test_steps_to_target_is_the_first_evaluation_at_or_below():
+    points = [{"step": 10, "flops": 1.0, "fd": 5.0}, {"step": 20, "flops": 2.0, "fd": 3.0}, {"step": 30, "flops": 3.0, "fd": 2.0}]
+    assert steps_to_target(points, 3.0) == 20
+    assert steps_to_target(points, 2.5, "flops") == 3.0
+    assert steps_to_target(points, 1.0) is None
+
+
+def test_digit_batches_resume_where_they_stopped():
+    digits = Digits(torch.arange(50, dtype=torch.uint8).view(50, 1, 1, 1).expand(50, 3, 4, 4).contiguous(), torch.arange(50) % 10)
+    straight = iter(DigitBatches(digits, 8, seed=3))
+    batches = [next(straight)["label"] for _ in range(10)]  # crosses an epoch boundary (50 images)
+    first = DigitBatches(digits, 8, seed=3)
+    it = iter(first)
+    for _ in range(4):
+        next(it)
+    resumed = DigitBatches(digits, 8, seed=3)
+    resumed.load_state_dict(first.state_dict())
+    it = iter(resumed)
+    assert all(torch.equal(next(it)["label"], b) for b in batches[4:])
+    epoch = torch.cat(batches)[:48]
+    assert len(set(epoch.tolist())) == 10  # a permutation, not draws with replacement
+
+
+def test_results_sections_are_replaced_in_place(tmp_path):
+    page = tmp_path / "results.md"
+    write_section(page, "throughput", "## Throughput\nold")
+    write_section(page, "convergence", "## Convergence\none")
+    page.write_text(page.read_text() + "\nNotes written by hand.\n")
+    write_section(page, "throughput", "## Throughput\nnew")
+    text = page.read_text()
+    assert text.index("Convergence") < text.index("Throughput")  # the page keeps its order
+    assert "new" in text and "old" not in text and "Notes written by hand." in text
+    assert text.count("<!-- BEGIN throughput -->") == 1
+
+
+def test_gpu_check_refuses_without_a_gpu():
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(["bash", "bench/gpu_check.sh"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2
+    assert "no CUDA GPU" in done.stderr and done.stdout == ""
+
+
+def test_gpu_check_table():
+    rows = [
+        gpu_check.Measurement("full", "eager", 32, 0.5, 1e12, 40.0),
+        gpu_check.Measurement("full", "compiled", 32, 0.25, 1e12, 30.0),
+        gpu_check.Measurement("warmup", "eager", 32, 0.1, 2e11, 10.0),
+        gpu_check.Measurement("warmup", "compiled", 32, None, 2e11, note="skipped: time limit"),
+    ]
+    assert gpu_check.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert gpu_check.peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert gpu_check.peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert gpu_check.peak_tflops("Some Future GPU") is None
+    table = gpu_check.summary_table(rows, "NVIDIA H100 80GB HBM3", 989.0)
+    # 32 images / 0.25 s = 128 images/s x 1e12 FLOPs = 128 TFLOPS = 12.9% of 989.
+    assert "| full | compiled | 32 | 128.0 | 250.0 | 128.0 | 12.9% | 30.0 |" in table
+    assert "skipped: time limit" in table
+    assert "compiled/eager full step: 2.00x" in table and "warmup/full step time (eager): 0.20" in table
+
+
+def test_gpu_check_runs_its_measurements_on_cpu(capsys):
+    tiny = ["model.depth=2", "model.hidden_size=32", "model.num_heads=2", "model.align_depth=1", "model.l2r_depth=1",
+            "model.projector_dim=16", "model.num_classes=10"]
+    assert gpu_check.main(["--cpu", "--batch", "2", "--steps", "1", "--warmup-steps", "1", "--modes", "eager", *tiny]) == 0
+    out = capsys.readouterr().out
+    assert "| full | eager | 2 |" in out and "| warmup | eager | 2 |" in out and "n/a" in out
+    with pytest.raises(SystemExit):
+        gpu_check.main(["--cpu", "--modes", "fast"])
