@@ -29,12 +29,13 @@ class LocalRun:
     def summary(self) -> str:
         model, evaluation = self.outputs["model"], self.outputs["evaluation"]
         scores = ", ".join(f"{k} {v:.4g}" for k, v in sorted(self.outputs["metrics"].metadata.items()))
+        verdict = Path(self.outputs["promotion"].path).read_text().splitlines()[0].lstrip("# ")
         lines = [
             f"pipeline finished in {self.seconds / 60:.1f} min",
-            f"  checkpoint   {model.uri}  (step {model.metadata.get('step', '?')})",
+            f"  checkpoint   {model.uri}  (step {int(model.metadata['step'])})",
             f"  metrics      {evaluation.metadata['metrics']}  ({scores})",
             f"  sample grid  {evaluation.metadata['grid']}  (report: {self.outputs['report'].path})",
-            f"  promotion    {self.outputs['promotion'].path}",
+            f"  promotion    {verdict}: {self.outputs['promotion'].path}",
             f"  from cache   {', '.join(self.cached) if self.cached else 'nothing (first run, or --no-cache)'}",
         ]
         return "\n".join(lines)

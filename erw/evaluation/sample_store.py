@@ -36,7 +36,6 @@ class SampleStoreError(ErwError):
     pass
 
 
-
 def png_bytes(image: Tensor) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(image.permute(1, 2, 0).numpy()).save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
