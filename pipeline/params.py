@@ -79,6 +79,9 @@ DEMO = dict(
 # erw command that creates it. Everything else the demo needs ships with the repository.
 DEMO_INPUTS = {
     "runs/demo/digits": ["data", "digits", "--out", "runs/demo/digits"],
+    # An evaluator trained on the digits stands in for Inception, which needs a download.
+    "runs/demo/evaluator.pt2": ["fit-evaluator", "--images", "runs/demo/digits", "--out", "runs/demo/evaluator.pt2",
+                                "--steps", "200"],
 }
 
 
