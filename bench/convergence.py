@@ -1,10 +1,10 @@
 """Plain SiT vs SiT + REPA vs SiT + REPA + ERW at small scale: how fast each reaches a sample quality.
 
     nice -n 5 .venv/bin/python bench/convergence.py          # default size: about 20 minutes on 2 CPU cores
-    .venv/bin/python bench/convergence.py --full             # 4x the budget, 5 seeds, 4x the samples
+    .venv/bin/python bench/convergence.py --full             # 4x the steps, 2x the batch, 5 seeds, 5x the samples
     .venv/bin/python bench/convergence.py --tiny --out DIR --results FILE   # seconds (the test)
 
-The three methods share the model (a 6-block SiT with 8x8-pixel patches on the 32x32 digits,
+The three methods share the model (a 6-block SiT with 4x4-pixel patches on the 32x32 digits,
 identity codec), the data order, the batch, the optimiser and the budget of optimizer steps. ERW
 spends the first `warmup` steps of its budget on the warmup (the first l2r_depth blocks align to
 the encoder on clean images), then trains the full model initialised from it with the decaying
@@ -46,8 +46,10 @@ SIZES = {
     "tiny": Size(budget=4, eval_every=2, warmup=2, batch=8, seeds=(0, 1, 2), num_samples=20, sample_steps=2,
                  depth=3, hidden=32, heads=2, projector_dim=32, align_depth=2, l2r_depth=1,
                  encoder_steps=5, evaluator_steps=5),
-    "default": Size(budget=800, eval_every=100, warmup=200, batch=32, seeds=(0, 1, 2), num_samples=250, sample_steps=8),
-    "full": Size(budget=2400, eval_every=200, warmup=600, batch=64, seeds=(0, 1, 2, 3, 4), num_samples=1000,
+    # Batch 8: at this scale progress is counted in optimizer steps (the class embedding and the
+    # attention take thousands of steps to matter), so many small steps beat fewer large ones.
+    "default": Size(budget=3200, eval_every=400, warmup=800, batch=8, seeds=(0, 1, 2), num_samples=200, sample_steps=8),
+    "full": Size(budget=12800, eval_every=800, warmup=3200, batch=16, seeds=(0, 1, 2, 3, 4), num_samples=1000,
                  sample_steps=16, encoder_steps=1500, evaluator_steps=1500),
 }
 PROBE_TIMES = (0.0, 0.5)
@@ -225,8 +227,8 @@ def markdown(args, size: Size, nets, evaluator: Evaluator, rows, target: float, 
         f"Reproduce: `{reproduce_command(args)}` — this run: {seconds / 60:.0f} min on {machine()}.",
         "",
         "Setup (identical for the three methods unless said): the 1,797 digits at 32x32 (identity codec: the model "
-        f"denoises pixels), SiT with {size.depth} blocks, width {size.hidden}, {size.heads} heads, 8x8-pixel patches "
-        f"(16 tokens), batch {size.batch}, AdamW lr {size.lr:g}, EMA {size.ema_decay}, fp32, budget {size.budget} "
+        f"denoises pixels), SiT with {size.depth} blocks, width {size.hidden}, {size.heads} heads, {size.patch}x{size.patch}-pixel "
+        f"patches ({(32 // size.patch) ** 2} tokens), batch {size.batch}, AdamW lr {size.lr:g}, EMA {size.ema_decay}, fp32, budget {size.budget} "
         f"optimizer steps, seeds {', '.join(map(str, size.seeds))}. REPA: projector after block {size.align_depth}, "
         f"constant weight c0 = 1 from step 0. ERW: {size.warmup} warmup steps of the budget train blocks 1-{size.l2r_depth} "
         f"to match the encoder on clean images, then {size.budget - size.warmup} steps of the full model initialised from "
@@ -236,7 +238,7 @@ def markdown(args, size: Size, nets, evaluator: Evaluator, rows, target: float, 
         f"{100 * enc['val_accuracy']:.1f}% held-out accuracy. Evaluator: a CNN (other architecture, seed and split), "
         f"{100 * ev['val_accuracy']:.1f}% held-out accuracy; FD between {size.num_samples} class-balanced samples "
         f"(Heun ODE, {size.sample_steps} steps, no guidance, the same noise for every model) and all real digits in its "
-        f"64-d penultimate features. {size.num_samples} real digits score FD {evaluator.floor:.2f} (the floor); real "
+        f"{evaluator.dim}-d penultimate features. {size.num_samples} real digits score FD {evaluator.floor:.2f} (the floor); real "
         f"digits' accuracy is the evaluator's {100 * ev['val_accuracy']:.1f}%.",
         "",
         f"Target: FD ≤ {target:.2f} ({target_source}). Steps and FLOPs are those of the first evaluation "
@@ -262,7 +264,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--tiny", action="store_true", help="a few steps of a tiny model: checks the whole path")
-    group.add_argument("--full", action="store_true", help="4x the budget, 5 seeds, 1000 samples per evaluation")
+    group.add_argument("--full", action="store_true", help="4x the steps at twice the batch, 5 seeds, 1000 samples")
     parser.add_argument("--out", default="runs/bench/convergence", help="run directory (checkpoints, logs, json)")
     parser.add_argument("--cache", default="runs/bench/cache", help="where the small encoder and evaluator are kept")
     parser.add_argument("--results", default=str(ROOT / "docs" / "results.md"), help="markdown file to update")

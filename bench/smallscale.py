@@ -250,6 +250,7 @@ class Evaluator:
         self.network = load_feature_network(uri)
         real = self._features(digits.images)[0]
         self.reference = Gaussian.fit(real)
+        self.dim = real.shape[1]
         # The distance a perfect generator gets with this many samples: the floor of the curves.
         rng = np.random.default_rng(0)
         self.floor = float(np.mean([
