@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SIZES = {
     "tiny": Size(budget=4, eval_every=2, warmup=2, batch=8, seeds=(0, 1, 2), num_samples=20, sample_steps=2,
                  depth=3, hidden=32, heads=2, projector_dim=32, align_depth=2, l2r_depth=1,
-                 encoder_steps=5, evaluator_steps=5),
+                 encoder_steps=5, evaluator_steps=5, encoder_depth=1, num_digits=300),
     # Batch 8: at this scale progress is counted in optimizer steps (the class embedding and the
     # attention take thousands of steps to matter), so many small steps beat fewer large ones.
     "default": Size(budget=3200, eval_every=400, warmup=800, batch=8, seeds=(0, 1, 2), num_samples=200, sample_steps=8),
@@ -111,23 +111,21 @@ def table(rows: list[dict], target: float) -> str:
 
 
 def speedups(rows: list[dict]) -> list[str]:
-    """Plain sentences comparing each method with the one before it, from the numbers alone."""
+    """ERW vs REPA, REPA vs plain, ERW vs plain, in plain sentences from the numbers alone."""
     by_name = {r["method"]: r for r in rows}
     out = []
     for a, b in (("SiT+REPA+ERW", "SiT+REPA"), ("SiT+REPA", "SiT"), ("SiT+REPA+ERW", "SiT")):
         if a not in by_name or b not in by_name:
             continue
         ra, rb = by_name[a], by_name[b]
-        if ra["steps"] is None:
-            out.append(f"- {a} did not reach the target in the budget on any seed; {b} did on {rb['reached']}/{rb['seeds']}.")
-            continue
-        if rb["steps"] is None:
-            out.append(f"- {a} reached the target ({ra['reached']}/{ra['seeds']} seeds), {b} did not on any seed.")
+        if ra["steps"] is None or rb["steps"] is None:
+            out.append(f"- {a} reached the target on {ra['reached']}/{ra['seeds']} seeds, {b} on {rb['reached']}/{rb['seeds']}.")
             continue
         out.append(
-            f"- {a} vs {b}: {rb['steps'][0] / ra['steps'][0]:.2f}x fewer steps and {rb['flops'][0] / ra['flops'][0]:.2f}x "
-            f"fewer FLOPs to the target (means over the seeds that reached it: {ra['reached']} and {rb['reached']}); "
-            f"FD at the end {ra['final_fd'][0]:.2f} vs {rb['final_fd'][0]:.2f}."
+            f"- {a} vs {b}: {ra['steps'][0]:.0f} vs {rb['steps'][0]:.0f} steps to the target (speed-up "
+            f"{rb['steps'][0] / ra['steps'][0]:.2f}x; below 1 means slower), {ra['flops'][0] / 1e9:.1f} vs "
+            f"{rb['flops'][0] / 1e9:.1f} GFLOPs (speed-up {rb['flops'][0] / ra['flops'][0]:.2f}x), over the seeds that "
+            f"reached it ({ra['reached']} and {rb['reached']}); FD at the end {ra['final_fd'][0]:.2f} vs {rb['final_fd'][0]:.2f}."
         )
     return out
 
@@ -170,7 +168,7 @@ def plot(curves: list[Curve], target: float, floor: float, png: Path) -> None:
 # Where the representation lives.
 
 
-def layer_probes(curves: list[Curve], digits: Digits, encoder_file: str) -> dict[str, dict[float, list[float]]]:
+def layer_probes(curves: list[Curve], digits: Digits) -> dict[str, dict[float, list[float]]]:
     """Linear-probe accuracy per block of the first seed's final model of each method."""
     seed = curves[0].seed
     out: dict[str, dict[float, list[float]]] = {}
@@ -198,13 +196,13 @@ def reference_probes(digits: Digits, encoder_file: str) -> dict[str, float]:
     }
 
 
-def probe_table(probes: dict[str, dict[float, list[float]]], references: dict[str, float]) -> str:
+def probe_table(probes: dict[str, dict[str, list[float]]], references: dict[str, float]) -> str:
     methods = list(probes)
-    header = "| block | " + " | ".join(f"{m} t={t:g}" for m in methods for t in PROBE_TIMES) + " |"
-    lines = [header, "|---" * (1 + len(methods) * len(PROBE_TIMES)) + "|"]
-    depth = len(next(iter(probes.values()))[PROBE_TIMES[0]])
-    for block in range(depth):
-        cells = [f"{100 * probes[m][t][block]:.1f}%" for m in methods for t in PROBE_TIMES]
+    times = list(next(iter(probes.values())))
+    header = "| block | " + " | ".join(f"{m} t={t}" for m in methods for t in times) + " |"
+    lines = [header, "|---" * (1 + len(methods) * len(times)) + "|"]
+    for block in range(len(probes[methods[0]][times[0]])):
+        cells = [f"{100 * probes[m][t][block]:.1f}%" for m in methods for t in times]
         lines.append(f"| {block + 1} | " + " | ".join(cells) + " |")
     lines.append(
         f"\nReferences (same probe, same split): raw pixels {100 * references['pixels']:.1f}%, "
@@ -214,34 +212,37 @@ def probe_table(probes: dict[str, dict[float, list[float]]], references: dict[st
 
 
 # ---------------------------------------------------------------------------------------------
+# The report: everything it shows comes from convergence.json, so --render-only can redo it.
 
 
-def markdown(args, size: Size, nets, evaluator: Evaluator, rows, target: float, target_source: str, probes_md: str,
-             png_name: str, seconds: float) -> str:
-    enc, ev = nets.reports["encoder"], nets.reports["evaluator"]
-    kw = encoder_kwargs()
-    methods = main_methods(size)
+def markdown(report: dict, png_name: str) -> str:
+    size = Size(**{**report["size"], "seeds": tuple(report["size"]["seeds"])})
+    enc, ev = report["small_nets"]["encoder"], report["small_nets"]["evaluator"]
+    kw = encoder_kwargs(size)
+    half_life = dict(o.split("=") for o in main_methods(size)[2].overrides)["objective.align_half_life"]
+    rows, target = report["rows"], report["target"]
     return "\n".join([
-        f"## Convergence: plain SiT vs SiT+REPA vs SiT+REPA+ERW ({size_name(args)} size)",
+        f"## Convergence: plain SiT vs SiT+REPA vs SiT+REPA+ERW ({report['size_name']} size)",
         "",
-        f"Reproduce: `{reproduce_command(args)}` — this run: {seconds / 60:.0f} min on {machine()}.",
+        f"Reproduce: `{report['command']}` — this run: {report['seconds'] / 60:.0f} min on {report['machine']}.",
         "",
-        "Setup (identical for the three methods unless said): the 1,797 digits at 32x32 (identity codec: the model "
-        f"denoises pixels), SiT with {size.depth} blocks, width {size.hidden}, {size.heads} heads, {size.patch}x{size.patch}-pixel "
-        f"patches ({(32 // size.patch) ** 2} tokens), batch {size.batch}, AdamW lr {size.lr:g}, EMA {size.ema_decay}, fp32, budget {size.budget} "
-        f"optimizer steps, seeds {', '.join(map(str, size.seeds))}. REPA: projector after block {size.align_depth}, "
-        f"constant weight c0 = 1 from step 0. ERW: {size.warmup} warmup steps of the budget train blocks 1-{size.l2r_depth} "
-        f"to match the encoder on clean images, then {size.budget - size.warmup} steps of the full model initialised from "
-        f"them, weight c0 * 2^(-(s - W) / {dict(o.split('=') for o in methods[2].overrides)['objective.align_half_life']}). "
-        f"Encoder: a {kw['depth']}-block ViT (width {kw['embed_dim']}, {kw['patch_size']}x{kw['patch_size']}-pixel "
-        f"patches) trained supervised on the digit labels (a linear classifier on its mean patch token), "
-        f"{100 * enc['val_accuracy']:.1f}% held-out accuracy. Evaluator: a CNN (other architecture, seed and split), "
-        f"{100 * ev['val_accuracy']:.1f}% held-out accuracy; FD between {size.num_samples} class-balanced samples "
-        f"(Heun ODE, {size.sample_steps} steps, no guidance, the same noise for every model) and all real digits in its "
-        f"{evaluator.dim}-d penultimate features. {size.num_samples} real digits score FD {evaluator.floor:.2f} (the floor); real "
-        f"digits' accuracy is the evaluator's {100 * ev['val_accuracy']:.1f}%.",
+        f"Setup (identical for the three methods unless said): {size.num_digits or 1797} digits at 32x32 (identity "
+        f"codec: the model denoises pixels), SiT with {size.depth} blocks, width {size.hidden}, {size.heads} heads, "
+        f"{size.patch}x{size.patch}-pixel patches ({(32 // size.patch) ** 2} tokens), batch {size.batch}, AdamW lr "
+        f"{size.lr:g}, EMA {size.ema_decay}, fp32, budget {size.budget} optimizer steps, seeds "
+        f"{', '.join(map(str, size.seeds))}. REPA: projector after block {size.align_depth}, constant weight c0 = 1 "
+        f"from step 0. ERW: {size.warmup} warmup steps of the budget train blocks 1-{size.l2r_depth} to match the "
+        f"encoder on clean images, then {size.budget - size.warmup} steps of the full model initialised from them, "
+        f"weight c0 * 2^(-(s - W) / {half_life}). Encoder: a {kw['depth']}-block ViT (width {kw['embed_dim']}, "
+        f"{kw['patch_size']}x{kw['patch_size']}-pixel patches) trained supervised on the digit labels (a linear "
+        f"classifier on its mean patch token), {100 * enc['val_accuracy']:.1f}% held-out accuracy; its tokens of the "
+        f"dataset are computed once (their FLOPs are counted). Evaluator: a CNN (other architecture, seed and split), "
+        f"{100 * ev['val_accuracy']:.1f}% held-out accuracy; FD between {size.num_samples} class-balanced samples (Heun "
+        f"ODE, {size.sample_steps} steps, no guidance, the same noise for every model) and all real digits in its "
+        f"{report['evaluator_dim']}-d penultimate features. {size.num_samples} real digits score FD "
+        f"{report['floor']:.2f} (the floor).",
         "",
-        f"Target: FD ≤ {target:.2f} ({target_source}). Steps and FLOPs are those of the first evaluation "
+        f"Target: FD ≤ {target:.2f} ({report['target_source']}). Steps and FLOPs are those of the first evaluation "
         f"(every {size.eval_every} steps) at or below the target, mean ± std over the seeds that reached it.",
         "",
         table(rows, target),
@@ -252,35 +253,19 @@ def markdown(args, size: Size, nets, evaluator: Evaluator, rows, target: float, 
         "",
         "### Where the representation lives: linear probe per block",
         "",
-        "Held-out accuracy (30% of the digits) of a linear probe (ridge classifier on standardised features) on each block's mean token of the first "
-        "seed's final EMA model, on digits noised to time t, given the null class label (the class label would hand "
-        "the probe the answer).",
+        "Held-out accuracy (30% of the digits) of a linear probe (ridge classifier on standardised features) on each "
+        "block's mean token of the first seed's final EMA model, on digits noised to time t, given the null class "
+        "label (the class label would hand the probe the answer).",
         "",
-        probes_md,
+        probe_table(report["probes"], report["reference_probes"]),
     ])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--tiny", action="store_true", help="a few steps of a tiny model: checks the whole path")
-    group.add_argument("--full", action="store_true", help="4x the steps at twice the batch, 5 seeds, 1000 samples")
-    parser.add_argument("--out", default="runs/bench/convergence", help="run directory (checkpoints, logs, json)")
-    parser.add_argument("--cache", default="runs/bench/cache", help="where the small encoder and evaluator are kept")
-    parser.add_argument("--results", default=str(ROOT / "docs" / "results.md"), help="markdown file to update")
-    parser.add_argument("--target", type=float, help="target FD (default: plain SiT's mean FD at the end of the budget)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads; 1 avoids the stalls of several threads on a shared machine")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-
-    size = SIZES[size_name(args)]
-    if size.problems():
-        parser.error("; ".join(size.problems()))
+def run_study(args: argparse.Namespace, size: Size) -> dict:
     started = time.perf_counter()
-    out, results = Path(args.out), Path(args.results)
+    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    digits = Digits.load()
+    digits = Digits.load(size.num_digits)
     nets = ensure_small_nets(Path(args.cache), digits, size, print)
     evaluator = Evaluator(nets.evaluator_file, digits, size.num_samples)
     print(f"real digits: FD floor {evaluator.floor:.2f} with {size.num_samples} samples")
@@ -295,23 +280,52 @@ def main() -> None:
     else:
         plain = [c.points[-1]["fd"] for c in curves if c.method == "SiT"]
         target, target_source = sum(plain) / len(plain), "plain SiT's mean FD at the end of the budget"
-    rows = summarize(curves, target)
+    probes = layer_probes(curves, digits)
+    return {
+        "size_name": size_name(args), "command": reproduce_command(args), "machine": machine(),
+        "size": dataclasses.asdict(size), "target": target, "target_source": target_source,
+        "floor": evaluator.floor, "evaluator_dim": evaluator.dim, "small_nets": nets.reports,
+        "rows": summarize(curves, target), "curves": [dataclasses.asdict(c) for c in curves],
+        "probes": {m: {f"{t:g}": v for t, v in p.items()} for m, p in probes.items()},
+        "reference_probes": reference_probes(digits, nets.encoder_file),
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--tiny", action="store_true", help="a few steps of a tiny model: checks the whole path")
+    group.add_argument("--full", action="store_true", help="4x the steps at twice the batch, 5 seeds, 1000 samples")
+    parser.add_argument("--out", default="runs/bench/convergence", help="run directory (checkpoints, logs, json)")
+    parser.add_argument("--cache", default="runs/bench/cache", help="where the small encoder and evaluator are kept")
+    parser.add_argument("--results", default=str(ROOT / "docs" / "results.md"), help="markdown file to update")
+    parser.add_argument("--target", type=float, help="target FD (default: plain SiT's mean FD at the end of the budget)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads; 1 avoids the stalls of several threads on a shared machine")
+    parser.add_argument("--render-only", action="store_true",
+                        help="redo the markdown and the picture from DIR/convergence.json without training")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    size = SIZES[size_name(args)]
+    if size.problems():
+        parser.error("; ".join(size.problems()))
+
+    report_file, results = Path(args.out) / "convergence.json", Path(args.results)
+    if args.render_only:
+        if not report_file.exists():
+            parser.error(f"--render-only: {report_file} does not exist; run the study first")
+        report = json.loads(report_file.read_text())
+    else:
+        report = run_study(args, size)
+        report_file.write_text(json.dumps(report, indent=2))
+    curves = [Curve(**c) for c in report["curves"]]
     png = results.parent / "convergence.png"
-    plot(curves, target, evaluator.floor, png)
-    probes = layer_probes(curves, digits, nets.encoder_file)
-    probes_md = probe_table(probes, reference_probes(digits, nets.encoder_file))
-    seconds = time.perf_counter() - started
-    (out / "convergence.json").write_text(json.dumps({
-        "size": dataclasses.asdict(size), "target": target, "floor": evaluator.floor, "small_nets": nets.reports,
-        "rows": rows, "curves": [dataclasses.asdict(c) for c in curves],
-        "probes": {m: {str(t): v for t, v in p.items()} for m, p in probes.items()},
-    }, indent=2))
-    write_section(results, "convergence", markdown(
-        args, size, nets, evaluator, rows, target, target_source, probes_md, png.name, seconds,
-    ))
-    print(table(rows, target))
-    print("\n".join(speedups(rows)))
-    print(f"wrote {results}, {png} and {out / 'convergence.json'} in {seconds / 60:.1f} min")
+    plot(curves, report["target"], report["floor"], png)
+    write_section(results, "convergence", markdown(report, png.name))
+    print(table(report["rows"], report["target"]))
+    print("\n".join(speedups(report["rows"])))
+    print(f"wrote {results}, {png} and {report_file}")
 
 
 if __name__ == "__main__":

@@ -74,6 +74,8 @@ class Size:
     ema_decay: float = 0.99
     encoder_steps: int = 600
     evaluator_steps: int = 600
+    encoder_depth: int = 4
+    num_digits: int = 0  # the first n digits only (0 = all 1,797): --tiny
 
     def problems(self) -> list[str]:
         out = []
@@ -138,10 +140,13 @@ class Digits:
     labels: Tensor  # int64 [N]
 
     @classmethod
-    def load(cls) -> "Digits":
+    def load(cls, limit: int = 0) -> "Digits":
+        """All digits, or the first `limit` (the dataset cycles through the classes)."""
         from erw.data.digits import digit_images
 
         images, labels = digit_images()
+        if limit:
+            images, labels = images[:limit], labels[:limit]
         return cls(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels))
 
 
@@ -185,17 +190,18 @@ class DigitBatches:
 # The small networks, trained once.
 
 
-def encoder_kwargs() -> dict:
+def encoder_kwargs(size: Size) -> dict:
     """The digits encoder: 4x4-pixel patches, the token grid of the SiT-S/4 studied here."""
-    return small_nets.encoder_kwargs(RESOLUTION, patch_size=4)
+    return small_nets.encoder_kwargs(RESOLUTION, patch_size=size.patch, depth=size.encoder_depth)
 
 
-def untrained_encoder(cache: Path) -> str:
+def untrained_encoder(cache: Path, size: Size) -> str:
     """The encoder's architecture with its initial weights: the control for encoder quality."""
-    file = cache / "digits-encoder-untrained.safetensors"
+    kwargs = encoder_kwargs(size)
+    file = cache / f"digits-encoder-untrained-depth{size.encoder_depth}.safetensors"
     if not file.exists():
         torch.manual_seed(0)
-        small_nets.save_encoder(small_nets.build_encoder(encoder_kwargs()), encoder_kwargs(), str(file))
+        small_nets.save_encoder(small_nets.build_encoder(kwargs), kwargs, str(file))
     return str(file)
 
 
@@ -211,7 +217,7 @@ def ensure_small_nets(cache: Path, digits: Digits, size: Size, log: Callable[[st
     cache.mkdir(parents=True, exist_ok=True)
     encoder_settings = small_nets.FitSettings(steps=size.encoder_steps, seed=0)
     evaluator_settings = small_nets.FitSettings(steps=size.evaluator_steps, seed=1)
-    kwargs = encoder_kwargs()
+    kwargs = encoder_kwargs(size)
 
     def key(*parts) -> str:
         return hashlib.sha256(repr(parts).encode()).hexdigest()[:10]
@@ -291,10 +297,16 @@ def step_flops(cfg: Config, phase: str, encoder_dim: int | None) -> float:
     return getattr(cfg, phase).batch_size * 3 * flops_per_image(model)
 
 
+_FEATURES: dict[tuple[str, int], Tensor] = {}
+
+
 @torch.no_grad()
-def encoder_features(encoder: torch.nn.Module, digits: Digits) -> Tensor:
-    """The encoder's tokens of every digit, computed once per run (`--store features`)."""
-    return torch.cat([encoder(digits.images[i:i + 500]) for i in range(0, len(digits.images), 500)])
+def encoder_features(encoder_file: str, encoder: torch.nn.Module, digits: Digits) -> Tensor:
+    """The encoder's tokens of every digit (`--store features`), computed once per encoder file."""
+    key = (encoder_file, len(digits.labels))
+    if key not in _FEATURES:
+        _FEATURES[key] = torch.cat([encoder(digits.images[i:i + 500]) for i in range(0, len(digits.images), 500)])
+    return _FEATURES[key]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,7 +349,7 @@ def train_and_evaluate(
     cfg = study_config(size, method, seed, run_dir, nets.encoder_file)
     encoder = load_encoder(cfg.encoder, RESOLUTION) if method.align else None
     encoder_dim = encoder.dim if encoder is not None else None
-    features = encoder_features(encoder, digits) if encoder is not None else None
+    features = encoder_features(cfg.encoder.weights, encoder, digits) if encoder is not None else None
     # Aligned methods pay once for the encoder's tokens of the dataset, then nothing per step.
     feature_flops = len(digits.labels) * encoder_flops(encoder) if encoder is not None else 0.0
     full_step = step_flops(cfg, "train", encoder_dim)

@@ -13,8 +13,10 @@ Around the default SiT+REPA+ERW of bench/convergence.py (same model, data, batch
     encoder    an untrained encoder of the same architecture: how much the representation matters
 
 Every point is one run (seed 0; the convergence study's seed spread is the noise level to read
-them against), with plain SiT, REPA and ERW at the defaults as references. The target FD is plain
-SiT's FD at the end of the budget. Writes DIR/sweeps.json and the "sweeps" section of FILE.
+them against), with plain SiT, REPA and ERW at the defaults as references: taken from the
+convergence study's json (--references) when it ran the same size, trained here otherwise. The
+target FD is plain SiT's FD at the end of the budget. Writes DIR/sweeps.json and the "sweeps"
+section of FILE.
 """
 from __future__ import annotations
 
@@ -48,9 +50,10 @@ def sweep_points(size: Size, untrained_file: str, tiny: bool) -> dict[str, list[
         overrides = ("objective.align_schedule=decay", f"objective.align_half_life={half_life}", *extra)
         return Method(erw.name, align=True, warmup=warmup, overrides=overrides)
 
-    depths = [d for d in range(1, min(size.depth, 5)) if d != size.l2r_depth]
+    candidates = dict.fromkeys((1, size.depth - 2, size.l2r_depth + 1))  # shallower, deeper, next
+    depths = [d for d in candidates if d != size.l2r_depth and 1 <= d < size.depth][:2]
     warmups = [w for w in (size.warmup // 2, size.warmup * 2) if 0 < w < size.budget and w % size.eval_every == 0]
-    coeffs = (0.5, 2.0)
+    coeffs = (2.0,)
     if tiny:  # one value per knob: the test checks the path, not the science
         depths, warmups, coeffs = depths[:1], warmups[:1] or [size.warmup], coeffs[:1]
     return {
@@ -66,6 +69,18 @@ def sweep_points(size: Size, untrained_file: str, tiny: bool) -> dict[str, list[
             erw_with(extra=(f"encoder.weights={untrained_file}",)),
         )],
     }
+
+
+def reference_curves(path: Path, size: Size, seed: int) -> dict[str, Curve] | None:
+    """The convergence study's runs of this seed, if it ran this size (the trainer is
+    deterministic: training them again would give the same curves)."""
+    if not path.exists():
+        return None
+    report = json.loads(path.read_text())
+    if report["size"] != json.loads(json.dumps(dataclasses.asdict(size))):
+        return None
+    curves = {c["method"]: Curve(**c) for c in report["curves"] if c["seed"] == seed}
+    return curves if len(curves) == len(main_methods(size)) else None
 
 
 def describe(curve: Curve, target: float, budget: int) -> dict[str, float | None]:
@@ -93,6 +108,8 @@ def main() -> None:
     parser.add_argument("--cache", default="runs/bench/cache", help="where the small encoder and evaluator are kept")
     parser.add_argument("--results", default=str(ROOT / "docs" / "results.md"), help="markdown file to update")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (see bench/convergence.py)")
+    parser.add_argument("--references", default="runs/bench/convergence/convergence.json",
+                        help="convergence study results whose runs of --seed serve as the default points")
     args = parser.parse_args()
     knobs = [k for k in args.only.split(",") if k]
     unknown = sorted(set(knobs) - set(KNOBS))
@@ -103,18 +120,22 @@ def main() -> None:
     size = SIZES[size_name(args)]
     started = time.perf_counter()
     out = Path(args.out)
-    digits = Digits.load()
+    digits = Digits.load(size.num_digits)
     nets = ensure_small_nets(Path(args.cache), digits, size, print)
     evaluator = Evaluator(nets.evaluator_file, digits, size.num_samples)
-    points = sweep_points(size, untrained_encoder(Path(args.cache)), args.tiny)
+    points = sweep_points(size, untrained_encoder(Path(args.cache), size), args.tiny)
 
     def train(label: str, method: Method) -> Curve:
         return train_and_evaluate(method, size, args.seed, out / label, digits, nets, evaluator, print)
 
-    references = {m.name: train(f"reference-{m.name}", m) for m in main_methods(size)}
-    target = references["SiT"].points[-1]["fd"]
     results = {k: [(value, method.name, train(f"{k}-{value}-{method.name}", method)) for value, method in points[k]]
                for k in knobs}
+    references = reference_curves(Path(args.references), size, args.seed)
+    if references:
+        print(f"default points: seed {args.seed} of {args.references}")
+    else:
+        references = {m.name: train(f"reference-{m.name}", m) for m in main_methods(size)}
+    target = references["SiT"].points[-1]["fd"]
 
     lines = [
         f"## Sweeps around SiT+REPA+ERW ({size_name(args)} size, seed {args.seed})",

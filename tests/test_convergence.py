@@ -122,3 +122,20 @@ def test_gpu_check_runs_its_measurements_on_cpu(capsys):
     assert "| full | eager | 2 |" in out and "| warmup | eager | 2 |" in out and "n/a" in out
     with pytest.raises(SystemExit):
         gpu_check.main(["--cpu", "--modes", "fast"])
+
+
+def test_sweep_points_change_one_setting_at_a_time():
+    from convergence import SIZES
+    from sweeps import sweep_points
+
+    size = SIZES["default"]
+    points = sweep_points(size, "untrained.safetensors", tiny=False)
+    assert [v for v, _ in points["l2r_depth"]] == ["1", "4"]
+    assert all(f"model.l2r_depth={v}" in m.overrides and m.warmup == size.warmup for v, m in points["l2r_depth"])
+    assert [(v, m.warmup) for v, m in points["warmup"]] == [("400", 400), ("1600", 1600)]
+    # ERW's half-life follows its phase 2: half of what is left of the budget after the warmup.
+    assert "objective.align_half_life=800" in points["warmup"][1][1].overrides
+    assert {m.name for _, m in points["c0"]} == {"SiT+REPA", "SiT+REPA+ERW"}
+    assert all("encoder.weights=untrained.safetensors" in m.overrides for _, m in points["encoder"])
+    erw_constant = points["schedule"][0][1]
+    assert erw_constant.overrides[-1] == "objective.align_schedule=constant" and erw_constant.warmup == size.warmup
