@@ -142,10 +142,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--registry", required=True, help="registry JSON file, local or s3://")
     p.add_argument("--metric", default="fid", choices=sorted(LOWER_IS_BETTER))
     p.add_argument("--run-id", default="", help="recorded with the entry")
+    p.add_argument("--pushgateway", default="", help="host:port of a Prometheus Pushgateway for the decision")
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
+    from erw.metrics import push_metrics
+
     decision = promote_if_better(args.checkpoint, args.metrics, args.registry, args.run_id, args.metric)
     print(decision.message)
+    if decision.metric == "fid":
+        current = decision.previous["metrics"]["fid"] if decision.previous else float("nan")
+        push_metrics(args.pushgateway, "erw-promote", args.run_id, {
+            "erw_promote_decision": 1.0 if decision.promoted else 0.0,
+            "erw_promote_candidate_fid": decision.candidate["metrics"]["fid"],
+            "erw_promote_current_fid": current,
+        })
     return 0

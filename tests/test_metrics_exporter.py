@@ -236,3 +236,31 @@ def test_torchrun_training_is_scraped_with_run_phase_rank_labels(prometheus_stac
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.communicate()
+
+
+def test_precompute_and_promote_push_their_results(prometheus_stack, tmp_path):
+    """The batch steps' own CLIs push through the real Pushgateway; Prometheus reads them back."""
+    import json
+
+    from PIL import Image
+
+    from erw.cli import main
+
+    for cls in ("a", "b"):
+        (tmp_path / "images" / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (16, 16), (40 * i, 80, 120)).save(tmp_path / "images" / cls / f"{i}.png")
+    (tmp_path / "images" / "a" / "broken.png").write_bytes(b"not an image")
+    gateway = prometheus_stack.pushgateway
+    assert main(["precompute", "--source", str(tmp_path / "images"), "--out", str(tmp_path / "shards"),
+                 "--resolution", "16", "--codec", "identity", "--no-progress",
+                 "--pushgateway", gateway, "--run-id", "batch-push"]) == 0
+    (tmp_path / "metrics.json").write_text(json.dumps({"fid": 12.5}))
+    assert main(["promote", "--checkpoint", "ckpt", "--metrics", str(tmp_path / "metrics.json"),
+                 "--registry", str(tmp_path / "registry.json"), "--run-id", "batch-push",
+                 "--pushgateway", gateway]) == 0
+    images = prometheus_stack.wait_for('erw_precompute_images_total{run_id="batch-push", worker="0"}')
+    assert one_value(images) == 6
+    assert one_value(prometheus_stack.query('erw_precompute_failed_images_total{run_id="batch-push"}')) == 1
+    assert one_value(prometheus_stack.wait_for('erw_promote_decision{run_id="batch-push"}')) == 1
+    assert one_value(prometheus_stack.query('erw_promote_candidate_fid{run_id="batch-push"}')) == 12.5

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -38,6 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda when available) | cpu | cuda | cuda:N")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (summary lines only)")
     p.add_argument("--merge", action="store_true", help="check every shard is done and write manifest.json")
+    p.add_argument("--pushgateway", default="", help="host:port of a Prometheus Pushgateway for this worker's results")
+    p.add_argument("--run-id", default="", help="run label of the pushed metrics (default: $ERW_RUN_ID)")
     p.set_defaults(func=_precompute)
 
     data = sub.add_parser("data", help="demo datasets")
@@ -51,6 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _precompute(args: argparse.Namespace) -> int:
     from erw.data import precompute
+    from erw.metrics import push_metrics
 
     if args.merge:
         precompute.merge(args.out, args.num_workers if args.num_workers > 1 else None)
@@ -62,7 +66,13 @@ def _precompute(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, shard_size=args.shard_size, encoder=args.encoder,
         encoder_weights=args.encoder_weights, device=args.device,
     )
-    precompute.run_worker(job, progress=not args.no_progress)
+    report = precompute.run_worker(job, progress=not args.no_progress)
+    push_metrics(args.pushgateway, "erw-precompute", args.run_id or os.environ.get("ERW_RUN_ID", ""), {
+        "erw_precompute_images_total": report.images,
+        "erw_precompute_failed_images_total": report.failures,
+        "erw_precompute_images_per_second": report.images_per_second,
+        "erw_precompute_seconds": report.seconds,
+    }, labels={"worker": str(args.worker_index)})
     return 0
 
 
