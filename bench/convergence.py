@@ -3,8 +3,9 @@
     nice -n 5 .venv/bin/python bench/convergence.py          # default size: about 20 minutes on 2 CPU cores
     .venv/bin/python bench/convergence.py --full             # 4x the steps, 2x the batch, 5 seeds, 5x the samples
     .venv/bin/python bench/convergence.py --tiny --out DIR --results FILE   # seconds (the test)
+    .venv/bin/python bench/convergence.py --no-train         # redo analyses, picture, markdown from DIR
 
-The three methods share the model (a 6-block SiT with 4x4-pixel patches on the 32x32 digits,
+The three methods share the model (a 6-block SiT with 2x2-pixel patches on the digits at 16x16,
 identity codec), the data order, the batch, the optimiser and the budget of optimizer steps. ERW
 spends the first `warmup` steps of its budget on the warmup (the first l2r_depth blocks align to
 the encoder on clean images), then trains the full model initialised from it with the decaying
@@ -34,12 +35,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from results_md import machine, write_section  # noqa: E402
 from smallscale import (  # noqa: E402
-    RESOLUTION, Curve, Digits, Evaluator, Size, block_features, encoder_kwargs, ensure_small_nets, main_methods,
-    mean_std, probe_accuracy, steps_to_target, train_and_evaluate,
+    RESOLUTION, Curve, Digits, Evaluator, Size, Task, block_features, conditioning_strength, encoder_kwargs,
+    ensure_small_nets, final_model, main_methods, mean_std, probe_accuracy, steps_to_target, train_all,
 )
 
 from erw.models.encoders import load_encoder  # noqa: E402
-from erw.training import checkpoint as ckpt  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {
@@ -157,7 +157,7 @@ def plot(curves: list[Curve], target: float, floor: float, png: Path) -> None:
     axes[2].set_xlabel("optimizer steps (ERW: warmup included)")
     axes[2].set_ylabel("class accuracy of samples (%)")
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"digits 32x32, mean ± std over {len({c.seed for c in curves})} seeds")
+    fig.suptitle(f"digits {RESOLUTION}x{RESOLUTION}, mean ± std over {len({c.seed for c in curves})} seeds")
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)
@@ -168,19 +168,18 @@ def plot(curves: list[Curve], target: float, floor: float, png: Path) -> None:
 # Where the representation lives.
 
 
-def layer_probes(curves: list[Curve], digits: Digits) -> dict[str, dict[float, list[float]]]:
-    """Linear-probe accuracy per block of the first seed's final model of each method."""
-    seed = curves[0].seed
-    out: dict[str, dict[float, list[float]]] = {}
-    for curve in (c for c in curves if c.seed == seed):
-        saved = ckpt.load_checkpoint(curve.final_checkpoint, with_train_state=False)
-        cfg = saved.config()
-        encoder_dim = load_encoder(cfg.encoder, RESOLUTION).dim if cfg.encoder.name != "none" else None
-        out[curve.method] = {
-            t: [probe_accuracy(f, digits.labels) for f in block_features(cfg, saved.ema_state, encoder_dim, digits, t)]
+def analyse_models(report: dict, digits: Digits) -> None:
+    """Per-block linear probes and conditioning strength of the first seed's final EMA models."""
+    seed = report["curves"][0]["seed"]
+    probes, conditioning = {}, {}
+    for curve in (c for c in report["curves"] if c["seed"] == seed):
+        cfg, model = final_model(curve["final_checkpoint"])
+        probes[curve["method"]] = {
+            f"{t:g}": [probe_accuracy(f, digits.labels) for f in block_features(model, cfg.objective.path, digits, t)]
             for t in PROBE_TIMES
         }
-    return out
+        conditioning[curve["method"]] = conditioning_strength(model)
+    report["probes"], report["conditioning"] = probes, conditioning
 
 
 def reference_probes(digits: Digits, encoder_file: str) -> dict[str, float]:
@@ -212,7 +211,7 @@ def probe_table(probes: dict[str, dict[str, list[float]]], references: dict[str,
 
 
 # ---------------------------------------------------------------------------------------------
-# The report: everything it shows comes from convergence.json, so --render-only can redo it.
+# The report: everything it shows comes from convergence.json, so --no-train can redo it.
 
 
 def markdown(report: dict, png_name: str) -> str:
@@ -226,9 +225,9 @@ def markdown(report: dict, png_name: str) -> str:
         "",
         f"Reproduce: `{report['command']}` — this run: {report['seconds'] / 60:.0f} min on {report['machine']}.",
         "",
-        f"Setup (identical for the three methods unless said): {size.num_digits or 1797} digits at 32x32 (identity "
+        f"Setup (identical for the three methods unless said): {size.num_digits or 1797} digits at {RESOLUTION}x{RESOLUTION} (identity "
         f"codec: the model denoises pixels), SiT with {size.depth} blocks, width {size.hidden}, {size.heads} heads, "
-        f"{size.patch}x{size.patch}-pixel patches ({(32 // size.patch) ** 2} tokens), batch {size.batch}, AdamW lr "
+        f"{size.patch}x{size.patch}-pixel patches ({(RESOLUTION // size.patch) ** 2} tokens), batch {size.batch}, AdamW lr "
         f"{size.lr:g}, EMA {size.ema_decay}, fp32, budget {size.budget} optimizer steps, seeds "
         f"{', '.join(map(str, size.seeds))}. REPA: projector after block {size.align_depth}, constant weight c0 = 1 "
         f"from step 0. ERW: {size.warmup} warmup steps of the budget train blocks 1-{size.l2r_depth} to match the "
@@ -242,8 +241,9 @@ def markdown(report: dict, png_name: str) -> str:
         f"{report['evaluator_dim']}-d penultimate features. {size.num_samples} real digits score FD "
         f"{report['floor']:.2f} (the floor).",
         "",
-        f"Target: FD ≤ {target:.2f} ({report['target_source']}). Steps and FLOPs are those of the first evaluation "
-        f"(every {size.eval_every} steps) at or below the target, mean ± std over the seeds that reached it.",
+        f"Target: FD ≤ {target:.2f} ({report['target_source']}). Steps and FLOPs to the target are read off each curve "
+        f"(evaluations every {size.eval_every} steps, linear between the last one above the target and the first at "
+        f"or below it), mean ± std over the seeds that reached it.",
         "",
         table(rows, target),
         "",
@@ -258,6 +258,17 @@ def markdown(report: dict, png_name: str) -> str:
         "label (the class label would hand the probe the answer).",
         "",
         probe_table(report["probes"], report["reference_probes"]),
+        "",
+        "### How much the class label can steer",
+        "",
+        "The label and the time enter every block's adaLN conditioning as the sum of two embeddings. Spread of the "
+        "class embeddings (mean distance to their centre) against the norm of the timestep embedding (mean over t), "
+        "first seed's final EMA model:",
+        "",
+        "| method | class-embedding spread | timestep-embedding norm | ratio |",
+        "|---|---|---|---|",
+        *(f"| {m} | {c['class_spread']:.2f} | {c['time_norm']:.2f} | {c['class_spread'] / c['time_norm']:.3f} |"
+          for m, c in report["conditioning"].items()),
     ])
 
 
@@ -270,25 +281,20 @@ def run_study(args: argparse.Namespace, size: Size) -> dict:
     evaluator = Evaluator(nets.evaluator_file, digits, size.num_samples)
     print(f"real digits: FD floor {evaluator.floor:.2f} with {size.num_samples} samples")
 
-    curves = []
-    for seed in size.seeds:
-        for method in main_methods(size):
-            curves.append(train_and_evaluate(method, size, seed, out / f"{method.name}-seed{seed}", digits, nets, evaluator, print))
+    tasks = [Task(m, seed, out / f"{m.name}-seed{seed}") for seed in size.seeds for m in main_methods(size)]
+    curves = train_all(tasks, size, nets, args.jobs, args.threads)
 
     if args.target is not None:
         target, target_source = args.target, "given with --target"
     else:
         plain = [c.points[-1]["fd"] for c in curves if c.method == "SiT"]
         target, target_source = sum(plain) / len(plain), "plain SiT's mean FD at the end of the budget"
-    probes = layer_probes(curves, digits)
     return {
         "size_name": size_name(args), "command": reproduce_command(args), "machine": machine(),
         "size": dataclasses.asdict(size), "target": target, "target_source": target_source,
         "floor": evaluator.floor, "evaluator_dim": evaluator.dim, "small_nets": nets.reports,
         "rows": summarize(curves, target), "curves": [dataclasses.asdict(c) for c in curves],
-        "probes": {m: {f"{t:g}": v for t, v in p.items()} for m, p in probes.items()},
-        "reference_probes": reference_probes(digits, nets.encoder_file),
-        "seconds": time.perf_counter() - started,
+        "encoder_file": nets.encoder_file, "seconds": time.perf_counter() - started,
     }
 
 
@@ -301,10 +307,12 @@ def main() -> None:
     parser.add_argument("--cache", default="runs/bench/cache", help="where the small encoder and evaluator are kept")
     parser.add_argument("--results", default=str(ROOT / "docs" / "results.md"), help="markdown file to update")
     parser.add_argument("--target", type=float, help="target FD (default: plain SiT's mean FD at the end of the budget)")
+    parser.add_argument("--jobs", type=int, default=2, help="runs trained at once, one process each")
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads; 1 avoids the stalls of several threads on a shared machine")
-    parser.add_argument("--render-only", action="store_true",
-                        help="redo the markdown and the picture from DIR/convergence.json without training")
+                        help="torch CPU threads per run; 1 avoids the stalls of several threads on a shared machine")
+    parser.add_argument("--no-train", action="store_true",
+                        help="reuse DIR/convergence.json and its runs' final checkpoints: redo the analyses it lacks, "
+                             "the picture and the markdown")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     size = SIZES[size_name(args)]
@@ -312,13 +320,17 @@ def main() -> None:
         parser.error("; ".join(size.problems()))
 
     report_file, results = Path(args.out) / "convergence.json", Path(args.results)
-    if args.render_only:
+    if args.no_train:
         if not report_file.exists():
-            parser.error(f"--render-only: {report_file} does not exist; run the study first")
+            parser.error(f"--no-train: {report_file} does not exist; run the study first")
         report = json.loads(report_file.read_text())
     else:
         report = run_study(args, size)
-        report_file.write_text(json.dumps(report, indent=2))
+    if not {"probes", "conditioning", "reference_probes"} <= set(report):
+        digits = Digits.load(size.num_digits)
+        analyse_models(report, digits)
+        report["reference_probes"] = reference_probes(digits, report["encoder_file"])
+    report_file.write_text(json.dumps(report, indent=2))
     curves = [Curve(**c) for c in report["curves"]]
     png = results.parent / "convergence.png"
     plot(curves, report["target"], report["floor"], png)

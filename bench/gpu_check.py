@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -32,10 +33,12 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-# Peak dense bf16 tensor throughput (TFLOPS), matched against torch.cuda.get_device_name();
-# the first matching entry wins, so specific names come before their family.
+# Peak dense bf16 tensor throughput (TFLOPS) by the model name in torch.cuda.get_device_name(),
+# matched as a whole word ("L4" does not match "L40S"); the first match wins, so the specific
+# variants come before their family.
 PEAK_TFLOPS = (
     ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
     ("H100", 989.0),  # SXM
     ("H200", 989.0),
     ("GH200", 989.0),
@@ -43,7 +46,6 @@ PEAK_TFLOPS = (
     ("A100", 312.0),
     ("L40S", 362.0),
     ("L4", 121.0),
-    ("A10", 125.0),
 )
 
 
@@ -68,7 +70,7 @@ class Measurement:
 
 def peak_tflops(device_name: str) -> float | None:
     for name, peak in PEAK_TFLOPS:
-        if name.lower() in device_name.lower():
+        if re.search(rf"\b{re.escape(name)}\b", device_name, re.IGNORECASE):
             return peak
     return None
 

@@ -34,8 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from convergence import ROOT, SIZES, size_name  # noqa: E402
 from results_md import machine, write_section  # noqa: E402
 from smallscale import (  # noqa: E402
-    Curve, Digits, Evaluator, Method, Size, ensure_small_nets, main_methods, steps_to_target, train_and_evaluate,
-    untrained_encoder,
+    Curve, Digits, Method, Size, Task, ensure_small_nets, main_methods, steps_to_target, train_all, untrained_encoder,
 )
 
 KNOBS = ("l2r_depth", "warmup", "c0", "schedule", "encoder")
@@ -107,7 +106,8 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench/sweeps", help="run directory (checkpoints, logs, json)")
     parser.add_argument("--cache", default="runs/bench/cache", help="where the small encoder and evaluator are kept")
     parser.add_argument("--results", default=str(ROOT / "docs" / "results.md"), help="markdown file to update")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (see bench/convergence.py)")
+    parser.add_argument("--jobs", type=int, default=2, help="runs trained at once, one process each")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per run (see bench/convergence.py)")
     parser.add_argument("--references", default="runs/bench/convergence/convergence.json",
                         help="convergence study results whose runs of --seed serve as the default points")
     args = parser.parse_args()
@@ -122,19 +122,20 @@ def main() -> None:
     out = Path(args.out)
     digits = Digits.load(size.num_digits)
     nets = ensure_small_nets(Path(args.cache), digits, size, print)
-    evaluator = Evaluator(nets.evaluator_file, digits, size.num_samples)
     points = sweep_points(size, untrained_encoder(Path(args.cache), size), args.tiny)
-
-    def train(label: str, method: Method) -> Curve:
-        return train_and_evaluate(method, size, args.seed, out / label, digits, nets, evaluator, print)
-
-    results = {k: [(value, method.name, train(f"{k}-{value}-{method.name}", method)) for value, method in points[k]]
-               for k in knobs}
+    labelled = [(k, value, method) for k in knobs for value, method in points[k]]
+    tasks = [Task(method, args.seed, out / f"{k}-{value}-{method.name}") for k, value, method in labelled]
     references = reference_curves(Path(args.references), size, args.seed)
     if references:
         print(f"default points: seed {args.seed} of {args.references}")
     else:
-        references = {m.name: train(f"reference-{m.name}", m) for m in main_methods(size)}
+        tasks += [Task(m, args.seed, out / f"reference-{m.name}") for m in main_methods(size)]
+    curves = train_all(tasks, size, nets, args.jobs, args.threads)
+    results: dict[str, list[tuple[str, str, Curve]]] = {k: [] for k in knobs}
+    for (k, value, method), curve in zip(labelled, curves):
+        results[k].append((value, method.name, curve))
+    if not references:
+        references = {c.method: c for c in curves[len(labelled):]}
     target = references["SiT"].points[-1]["fd"]
 
     lines = [

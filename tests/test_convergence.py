@@ -47,17 +47,18 @@ def test_convergence_tiny_end_to_end(tmp_path):
     assert "<!-- BEGIN convergence -->" in text and "bench/convergence.py --tiny" in text
     for method in ("| SiT |", "| SiT+REPA |", "| SiT+REPA+ERW |"):
         assert method in text
-    assert "linear probe per block" in text
+    assert "linear probe per block" in text and "How much the class label can steer" in text
     png = results.parent / "convergence.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # The small networks are cached: a second study would reuse them.
     assert len(list((tmp_path / "cache").glob("digits-encoder-*.safetensors"))) == 1
 
 
-def test_steps_to_target_is_the_first_evaluation_at_or_below():
+def test_steps_to_target_interpolates_the_crossing():
     points = [{"step": 10, "flops": 1.0, "fd": 5.0}, {"step": 20, "flops": 2.0, "fd": 3.0}, {"step": 30, "flops": 3.0, "fd": 2.0}]
     assert steps_to_target(points, 3.0) == 20
-    assert steps_to_target(points, 2.5, "flops") == 3.0
+    assert steps_to_target(points, 6.0) == 10  # already below at the first evaluation
+    assert steps_to_target(points, 2.5, "flops") == 2.5  # halfway from FD 3 to FD 2
     assert steps_to_target(points, 1.0) is None
 
 
@@ -106,6 +107,8 @@ def test_gpu_check_table():
     assert gpu_check.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
     assert gpu_check.peak_tflops("NVIDIA H100 PCIe") == 756.0
     assert gpu_check.peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert gpu_check.peak_tflops("NVIDIA H200") == 989.0
+    assert gpu_check.peak_tflops("NVIDIA L40S") == 362.0 and gpu_check.peak_tflops("NVIDIA L40") is None
     assert gpu_check.peak_tflops("Some Future GPU") is None
     table = gpu_check.summary_table(rows, "NVIDIA H100 80GB HBM3", 989.0)
     # 32 images / 0.25 s = 128 images/s x 1e12 FLOPs = 128 TFLOPS = 12.9% of 989.

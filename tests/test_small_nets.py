@@ -96,6 +96,8 @@ def test_bad_inputs_are_refused_before_training():
         small_nets.FitSettings(steps=0)
     with pytest.raises(small_nets.SmallNetError, match="not a multiple of the encoder patch size"):
         small_nets.encoder_kwargs(30, patch_size=4)
+    with pytest.raises(small_nets.SmallNetError, match="not divisible by its 3 heads"):
+        small_nets.encoder_kwargs(32, dim=64, heads=3)
 
 
 def test_commands_train_from_an_image_folder(digits_folder, tmp_path, capsys):

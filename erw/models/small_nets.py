@@ -75,6 +75,8 @@ def encoder_kwargs(resolution: int, patch_size: int = 4, dim: int = 64, depth: i
     """timm.create_model kwargs of the digits encoder: one token per patch_size pixels."""
     if resolution % patch_size:
         raise SmallNetError(f"image resolution {resolution} is not a multiple of the encoder patch size {patch_size}")
+    if dim % heads:
+        raise SmallNetError(f"encoder width {dim} is not divisible by its {heads} heads")
     return dict(img_size=resolution, patch_size=patch_size, embed_dim=dim, depth=depth, num_heads=heads)
 
 
