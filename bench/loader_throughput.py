@@ -18,11 +18,13 @@ Absolute numbers drift with the machine's load; compare the ratios.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import logging
 import os
 import socket
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -66,7 +68,8 @@ def small_sd_shaped_vae(path: Path) -> None:
 def precompute_rate(source: Path, out: Path, resolution: int, codec: str, weights: str, image_format: str) -> float:
     job = PrecomputeJob(source=str(source), out=str(out), resolution=resolution, codec=codec, codec_weights=weights,
                         image_format=image_format, batch_size=32, shard_size=256, device="cpu")
-    return run_worker(job, progress=False).images_per_second
+    with contextlib.redirect_stdout(sys.stderr):  # the workers' progress lines; stdout is the table
+        return run_worker(job, progress=False).images_per_second
 
 
 def with_png_crops(shards: Path, out: Path) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
+import sys
 import time
 
 import torch
@@ -93,7 +94,7 @@ def main() -> None:
             seconds, cpu_seconds = time_once(runs[name])
             wall[name].append(seconds)
             cpu[name].append(cpu_seconds)
-            print(f"round {round_ + 1}/{args.repeats} {name}: {seconds:.1f} s wall, {cpu_seconds:.1f} s CPU", flush=True)
+            print(f"round {round_ + 1}/{args.repeats} {name}: {seconds:.1f} s wall, {cpu_seconds:.1f} s CPU", file=sys.stderr, flush=True)
 
     base = statistics.median(cpu["sde"])
     print(f"\nSiT-S/2 on CPU ({torch.get_num_threads()} threads), batch {args.batch_size}, {args.steps} steps, "

@@ -142,3 +142,22 @@ def test_sweep_points_change_one_setting_at_a_time():
     assert all("encoder.weights=untrained.safetensors" in m.overrides for _, m in points["encoder"])
     erw_constant = points["schedule"][0][1]
     assert erw_constant.overrides[-1] == "objective.align_schedule=constant" and erw_constant.warmup == size.warmup
+
+
+def test_run_all_reports_each_benchmark_with_its_state():
+    import run_all
+
+    outcomes = [
+        run_all.Outcome("step_throughput", "python bench/step_throughput.py --no-compile", 0, 12.0, "SiT-S/2 0.39x"),
+        run_all.Outcome("loader_throughput", "python bench/loader_throughput.py", -1, 1800.0, "timed out after 1800 s"),
+        run_all.Outcome("metrics_overhead", "python bench/metrics_overhead.py", 3, 5.0, "Traceback ..."),
+    ]
+    text = run_all.section(outcomes, ["sampling_throughput"])
+    assert "### step_throughput (ok, 12 s)" in text and "`python bench/step_throughput.py --no-compile`" in text
+    assert "### loader_throughput (TIMED OUT, 1800 s)" in text
+    assert "### metrics_overhead (FAILED (exit 3), 5 s)" in text
+    assert "Not present in bench/ at this run: sampling_throughput." in text
+    # Every benchmark it names exists, and its arguments are ones the script accepts.
+    for name, arguments in run_all.BENCHMARKS.items():
+        script = ROOT / "bench" / f"{name}.py"
+        assert all(a in script.read_text() for a in arguments), (name, arguments)
