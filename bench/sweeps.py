@@ -3,6 +3,7 @@
     nice -n 5 .venv/bin/python bench/sweeps.py              # default size, seed 0
     .venv/bin/python bench/sweeps.py --tiny --out DIR --results FILE
     .venv/bin/python bench/sweeps.py --only l2r_depth,warmup
+    .venv/bin/python bench/sweeps.py --no-train          # redo the markdown from DIR/sweeps.json
 
 Around the default SiT+REPA+ERW of bench/convergence.py (same model, data, batch, budget):
 
@@ -15,7 +16,7 @@ Around the default SiT+REPA+ERW of bench/convergence.py (same model, data, batch
 Every point is one run (seed 0; the convergence study's seed spread is the noise level to read
 them against), with plain SiT, REPA and ERW at the defaults as references: taken from the
 convergence study's json (--references) when it ran the same size, trained here otherwise. The
-target FD is plain SiT's FD at the end of the budget. Writes DIR/sweeps.json and the "sweeps"
+target FD is plain SiT's FD after 3/4 of the budget, mid-curve where the methods differ. Writes DIR/sweeps.json and the "sweeps"
 section of FILE.
 """
 from __future__ import annotations
@@ -85,15 +86,45 @@ def reference_curves(path: Path, size: Size, seed: int) -> dict[str, Curve] | No
 def describe(curve: Curve, target: float, budget: int) -> dict[str, float | None]:
     half = next(p for p in curve.points if p["step"] >= budget // 2)
     return {
-        "steps": steps_to_target(curve.points, target), "fd_half": half["fd"], "half_step": half["step"],
-        "fd_end": curve.points[-1]["fd"], "accuracy_end": curve.points[-1]["accuracy"],
+        "steps": steps_to_target(curve.points, target), "gflops": steps_to_target(curve.points, target, "flops"),
+        "fd_half": half["fd"], "half_step": half["step"], "fd_end": curve.points[-1]["fd"],
+        "accuracy_end": curve.points[-1]["accuracy"],
     }
 
 
 def row(knob: str, value: str, method: str, d: dict) -> str:
-    steps = "not reached" if d["steps"] is None else f"{d['steps']:.0f}"
-    return (f"| {knob} | {value} | {method} | {steps} | {d['fd_half']:.2f} (step {d['half_step']:.0f}) | "
+    reached = "not reached | not reached" if d["steps"] is None else f"{d['steps']:.0f} | {d['gflops'] / 1e9:.0f}"
+    return (f"| {knob} | {value} | {method} | {reached} | {d['fd_half']:.2f} (step {d['half_step']:.0f}) | "
             f"{d['fd_end']:.2f} | {100 * d['accuracy_end']:.1f}% |")
+
+
+def render(report: dict) -> str:
+    """The "sweeps" section, from sweeps.json alone (so --no-train can redo it)."""
+    size = Size(**{**report["size"], "seeds": tuple(report["size"]["seeds"])})
+    references = {n: Curve(**c) for n, c in report["references"].items()}
+    # Mid-curve, where the methods differ most: plain SiT's FD after 3/4 of the budget (this seed).
+    target_step = -(-3 * size.budget // 4 // size.eval_every) * size.eval_every
+    target = next(p["fd"] for p in references["SiT"].points if p["step"] >= target_step)
+    flag = {"tiny": " --tiny", "full": " --full"}.get(report.get("size_name", "default"), "")
+    took = f" — this run: {report['minutes']:.0f} min on {report['machine']}" if "minutes" in report else ""
+    lines = [
+        f"## Sweeps around SiT+REPA+ERW ({report.get('size_name', 'default')} size, seed {report['seed']})",
+        "",
+        f"Reproduce: `nice -n 5 .venv/bin/python bench/sweeps.py{flag}`{took}.",
+        "",
+        f"Same setup as the convergence study; one knob changed at a time, one seed (read the differences against "
+        f"the convergence study's spread over seeds). Target: FD ≤ {target:.2f} (plain SiT's FD at step "
+        f"{target_step}, 3/4 of the budget, this seed). Defaults: l2r_depth {size.l2r_depth}, warmup {size.warmup} of "
+        f"{size.budget} steps, c0 = 1, decaying weight for ERW and constant for REPA, the trained encoder.",
+        "",
+        f"| knob | value | method | steps to FD ≤ {target:.2f} | GFLOPs to it | FD at half budget | FD at end | "
+        "accuracy at end |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [row("reference", "default", name, describe(c, target, size.budget)) for name, c in references.items()]
+    for knob, runs in report["sweeps"].items():
+        lines += [row(knob, r["value"], r["method"], describe(Curve(**r["curve"]), target, size.budget)) for r in runs]
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -110,6 +141,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per run (see bench/convergence.py)")
     parser.add_argument("--references", default="runs/bench/convergence/convergence.json",
                         help="convergence study results whose runs of --seed serve as the default points")
+    parser.add_argument("--no-train", action="store_true", help="redo the markdown from DIR/sweeps.json")
     args = parser.parse_args()
     knobs = [k for k in args.only.split(",") if k]
     unknown = sorted(set(knobs) - set(KNOBS))
@@ -118,6 +150,23 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     size = SIZES[size_name(args)]
+    out = Path(args.out)
+    report_file = out / "sweeps.json"
+    if args.no_train:
+        if not report_file.exists():
+            parser.error(f"--no-train: {report_file} does not exist; run the sweeps first")
+        report = json.loads(report_file.read_text())
+    else:
+        report = run_sweeps(args, size, knobs)
+        out.mkdir(parents=True, exist_ok=True)
+        report_file.write_text(json.dumps(report, indent=2))
+    section = render(report)
+    write_section(args.results, "sweeps", section)
+    print(section)
+    print(f"wrote {args.results} and {report_file}")
+
+
+def run_sweeps(args: argparse.Namespace, size: Size, knobs: list[str]) -> dict:
     started = time.perf_counter()
     out = Path(args.out)
     digits = Digits.load(size.num_digits)
@@ -131,39 +180,16 @@ def main() -> None:
     else:
         tasks += [Task(m, args.seed, out / f"reference-{m.name}") for m in main_methods(size)]
     curves = train_all(tasks, size, nets, args.jobs, args.threads)
-    results: dict[str, list[tuple[str, str, Curve]]] = {k: [] for k in knobs}
+    sweeps: dict[str, list[dict]] = {k: [] for k in knobs}
     for (k, value, method), curve in zip(labelled, curves):
-        results[k].append((value, method.name, curve))
+        sweeps[k].append({"value": value, "method": method.name, "curve": dataclasses.asdict(curve)})
     if not references:
         references = {c.method: c for c in curves[len(labelled):]}
-    target = references["SiT"].points[-1]["fd"]
-
-    lines = [
-        f"## Sweeps around SiT+REPA+ERW ({size_name(args)} size, seed {args.seed})",
-        "",
-        f"Reproduce: `nice -n 5 .venv/bin/python bench/sweeps.py{' --full' if args.full else ' --tiny' if args.tiny else ''}` "
-        f"— this run: {(time.perf_counter() - started) / 60:.0f} min on {machine()}.",
-        "",
-        f"Same setup as the convergence study; one knob changed at a time, one seed. Target: FD ≤ {target:.2f} (plain SiT's "
-        f"FD at the end of the budget, this seed). Defaults: l2r_depth {size.l2r_depth}, warmup {size.warmup} of "
-        f"{size.budget} steps, c0 = 1, decaying weight for ERW and constant for REPA, the trained encoder.",
-        "",
-        f"| knob | value | method | steps to FD ≤ {target:.2f} | FD at half budget | FD at end | accuracy at end |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    lines += [row("reference", "default", name, describe(c, target, size.budget)) for name, c in references.items()]
-    for knob, runs in results.items():
-        lines += [row(knob, value, name, describe(c, target, size.budget)) for value, name, c in runs]
-    write_section(args.results, "sweeps", "\n".join(lines))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "sweeps.json").write_text(json.dumps({
-        "size": dataclasses.asdict(size), "seed": args.seed, "target": target,
-        "references": {n: dataclasses.asdict(c) for n, c in references.items()},
-        "sweeps": {k: [{"value": v, "method": n, "curve": dataclasses.asdict(c)} for v, n, c in runs]
-                   for k, runs in results.items()},
-    }, indent=2))
-    print("\n".join(lines[8:]))
-    print(f"wrote {args.results} and {out / 'sweeps.json'} in {(time.perf_counter() - started) / 60:.1f} min")
+    return {
+        "size_name": size_name(args), "size": dataclasses.asdict(size), "seed": args.seed,
+        "machine": machine(), "minutes": (time.perf_counter() - started) / 60,
+        "references": {n: dataclasses.asdict(c) for n, c in references.items()}, "sweeps": sweeps,
+    }
 
 
 if __name__ == "__main__":

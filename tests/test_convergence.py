@@ -48,10 +48,34 @@ def test_convergence_tiny_end_to_end(tmp_path):
     for method in ("| SiT |", "| SiT+REPA |", "| SiT+REPA+ERW |"):
         assert method in text
     assert "linear probe per block" in text and "How much the class label can steer" in text
+    assert "Phase 2 from the warmup vs from scratch" in text and "| target FD | method |" in text
     png = results.parent / "convergence.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # The small networks are cached: a second study would reuse them.
     assert len(list((tmp_path / "cache").glob("digits-encoder-*.safetensors"))) == 1
+
+    # A sweep reuses the study's runs of its seed as the reference points and trains only its own.
+    common = ["--tiny", "--cache", str(tmp_path / "cache"), "--results", str(results), "--out", str(tmp_path / "sweeps")]
+    done = subprocess.run(
+        [sys.executable, "bench/sweeps.py", *common, "--only", "l2r_depth", "--references", str(tmp_path / "runs" / "convergence.json")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "default points: seed 0 of" in done.stdout
+    assert [d.name for d in (tmp_path / "sweeps").iterdir() if d.is_dir()] == ["l2r_depth-2-SiT+REPA+ERW"]
+    text = results.read_text()
+    assert "<!-- BEGIN sweeps -->" in text and "| l2r_depth | 2 | SiT+REPA+ERW |" in text
+    assert "<!-- BEGIN convergence -->" in text  # the other section is kept
+
+    # Both pages can be redone from their json without training.
+    (tmp_path / "runs" / "SiT-seed0").rename(tmp_path / "moved")  # the rendering must not need the curves' runs
+    for script in ("convergence.py", "sweeps.py"):
+        out = tmp_path / ("runs" if script == "convergence.py" else "sweeps")
+        done = subprocess.run(
+            [sys.executable, f"bench/{script}", *common[:-2], "--out", str(out), "--no-train"],
+            cwd=ROOT, capture_output=True, text=True, timeout=120,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
 
 
 def test_steps_to_target_interpolates_the_crossing():
