@@ -163,7 +163,7 @@ def main() -> None:
     section = render(report)
     write_section(args.results, "sweeps", section)
     print(section)
-    print(f"wrote {args.results} and {report_file}")
+    print(f"wrote {args.results}" + ("" if args.no_train else f" and {report_file}"))
 
 
 def run_sweeps(args: argparse.Namespace, size: Size, knobs: list[str]) -> dict:
