@@ -38,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_md import machine, write_section  # noqa: E402
 from smallscale import (  # noqa: E402
     RESOLUTION, Curve, Digits, Evaluator, Size, Task, block_features, conditioning_strength, encoder_kwargs,
-    ensure_small_nets, final_model, main_methods, mean_std, probe_accuracy, steps_to_target, train_all,
+    ensure_small_nets, evaluation_step, final_model, main_methods, mean_std, probe_accuracy, steps_to_target,
+    train_all,
 )
 
 from erw.models.encoders import load_encoder  # noqa: E402
@@ -85,7 +86,7 @@ def default_targets(curves: list[Curve], size: Size) -> list[Target]:
     plain = [c for c in curves if c.method == "SiT"]
     targets = []
     for fraction, name in ((0.5, "1/2"), (0.75, "3/4"), (1.0, "all")):
-        step = -(-round(fraction * size.budget) // size.eval_every) * size.eval_every
+        step = evaluation_step(size, fraction)
         if any(t.source.endswith(f"step {step}") for t in targets):
             continue
         fds = [next(p["fd"] for p in c.points if p["step"] == step) for c in plain]

@@ -452,6 +452,11 @@ def train_all(tasks: list[Task], size: Size, nets: SmallNets, jobs: int, threads
 # Reading curves.
 
 
+def evaluation_step(size: Size, fraction: float) -> int:
+    """The first evaluation at or after `fraction` of the budget."""
+    return -(-round(fraction * size.budget) // size.eval_every) * size.eval_every
+
+
 def steps_to_target(points: list[dict[str, float]], target: float, key: str = "step") -> float | None:
     """`key` (step or flops) where the FD curve first reaches the target: linear between the last
     evaluation above it and the first at or below it (that evaluation itself if it is the first).

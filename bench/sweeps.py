@@ -35,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from convergence import ROOT, SIZES, size_name  # noqa: E402
 from results_md import machine, write_section  # noqa: E402
 from smallscale import (  # noqa: E402
-    Curve, Digits, Method, Size, Task, ensure_small_nets, main_methods, steps_to_target, train_all, untrained_encoder,
+    Curve, Digits, Method, Size, Task, ensure_small_nets, evaluation_step, main_methods, steps_to_target, train_all,
+    untrained_encoder,
 )
 
 KNOBS = ("l2r_depth", "warmup", "c0", "schedule", "encoder")
@@ -103,7 +104,7 @@ def render(report: dict) -> str:
     size = Size(**{**report["size"], "seeds": tuple(report["size"]["seeds"])})
     references = {n: Curve(**c) for n, c in report["references"].items()}
     # Mid-curve, where the methods differ most: plain SiT's FD after 3/4 of the budget (this seed).
-    target_step = -(-3 * size.budget // 4 // size.eval_every) * size.eval_every
+    target_step = evaluation_step(size, 0.75)
     target = next(p["fd"] for p in references["SiT"].points if p["step"] >= target_step)
     flag = {"tiny": " --tiny", "full": " --full"}.get(report.get("size_name", "default"), "")
     took = f" — this run: {report['minutes']:.0f} min on {report['machine']}" if "minutes" in report else ""
