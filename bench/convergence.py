@@ -258,7 +258,7 @@ def probe_table(probes: dict[str, dict[str, list[float]]], references: dict[str,
 
 
 def markdown(report: dict, png_name: str) -> str:
-    size = Size(**{**report["size"], "seeds": tuple(report["size"]["seeds"])})
+    size = Size.from_json(report["size"])
     enc, ev = report["small_nets"]["encoder"], report["small_nets"]["evaluator"]
     kw = encoder_kwargs(size)
     half_life = dict(o.split("=") for o in main_methods(size)[2].overrides)["objective.align_half_life"]
@@ -354,7 +354,7 @@ def run_study(args: argparse.Namespace, size: Size) -> dict:
 def report_targets(report: dict) -> list[Target]:
     if report.get("given_target") is not None:
         return [Target(report["given_target"], "given with --target")]
-    size = Size(**{**report["size"], "seeds": tuple(report["size"]["seeds"])})
+    size = Size.from_json(report["size"])
     return default_targets([Curve(**c) for c in report["curves"]], size)
 
 

@@ -81,6 +81,11 @@ class Size:
     encoder_depth: int = 4
     num_digits: int = 0  # the first n digits only (0 = all 1,797): --tiny
 
+    @classmethod
+    def from_json(cls, fields: dict) -> "Size":
+        """The Size a study's json recorded (json turns the seeds tuple into a list)."""
+        return cls(**{**fields, "seeds": tuple(fields["seeds"])})
+
     def problems(self) -> list[str]:
         out = []
         if self.budget % self.eval_every or self.warmup % self.eval_every:
@@ -332,12 +337,16 @@ class Curve:
     final_checkpoint: str = ""
 
 
-@torch.no_grad()
-def generate(cfg: Config, ema_state: dict[str, Tensor], encoder_dim: int | None, size: Size) -> tuple[Tensor, Tensor]:
-    """Class-balanced samples from the EMA weights: Heun ODE, no guidance, fixed noise."""
+def ema_model(cfg: Config, ema_state: dict[str, Tensor], encoder_dim: int | None) -> torch.nn.Module:
+    """The phase-2 model of `cfg` holding a checkpoint's EMA weights, for evaluation."""
     model = build_model(cfg, "train", encoder_dim)
     model.load_state_dict(ema_state)
-    model.eval()
+    return model.eval()
+
+
+@torch.no_grad()
+def generate(model: torch.nn.Module, size: Size) -> tuple[Tensor, Tensor]:
+    """Class-balanced samples: Heun ODE, no guidance, fixed noise."""
     labels = torch.arange(size.num_samples) % NUM_CLASSES
     noise = PerSampleNoise(SAMPLE_SEED, range(size.num_samples), (3, RESOLUTION, RESOLUTION), "cpu")
     latents = sample(model_velocity(model), noise, labels, mode="ode", steps=size.sample_steps, solver="heun")
@@ -381,7 +390,7 @@ def train_and_evaluate(
         curve.seconds += time.perf_counter() - started
         init_from = None  # later segments resume from the checkpoint, which already holds the hand-off
         state = ckpt.load_checkpoint(result.checkpoint, with_train_state=False).ema_state
-        images, labels = generate(cfg, state, encoder_dim, size)
+        images, labels = generate(ema_model(cfg, state, encoder_dim), size)
         scores = evaluator.score(images, labels)
         step = method.warmup + end
         curve.points.append({
@@ -486,9 +495,7 @@ def final_model(checkpoint: str) -> tuple[Config, torch.nn.Module]:
     saved = ckpt.load_checkpoint(checkpoint, with_train_state=False)
     cfg = saved.config()
     encoder_dim = load_encoder(cfg.encoder, RESOLUTION).dim if cfg.encoder.name != "none" else None
-    model = build_model(cfg, "train", encoder_dim)
-    model.load_state_dict(saved.ema_state)
-    return cfg, model.eval()
+    return cfg, ema_model(cfg, saved.ema_state, encoder_dim)
 
 
 @torch.no_grad()

@@ -101,7 +101,7 @@ def row(knob: str, value: str, method: str, d: dict) -> str:
 
 def render(report: dict) -> str:
     """The "sweeps" section, from sweeps.json alone (so --no-train can redo it)."""
-    size = Size(**{**report["size"], "seeds": tuple(report["size"]["seeds"])})
+    size = Size.from_json(report["size"])
     references = {n: Curve(**c) for n, c in report["references"].items()}
     # Mid-curve, where the methods differ most: plain SiT's FD after 3/4 of the budget (this seed).
     target_step = evaluation_step(size, 0.75)
