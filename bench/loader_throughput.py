@@ -36,7 +36,7 @@ from moto.server import ThreadedMotoServer
 from PIL import Image
 
 from erw.config import DataConfig
-from erw.data import storage
+from erw import storage
 from erw.data.loader import build_loader
 from erw.data.precompute import PrecomputeJob, run_worker
 from erw.data.shards import MANIFEST, ShardWriter, encode_crop, load_npy, read_tar_samples

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from erw.config import load_config
-from erw.metrics import TrainingMetrics
+from erw.telemetry import TrainingMetrics
 from erw.training.distributed import Dist
 from erw.training.trainer import run
 

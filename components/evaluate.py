@@ -29,7 +29,7 @@ def evaluate(
     import math
 
     from erw.config import load_config
-    from erw.data import storage
+    from erw import storage
 
     cfg = load_config(config, overrides)
     out = storage.join(workspace, "eval", run_id)

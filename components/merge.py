@@ -13,7 +13,7 @@ def merge(parts: List[str], dataset: Output[Dataset]):
     """`parts` holds every worker's dataset location (all equal): the fan-in of the precompute loop."""
     import json
 
-    from erw.data import storage
+    from erw import storage
 
     uri = parts[0]
     if any(p != uri for p in parts):

@@ -27,7 +27,7 @@ def plan(
     import json
 
     from erw.config import load_config, validate
-    from erw.data import storage
+    from erw import storage
     from erw.data.sources import open_source
 
     cfg = load_config(config, [*overrides, f"data.source={source}"])

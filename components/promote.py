@@ -14,7 +14,7 @@ def promote(
     run_id: str,
     summary: Output[Markdown],
 ) -> bool:
-    from erw.data import storage
+    from erw import storage
     from erw.promote import promote_if_better
 
     decision = promote_if_better(

@@ -38,7 +38,7 @@ def train(
 ):
     import json
 
-    from erw.data import storage
+    from erw import storage
     from erw.training.checkpoint import META, resolve_checkpoint
 
     out = storage.join(workspace, "train", run_id)

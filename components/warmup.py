@@ -40,7 +40,7 @@ def warmup(
     import os
 
     from erw.config import load_config
-    from erw.data import storage
+    from erw import storage
     from erw.training.checkpoint import META, resolve_checkpoint
 
     overrides = [*overrides, f"data.shards={dataset.uri}", f"metrics.port={metrics_port}"]

@@ -14,7 +14,8 @@ COMMAND_MODULES = (
     "erw.models.commands",
     "erw.evaluation.commands",
     "erw.launch",
-    "erw.pipeline_command",
+    "pipeline.cli",
+    "erw.promote",
 )
 
 
@@ -22,13 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="erw", description="Train diffusion transformers with ERW.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if err.name != name:  # a real missing dependency, not a command area still to come
-                raise
-            continue
-        module.register(sub)
+        importlib.import_module(name).register(sub)
     return parser
 
 

@@ -74,7 +74,7 @@ def promote_if_better(
     checkpoint: str, metrics_uri: str, registry_uri: str, run_id: str = "", metric: str = "fid"
 ) -> Decision:
     """Compare the candidate with the registry's current model; publish it when strictly better."""
-    from erw.data import storage
+    from erw import storage
 
     if metric not in LOWER_IS_BETTER:
         raise PromoteError(f"--metric {metric!r} is not a gate metric: choose one of {', '.join(LOWER_IS_BETTER)}")
@@ -113,7 +113,7 @@ def _better(value: float, published: float, metric: str) -> bool:
 
 
 def _read_json(uri: str, what: str) -> dict[str, Any]:
-    from erw.data import storage
+    from erw import storage
 
     try:
         data = json.loads(storage.read_bytes(uri))
@@ -147,7 +147,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from erw.metrics import push_metrics
+    from erw.telemetry import push_metrics
 
     decision = promote_if_better(args.checkpoint, args.metrics, args.registry, args.run_id, args.metric)
     print(decision.message)

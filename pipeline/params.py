@@ -157,7 +157,7 @@ def problems(v: dict[str, Any]) -> list[str]:
 
 
 def _uri_problems(v: dict[str, Any]) -> list[str]:
-    from erw.data import storage
+    from erw import storage
 
     out = []
     for name in ("source", "workspace", "registry"):

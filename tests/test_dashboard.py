@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from erw.metrics import PUSHED_METRICS, TrainingMetrics
+from erw.telemetry import PUSHED_METRICS, TrainingMetrics
 from prometheus import free_port, require_binary
 
 MONITORING = Path(__file__).parents[1] / "k8s" / "monitoring"

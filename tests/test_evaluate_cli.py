@@ -277,7 +277,7 @@ def test_two_process_torchrun_writes_the_same_samples(checkpoint, samples, tmp_p
 
 
 def test_sample_and_evaluate_through_s3(checkpoint, feature_network, s3_bucket, capsys):
-    from erw.data import storage
+    from erw import storage
 
     out = f"{s3_bucket}/samples"
     assert main(["sample", "--ckpt", checkpoint, "--out", out, "--num-samples", "4", "--npz"]) == 0

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from erw.config import DataConfig
-from erw.data import storage
+from erw import storage
 from erw.data.loader import Decoding, DatasetError, buffered_order, build_loader, decode_sample
 from erw.data.precompute import PrecomputeJob, run_worker
 from erw.data.shards import npy_bytes

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from erw.metrics import PUSHED_METRICS, MetricsError, TrainingMetrics, push_metrics
+from erw.telemetry import PUSHED_METRICS, MetricsError, TrainingMetrics, push_metrics
 from prometheus import free_port, free_port_range, prometheus_stack, require_binary  # noqa: F401 (fixture)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -116,7 +116,7 @@ def test_pushed_metrics_scraped_by_prometheus(prometheus_stack):
 
 def test_push_failure_is_only_a_warning(caplog):
     dead = f"127.0.0.1:{free_port()}"  # nothing listens here
-    with caplog.at_level(logging.WARNING, logger="erw.metrics"):
+    with caplog.at_level(logging.WARNING, logger="erw.telemetry"):
         push_metrics(dead, "erw-sample", "run", {"erw_sample_images_total": 4})
     assert "could not push erw-sample metrics" in caplog.text
 

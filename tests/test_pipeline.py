@@ -299,7 +299,7 @@ def test_run_local_end_to_end_then_from_cache(tmp_path, digits_evaluator):
 
 @pytest.mark.slow
 def test_run_local_writes_to_a_local_s3_endpoint(s3_bucket, digits_evaluator):
-    from erw.data import storage
+    from erw import storage
     from pipeline.local import run_local
 
     workspace = f"{s3_bucket}/demo"

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from erw import cli
-from erw.data import storage
+from erw import storage
 from erw.data.precompute import PrecomputeError, PrecomputeJob, merge, run_worker
 from erw.data.shards import ShardWriter, load_npy, read_tar_samples
 from erw.data.sources import SourceError, center_crop_adm, decode_image

@@ -9,7 +9,7 @@ import boto3
 import pytest
 
 from erw import cli
-from erw.data import storage
+from erw import storage
 
 
 @pytest.fixture(params=["local", "s3"])

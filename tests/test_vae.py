@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from erw.data import storage
+from erw import storage
 from erw.models import vae
 from erw.models.vae import CodecError, LatentNorm, build_codec, load_codec, sample_latent
 

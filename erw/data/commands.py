@@ -54,7 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _precompute(args: argparse.Namespace) -> int:
     from erw.data import precompute
-    from erw.metrics import push_metrics
+    from erw.telemetry import push_metrics
 
     if args.merge:
         precompute.merge(args.out, args.num_workers if args.num_workers > 1 else None)

@@ -10,7 +10,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from erw.data import storage
+from erw import storage
 
 SIZE = 32
 

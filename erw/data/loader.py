@@ -29,7 +29,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from erw.data import storage
+from erw import storage
 from erw.data.shards import IMAGE_MEMBERS, MANIFEST, decode_crop, load_npy, read_tar_samples
 from erw.errors import ErwError
 from erw.models.vae import LatentNorm

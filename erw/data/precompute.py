@@ -30,7 +30,7 @@ from typing import Any, Iterable, Iterator, TypeVar
 import numpy as np
 import torch
 
-from erw.data import storage
+from erw import storage
 from erw.data.shards import IMAGE_MEMBERS, MANIFEST, ShardWriter, encode_crop, npy_bytes, shard_name
 from erw.data.sources import BadImage, RawSample, Source, Unit, decode_image, open_source, ordered_map
 from erw.errors import ErwError

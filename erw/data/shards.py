@@ -17,7 +17,7 @@ from typing import Iterator
 
 import numpy as np
 
-from erw.data import storage
+from erw import storage
 
 MANIFEST = "manifest.json"
 

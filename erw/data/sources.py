@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Iterator, TypeVar
 import numpy as np
 from PIL import Image
 
-from erw.data import storage
+from erw import storage
 from erw.data.shards import read_tar_samples
 from erw.errors import ErwError
 

@@ -82,7 +82,7 @@ def _sample(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from erw.evaluation.evaluate import EvalOptions, evaluate
-    from erw.metrics import push_metrics
+    from erw.telemetry import push_metrics
 
     result = evaluate(EvalOptions(
         samples=args.samples, reference=args.reference, out=args.out, inception_weights=args.inception_weights,

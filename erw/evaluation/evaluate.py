@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from erw.data import storage
+from erw import storage
 from erw.data.shards import MANIFEST
 from erw.evaluation import report
 from erw.evaluation.features import FeatureNetwork, Features, extract_features, load_network

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from erw.data import storage
+from erw import storage
 from erw.evaluation.inception import FeatureNetworkError, load_inception
 
 

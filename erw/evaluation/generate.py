@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from erw.config import Config, SampleConfig
-from erw.data import storage
+from erw import storage
 from erw.errors import ErwError
 from erw.evaluation import sample_store
 from erw.evaluation.images import open_image_set
@@ -201,7 +201,7 @@ class SampleRequest:
 def run_sampling(request: SampleRequest, log: Callable[[str], None] = print) -> dict[str, Any] | None:
     """Generate this rank's share; rank 0 then writes the manifest (and .npz) and returns it."""
     from erw.data.loader import read_manifest
-    from erw.metrics import push_metrics
+    from erw.telemetry import push_metrics
     from erw.models.vae import load_codec
     from erw.training.checkpoint import load_checkpoint
     from erw.training.distributed import barrier, init_distributed, shutdown

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from erw.data import storage
+from erw import storage
 from erw.data.shards import MANIFEST, read_tar_samples
 from erw.errors import ErwError
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from erw.data import storage
+from erw import storage
 from erw.errors import ErwError
 from erw.evaluation.features import FeatureNetwork, Features, extract_features
 from erw.evaluation.images import ImageSet, ImageSetError, check_images_array, open_image_set, read_npz

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 from torch import Tensor
 
-from erw.data import storage
+from erw import storage
 from erw.data.shards import MANIFEST, ShardWriter, shard_name
 from erw.errors import ErwError
 

@@ -204,7 +204,7 @@ def load_autoencoder(name: str, weights: str = "") -> nn.Module:
 def fetch_weights_dir(uri: str) -> str:
     """A local directory holding the files under uri; s3:// prefixes are downloaded once into
     $ERW_CACHE (default ~/.cache/erw) and reused; a marker file makes partial downloads redo."""
-    from erw.data import storage
+    from erw import storage
 
     if not storage.is_s3(uri):
         if not Path(uri).is_dir():

@@ -27,7 +27,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from erw.config import Config, config_from_dict
-from erw.data import storage
+from erw import storage
 from erw.errors import ErwError
 
 FORMAT_VERSION = 1

@@ -34,7 +34,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from erw.config import load_config, validate
     from erw.data.loader import build_loader
-    from erw.metrics import TrainingMetrics
+    from erw.telemetry import TrainingMetrics
     from erw.models.encoders import load_encoder
     from erw.training import trainer
     from erw.training.distributed import init_distributed, shutdown, world_size_from_env

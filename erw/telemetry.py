@@ -244,7 +244,7 @@ def push_metrics(
     """
     unknown = sorted(set(values) - set(PUSHED_METRICS))
     if unknown:  # a programming error, caught by the caller's tests, not a runtime condition
-        raise ValueError(f"unknown pushed metric(s) {unknown}; add them to erw.metrics.PUSHED_METRICS")
+        raise ValueError(f"unknown pushed metric(s) {unknown}; add them to erw.telemetry.PUSHED_METRICS")
     labels = dict(labels or {})
     bad = [name for name in labels if not _LABEL_NAME.match(name) or name in ("job", "run_id")]
     if bad:

@@ -1,14 +1,12 @@
-"""`erw pipeline compile|submit|schedule|run-local|params` and `erw promote`.
+"""`erw pipeline compile|submit|schedule|run-local|params`.
 
-A thin front door to the top-level `pipeline` package (Kubeflow Pipelines), imported only when
-one of these commands runs: nothing else in erw knows about KFP.
+The command area of the top-level `pipeline` package (Kubeflow Pipelines). `erw.cli` registers it by
+name like every other area; nothing in `erw` imports it, so the library knows nothing about KFP.
 """
 from __future__ import annotations
 
 import argparse
 import json
-
-from erw import promote
 
 ARGUMENTS_HELP = "pipeline arguments NAME=VALUE (YAML values: train_nodes=8 'overrides=[train.lr=2e-4]')"
 
@@ -52,7 +50,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     pp = cmds.add_parser("params", help="list the pipeline parameters with their defaults (and the demo's)")
     pp.set_defaults(func=_params)
 
-    promote.register(sub)
 
 
 def _server_flags(p: argparse.ArgumentParser) -> None:
