@@ -31,10 +31,11 @@ from erw.config import Config, config_from_dict
 from erw.evaluation.features import load_feature_network
 from erw.evaluation.generate import PerSampleNoise
 from erw.evaluation.metrics import Gaussian, frechet_distance
+from erw.evaluation import small_evaluator
 from erw.models import small_nets
 from erw.models.encoders import CUSTOM, load_encoder
 from erw.models.sit import flops_per_image
-from erw.models.vae import to_uint8, to_unit_range
+from erw.data.codec import to_uint8, to_unit_range
 from erw.objectives import interpolate
 from erw.sampling import model_velocity, sample
 from erw.training import checkpoint as ckpt
@@ -239,7 +240,7 @@ def ensure_small_nets(cache: Path, digits: Digits, size: Size, log: Callable[[st
 
     # The architecture is part of the key: a changed network is retrained, never silently reused.
     encoder_file = cache / f"digits-encoder-{key(encoder_settings, kwargs, small_nets.ENCODER_TIMM_NAME)}.safetensors"
-    evaluator_arch = repr(small_nets.DigitEvaluator(NUM_CLASSES))  # exported for one input size: part of the key
+    evaluator_arch = repr(small_evaluator.DigitEvaluator(NUM_CLASSES))  # exported for one input size: part of the key
     evaluator_file = cache / f"digits-evaluator-{key(evaluator_settings, evaluator_arch, RESOLUTION)}.pt2"
     reports_file = cache / "small-nets.json"
     reports = json.loads(reports_file.read_text()) if reports_file.exists() else {}
@@ -251,8 +252,8 @@ def ensure_small_nets(cache: Path, digits: Digits, size: Size, log: Callable[[st
         log(f"encoder: {report.describe()}")
     if not evaluator_file.exists() or evaluator_file.name not in reports:
         log(f"training the evaluator -> {evaluator_file}")
-        net, report = small_nets.fit_evaluator(digits.images, digits.labels, evaluator_settings, log=lambda _: None)
-        small_nets.save_evaluator(net, str(evaluator_file), RESOLUTION)
+        net, report = small_evaluator.fit_evaluator(digits.images, digits.labels, evaluator_settings, log=lambda _: None)
+        small_evaluator.save_evaluator(net, str(evaluator_file), RESOLUTION)
         reports[evaluator_file.name] = dataclasses.asdict(report)
         log(f"evaluator: {report.describe()}")
     reports_file.write_text(json.dumps(reports, indent=2))

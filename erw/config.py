@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from erw.encoder_registry import ENCODERS
 from erw.errors import ErwError
 
 SIT_PRESETS = {  # name -> (depth, hidden_size, num_heads); patch size comes from the "/p" suffix
@@ -357,8 +358,6 @@ def _encoder_problems(cfg: Config, phase: str | None) -> list[str]:
         if phase == "warmup":
             return ["the ERW warmup aligns to a representation: set encoder.name (encoder.name=none is plain SiT)"]
         return []
-    from erw.models.encoders import ENCODERS  # local import: keeps config free of torch at import
-
     spec = ENCODERS.get(enc.name)
     if spec is None:
         close = difflib.get_close_matches(enc.name, list(ENCODERS), n=1)

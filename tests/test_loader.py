@@ -14,7 +14,7 @@ from erw import storage
 from erw.data.loader import Decoding, DatasetError, buffered_order, build_loader, decode_sample
 from erw.data.precompute import PrecomputeJob, run_worker
 from erw.data.shards import npy_bytes
-from erw.models.vae import LatentNorm
+from erw.data.codec import LatentNorm
 
 NUM_IMAGES = 60
 

@@ -257,7 +257,8 @@ def digits_evaluator(tmp_path_factory):
     import torch
 
     from erw.data.digits import digit_images
-    from erw.models.small_nets import FitSettings, fit_evaluator, save_evaluator
+    from erw.evaluation.small_evaluator import fit_evaluator, save_evaluator
+    from erw.models.small_nets import FitSettings
 
     images, labels = digit_images()
     net, _ = fit_evaluator(

@@ -215,7 +215,7 @@ def _job(num_samples=7, batch_size=3, mode="sde", cfg_scale=1.5, classes=(0, 1, 
 
 def _run_ranks(job, world_size):
     from erw.evaluation.generate import generate_slice
-    from erw.models.vae import to_uint8
+    from erw.data.codec import to_uint8
     from erw.sampling import model_velocity
 
     velocity = model_velocity(_tiny_sit())

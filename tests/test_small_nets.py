@@ -5,6 +5,7 @@ import torch
 from erw.cli import build_parser, main
 from erw.config import EncoderConfig, load_config, validate
 from erw.evaluation.features import load_feature_network
+from erw.evaluation import small_evaluator
 from erw.models import small_nets
 from erw.models.encoders import CUSTOM, load_encoder
 
@@ -53,10 +54,10 @@ def test_encoder_learns_and_loads_through_the_registry(digits, tmp_path):
 
 def test_evaluator_learns_and_exports_for_erw_evaluate(digits, tmp_path):
     images, labels = digits
-    net, report = small_nets.fit_evaluator(images, labels, FAST, width=8, log=lambda _: None)
+    net, report = small_evaluator.fit_evaluator(images, labels, FAST, width=8, log=lambda _: None)
     assert report.val_accuracy > 0.8
     uri = str(tmp_path / "evaluator.pt2")
-    small_nets.save_evaluator(net, uri, RES)
+    small_evaluator.save_evaluator(net, uri, RES)
     loaded = load_feature_network(uri)
     assert loaded.has_logits and loaded.identity.startswith("custom:")
     out = loaded(images[:5])
@@ -68,9 +69,9 @@ def test_evaluator_learns_and_exports_for_erw_evaluate(digits, tmp_path):
 
 def test_encoder_and_evaluator_differ_in_architecture_and_seed():
     assert small_nets.FitSettings().seed == 0
-    net = small_nets.DigitEvaluator(num_classes=10)
+    net = small_evaluator.DigitEvaluator(num_classes=10)
     assert not any(isinstance(m, torch.nn.MultiheadAttention) for m in net.modules())
-    assert net.feature_dim == 64
+    assert net.head.in_features == 64  # features are 4x the width
     args = build_parser().parse_args(["fit-evaluator", "--images", "x", "--out", "y"])
     assert args.seed == 1 and build_parser().parse_args(["fit-encoder", "--images", "x", "--out", "y"]).seed == 0
 

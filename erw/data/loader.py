@@ -32,7 +32,7 @@ import torch
 from erw import storage
 from erw.data.shards import IMAGE_MEMBERS, MANIFEST, decode_crop, load_npy, read_tar_samples
 from erw.errors import ErwError
-from erw.models.vae import LatentNorm
+from erw.data.codec import LatentNorm
 
 SUPPORTED_FORMAT_VERSIONS = (1,)
 STATE_VERSION = 1

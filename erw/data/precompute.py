@@ -34,7 +34,7 @@ from erw import storage
 from erw.data.shards import IMAGE_MEMBERS, MANIFEST, ShardWriter, encode_crop, npy_bytes, shard_name
 from erw.data.sources import BadImage, RawSample, Source, Unit, decode_image, open_source, ordered_map
 from erw.errors import ErwError
-from erw.models.vae import CODECS, NORMALIZATIONS, LatentCodec, build_codec
+from erw.data.codec import CODECS, NORMALIZATIONS, LatentCodec, build_codec
 
 FORMAT_VERSION = 1
 T = TypeVar("T")

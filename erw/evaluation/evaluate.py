@@ -18,7 +18,7 @@ from erw.data.shards import MANIFEST
 from erw.evaluation import report
 from erw.evaluation.features import FeatureNetwork, Features, extract_features, load_network
 from erw.evaluation.grid import GridCollector
-from erw.evaluation.images import ImageSetError, open_image_set
+from erw.data.image_sets import ImageSetError, open_image_set
 from erw.evaluation.metrics import Gaussian, frechet_distance, inception_score, precision_recall
 from erw.evaluation.reference import Reference, ReferenceError, load_reference
 

@@ -23,7 +23,7 @@ from erw.config import Config, SampleConfig
 from erw import storage
 from erw.errors import ErwError
 from erw.evaluation import sample_store
-from erw.evaluation.images import open_image_set
+from erw.data.image_sets import open_image_set
 from erw.sampling import Guidance, VelocityFn, model_velocity, sample
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -202,7 +202,7 @@ def run_sampling(request: SampleRequest, log: Callable[[str], None] = print) -> 
     """Generate this rank's share; rank 0 then writes the manifest (and .npz) and returns it."""
     from erw.data.loader import read_manifest
     from erw.telemetry import push_metrics
-    from erw.models.vae import load_codec
+    from erw.data.codec import load_codec
     from erw.training.checkpoint import load_checkpoint
     from erw.training.distributed import barrier, init_distributed, shutdown
 
@@ -216,7 +216,8 @@ def run_sampling(request: SampleRequest, log: Callable[[str], None] = print) -> 
     try:
         sample_store.claim_output(request.out, job.describe() | {"checkpoint": checkpoint.uri}, d.is_main)
         model = load_model(checkpoint, settings.use_ema, d.device)
-        codec = load_codec(cfg.data, d.device)
+        data_manifest = read_manifest(cfg.data.shards) if cfg.data.shards else None
+        codec = load_codec(cfg.data, d.device, data_manifest)
         velocity = model_velocity(model, AUTOCAST[request.precision])
         started = time.perf_counter()
         made = 0
@@ -231,7 +232,7 @@ def run_sampling(request: SampleRequest, log: Callable[[str], None] = print) -> 
         if not d.is_main:
             return None
         seconds = time.perf_counter() - started
-        class_names = read_manifest(cfg.data.shards).get("class_names") if cfg.data.shards else None
+        class_names = data_manifest.get("class_names") if data_manifest else None
         manifest = sample_store.write_manifest(request.out, job.num_batches, settings.num_samples, {
             "settings": job.describe(), "checkpoint": checkpoint.uri, "step": checkpoint.step, "run_id": cfg.run_id,
             "resolution": cfg.data.resolution, "num_classes": cfg.model.num_classes, "class_names": class_names,

@@ -25,7 +25,7 @@ import torch
 from erw import storage
 from erw.errors import ErwError
 from erw.evaluation.features import FeatureNetwork, Features, extract_features
-from erw.evaluation.images import ImageSet, ImageSetError, check_images_array, open_image_set, read_npz
+from erw.data.image_sets import ImageSet, ImageSetError, check_images_array, open_image_set, read_npz
 from erw.evaluation.inception import POOL_DIM, SPATIAL_DIM, InceptionFeatures
 from erw.evaluation.metrics import Gaussian
 

@@ -65,7 +65,7 @@ def _settings(args: argparse.Namespace):
 def _read(args: argparse.Namespace):
     import torch
 
-    from erw.evaluation.images import open_image_set
+    from erw.data.image_sets import open_image_set
     from erw.models.small_nets import SmallNetError, check_images
 
     if args.threads:
@@ -100,12 +100,12 @@ def _fit_encoder(args: argparse.Namespace) -> int:
 
 
 def _fit_evaluator(args: argparse.Namespace) -> int:
-    from erw.models import small_nets
+    from erw.evaluation.small_evaluator import fit_evaluator, save_evaluator
 
     settings = _settings(args)
     images, labels = _read(args)
-    net, report = small_nets.fit_evaluator(images, labels, settings, width=args.width)
-    small_nets.save_evaluator(net, args.out, args.resolution)
+    net, report = fit_evaluator(images, labels, settings, width=args.width)
+    save_evaluator(net, args.out, args.resolution)
     print(f"evaluator {report.describe()}")
     print(f"wrote {args.out}: evaluate with `erw evaluate ... --feature-network {args.out}`")
     return 0

@@ -143,25 +143,21 @@ class VAECodec(LatentCodec):
         return self.vae.decode(latent).sample
 
 
-def load_codec(spec: Any, device: str | torch.device = "cpu") -> LatentCodec:
-    """A codec from a DataConfig or from a shard manifest (a dict).
+def load_codec(
+    spec: Any, device: str | torch.device = "cpu", manifest: Mapping[str, Any] | None = None
+) -> LatentCodec:
+    """A codec from a shard manifest (a dict), or from a DataConfig and the manifest of its shards.
 
-    With a DataConfig, the normalisation comes from the manifest of `spec.shards` when that
-    is set (so decoding matches what the model was trained on), else from the codec's
-    scaling factor. Weights: `codec_weights` (a diffusers AutoencoderKL directory, local or
-    s3://), else the manifest's, else the Hugging Face hub.
+    The normalisation comes from the manifest when there is one (so decoding matches what the
+    model was trained on), else from the codec's scaling factor. Weights: `codec_weights` (a
+    diffusers AutoencoderKL directory, local or s3://), else the manifest's, else the Hugging Face hub.
     """
     if isinstance(spec, Mapping):
-        manifest = spec
-        name, weights = spec["codec"]["name"], spec["codec"].get("weights", "")
+        manifest, name, weights = spec, spec["codec"]["name"], ""
     else:
-        manifest = None
         name, weights = spec.codec, spec.codec_weights
-        if spec.shards:
-            from erw.data.loader import read_manifest
-
-            manifest = read_manifest(spec.shards)
-            weights = weights or manifest["codec"].get("weights", "")
+    if manifest is not None:
+        weights = weights or manifest["codec"].get("weights", "")
     norm = LatentNorm.from_manifest(manifest) if manifest is not None else None
     return build_codec(name, weights, norm, device)
 

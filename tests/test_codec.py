@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from erw import storage
-from erw.models import vae
-from erw.models.vae import CodecError, LatentNorm, build_codec, load_codec, sample_latent
+from erw.data import codec as vae
+from erw.data.codec import CodecError, LatentNorm, build_codec, load_codec, sample_latent
 
 
 def small_autoencoder():
