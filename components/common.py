@@ -41,7 +41,7 @@ def launch_argv(
         "launch", "--scheduler", scheduler, "--image", image, "--nodes", nodes,
         "--procs-per-node", procs_per_node, "--gpus-per-node", gpus_per_node,
         "--cpus-per-node", cpus_per_node, "--memory-gb", memory_gb_per_node,
-        "--queue", queue, "--timeout", timeout, "--max-retries", max_restarts,
+        "--queue", queue, "--timeout", timeout, "--max-restarts", max_restarts,
         "--metrics-port", metrics_port, "--run-id", run_id,
     ]
     for key, value in sorted(node_selector.items()):

@@ -1,36 +1,28 @@
-"""The TorchX launcher: the Volcano job it would submit, and real 2-process torchrun jobs run locally."""
+"""The TorchX launcher: the launch spec, the Volcano job it renders, and real 2-process torchrun
+jobs run locally. The job lifecycle against a Kubernetes API is in tests/test_launch_lifecycle.py."""
 import io
+import json
 import re
 import textwrap
 from pathlib import Path
 
 import pytest
 
-from erw.cli import main
-from erw.launch import (
-    JobSpec,
-    LaunchError,
-    SchedulerOptions,
-    dry_run,
-    launch,
-    parse_duration,
-    parse_toleration,
-    problems,
-)
+from erw.cli import build_parser, main
+from erw.launch import LaunchError, LaunchSpec, dry_run, launch, parse_duration, parse_toleration, spec_from_args
+from erw.launch.command import parse_command
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-K8S = SchedulerOptions(scheduler="kubernetes", queue="erw-training", namespace="ml", service_account="erw-trainer")
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+GOLDEN = ROOT / "tests" / "golden"
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+XL_COMMAND = ["train", "--config", "configs/imagenet256-sit-xl2.yaml", "--resume", "auto"]
 
 
-def xl_spec(**overrides) -> JobSpec:
+def xl_spec(**overrides) -> LaunchSpec:
     fields = dict(
-        erw_args=["train", "--config", "configs/imagenet256-sit-xl2.yaml", "--resume", "auto"],
-        nodes=2,
-        procs_per_node=8,
-        gpus_per_node=8,
-        cpus_per_node=90,
-        memory_mb_per_node=900_000,
+        scheduler="kubernetes", queue="erw-training", namespace="ml", service_account="erw-trainer",
+        nodes=2, procs_per_node=8, gpus_per_node=8, cpus_per_node=90, memory_gb=900.0,
         image="registry.example.com/erw:0.1.0",
         node_selector={"erw.dev/pool": "h100"},
         tolerations=[GPU_TOLERATION],
@@ -38,20 +30,140 @@ def xl_spec(**overrides) -> JobSpec:
         s3_secret="erw-s3",
         run_id="run-42",
         metrics_port=9400,
-        max_retries=3,
+        max_restarts=3,
     )
     fields.update(overrides)
-    return JobSpec(**fields)
+    return LaunchSpec(**fields)
+
+
+def parse_launch(argv: list[str]) -> tuple[LaunchSpec, list[str]]:
+    return spec_from_args(build_parser().parse_args(["launch", *argv]))
+
+
+# ---------------------------------------------------------------------------------------------
+# The spec: one typed value, from JSON or flags.
+
+
+def test_spec_round_trips_through_json_and_defaults_are_the_flag_defaults():
+    spec = xl_spec(pending_timeout="30m", step="train", grace_period_s=900)
+    assert LaunchSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    assert LaunchSpec.from_dict({}) == LaunchSpec() == parse_launch(["--", "train"])[0]
+    assert set(LaunchSpec().to_dict()) == {
+        "scheduler", "image", "nodes", "procs_per_node", "gpus_per_node", "cpus_per_node", "memory_gb",
+        "node_selector", "tolerations", "env", "s3_secret", "queue", "namespace", "service_account",
+        "priority_class", "name", "instance_type", "timeout", "pending_timeout", "max_restarts", "metrics_port",
+        "run_id", "step", "grace_period_s",
+    }  # the keys the pipeline's components build (notes/launch-spec.md)
+
+
+def test_spec_refuses_unknown_keys_and_wrong_types_naming_each():
+    with pytest.raises(LaunchError) as err:
+        LaunchSpec.from_dict({"max_retries": 3, "nodes": "4", "scheduler": "kubernets", "node_selector": {"a": 1}})
+    message = str(err.value)
+    assert "unknown launch spec key 'max_retries' (did you mean 'max_restarts'?)" in message
+    assert "nodes: expected an integer, got '4'" in message
+    assert "scheduler: must be one of local_cwd, kubernetes, got 'kubernets' (did you mean 'kubernetes'?)" in message
+    assert "node_selector: expected an object of strings to strings" in message
+    with pytest.raises(LaunchError, match="expected a number"):
+        LaunchSpec.from_dict({"memory_gb": True})
+    assert LaunchSpec.from_dict({"memory_gb": 64}).memory_gb == 64.0  # JSON has one number type
+
+
+def test_spec_from_json_text_or_file_and_explicit_flags_win(tmp_path):
+    text = json.dumps({"scheduler": "kubernetes", "image": "erw:1", "nodes": 4, "queue": "erw",
+                       "node_selector": {"pool": "a"}, "max_restarts": 2})
+    path = tmp_path / "spec.json"
+    path.write_text(text)
+    for source in (text, str(path)):
+        spec, command = parse_launch(["--spec", source, "--nodes", "2", "--node-selector", "pool=b", "--", "train", "-x"])
+        assert (spec.nodes, spec.node_selector, spec.image, spec.max_restarts) == (2, {"pool": "b"}, "erw:1", 2)
+        assert command == ["train", "-x"]
+    with pytest.raises(LaunchError, match="neither a JSON object nor an existing file"):
+        parse_launch(["--spec", str(tmp_path / "missing.json"), "--", "train"])
+    with pytest.raises(LaunchError, match="not valid JSON"):
+        parse_launch(["--spec", "{nodes: 2}", "--", "train"])
+
+
+def test_bad_specs_are_refused_before_submission():
+    found = xl_spec(nodes=0, procs_per_node=16, image="", pending_timeout="soon", tolerations=[{"value": "x"}]).problems()
+    text = "\n".join(found)
+    assert "nodes must be at least 1" in text
+    assert "procs_per_node 16 exceeds gpus_per_node 8" in text
+    assert "image is required" in text
+    assert "pending_timeout 'soon' is not a positive duration" in text
+    assert "toleration {'value': 'x'} needs 'key'" in text
+    with pytest.raises(LaunchError, match="cannot launch"):
+        dry_run(xl_spec(nodes=0), XL_COMMAND)
+    with pytest.raises(LaunchError, match="must be one of: erw warmup \\| train"):
+        parse_command(["sample", "--config", "x.yaml"])
+    with pytest.raises(LaunchError, match="required: --config"):
+        parse_command(["train"])
+    assert parse_command(XL_COMMAND + ["train.lr=1e-4"]).overrides == ("train.lr=1e-4",)
+
+
+def test_flag_parsers_say_what_is_wrong():
+    assert parse_toleration("nvidia.com/gpu:NoSchedule") == GPU_TOLERATION
+    assert parse_toleration("pool=gpu:NoExecute") == {"key": "pool", "operator": "Equal", "value": "gpu", "effect": "NoExecute"}
+    with pytest.raises(LaunchError, match="KEY\\[=VALUE\\]\\[:EFFECT\\]"):
+        parse_toleration("pool=gpu:Sometimes")
+    assert parse_duration("45m") == 2700 and parse_duration("72h") == 72 * 3600 and parse_duration("30") == 30
+    with pytest.raises(LaunchError, match="positive duration"):
+        parse_duration("soon")
+
+
+# ---------------------------------------------------------------------------------------------
+# The Volcano job.
+
+README_EXAMPLE = (
+    "--scheduler kubernetes --image REGISTRY/erw:0.1.0 --queue erw --nodes 4 --procs-per-node 8 "
+    "--gpus-per-node 8 --cpus-per-node 96 --memory-gb 1000 --node-selector erw.dev/pool=gpu "
+    "--toleration nvidia.com/gpu:NoSchedule --s3-secret erw-s3 --service-account erw-trainer "
+    "--max-restarts 3 --timeout 120h -- train --config configs/imagenet256-sit-xl2.yaml --resume auto"
+).split()
+
+
+def normalized(job: dict) -> dict:
+    """The job with TorchX's random parts (unique name, session id) replaced by placeholders."""
+    text = json.dumps(job).replace(job["metadata"]["name"], "<job-name>")
+    text = re.sub(r'"TORCHX_INTERNAL_SESSION_ID", "value": "[^"]+"', '"TORCHX_INTERNAL_SESSION_ID", "value": "<session>"', text)
+    return json.loads(text)
+
+
+def test_flags_spec_and_volcano_job_match_the_job_before_the_spec(monkeypatch):
+    """README's example: flags -> LaunchSpec -> JSON -> LaunchSpec -> Volcano job equals the job the
+    launcher rendered before LaunchSpec existed (tests/golden, rendered by erw/launch.py at eca5181),
+    except for exactly the changes the cluster review asked for."""
+    for name in ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    spec, command = parse_launch(README_EXAMPLE)
+    via_json = parse_launch(["--spec", json.dumps(spec.to_dict()), "--", *command])
+    assert via_json == (spec, command)
+    job = normalized(dry_run(via_json[0], command))
+
+    expected = json.loads((GOLDEN / "volcano-job-readme-example.json").read_text())
+    expected["metadata"]["labels"] = {"app.kubernetes.io/part-of": "erw"}  # findable by labels
+    expected["spec"]["maxRetry"] = 4  # Volcano counts runs: 3 restarts = 4 runs
+    expected["spec"]["policies"] = [{"event": "PodEvicted", "action": "RestartJob"}, {"event": "PodFailed", "action": "RestartJob"}]
+    expected["spec"]["ttlSecondsAfterFinished"] = 86400
+    for task in expected["spec"]["tasks"]:
+        del task["maxRetry"], task["policies"]  # moved to the job: a whole-job restart
+        pod = task["template"]["spec"]
+        pod["terminationGracePeriodSeconds"] = 600
+        pod["securityContext"] = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+        for container in pod["containers"]:
+            container["securityContext"] = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+    assert job == expected
 
 
 def test_volcano_job_has_the_requested_topology_resources_and_placement():
-    job = dry_run(xl_spec(), K8S)
+    job = dry_run(xl_spec(grace_period_s=900), XL_COMMAND)
     assert job["kind"] == "Job" and job["apiVersion"].startswith("batch.volcano.sh/")
     spec = job["spec"]
     assert spec["queue"] == "erw-training" and spec["schedulerName"] == "volcano"
-    assert spec["maxRetry"] == 3
+    assert spec["maxRetry"] == 4 and spec["ttlSecondsAfterFinished"] > 0
+    assert job["metadata"]["labels"] == {"app.kubernetes.io/part-of": "erw", "erw.dev/run-id": "run-42", "erw.dev/step": "train"}
     assert len(spec["tasks"]) == 2  # one task per node
-    for node, task in enumerate(spec["tasks"]):
+    for task in spec["tasks"]:
         pod = task["template"]
         (container,) = pod["spec"]["containers"]
         assert container["image"] == "registry.example.com/erw:0.1.0"
@@ -65,7 +177,8 @@ def test_volcano_job_has_the_requested_topology_resources_and_placement():
         assert pod["spec"]["nodeSelector"] == {"erw.dev/pool": "h100"}
         assert pod["spec"]["tolerations"] == [GPU_TOLERATION]
         assert pod["spec"]["serviceAccountName"] == "erw-trainer"
-        assert pod["metadata"]["labels"]["erw.dev/run-id"] == "run-42"
+        assert pod["spec"]["terminationGracePeriodSeconds"] == 900
+        assert pod["metadata"]["labels"]["erw.dev/run-id"] == "run-42" and pod["metadata"]["labels"]["erw.dev/step"] == "train"
         env = {e["name"]: e.get("value") for e in container["env"]}
         assert env["ERW_RUN_ID"] == "run-42" and env["AWS_ENDPOINT_URL"] == "http://minio.kubeflow:9000"
         assert container["envFrom"] == [{"secretRef": {"name": "erw-s3", "optional": True}}]
@@ -74,31 +187,57 @@ def test_volcano_job_has_the_requested_topology_resources_and_placement():
         assert [ports[f"metrics-{r}"] for r in range(8)] == list(range(9400, 9408))
 
 
+def restricted_violations(pod: dict) -> list[str]:
+    """The checks of the Kubernetes Pod Security Standard `restricted` (k8s.io/pod-security-admission,
+    policy/check_*.go) that a pod of this job could fail."""
+    spec, out = pod["spec"], []
+    pod_ctx = spec.get("securityContext", {})
+    for c in spec.get("initContainers", []) + spec["containers"]:
+        ctx = c.get("securityContext", {})
+        if ctx.get("allowPrivilegeEscalation") is not False:
+            out.append(f"{c['name']}: allowPrivilegeEscalation != false")
+        if "ALL" not in ctx.get("capabilities", {}).get("drop", []) or set(ctx.get("capabilities", {}).get("add", [])) - {"NET_BIND_SERVICE"}:
+            out.append(f"{c['name']}: capabilities must drop ALL")
+        if not (ctx.get("runAsNonRoot", pod_ctx.get("runAsNonRoot")) is True):
+            out.append(f"{c['name']}: runAsNonRoot != true")
+        if ctx.get("runAsUser", pod_ctx.get("runAsUser", 1)) == 0:
+            out.append(f"{c['name']}: runAsUser 0")
+        seccomp = ctx.get("seccompProfile", pod_ctx.get("seccompProfile", {})).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            out.append(f"{c['name']}: seccompProfile must be RuntimeDefault or Localhost")
+        if ctx.get("privileged"):
+            out.append(f"{c['name']}: privileged")
+    allowed_volumes = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected", "secret"}
+    for volume in spec.get("volumes", []):
+        if not set(volume) - {"name"} <= allowed_volumes:
+            out.append(f"volume {volume['name']}: type not allowed")
+    if spec.get("hostNetwork") or spec.get("hostPID") or spec.get("hostIPC"):
+        out.append("host namespaces")
+    return out
+
+
+def test_every_pod_passes_the_restricted_pod_security_level():
+    job = dry_run(xl_spec(), XL_COMMAND)
+    for task in job["spec"]["tasks"]:
+        assert restricted_violations(task["template"]) == []
+    # and the check can fail: TorchX's own pod, before the launcher adds the security context
+    assert restricted_violations({"spec": {"containers": [{"name": "c", "securityContext": {}}]}})
+
+
+def test_max_restarts_is_counted_the_way_volcano_counts():
+    for restarts in (0, 1, 3):
+        job = dry_run(xl_spec(max_restarts=restarts), XL_COMMAND)
+        # volcano restarting.go: Failed once RetryCount >= maxRetry, RetryCount++ on every RestartJob;
+        # and maxRetry 0 would be replaced by 3 by the admission webhook (mutate_job.go).
+        assert job["spec"]["maxRetry"] == restarts + 1
+        assert {p["action"] for p in job["spec"]["policies"]} == {"RestartJob"}
+        assert all("maxRetry" not in task and "policies" not in task for task in job["spec"]["tasks"])
+
+
 def test_instance_type_capability_becomes_a_node_selector():
-    job = dry_run(xl_spec(instance_type="p5.48xlarge", node_selector={}), K8S)
+    job = dry_run(xl_spec(instance_type="p5.48xlarge", node_selector={}), XL_COMMAND)
     selector = job["spec"]["tasks"][0]["template"]["spec"]["nodeSelector"]
     assert selector == {"node.kubernetes.io/instance-type": "p5.48xlarge"}
-
-
-def test_bad_jobs_are_refused_before_submission():
-    found = problems(xl_spec(nodes=0, procs_per_node=16, image=""), K8S)
-    text = "\n".join(found)
-    assert "--nodes must be at least 1" in text
-    assert "--procs-per-node 16 exceeds --gpus-per-node 8" in text
-    assert "--image is required" in text
-    assert any("must be one of: erw warmup | train" in p for p in problems(xl_spec(erw_args=["sample"]), K8S))
-    with pytest.raises(LaunchError, match="cannot launch"):
-        dry_run(xl_spec(nodes=0), K8S)
-
-
-def test_flag_parsers_say_what_is_wrong():
-    assert parse_toleration("nvidia.com/gpu:NoSchedule") == GPU_TOLERATION
-    assert parse_toleration("pool=gpu:NoExecute") == {"key": "pool", "operator": "Equal", "value": "gpu", "effect": "NoExecute"}
-    with pytest.raises(LaunchError, match="KEY\\[=VALUE\\]\\[:EFFECT\\]"):
-        parse_toleration("pool=gpu:Sometimes")
-    assert parse_duration("45m") == 2700 and parse_duration("72h") == 72 * 3600 and parse_duration("30") == 30
-    with pytest.raises(LaunchError, match="positive duration"):
-        parse_duration("soon")
 
 
 def test_cli_dry_run_prints_the_volcano_job(capsys):
@@ -133,21 +272,20 @@ def rank_job(tmp_path, monkeypatch):
     # local_cwd runs torchrun in the current directory, where `python -m rank_job` finds this file.
     (tmp_path / "rank_job.py").write_text(textwrap.dedent(RANK_JOB))
     monkeypatch.chdir(tmp_path)
-    return JobSpec(erw_args=[], module="rank_job", procs_per_node=2, run_id="local-test")
+    return LaunchSpec(procs_per_node=2, run_id="local-test")
 
 
 def test_local_torchrun_job_runs_two_ranks(rank_job):
     out = io.StringIO()
-    launch(rank_job, SchedulerOptions(scheduler="local_cwd"), timeout_s=120, poll_s=0.2, out=out)
+    launch(rank_job, [], module="rank_job", poll_s=0.2, out=out)
     log = out.getvalue()
     assert "hello from rank 0 of 2" in log and "hello from rank 1 of 2" in log
     assert "succeeded" in log
 
 
 def test_local_failing_job_fails_with_the_workers_reason(rank_job):
-    rank_job.erw_args = ["fail"]
     with pytest.raises(LaunchError) as err:
-        launch(rank_job, SchedulerOptions(scheduler="local_cwd"), timeout_s=120, poll_s=0.2, out=io.StringIO())
+        launch(rank_job, ["fail"], module="rank_job", poll_s=0.2, out=io.StringIO())
     message = str(err.value)
     assert "rank 1 exited with code 1" in message
     assert message.splitlines()[0].endswith("rank 1 exited with code 1: RuntimeError: rank 1 found no shards under s3://bucket/missing")
@@ -156,9 +294,8 @@ def test_local_failing_job_fails_with_the_workers_reason(rank_job):
 def test_local_job_past_its_deadline_is_stopped(tmp_path, monkeypatch):
     (tmp_path / "slow_job.py").write_text("import time\nprint('working', flush=True)\ntime.sleep(60)\n")
     monkeypatch.chdir(tmp_path)
-    spec = JobSpec(erw_args=[], module="slow_job", procs_per_node=1)
     with pytest.raises(LaunchError, match="did not finish within 3s.*deleted"):
-        launch(spec, SchedulerOptions(scheduler="local_cwd"), timeout_s=3, poll_s=0.2, out=io.StringIO())
+        launch(LaunchSpec(timeout="3s"), [], module="slow_job", poll_s=0.2, out=io.StringIO())
 
 
 def test_a_failing_training_job_fails_the_pipeline_step(tmp_path, capsys):

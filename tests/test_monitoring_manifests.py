@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from erw.launch import JobSpec, SchedulerOptions, dry_run
+from erw.launch import LaunchSpec, dry_run
 
 MONITORING = Path(__file__).parents[1] / "k8s" / "monitoring"
 
@@ -31,13 +31,11 @@ def test_kustomization_lists_every_manifest():
 
 def test_podmonitor_scrapes_every_rank_of_a_launched_job():
     base_port, ranks = 9400, 8
-    job = dry_run(
-        JobSpec(
-            erw_args=["train", "--config", "configs/demo.yaml"], nodes=2, procs_per_node=ranks, gpus_per_node=ranks,
-            image="registry.example.com/erw:test", metrics_port=base_port, run_id="monitoring-test",
-        ),
-        SchedulerOptions(scheduler="kubernetes", queue="erw", namespace="ml"),
+    spec = LaunchSpec(
+        scheduler="kubernetes", queue="erw", namespace="ml", nodes=2, procs_per_node=ranks, gpus_per_node=ranks,
+        image="registry.example.com/erw:test", metrics_port=base_port, run_id="monitoring-test",
     )
+    job = dry_run(spec, ["train", "--config", "configs/demo.yaml"])
     monitor = resources()["PodMonitor/erw-training"]["spec"]
     endpoints = {e["port"] for e in monitor["podMetricsEndpoints"]}
     for task in job["spec"]["tasks"]:

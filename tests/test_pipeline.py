@@ -196,12 +196,13 @@ def test_launcher_arguments_round_trip_through_erw_launch():
         ["train", "--config", "configs/demo.yaml", "--resume", "auto"], "kubernetes", "erw:1", 4, 8, 8, 96, 1000,
         {"erw.dev/pool": "gpu"}, tolerations, "erw-s3", "erw", "erw-trainer", "120h", 3, 9400, "run-7",
     )
-    spec, opts = spec_from_args(build_parser().parse_args([str(a) for a in argv]))
+    spec, command = spec_from_args(build_parser().parse_args([str(a) for a in argv]))
     assert spec.tolerations == tolerations
     assert spec.node_selector == {"erw.dev/pool": "gpu"}
-    assert (spec.nodes, spec.procs_per_node, spec.gpus_per_node, spec.memory_mb_per_node) == (4, 8, 8, 1_000_000)
-    assert spec.erw_args == ["train", "--config", "configs/demo.yaml", "--resume", "auto"]
-    assert (opts.queue, opts.service_account, spec.s3_secret, spec.run_id) == ("erw", "erw-trainer", "erw-s3", "run-7")
+    assert (spec.nodes, spec.procs_per_node, spec.gpus_per_node, spec.memory_gb) == (4, 8, 8, 1000)
+    assert command == ["train", "--config", "configs/demo.yaml", "--resume", "auto"]
+    assert (spec.queue, spec.service_account, spec.s3_secret, spec.run_id) == ("erw", "erw-trainer", "erw-s3", "run-7")
+    assert spec.max_restarts == 3
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,112 @@
+"""`erw launch [--spec JSON|FILE] [flags] -- warmup|train ...`: one flag per LaunchSpec field.
+
+The flags are generated from the dataclass, so a new setting is added in one place. A flag given
+explicitly overrides the spec's value; a flag not given leaves it alone.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+
+from erw.launch.spec import SCHEDULERS, LaunchError, LaunchSpec, parse_key_value, parse_toleration
+from erw.launch.volcano import INSTANCE_TYPE_LABEL, RUN_ID_LABEL, STEP_LABEL
+
+HELP = {
+    "scheduler": "local_cwd: torchrun processes here; kubernetes: a Volcano job",
+    "image": "container image (kubernetes)",
+    "procs_per_node": "torchrun processes per node (one per GPU)",
+    "memory_gb": "memory per node (GB)",
+    "node_selector": "node pool label (repeatable)",
+    "tolerations": "kubectl taint syntax (repeatable)",
+    "env": "job environment (repeatable)",
+    "s3_secret": "Kubernetes Secret with the S3 credentials, as envFrom (kubernetes)",
+    "queue": "Volcano queue (kubernetes)",
+    "namespace": "namespace of the job (default: this pod's, else 'default')",
+    "service_account": "service account of the job's pods (kubernetes)",
+    "priority_class": "PriorityClass of the job (kubernetes)",
+    "name": "job name prefix (default erw-<command>)",
+    "instance_type": f"node type, as the {INSTANCE_TYPE_LABEL} label",
+    "timeout": "deadline of the whole job, e.g. 45m, 72h; the job is deleted when it passes",
+    "pending_timeout": "fail with the scheduler's reasons (and delete the job) if it is Pending this long",
+    "max_restarts": "restarts of the whole job after its first run (a pod failed or was evicted)",
+    "metrics_port": "base /metrics port to declare on the pods (rank r: port + r)",
+    "run_id": f"run id: ERW_RUN_ID in the job and the {RUN_ID_LABEL} label",
+    "step": f"{STEP_LABEL} label (default: the erw command); with --run-id a relaunch re-attaches to the job",
+    "grace_period_s": "terminationGracePeriodSeconds of the pods: time for the checkpoint on SIGTERM",
+}
+# Fields typed as repeatable flags: flag name, metavar, parser of one occurrence.
+REPEATABLE = {
+    "node_selector": ("--node-selector", "KEY=VALUE", lambda text: parse_key_value(text, "--node-selector")),
+    "tolerations": ("--toleration", "KEY[=VALUE][:EFFECT]", parse_toleration),
+    "env": ("--env", "KEY=VALUE", lambda text: parse_key_value(text, "--env")),
+}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "launch",
+        help="run erw warmup|train as a torchrun job (TorchX: local processes or a Volcano job)",
+        description="Run `erw warmup|train ...` on N nodes x P processes and wait for it. "
+        "Everything after '--' is the erw command. Settings come from --spec (a JSON object or file "
+        "with LaunchSpec keys) and the flags; a flag given explicitly wins.",
+    )
+    p.add_argument("--spec", default=None, metavar="JSON|FILE", help="launch settings as one JSON object")
+    defaults = LaunchSpec()
+    hints = typing.get_type_hints(LaunchSpec)
+    for f in dataclasses.fields(LaunchSpec):
+        default = getattr(defaults, f.name)
+        text = HELP.get(f.name, "")
+        if f.name in REPEATABLE:
+            flag, metavar, _ = REPEATABLE[f.name]
+            p.add_argument(flag, dest=f.name, action="append", default=argparse.SUPPRESS, metavar=metavar, help=text)
+            continue
+        kind = hints[f.name]
+        extra = {"choices": SCHEDULERS} if f.name == "scheduler" else {"type": kind}
+        p.add_argument(
+            "--" + f.name.replace("_", "-"), dest=f.name, default=argparse.SUPPRESS,
+            help=f"{text} (default: {default})".lstrip() if default not in ("", 0) else text, **extra,
+        )
+    p.add_argument("--dry-run", action="store_true", help="print what would be submitted and exit")
+    p.add_argument("command_line", nargs=argparse.REMAINDER, metavar="-- COMMAND ...")
+    p.set_defaults(func=_run)
+
+
+def spec_from_args(args: argparse.Namespace) -> tuple[LaunchSpec, list[str]]:
+    """(the spec: --spec, then the explicit flags on top; the erw command after '--')."""
+    spec = LaunchSpec.parse(args.spec) if args.spec else LaunchSpec()
+    changes = {}
+    for f in dataclasses.fields(LaunchSpec):
+        if not hasattr(args, f.name):
+            continue
+        value = getattr(args, f.name)
+        if f.name in REPEATABLE:
+            parsed = [REPEATABLE[f.name][2](text) for text in value]
+            value = parsed if f.name == "tolerations" else dict(parsed)
+        changes[f.name] = value
+    command = list(args.command_line)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    return spec.replace(**changes), command
+
+
+def _run(args: argparse.Namespace) -> int:
+    import logging
+
+    from erw.launch.command import check_config, parse_command
+    from erw.launch.run import dry_run, launch
+
+    logging.getLogger("torchx").setLevel(logging.WARNING)  # its INFO lines (log dirs, trackers) are noise here
+    spec, command = spec_from_args(args)
+    found = spec.problems()
+    if found:
+        raise LaunchError("cannot launch:\n  - " + "\n  - ".join(found))
+    check_config(parse_command(command), spec.nodes * spec.procs_per_node)
+    if args.dry_run:
+        import yaml
+
+        request = dry_run(spec, command)
+        print(yaml.safe_dump(request, sort_keys=False) if isinstance(request, dict) else request)
+        return 0
+    launch(spec, command)
+    return 0
