@@ -54,7 +54,9 @@ def local_arguments(arguments: dict[str, Any]) -> dict[str, Any]:
     return args
 
 
-def run_local(arguments: dict[str, Any], use_cache: bool = True) -> LocalRun:
+def run_local(arguments: dict[str, Any], use_cache: bool = True, local_dir: str | Path | None = None) -> LocalRun:
+    """Run the DAG; kfp.local keeps task outputs and its cache in `local_dir` (default: the
+    workspace when it is local, else runs/kfp-local)."""
     from kfp import local
 
     from pipeline.dag import erw_pipeline
@@ -62,12 +64,13 @@ def run_local(arguments: dict[str, Any], use_cache: bool = True) -> LocalRun:
     args = local_arguments(arguments)
     if args["config"] == str(REPO / DEMO["config"]):
         _make_demo_inputs()
-    workspace = args["workspace"] if "://" not in args["workspace"] else str(REPO / "runs" / "kfp-local")
+    if local_dir is None:
+        local_dir = args["workspace"] if "://" not in args["workspace"] else REPO / "runs" / "kfp-local"
     local.init(
         runner=local.SubprocessRunner(use_venv=False),  # this environment already has erw and kfp
-        pipeline_root=str(Path(workspace, "kfp-outputs")),
+        pipeline_root=str(Path(local_dir, "kfp-outputs")),
         enable_caching=use_cache,
-        cache_root=str(Path(workspace, "kfp-cache")),
+        cache_root=str(Path(local_dir, "kfp-cache")),
         raise_on_error=True,
     )
     # kfp.local logs cache hits at INFO outside its own log setup: listen at INFO, and since any

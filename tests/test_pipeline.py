@@ -272,16 +272,23 @@ def digits_evaluator(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_run_local_end_to_end_then_from_cache(tmp_path, digits_evaluator):
+@pytest.mark.xfail(strict=True, reason="today's components set artifact.uri outside the pipeline root")
+def test_run_local_end_to_end_then_from_cache(tmp_path, monkeypatch, digits_evaluator):
+    """The demo DAG on disk, every task held to the KFP backend's contract (tests/kfp_contract.py)."""
+    from kfp_contract import Backend
     from pipeline.local import run_local
 
     workspace = tmp_path / "pipeline"
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    backend = Backend(local_root=workspace / "kfp-outputs", workspace=str(workspace))
     short = [
         "warmup.steps=20", "warmup.ckpt_every=10", "train.steps=20", "train.ckpt_every=10",
         "sample.num_samples=40", "sample.steps=10", "sample.batch_size=20", f"eval.feature_network={digits_evaluator}",
     ]
     arguments = {"workspace": str(workspace), "overrides": short}
-    first = run_local(arguments)
+    with backend.enforce():
+        first = run_local(arguments)
     evaluation = first.outputs["evaluation"]
     metrics = json.loads(Path(evaluation.metadata["metrics"]).read_text())
     assert math.isfinite(metrics["fid"]) and first.outputs["metrics"].metadata["fid"] == metrics["fid"]
@@ -293,23 +300,38 @@ def test_run_local_end_to_end_then_from_cache(tmp_path, digits_evaluator):
     assert first.cached == []
     assert "checkpoint" in first.summary() and str(workspace) in first.summary()
 
-    second = run_local(arguments)
+    with backend.enforce():
+        second = run_local(arguments)
     cached_steps = {re.sub(r"-iteration-\d+$", "", name) for name in second.cached}
     assert {"precompute", "merge", "warmup"} <= cached_steps, second.cached
     assert "train" not in cached_steps and second.outputs["model"].uri != first.outputs["model"].uri
 
 
 @pytest.mark.slow
-def test_run_local_writes_to_a_local_s3_endpoint(s3_bucket, digits_evaluator):
+@pytest.mark.xfail(strict=True, reason="today's components set artifact.uri outside the pipeline root")
+def test_run_local_writes_to_a_local_s3_endpoint(s3_bucket, tmp_path, monkeypatch, digits_evaluator):
+    """The demo DAG with the workspace on S3 and the pipeline root on S3 in another bucket (KFP's own,
+    as on a cluster): every artifact goes up to the root and comes back down for its consumer."""
+    import boto3
+
     from erw import storage
+    from kfp_contract import Backend
     from pipeline.local import run_local
 
     workspace = f"{s3_bucket}/demo"
+    boto3.client("s3").create_bucket(Bucket="mlpipeline")
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    backend = Backend(
+        local_root=tmp_path / "kfp" / "kfp-outputs", workspace=workspace, remote_root="s3://mlpipeline/v2/artifacts"
+    )
     overrides = [
         "warmup.steps=10", "warmup.ckpt_every=10", "train.steps=10", "train.ckpt_every=10",
         "sample.num_samples=20", "sample.steps=5", "sample.batch_size=20", f"eval.feature_network={digits_evaluator}",
     ]
-    run = run_local({"workspace": workspace, "overrides": overrides}, use_cache=False)
+    with backend.enforce():
+        run = run_local({"workspace": workspace, "overrides": overrides}, use_cache=False, local_dir=tmp_path / "kfp")
+    assert "promote" in backend.tasks
     model = run.outputs["model"].uri
     assert model.startswith(f"{workspace}/train/") and storage.exists(storage.join(model, "meta.json"))
     metrics = json.loads(storage.read_bytes(run.outputs["evaluation"].metadata["metrics"]))

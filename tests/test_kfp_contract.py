@@ -1,0 +1,147 @@
+"""The KFP backend's contract (tests/kfp_contract.py) on toy components that break each rule, and on
+the pipeline's real encoding steps. The whole demo DAG runs under it in tests/test_pipeline.py (slow)."""
+import shutil
+from pathlib import Path
+
+import pytest
+from kfp import dsl, local
+from kfp.dsl import Dataset, Input, Output
+
+from kfp_contract import INPUT_BUDGET, Backend, ContractViolation, key_from_uri
+
+TOY_IMAGE = "python:3.12"  # never pulled: the subprocess runner uses this environment
+
+
+@dsl.component(base_image=TOY_IMAGE, install_kfp_package=False)
+def points_outside(out: Output[Dataset], elsewhere: str):
+    import os
+
+    os.makedirs(elsewhere, exist_ok=True)
+    open(os.path.join(elsewhere, "data"), "w").write("x")
+    out.uri = elsewhere  # what today's merge/warmup/train/evaluate do
+
+
+@dsl.component(base_image=TOY_IMAGE, install_kfp_package=False)
+def writes_to_cwd(out: Output[Dataset]):
+    open("scratch-the-next-step-needs.txt", "w").write("lost with the pod")
+    open(out.path, "w").write("ok")
+
+
+@dsl.component(base_image=TOY_IMAGE, install_kfp_package=False)
+def big_output(out: Output[Dataset], size: int):
+    with open(out.path, "wb") as f:
+        f.write(b"\0" * size)
+
+
+@dsl.component(base_image=TOY_IMAGE, install_kfp_package=False)
+def reads(data: Input[Dataset]) -> int:
+    import os
+
+    return os.path.getsize(data.path)
+
+
+@dsl.pipeline
+def big_input(size: int) -> int:
+    return reads(data=big_output(size=size).outputs["out"]).output
+
+
+@dsl.pipeline
+def small_round_trip() -> int:
+    return reads(data=big_output(size=1000).outputs["out"]).output
+
+
+@pytest.fixture
+def kfp_local(tmp_path, monkeypatch):
+    """kfp.local with its root in tmp_path/root, run from an empty working directory tmp_path/cwd."""
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    root = tmp_path / "root"
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
+    return root
+
+
+def test_key_from_uri_is_the_backends():
+    # objectstore/config.go:101-111 with PrefixedBucket() = scheme + path.Join(bucket, prefix)
+    assert key_from_uri("s3://mlpipeline/v2/artifacts", "s3://mlpipeline/v2/artifacts/erw/run/merge/dataset") == (
+        "erw/run/merge/dataset"
+    )
+    with pytest.raises(ContractViolation, match="does not have expected bucket prefix"):
+        key_from_uri("s3://mlpipeline/v2/artifacts", "s3://erw-runs/latents/identity-32px")
+    with pytest.raises(ContractViolation, match="empty key"):
+        key_from_uri("s3://mlpipeline/v2/artifacts", "s3://mlpipeline/v2/artifacts/")
+
+
+def test_an_output_uri_outside_the_root_is_refused(kfp_local, tmp_path):
+    with Backend(local_root=kfp_local, workspace=str(tmp_path / "ws")).enforce():
+        with pytest.raises(ContractViolation, match="not under the pipeline root"):
+            points_outside(elsewhere=str(tmp_path / "ws" / "latents"))
+
+
+def test_an_output_uri_outside_the_remote_root_is_refused(kfp_local, s3_bucket):
+    root = f"{s3_bucket}/v2/artifacts"
+    with Backend(local_root=kfp_local, workspace=f"{s3_bucket}/ws", remote_root=root).enforce():
+        with pytest.raises(ContractViolation, match="does not have expected bucket prefix"):
+            points_outside(elsewhere="s3://erw-runs/latents")
+
+
+def test_a_file_written_outside_the_outputs_is_refused(kfp_local, tmp_path):
+    with Backend(local_root=kfp_local, workspace=str(tmp_path / "ws")).enforce():
+        with pytest.raises(ContractViolation, match="scratch-the-next-step-needs.txt, outside its declared outputs"):
+            writes_to_cwd()
+
+
+def test_a_large_input_artifact_is_refused(kfp_local, tmp_path):
+    with Backend(local_root=kfp_local, workspace=str(tmp_path / "ws")).enforce() as backend:
+        with pytest.raises(ContractViolation, match="would be downloaded into the step's pod"):
+            big_input(size=INPUT_BUDGET + 1)
+    assert backend.tasks == ["big-output"]  # the consumer never ran
+
+
+def test_artifacts_travel_through_the_remote_root(kfp_local, s3_bucket):
+    from erw import storage
+
+    root = f"{s3_bucket}/v2/artifacts"
+    with Backend(local_root=kfp_local, workspace=f"{s3_bucket}/ws", remote_root=root).enforce() as backend:
+        task = small_round_trip()
+    assert task.output == 1000  # the consumer read the copy downloaded from the root
+    assert backend.tasks == ["big-output", "reads"]
+    (uploaded,) = [f for f in storage.list_files(root) if f.path.endswith("/out")]
+    assert uploaded.size == 1000
+
+
+@pytest.fixture
+def few_digits(digits_folder, tmp_path):
+    """Two classes, eight images each: the encoding steps in seconds."""
+    out = tmp_path / "digits"
+    for label in sorted(p.name for p in Path(digits_folder).iterdir() if p.is_dir())[:2]:
+        (out / label).mkdir(parents=True)
+        for image in sorted((Path(digits_folder) / label).iterdir())[:8]:
+            shutil.copy(image, out / label / image.name)
+    return str(out)
+
+
+@pytest.mark.xfail(strict=True, raises=ContractViolation, reason="merge sets dataset.uri outside the pipeline root")
+def test_the_encoding_steps_meet_the_contract(kfp_local, tmp_path, few_digits):
+    """plan -> precompute x 2 -> merge, the real components, on disk."""
+    from components.merge import merge
+    from components.plan import plan
+    from components.precompute import precompute
+    from pipeline.params import REPO
+
+    config = str(REPO / "configs/demo.yaml")
+    workspace = str(tmp_path / "ws")
+
+    @dsl.pipeline
+    def encode() -> Dataset:
+        planned = plan(
+            config=config, overrides=[], source=few_digits, workspace=workspace, precompute_workers=2,
+            warmup_nodes=1, train_nodes=1, procs_per_node=2,
+        )
+        with dsl.ParallelFor(planned.output) as work:
+            encoded = precompute(work=work, config=config, overrides=[], source=few_digits)
+        return merge(parts=dsl.Collected(encoded.output)).outputs["dataset"]
+
+    with Backend(local_root=kfp_local, workspace=workspace).enforce() as backend:
+        encode()
+    assert [t.split("-iteration")[0] for t in backend.tasks] == ["plan", "precompute", "precompute", "merge"]
+    assert backend.largest_input <= INPUT_BUDGET
