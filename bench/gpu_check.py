@@ -10,9 +10,10 @@ configs/imagenet256-sit-xl2.yaml) plus key=value overrides. Four measurements, e
     full step    phase 2: the whole SiT + projector, denoising + alignment loss
     warmup step  phase 1: the first l2r_depth blocks + projector at t = 0, alignment loss only
 
-each eager and under torch.compile. A step is what the trainer does per batch: bf16 autocast
-forward and backward through the project's objectives, gradient clipping, AdamW and the EMA
-update. Alignment targets are random tokens of the configured encoder's shape: the frozen
+each eager and under torch.compile. A step is the trainer's own step (erw.training.step.train_step)
+with the preset's phase settings: bf16 autocast forward and backward through the project's
+objectives, gradient clipping, the non-finite guard, AdamW (fused on CUDA: train.fused_optimizer)
+and the EMA update. Alignment targets are random tokens of the configured encoder's shape: the frozen
 encoder's forward is not part of the model's FLOPs and is left out. MFU = 3 x forward FLOPs per image
 (erw.models.sit.flops_per_image) x images/s / the card's peak dense bf16 FLOPs (PEAK_TFLOPS).
 
@@ -107,36 +108,33 @@ def summary_table(rows: list[Measurement], device_name: str, peak: float | None)
 
 
 def build_step(cfg, phase: str, batch: int, compiled: bool, device: torch.device):
-    """(one optimizer step as the trainer takes it, training FLOPs per image)."""
+    """(one optimizer step exactly as the trainer takes it: erw.training.step.train_step with the
+    preset's phase settings, training FLOPs per image)."""
     from erw.models.encoders import ENCODERS
     from erw.models.sit import flops_per_image
-    from erw.objectives import DiffusionObjective, WarmupObjective
-    from erw.training.trainer import AUTOCAST_DTYPES, build_model, update_ema
+    from erw.training.distributed import Dist
+    from erw.training.step import TrainState, train_step
+    from erw.training.trainer import build_model, build_objective
 
     spec = ENCODERS[cfg.encoder.name]
+    p = getattr(cfg, phase)
     model = build_model(cfg, phase, spec.dim).to(device)
     flops = 3.0 * flops_per_image(model)
-    ema = build_model(cfg, phase, spec.dim).to(device).requires_grad_(False)
-    ema.load_state_dict(model.state_dict())
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    p = getattr(cfg, phase)
-    optimizer = torch.optim.AdamW(trainable, lr=p.lr, betas=p.betas, fused=device.type == "cuda")
-    objective = WarmupObjective() if phase == "warmup" else DiffusionObjective(cfg.objective, cfg.model, 0)
+    state = TrainState.create(model, p, device)
+    objective = build_objective(cfg, phase, 0)
     net = torch.compile(model) if compiled else model
-    size, channels = cfg.data.latent_size, cfg.data.latent_channels
-    x = torch.randn(batch, channels, size, size, device=device)
-    y = torch.randint(0, cfg.model.num_classes, (batch,), device=device)
-    targets = torch.randn(batch, spec.num_tokens(cfg.data.resolution), spec.dim, device=device)
-    dtype = AUTOCAST_DTYPES[p.precision] if device.type == "cuda" else None
+    size, channels, micro = cfg.data.latent_size, cfg.data.latent_channels, batch // p.grad_accum
+    item = {  # cached encoder tokens: the frozen encoder's forward is not part of the model's FLOPs
+        "latent": torch.randn(micro, channels, size, size, device=device),
+        "label": torch.randint(0, cfg.model.num_classes, (micro,), device=device),
+        "feat": torch.randn(micro, spec.num_tokens(cfg.data.resolution), spec.dim, device=device),
+    }
+    batches = iter(lambda: item, None)
+    one_process = Dist(rank=0, local_rank=0, world_size=1, device=device)
 
     def step(i: int) -> None:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss, _ = objective(net, x, y, targets, i)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, p.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        update_ema(ema, model, p.ema_decay)
+        train_step(state, batches, objective, p, seed=cfg.seed, dist_state=one_process, net=net,
+                   encoder=torch.nn.Identity())
 
     return step, flops
 
@@ -187,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     from erw.errors import ErwError
 
     try:
-        cfg = validate(load_config(args.config, args.overrides))
+        cpu_precision = ["train.precision=fp32", "warmup.precision=fp32"] if args.cpu else []
+        cfg = validate(load_config(args.config, [*cpu_precision, *args.overrides]))
     except ErwError as err:
         parser.error(str(err))
 

@@ -134,11 +134,15 @@ class PhaseConfig:
     ema_decay: float = 0.9999
     precision: str = "bf16"
     compile: bool = False
+    fused_optimizer: bool | None = None  # AdamW as one fused kernel; None = on for CUDA, off elsewhere
     ckpt_every: int = 10_000
     keep_last: int = 3  # newest committed checkpoints kept; older ones are deleted
     log_every: int = 100
     max_nonfinite: int = 10  # stop after this many non-finite losses in a row
     out: str = ""  # checkpoint directory, local or s3://
+
+    def use_fused_optimizer(self, device_type: str) -> bool:
+        return device_type == "cuda" if self.fused_optimizer is None else self.fused_optimizer
 
 
 @dataclass

@@ -229,6 +229,31 @@ class TrainingMetrics:
             self._server = None
 
 
+class NoMetrics:
+    """What the trainer reports to when no exporter runs: every observation is dropped. Has
+    TrainingMetrics' methods, so the training loop never asks whether metrics are on."""
+
+    enabled = False
+
+    def observe_step(self, **_values: Any) -> None:
+        pass
+
+    def observe_nonfinite(self) -> None:
+        pass
+
+    def observe_checkpoint(self, seconds: float, ok: bool) -> None:
+        pass
+
+    def observe_restart(self) -> None:
+        pass
+
+    def observe_memory(self, device: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def push_metrics(
     gateway: str,
     job: str,

@@ -12,25 +12,22 @@ resumed run draws exactly the noise, times and label drops the uninterrupted run
 from __future__ import annotations
 
 import contextlib
-import copy
-import math
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from erw.config import Config, PhaseConfig
 from erw.errors import ErwError
 from erw.models.sit import check_warmup_config, l2r_from_config, load_warmup, sit_from_config
 from erw.objectives import DiffusionObjective, WarmupObjective
+from erw.telemetry import NoMetrics
 from erw.training import checkpoint as ckpt
 from erw.training.distributed import Dist, all_reduce_mean, barrier
-
-AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+from erw.training.step import TrainState, any_rank, step_seed, train_step
 
 
 class TrainingDiverged(ErwError):
@@ -43,6 +40,7 @@ class RunResult:
     step: int
     history: list[dict[str, float]] = field(default_factory=list)  # one entry per logged step
     preempted: bool = False
+    handoff: list[str] = field(default_factory=list)  # tensors loaded from the warmup (--init-from)
 
 
 def build_model(cfg: Config, phase: str, encoder_dim: int | None) -> torch.nn.Module:
@@ -52,15 +50,24 @@ def build_model(cfg: Config, phase: str, encoder_dim: int | None) -> torch.nn.Mo
     return sit_from_config(cfg.model, size, channels, encoder_dim)
 
 
-def init_from_warmup(model: torch.nn.Module, cfg: Config, uri: str, log: Callable[[str], None]) -> int:
-    """Load a warmup checkpoint's embedders and first l2r_depth blocks; return its step count W."""
+def build_objective(cfg: Config, phase: str, warmup_steps: int):
+    if phase == "warmup":
+        return WarmupObjective()
+    return DiffusionObjective(cfg.objective, cfg.model, warmup_steps)
+
+
+def init_from_warmup(
+    model: torch.nn.Module, cfg: Config, uri: str, log: Callable[[str], None]
+) -> tuple[int, list[str]]:
+    """Load a warmup checkpoint's embedders and first l2r_depth blocks; return (its step count W,
+    the names of the tensors loaded)."""
     warm = ckpt.load_checkpoint(uri, with_train_state=False)
     if warm.phase != "warmup":
         raise ckpt.CheckpointError(f"--init-from {warm.uri} is a {warm.phase!r} checkpoint; expected one from `erw warmup`")
     check_warmup_config(cfg.model, warm.config().model)
     loaded = load_warmup(model, warm.model_state, cfg.model.l2r_depth)
     log(f"init-from {warm.uri} (warmup step {warm.step}): loaded {len(loaded)} tensors: {', '.join(loaded)}")
-    return warm.step
+    return warm.step, loaded
 
 
 class PreemptionFlag:
@@ -88,26 +95,6 @@ class PreemptionFlag:
         return any_rank(self.raised, d)
 
 
-def any_rank(flag: bool, d: Dist) -> bool:
-    """True on every rank when flag is true on at least one."""
-    if not d.enabled:
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=d.device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
-
-
-@torch.no_grad()
-def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    for e, p in zip(ema.parameters(), model.parameters()):
-        if p.requires_grad:
-            e.lerp_(p.detach(), 1.0 - decay)
-
-
-def step_seed(seed: int, rank: int, step: int) -> int:
-    return (seed * 1_000_003 + rank * 7_919 + step) % (2**63)
-
-
 def run(
     cfg: Config,
     phase: str,
@@ -118,13 +105,14 @@ def run(
     init_from: str | None = None,
     resume: str | None = None,
     log: Callable[[str], None] = print,
-    metrics: Any = None,
+    metrics: Any = NoMetrics(),
 ) -> RunResult:
     """Train one phase to `cfg.<phase>.steps` optimizer steps and return the last checkpoint.
 
     batches yields {"latent", "label", optionally "image" or "feat"}: micro-batches of
     batch_size / (world_size * grad_accum) samples. If it has state_dict/load_state_dict,
     its position is checkpointed. encoder maps images to target tokens (None: no alignment).
+    metrics: a TrainingMetrics exporter (default: none).
     """
     p: PhaseConfig = getattr(cfg, phase)
     if not p.out:
@@ -133,182 +121,113 @@ def run(
     torch.manual_seed(step_seed(cfg.seed, 0, 0))  # identical initial weights on every rank
     encoder_dim = getattr(encoder, "dim", None) if encoder is not None else None
     model = build_model(cfg, phase, encoder_dim).to(d.device)
-    warmup_steps = 0
+    warmup_steps, handoff = 0, []
     if init_from:
         if phase != "train":
             raise ErwError("--init-from takes a warmup checkpoint into `erw train`; the warmup itself starts fresh")
-        warmup_steps = init_from_warmup(model, cfg, init_from, say)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    trainable = [q for q in model.parameters() if q.requires_grad]  # pos_embed is fixed
-    optimizer = torch.optim.AdamW(trainable, lr=p.lr, betas=p.betas, weight_decay=p.weight_decay)
-    autocast_dtype = AUTOCAST_DTYPES[p.precision]
-    scaler = torch.amp.GradScaler(d.device.type, enabled=p.precision == "fp16" and d.device.type == "cuda")
+        warmup_steps, handoff = init_from_warmup(model, cfg, init_from, say)
+    state = TrainState.create(model, p, d.device, warmup_steps=warmup_steps, data=batches)
     if d.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    step = 0
     restored = None
     source = ckpt.latest_checkpoint(p.out) if resume == "auto" else resume
     if source:
         restored = ckpt.load_checkpoint(source)
         if restored.phase != phase:
             raise ckpt.CheckpointError(f"cannot resume {phase} from {restored.uri}, a {restored.phase} checkpoint")
-        model.load_state_dict(restored.model_state)
-        ema.load_state_dict(restored.ema_state)
-        state = restored.train_state
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        step, warmup_steps = int(state["step"]), int(state["warmup_steps"])
-        if state.get("data") is not None and hasattr(batches, "load_state_dict"):
-            batches.load_state_dict(state["data"])
-        say(f"resumed {phase} from {restored.uri} at step {step}")
-        if metrics is not None:
-            metrics.observe_restart()
+        state.load(restored.model_state, restored.ema_state, restored.train_state)
+        say(f"resumed {phase} from {restored.uri} at step {state.step}")
+        metrics.observe_restart()
 
-    objective = (
-        WarmupObjective() if phase == "warmup" else DiffusionObjective(cfg.objective, cfg.model, warmup_steps)
-    )
+    objective = build_objective(cfg, phase, state.warmup_steps)
     net = DistributedDataParallel(model) if d.enabled else model
     if p.compile:
         net = torch.compile(net)
     micro = p.batch_size // (d.world_size * p.grad_accum)
     say(
-        f"{phase}: {sum(q.numel() for q in trainable) / 1e6:.1f}M trainable parameters, "
+        f"{phase}: {sum(q.numel() for q in state.trainable) / 1e6:.1f}M trainable parameters, "
         f"{d.world_size} rank(s) x {micro} samples x {p.grad_accum} accumulation = batch {p.batch_size}, "
-        f"steps {step}->{p.steps}, precision {p.precision}, device {d.device}"
+        f"steps {state.step}->{p.steps}, precision {p.precision}, device {d.device}"
     )
 
-    def save(at_step: int) -> str:
+    def save() -> str:
         started = time.perf_counter()
         uri = ""
         try:
             if d.is_main:
-                uri = write_checkpoint(at_step)
+                uri = ckpt.save_checkpoint(
+                    p.out, step=state.step, phase=phase, config=cfg,
+                    model_state=state.model.state_dict(), ema_state=state.ema.state_dict(),
+                    train_state=state.state_dict(), extra_meta={"warmup_steps": state.warmup_steps},
+                )
+                ckpt.prune_checkpoints(p.out, p.keep_last)
+                say(f"checkpoint {uri}")
             barrier(d)
         except BaseException:
-            if metrics is not None:
-                metrics.observe_checkpoint(time.perf_counter() - started, ok=False)
+            metrics.observe_checkpoint(time.perf_counter() - started, ok=False)
             raise
-        if metrics is not None:
-            metrics.observe_checkpoint(time.perf_counter() - started, ok=True)
+        metrics.observe_checkpoint(time.perf_counter() - started, ok=True)
         return uri
 
-    def write_checkpoint(at_step: int) -> str:
-        train_state = {
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(),
-            "step": at_step,
-            "warmup_steps": warmup_steps,
-            "data": batches.state_dict() if hasattr(batches, "state_dict") else None,
-        }
-        uri = ckpt.save_checkpoint(
-            p.out, step=at_step, phase=phase, config=cfg,
-            model_state=model.state_dict(), ema_state=ema.state_dict(), train_state=train_state,
-            extra_meta={"warmup_steps": warmup_steps},
-        )
-        ckpt.prune_checkpoints(p.out, p.keep_last)
-        say(f"checkpoint {uri}")
-        return uri
-
-    iterator: Iterator = iter(batches)
+    iterator = iter(batches)
     history: list[dict[str, float]] = []
     last_uri = restored.uri if restored else ""
     nonfinite_in_row = 0
     window = {"samples": 0, "seconds": 0.0, "data": 0.0}
-    with PreemptionFlag() as preempt:
-        while step < p.steps:
-            torch.manual_seed(step_seed(cfg.seed, d.rank, step))
-            started = time.perf_counter()
-            data_wait = 0.0
-            logs_sum: dict[str, float] = {}
-            for i in range(p.grad_accum):
-                fetch = time.perf_counter()
-                batch = next(iterator)
-                data_wait += time.perf_counter() - fetch
-                x = batch["latent"].to(d.device, non_blocking=True)
-                y = batch["label"].to(d.device, non_blocking=True)
-                targets = alignment_targets(batch, encoder, d.device)
-                sync = contextlib.nullcontext() if (i == p.grad_accum - 1 or not d.enabled) else net.no_sync()
-                with sync, torch.autocast(d.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    loss, logs = objective(net, x, y, targets, step)
-                scaler.scale(loss / p.grad_accum).backward()
-                logs = {"loss": loss.detach(), **logs}
-                for key, value in logs.items():
-                    logs_sum[key] = logs_sum.get(key, 0.0) + float(value) / p.grad_accum
-            scaler.unscale_(optimizer)
-            max_norm = p.grad_clip if p.grad_clip > 0 else math.inf
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
-            # Gradients are all-reduced, so every rank sees the same norm and skips together. With
-            # fp16 the grad scaler skips overflowing steps itself; only a non-finite loss counts then.
-            if scaler.is_enabled():
-                nonfinite = any_rank(not math.isfinite(logs_sum["loss"]), d)
-            else:
-                nonfinite = not bool(torch.isfinite(grad_norm))
-            if nonfinite:
-                optimizer.zero_grad(set_to_none=True)
-                scaler.update()
-                nonfinite_in_row += 1
-                if metrics is not None:
+    try:
+        with PreemptionFlag() as preempt:
+            while state.step < p.steps:
+                started = time.perf_counter()
+                stats = train_step(state, iterator, objective, p, seed=cfg.seed, dist_state=d, net=net, encoder=encoder)
+                if stats.skipped:
+                    nonfinite_in_row += 1
                     metrics.observe_nonfinite()
-                say(f"step {step}: non-finite loss or gradient, step skipped ({nonfinite_in_row} in a row)")
-                if nonfinite_in_row >= p.max_nonfinite:
-                    raise TrainingDiverged(
-                        f"{phase} stopped at step {step}: {nonfinite_in_row} non-finite steps in a row "
-                        f"({phase}.max_nonfinite={p.max_nonfinite}). Check the data for NaN/Inf, lower "
-                        f"{phase}.lr, or use precision=bf16 instead of fp16; resume from {last_uri or 'scratch'}."
+                    say(f"step {state.step}: non-finite loss or gradient, step skipped ({nonfinite_in_row} in a row)")
+                    if nonfinite_in_row >= p.max_nonfinite:
+                        raise TrainingDiverged(
+                            f"{phase} stopped at step {state.step}: {nonfinite_in_row} non-finite steps in a row "
+                            f"({phase}.max_nonfinite={p.max_nonfinite}). Check the data for NaN/Inf, lower "
+                            f"{phase}.lr, or use precision=bf16 instead of fp16; resume from {last_uri or 'scratch'}."
+                        )
+                    continue
+                nonfinite_in_row = 0
+                step = state.step
+                seconds = time.perf_counter() - started
+                window["samples"] += p.batch_size
+                window["seconds"] += seconds
+                window["data"] += stats.data_wait
+                metrics.observe_step(  # an exporter reads the tensors (a host sync); NoMetrics does not
+                    step=step, samples=p.batch_size // d.world_size,
+                    losses={k: v for k, v in stats.logs.items() if k.startswith("loss")},
+                    align_weight=stats.logs.get("align_weight"), lr=p.lr, grad_norm=stats.grad_norm,
+                    step_seconds=seconds, data_wait_seconds=stats.data_wait,
+                )
+                if step % p.log_every == 0 or step == p.steps:
+                    logs = {k: float(v) for k, v in stats.logs.items()}
+                    loss_mean = float(all_reduce_mean(stats.logs["loss"], d))
+                    grad_norm = float(stats.grad_norm)
+                    history.append({"step": step, **logs, "loss": loss_mean, "grad_norm": grad_norm})
+                    detail = " ".join(f"{k} {v:.4f}" for k, v in logs.items() if k != "loss")
+                    say(
+                        f"{phase} step {step}/{p.steps} | loss {loss_mean:.4f} | {detail} | grad {grad_norm:.3f} | "
+                        f"{window['samples'] / window['seconds']:.1f} samples/s | data wait "
+                        f"{100 * window['data'] / window['seconds']:.0f}%"
                     )
-                continue
-            nonfinite_in_row = 0
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            update_ema(ema, model, p.ema_decay)
-            step += 1
-
-            seconds = time.perf_counter() - started
-            window["samples"] += p.batch_size
-            window["seconds"] += seconds
-            window["data"] += data_wait
-            if metrics is not None:
-                metrics.observe_step(
-                    step=step, samples=p.batch_size // d.world_size, losses={k: v for k, v in logs_sum.items() if k.startswith("loss")},
-                    align_weight=logs_sum.get("align_weight"), lr=p.lr, grad_norm=float(grad_norm),
-                    step_seconds=seconds, data_wait_seconds=data_wait,
-                )
-            if step % p.log_every == 0 or step == p.steps:
-                loss_mean = float(all_reduce_mean(torch.tensor(logs_sum["loss"], device=d.device), d))
-                record = {"step": step, **logs_sum, "loss": loss_mean, "grad_norm": float(grad_norm)}
-                history.append(record)
-                detail = " ".join(f"{k} {v:.4f}" for k, v in logs_sum.items() if k != "loss")
-                say(
-                    f"{phase} step {step}/{p.steps} | loss {loss_mean:.4f} | {detail} | grad {float(grad_norm):.3f} | "
-                    f"{window['samples'] / window['seconds']:.1f} samples/s | data wait "
-                    f"{100 * window['data'] / window['seconds']:.0f}%"
-                )
-                window = {"samples": 0, "seconds": 0.0, "data": 0.0}
-                if metrics is not None:
+                    window = {"samples": 0, "seconds": 0.0, "data": 0.0}
                     metrics.observe_memory(d.device)
-            if step % p.ckpt_every == 0 or step == p.steps:
-                last_uri = save(step)
-            elif preempt.agreed(d):
-                say(f"{phase}: termination signal received, checkpointing at step {step} and exiting")
-                return RunResult(checkpoint=save(step), step=step, history=history, preempted=True)
+                if step % p.ckpt_every == 0 or step == p.steps:
+                    last_uri = save()
+                elif preempt.agreed(d):
+                    say(f"{phase}: termination signal received, checkpointing at step {step} and exiting")
+                    return RunResult(checkpoint=save(), step=step, history=history, preempted=True, handoff=handoff)
+    finally:
+        # Shut the batch source down (its DataLoader workers ignore SIGTERM): an exception's
+        # traceback keeps this frame alive, and with it the workers, so the process would never exit.
+        close = getattr(iterator, "close", None)
+        if close is not None:
+            close()
     if not last_uri and d.is_main:  # resumed at or past the final step: nothing new to save
         last_uri = ckpt.latest_checkpoint(p.out) or ""
-    return RunResult(checkpoint=last_uri, step=step, history=history)
-
-
-def alignment_targets(batch: dict[str, torch.Tensor], encoder, device: torch.device) -> torch.Tensor | None:
-    """Encoder tokens of the clean image: cached in the shards ("feat") or computed online."""
-    if encoder is None:
-        return None
-    if "feat" in batch:
-        return batch["feat"].to(device, non_blocking=True).float()
-    if "image" not in batch:
-        raise ErwError(
-            "alignment needs encoder targets but the shards hold neither images nor cached features: "
-            "precompute with --store images (or --store features), or set encoder.name=none"
-        )
-    with torch.no_grad():
-        return encoder(batch["image"].to(device, non_blocking=True))
+    return RunResult(checkpoint=last_uri, step=state.step, history=history, handoff=handoff)
