@@ -11,7 +11,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -26,11 +26,29 @@ SIT_PRESETS = {  # name -> (depth, hidden_size, num_heads); patch size comes fro
 }
 # Alignment weight c0 by model size (ERW, phase 2).
 ALIGN_COEFF_BY_SIZE = {"S": 1.0, "B": 1.0, "L": 3.0, "XL": 6.0}
-PRECISIONS = ("fp32", "bf16", "fp16")
+
+# The allowed values of every enumerated setting, declared once: `_coerce` checks them when a
+# config is built, and the command lines take their `choices` from here.
+InterpolantPath = Literal["linear", "cosine"]
+TimeSampling = Literal["uniform", "lognormal"]
+AlignSchedule = Literal["decay", "constant"]  # decay: c0 * 2^(-(s - W) / half_life); constant: c0 (REPA)
+Precision = Literal["fp32", "bf16", "fp16"]
+SamplerMode = Literal["sde", "ode"]
+OdeSolver = Literal["euler", "heun"]
+Codec = Literal["identity", "sd-vae-ft-ema", "sd-vae-ft-mse"]  # identity stores pixels in [-1, 1]
+
+
+def choices(literal: Any) -> tuple[str, ...]:
+    """The allowed values of one of the Literal types above."""
+    return typing.get_args(literal)
 
 
 class ConfigError(ErwError):
     """A configuration that cannot work. The message lists every problem, one per line."""
+
+    def __init__(self, *lines: str):
+        self.lines = list(lines)
+        super().__init__(lines[0] if len(lines) == 1 else "invalid configuration:\n  - " + "\n  - ".join(lines))
 
 
 def parse_arch(arch: str) -> tuple[str, int]:
@@ -88,7 +106,7 @@ class DataConfig:
     source: str = ""  # images to precompute: ImageFolder or image tar shards, local or s3://
     shards: str = ""  # latent shards (the directory that holds manifest.json), local or s3://
     resolution: int = 256
-    codec: str = "sd-vae-ft-ema"  # "identity" stores pixels in [-1, 1]; anything else is a VAE
+    codec: Codec = "sd-vae-ft-ema"
     codec_weights: str = ""  # diffusers AutoencoderKL directory, local or s3://; empty = hub
     num_workers: int = 4
     shuffle_buffer: int = 2000
@@ -108,12 +126,12 @@ class DataConfig:
 
 @dataclass
 class ObjectiveConfig:
-    path: str = "linear"  # linear | cosine
-    time_sampling: str = "uniform"  # uniform | lognormal
+    path: InterpolantPath = "linear"
+    time_sampling: TimeSampling = "uniform"
     lognormal_mean: float = 0.0
     lognormal_std: float = 1.0
     align_coeff: float | None = None  # c0; None = by model size (XL 6, L 3, B/S 1); 0 = no alignment
-    align_schedule: str = "decay"  # decay: c0 * 2^(-(s - W) / half_life) | constant: c0 (REPA)
+    align_schedule: AlignSchedule = "decay"
     align_half_life: int = 50_000
 
     def resolved_align_coeff(self, model: ModelConfig) -> float:
@@ -132,7 +150,7 @@ class PhaseConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
-    precision: str = "bf16"
+    precision: Precision = "bf16"
     compile: bool = False
     fused_optimizer: bool | None = None  # AdamW as one fused kernel; None = on for CUDA, off elsewhere
     ckpt_every: int = 10_000
@@ -147,8 +165,8 @@ class PhaseConfig:
 
 @dataclass
 class SampleConfig:
-    mode: str = "sde"  # sde | ode
-    solver: str = "euler"  # ode solver: euler | heun
+    mode: SamplerMode = "sde"
+    solver: OdeSolver = "euler"  # used by mode ode
     steps: int = 250
     cfg_scale: float = 1.0
     guidance_low: float = 0.0
@@ -156,7 +174,6 @@ class SampleConfig:
     num_samples: int = 50_000
     batch_size: int = 64
     use_ema: bool = True
-    out: str = ""
 
 
 @dataclass
@@ -164,7 +181,6 @@ class EvalConfig:
     reference: str = ""  # ADM reference batch .npz, or image shards/folder to compute stats from
     inception_weights: str = ""  # torch-fidelity Inception weights, local or s3://
     feature_network: str = ""  # optional small feature network checkpoint (small datasets)
-    out: str = ""
 
 
 @dataclass
@@ -198,6 +214,13 @@ class Config:
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
     """Convert a YAML value to the annotated field type, or raise ConfigError naming the key."""
     origin = typing.get_origin(annotation)
+    if origin is Literal:
+        allowed = typing.get_args(annotation)
+        if value not in allowed:
+            close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{where}={value!r} is not one of {', '.join(map(str, allowed))}{hint}")
+        return value
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
         if value is None:
@@ -229,18 +252,21 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
         raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
+    kwargs, found = {}, []
     for key, value in data.items():
         path = f"{where}.{key}" if where else key
         if key not in names:
             close = difflib.get_close_matches(key, names, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(names)})"
-            raise ConfigError(f"unknown config key {path!r}{hint}")
+            found.append(f"unknown config key {path!r}{hint}")
+            continue
         hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            kwargs[key] = _build(hint, value or {}, path)
-        else:
-            kwargs[key] = _coerce(value, hint, path)
+        try:
+            kwargs[key] = _build(hint, value or {}, path) if dataclasses.is_dataclass(hint) else _coerce(value, hint, path)
+        except ConfigError as err:
+            found.extend(err.lines)
+    if found:
+        raise ConfigError(*found)
     return cls(**kwargs)
 
 
@@ -330,12 +356,6 @@ def problems(cfg: Config, world_size: int = 1, phase: str | None = None) -> list
             f"data.resolution={d.resolution} must be a positive multiple of {step} "
             f"(codec downsampling {d.latent_downsample} x patch size {patch})"
         )
-    if o.path not in ("linear", "cosine"):
-        out.append(f"objective.path={o.path!r} must be 'linear' or 'cosine'")
-    if o.time_sampling not in ("uniform", "lognormal"):
-        out.append(f"objective.time_sampling={o.time_sampling!r} must be 'uniform' or 'lognormal'")
-    if o.align_schedule not in ("decay", "constant"):
-        out.append(f"objective.align_schedule={o.align_schedule!r} must be 'decay' or 'constant'")
     if o.align_half_life <= 0:
         out.append(f"objective.align_half_life must be positive, got {o.align_half_life}")
     if o.align_coeff is not None and o.align_coeff < 0:
@@ -345,10 +365,6 @@ def problems(cfg: Config, world_size: int = 1, phase: str | None = None) -> list
     for name in phases:
         out += _phase_problems(name, getattr(cfg, name), world_size)
     s = cfg.sample
-    if s.mode not in ("sde", "ode"):
-        out.append(f"sample.mode={s.mode!r} must be 'sde' or 'ode'")
-    if s.solver not in ("euler", "heun"):
-        out.append(f"sample.solver={s.solver!r} must be 'euler' or 'heun'")
     if not 0.0 <= s.guidance_low <= s.guidance_high <= 1.0:
         out.append(f"sample guidance interval [{s.guidance_low}, {s.guidance_high}] must lie inside [0, 1]")
     if cfg.metrics.port < 0 or cfg.metrics.port > 65535:
@@ -392,8 +408,6 @@ def _phase_problems(name: str, p: PhaseConfig, world_size: int) -> list[str]:
         out.append(f"{name}.lr must be positive, got {p.lr}")
     if not 0.0 <= p.ema_decay < 1.0:
         out.append(f"{name}.ema_decay={p.ema_decay} must be in [0, 1)")
-    if p.precision not in PRECISIONS:
-        out.append(f"{name}.precision={p.precision!r} must be one of {', '.join(PRECISIONS)}")
     if p.ckpt_every < 1:
         out.append(f"{name}.ckpt_every must be at least 1, got {p.ckpt_every}")
     if p.keep_last < 1:
@@ -409,5 +423,5 @@ def validate(cfg: Config, world_size: int = 1, phase: str | None = None) -> Conf
     """Raise ConfigError listing every problem; return cfg unchanged when it is valid."""
     found = problems(cfg, world_size, phase)
     if found:
-        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(found))
+        raise ConfigError(*found)
     return cfg

@@ -17,11 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from erw.config import ModelConfig, ObjectiveConfig
+from erw.config import InterpolantPath, ModelConfig, ObjectiveConfig, TimeSampling, choices
 from erw.errors import ErwError
-
-PATHS = ("linear", "cosine")
-TIME_SAMPLERS = ("uniform", "lognormal")
 
 
 class ObjectiveError(ErwError):
@@ -32,17 +29,17 @@ class ObjectiveError(ErwError):
 # Interpolant.
 
 
-def path_coefficients(path: str, t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def path_coefficients(path: InterpolantPath, t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(alpha_t, sigma_t, d alpha_t / dt, d sigma_t / dt), each shaped like t."""
     if path == "linear":
         return 1 - t, t, -torch.ones_like(t), torch.ones_like(t)
     if path == "cosine":
         angle = t * (math.pi / 2)
         return angle.cos(), angle.sin(), -(math.pi / 2) * angle.sin(), (math.pi / 2) * angle.cos()
-    raise ObjectiveError(f"unknown interpolant path {path!r}: choose one of {', '.join(PATHS)}")
+    raise ObjectiveError(f"unknown interpolant path {path!r}: choose one of {', '.join(choices(InterpolantPath))}")
 
 
-def interpolate(path: str, x: Tensor, eps: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+def interpolate(path: InterpolantPath, x: Tensor, eps: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
     """Noisy input x_t and velocity target v for clean x, noise eps and times t [N]."""
     shape = (-1,) + (1,) * (x.dim() - 1)
     alpha, sigma, d_alpha, d_sigma = (c.view(shape) for c in path_coefficients(path, t))
@@ -68,7 +65,7 @@ def sample_time(
     elif kind == "lognormal":
         t = torch.sigmoid(mean + std * torch.randn(n, device=draw_on, generator=generator))
     else:
-        raise ObjectiveError(f"unknown time sampling {kind!r}: choose one of {', '.join(TIME_SAMPLERS)}")
+        raise ObjectiveError(f"unknown time sampling {kind!r}: choose one of {', '.join(choices(TimeSampling))}")
     return t.to(device) if device is not None else t
 
 
@@ -171,11 +168,6 @@ class DiffusionObjective:
     of the schedule is warmup_steps + step."""
 
     def __init__(self, cfg: ObjectiveConfig, model_cfg: ModelConfig, warmup_steps: int = 0):
-        if cfg.path not in PATHS or cfg.time_sampling not in TIME_SAMPLERS:
-            raise ObjectiveError(
-                f"objective.path={cfg.path!r} / objective.time_sampling={cfg.time_sampling!r}: choose a path "
-                f"from {', '.join(PATHS)} and a time sampling from {', '.join(TIME_SAMPLERS)}"
-            )
         self.cfg = cfg
         self.coeff = cfg.resolved_align_coeff(model_cfg)
         self.warmup_steps = warmup_steps

@@ -24,7 +24,8 @@ import torch
 from torch import Tensor
 
 from erw.errors import ErwError
-from erw.objectives import PATHS, path_coefficients
+from erw.config import InterpolantPath, OdeSolver, SamplerMode, choices
+from erw.objectives import path_coefficients
 
 # (x [B, ...], t [B], y [B]) -> velocity shaped like x.
 VelocityFn = Callable[[Tensor, Tensor, Tensor], Tensor]
@@ -32,8 +33,7 @@ VelocityFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 NoiseFn = Callable[[], Tensor]
 
 SDE_LAST_T = 0.04  # the SDE stops here and takes one deterministic mean step to t = 0 (SiT/REPA)
-MODES = ("sde", "ode")
-SOLVERS = ("euler", "heun")
+MODES, SOLVERS, PATHS = choices(SamplerMode), choices(OdeSolver), choices(InterpolantPath)
 
 
 class SamplingError(ErwError):
@@ -147,10 +147,10 @@ def sample(
     noise: NoiseFn,
     y: Tensor,
     *,
-    mode: str,
+    mode: SamplerMode,
     steps: int,
-    solver: str = "euler",
-    path: str = "linear",
+    solver: OdeSolver = "euler",
+    path: InterpolantPath = "linear",
     guidance: Guidance = NO_GUIDANCE,
 ) -> Tensor:
     """Draw one batch of samples (float64, shaped like noise()) for labels y."""

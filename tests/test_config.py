@@ -39,6 +39,10 @@ def test_dotted_overrides_are_typed():
         ("train.steps=many", "train.steps: expected an integer"),
         ("model.qk_norm=3", "expected true or false"),
         ("train.lr", "section.key=value"),
+        ("train.precision=fp8", "train.precision='fp8' is not one of fp32, bf16, fp16"),
+        ("objective.path=vp", "objective.path='vp' is not one of linear, cosine"),
+        ("sample.mode=odee", "did you mean 'ode'"),
+        ("data.codec=sd-vae", "data.codec='sd-vae' is not one of identity, sd-vae-ft-ema, sd-vae-ft-mse"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):
@@ -67,8 +71,6 @@ def test_missing_file_is_a_clear_error(tmp_path):
         (["model.arch=SiT-M/2"], "is not one of SiT"),
         (["model.num_heads=5"], "model.hidden_size=192 is not divisible by num_heads"),
         (["model.hidden_size=6", "model.num_heads=1"], "not divisible by 4 (the 2-D sin-cos"),
-        (["train.precision=fp8"], "train.precision='fp8' must be one of"),
-        (["objective.path=vp"], "objective.path='vp'"),
         (["sample.guidance_low=0.8", "sample.guidance_high=0.2"], "guidance interval"),
     ],
 )
@@ -87,6 +89,21 @@ def test_batch_must_divide_over_world_size_and_accumulation():
         "every rank needs the same whole micro-batch"
     ]
     assert problems(cfg, world_size=3, phase="train") == []
+
+
+def test_problems_found_while_reading_are_reported_together():
+    message = str(pytest.raises(
+        ConfigError, load_config, CONFIGS / "demo.yaml", ["train.lr=abc", "sample.solver=rk4", "model.depht=3"]
+    ).value)
+    assert "train.lr: expected a number" in message and "sample.solver='rk4'" in message
+    assert "did you mean 'depth'" in message
+
+
+def test_the_codec_names_are_the_codecs_that_exist():
+    from erw.config import Codec, choices
+    from erw.data.codec import CODECS
+
+    assert set(choices(Codec)) == set(CODECS)
 
 
 def test_all_problems_are_reported_together():

@@ -25,7 +25,7 @@ from torch import nn
 from erw.errors import ErwError
 
 HUB_IDS = {"sd-vae-ft-ema": "stabilityai/sd-vae-ft-ema", "sd-vae-ft-mse": "stabilityai/sd-vae-ft-mse"}
-CODECS = ("identity", *HUB_IDS)
+CODECS = ("identity", *HUB_IDS)  # = the values of erw.config.Codec (a test holds them equal)
 NORMALIZATIONS = ("scale", "channel")
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from erw.config import OdeSolver, Precision, SamplerMode, choices
+
 
 def _classes(text: str) -> list[int]:
     try:
@@ -23,8 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ckpt", required=True, help="checkpoint directory, or a run directory (its latest), local or s3://")
     p.add_argument("--out", required=True, help="output directory or s3://bucket/prefix")
     p.add_argument("--num-samples", type=int, help="total images over all ranks (50000 for FID-50K)")
-    p.add_argument("--mode", choices=("sde", "ode"), help="Euler-Maruyama SDE or probability-flow ODE")
-    p.add_argument("--solver", choices=("euler", "heun"), help="ODE solver (--mode ode)")
+    p.add_argument("--mode", choices=choices(SamplerMode), help="Euler-Maruyama SDE or probability-flow ODE")
+    p.add_argument("--solver", choices=choices(OdeSolver), help="ODE solver (--mode ode)")
     p.add_argument("--steps", type=int, help="SDE: velocity evaluations (250 in REPA); ODE: steps (Heun: 2 evaluations each)")
     p.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale; 1 = off")
     p.add_argument("--guidance-low", type=float, help="guidance applies for t in [low, high] (t = 1 is noise)")
@@ -33,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, help="sample i's noise comes from (seed, i); default: the run's seed")
     p.add_argument("--classes", type=_classes, help="comma-separated class ids to cycle through (default: all)")
     p.add_argument("--raw-weights", action="store_true", help="use the trained weights instead of the EMA")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="autocast of the model forward")
+    p.add_argument("--precision", default="fp32", choices=choices(Precision), help="autocast of the model forward")
     p.add_argument("--npz", action="store_true", help="also write samples.npz (ADM layout: arr_0 [N,H,W,3] uint8)")
     p.add_argument("--pushgateway", help="host:port of a Prometheus Pushgateway (default: the run's metrics.pushgateway)")
     p.set_defaults(func=_sample)

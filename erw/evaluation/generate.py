@@ -127,10 +127,6 @@ def with_overrides(settings: SampleConfig, **overrides: Any) -> SampleConfig:
 
 def settings_problems(s: SampleConfig) -> list[str]:
     out = []
-    if s.mode not in ("sde", "ode"):
-        out.append(f"--mode {s.mode!r} must be sde or ode")
-    if s.solver not in ("euler", "heun"):
-        out.append(f"--solver {s.solver!r} must be euler or heun")
     if s.steps < 1:
         out.append(f"--steps must be at least 1, got {s.steps}")
     if s.num_samples < 1:
