@@ -13,7 +13,7 @@ COMMAND_MODULES = (
     "erw.training.commands",
     "erw.models.commands",
     "erw.evaluation.commands",
-    "erw.launch",
+    "erw.launch.commands",
     "pipeline.cli",
     "erw.promote",
 )

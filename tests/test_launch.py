@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from erw.cli import build_parser, main
-from erw.launch import LaunchError, LaunchSpec, dry_run, launch, parse_duration, parse_toleration, spec_from_args
-from erw.launch.command import parse_command
+from erw.launch import LaunchError, LaunchSpec, dry_run, launch, parse_duration, parse_toleration
+from erw.launch.commands import parse_command, spec_from_args
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from erw.cli import build_parser, main
-from erw.launch import spec_from_args
+from erw.launch.commands import spec_from_args
 from erw.promote import PromoteError, promote_if_better
 from pipeline.compile import PIPELINE_YAML, compile_pipeline
 from pipeline.params import PipelineParamError, defaults, parse_cli_arguments, resolve

@@ -18,7 +18,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, TextIO
 
-from erw.launch import kube
+import erw.launch.kube as kube
 from erw.launch.spec import LaunchError, LaunchSpec, format_duration
 from erw.launch.volcano import ROLE, build_app, job_labels, scheduler_cfg, volcano_job
 

@@ -1,13 +1,17 @@
 """`erw launch [--spec JSON|FILE] [flags] -- warmup|train ...`: one flag per LaunchSpec field.
 
 The flags are generated from the dataclass, so a new setting is added in one place. A flag given
-explicitly overrides the spec's value; a flag not given leaves it alone.
+explicitly overrides the spec's value; a flag not given leaves it alone. The erw command after
+'--' is read with the training commands' own parser (not the whole CLI's, which imports this).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import typing
+from dataclasses import dataclass
 
 from erw.launch.spec import SCHEDULERS, LaunchError, LaunchSpec, parse_key_value, parse_toleration
 from erw.launch.volcano import INSTANCE_TYPE_LABEL, RUN_ID_LABEL, STEP_LABEL
@@ -41,6 +45,45 @@ REPEATABLE = {
     "tolerations": ("--toleration", "KEY[=VALUE][:EFFECT]", parse_toleration),
     "env": ("--env", "KEY=VALUE", lambda text: parse_key_value(text, "--env")),
 }
+
+
+@dataclass(frozen=True)
+class TrainingCommand:
+    phase: str  # warmup | train
+    config: str
+    overrides: tuple[str, ...]
+
+
+def _training_parser() -> tuple[argparse.ArgumentParser, tuple[str, ...]]:
+    from erw.training import commands
+
+    parser = argparse.ArgumentParser(prog="erw", add_help=False)
+    sub = parser.add_subparsers(dest="command", required=True)
+    commands.register(sub)
+    return parser, tuple(sub.choices)
+
+
+def parse_command(argv: list[str]) -> TrainingCommand:
+    """`["train", "--config", "c.yaml", "train.lr=1e-4"]` -> TrainingCommand, or LaunchError saying why not."""
+    parser, launchable = _training_parser()
+    if not argv or argv[0] not in launchable:
+        got = argv[0] if argv else "nothing"
+        raise LaunchError(f"the command after '--' must be one of: erw {' | '.join(launchable)} ... (got {got!r})")
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            args = parser.parse_args(argv)
+    except SystemExit:
+        reason = stderr.getvalue().strip().splitlines()[-1:] or ["cannot parse it"]
+        raise LaunchError(f"the command after '--' ({' '.join(argv)}): {reason[0]}") from None
+    return TrainingCommand(phase=args.phase, config=args.config, overrides=tuple(args.overrides))
+
+
+def check_config(command: TrainingCommand, world_size: int) -> None:
+    """Validate the training config for the job's world size here, not after the GPUs are allocated."""
+    from erw.config import load_config, validate
+
+    validate(load_config(command.config, list(command.overrides)), world_size, command.phase)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -93,7 +136,6 @@ def spec_from_args(args: argparse.Namespace) -> tuple[LaunchSpec, list[str]]:
 def _run(args: argparse.Namespace) -> int:
     import logging
 
-    from erw.launch.command import check_config, parse_command
     from erw.launch.run import dry_run, launch
 
     logging.getLogger("torchx").setLevel(logging.WARNING)  # its INFO lines (log dirs, trackers) are noise here
