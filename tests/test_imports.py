@@ -10,7 +10,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-
 REPO = Path(__file__).resolve().parents[1]
 FORBIDDEN = ("pipeline", "components", "kfp")
 
@@ -38,9 +37,15 @@ def imported_names(path: Path, name: str | None = None) -> set[str]:
 
 
 def erw_graph() -> dict[str, set[str]]:
+    """Module -> the erw modules it imports. A module's own parent packages are left out: Python
+    runs them before the module anyway, so `from erw.launch import kube` inside erw.launch.run
+    depends on kube, not on its own package."""
     modules = {module_name(p): p for p in (REPO / "erw").rglob("*.py")}
     return {
-        name: {target for target in imported_names(path) if target in modules and target != name}
+        name: {
+            target for target in imported_names(path)
+            if target in modules and target != name and not name.startswith(target + ".")
+        }
         for name, path in modules.items()
     }
 
