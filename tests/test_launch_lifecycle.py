@@ -1,0 +1,176 @@
+"""The launched job's lifecycle on Kubernetes, against an API server that speaks HTTP (tests/kube_fake.py)
+to the real `kubernetes` client and TorchX's real kubernetes scheduler: re-attach instead of a second
+job, one direct DELETE on SIGTERM, the Workflow as owner, the scheduler's reasons when Pending."""
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from erw.launch import LaunchError, LaunchSpec, launch
+from erw.launch import kube
+from kube_fake import FakeKube, Server
+
+ROOT = Path(__file__).resolve().parents[1]
+NAMESPACE = "team-a"
+COMMAND = ["train", "--config", "configs/demo.yaml"]
+WORKFLOW_OWNER = {
+    "apiVersion": "argoproj.io/v1alpha1", "kind": "Workflow", "name": "erw-pipeline-x7k2p", "uid": "0c6b-wf-uid",
+    "controller": True, "blockOwnerDeletion": True,
+}
+LABELS = {"app.kubernetes.io/part-of": "erw", "erw.dev/run-id": "run-42", "erw.dev/step": "train"}
+
+
+def spec(**changes) -> LaunchSpec:
+    base = LaunchSpec(
+        scheduler="kubernetes", image="erw:test", queue="erw", namespace=NAMESPACE, nodes=2, procs_per_node=1,
+        run_id="run-42", grace_period_s=900,
+    )
+    return base.replace(**changes)
+
+
+@pytest.fixture
+def fake(tmp_path, monkeypatch):
+    """A fake API on 127.0.0.1 reached through $KUBECONFIG; this process is not in a pod."""
+    api = FakeKube()
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)  # never the in-cluster config of a real cluster
+    monkeypatch.setattr(kube, "SERVICE_ACCOUNT_DIR", tmp_path / "not-in-a-pod")
+    with Server(api, tmp_path) as kubeconfig:
+        monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+        yield api
+
+
+def in_launcher_pod(api: FakeKube, tmp_path: Path, monkeypatch, namespace: str = NAMESPACE) -> None:
+    """As in a KFP step: the service account's namespace file, HOSTNAME = pod name, Argo's owner on the pod."""
+    account = tmp_path / "serviceaccount"
+    account.mkdir()
+    (account / "namespace").write_text(namespace)
+    monkeypatch.setattr(kube, "SERVICE_ACCOUNT_DIR", account)
+    monkeypatch.setenv("HOSTNAME", "erw-pipeline-x7k2p-system-container-impl-123")
+    api.add_pod(
+        namespace, "erw-pipeline-x7k2p-system-container-impl-123",
+        labels={"workflows.argoproj.io/workflow": "erw-pipeline-x7k2p"}, owners=[WORKFLOW_OWNER],
+    )
+
+
+def test_submitted_job_is_owned_by_the_workflow_labelled_and_bounded(fake, tmp_path, monkeypatch):
+    in_launcher_pod(fake, tmp_path, monkeypatch)
+    fake.default_log = ["2026-01-01T00:00:01.5Z [0]:train step 1/2", "2026-01-01T00:00:02Z [0]:train step 2/2"]
+    out = io.StringIO()
+    launch(spec(), COMMAND, poll_s=0.05, out=out)
+    (job,) = fake.created
+    meta, body = job["metadata"], job["spec"]
+    assert meta["ownerReferences"] == [
+        {"apiVersion": "argoproj.io/v1alpha1", "kind": "Workflow", "name": "erw-pipeline-x7k2p", "uid": "0c6b-wf-uid"}
+    ]  # no blockOwnerDeletion: it would need update on workflows/finalizers
+    assert meta["labels"] == LABELS
+    assert body["ttlSecondsAfterFinished"] > 0 and body["maxRetry"] == 1
+    for task in body["tasks"]:
+        pod = task["template"]["spec"]
+        assert pod["terminationGracePeriodSeconds"] == 900
+        assert pod["securityContext"]["runAsNonRoot"] is True
+    log = out.getvalue()
+    assert "owned by Workflow erw-pipeline-x7k2p" in log and "succeeded" in log
+    assert log.count("[node 1] 2026-01-01T00:00:02Z [0]:train step 2/2") == 1  # streams re-opened, lines not repeated
+
+
+def test_no_owner_reference_across_namespaces(fake, tmp_path, monkeypatch):
+    # Kubernetes treats an owner in another namespace as absent: the garbage collector would delete the job.
+    in_launcher_pod(fake, tmp_path, monkeypatch, namespace="kubeflow")
+    launch(spec(), COMMAND, poll_s=0.05, out=io.StringIO())
+    (job,) = fake.created
+    assert "ownerReferences" not in job["metadata"]
+
+
+def test_a_second_launch_for_the_same_run_and_step_reattaches(fake):
+    fake.add_job(NAMESPACE, "erw-train-old", LABELS, "Completed")  # an earlier attempt that finished: ignored
+    fake.add_job(NAMESPACE, "erw-warmup-abc", {**LABELS, "erw.dev/step": "warmup"}, "Running")  # another step
+    fake.add_job(NAMESPACE, "erw-other-run", {**LABELS, "erw.dev/run-id": "run-41"}, "Running")  # another run
+    fake.add_job(NAMESPACE, "erw-train-live", LABELS, "Running", phases=["Running", "Completed"])
+    fake.logs["erw-train-live-trainer-0-0"] = ["2026-01-01T00:00:03Z [0]:still training from the first launcher"]
+    out = io.StringIO()
+    launch(spec(), COMMAND, poll_s=0.05, out=out)
+    assert fake.created == []  # no second job
+    log = out.getvalue()
+    assert "re-attaching to kubernetes://torchx/team-a:erw-train-live, still Running" in log
+    assert "still training from the first launcher" in log and "succeeded" in log
+    assert {"erw-warmup-abc", "erw-other-run", "erw-train-old"} <= {name for _, name in fake.jobs}
+
+
+def test_without_a_run_id_every_launch_is_a_new_job(fake):
+    fake.add_job(NAMESPACE, "erw-train-live", {"app.kubernetes.io/part-of": "erw"}, "Running")
+    launch(spec(run_id=""), COMMAND, poll_s=0.05, out=io.StringIO())
+    assert len(fake.created) == 1
+    assert not any(method == "GET" and path.endswith("/jobs") for method, path in fake.requests)  # no lookup
+
+
+def test_pending_past_the_timeout_fails_with_the_schedulers_reasons(fake):
+    fake.phases = ["Pending"]  # never scheduled
+
+    def scheduler_says(job):
+        name, uid = job["metadata"]["name"], job["metadata"]["uid"]
+        fake.podgroups[(NAMESPACE, f"{name}-{uid}")] = {"status": {"phase": "Pending", "conditions": [{
+            "type": "Unschedulable", "status": "True", "reason": "NotEnoughResources",
+            "message": "2/2 tasks in gang unschedulable: pod group is not ready, 2 Pending, 2 minAvailable",
+        }]}}
+        fake.add_event(NAMESPACE, "Pod", f"{name}-trainer-0-0", "FailedScheduling",
+                       "0/3 nodes are unavailable: 3 Insufficient nvidia.com/gpu.")
+        fake.add_event(NAMESPACE, "Pod", "someone-elses-pod", "FailedScheduling", "not ours")
+        fake.add_event(NAMESPACE, "Job", name, "Normal", "created", type_="Normal")
+
+    fake.on_create = scheduler_says
+    out = io.StringIO()
+    with pytest.raises(LaunchError) as err:
+        launch(spec(pending_timeout="1s"), COMMAND, poll_s=0.1, out=out)
+    message = str(err.value)
+    (job,) = fake.created
+    name = job["metadata"]["name"]
+    assert f"job kubernetes://torchx/team-a:{name} was still Pending after 1s; it was deleted" in message
+    assert "PodGroup Unschedulable: NotEnoughResources: 2/2 tasks in gang unschedulable" in message
+    assert f"Pod {name}-trainer-0-0: FailedScheduling: 0/3 nodes are unavailable: 3 Insufficient nvidia.com/gpu." in message
+    assert "not ours" not in message and "created" not in message
+    assert out.getvalue().count("erw launch: pending: PodGroup Unschedulable") == 1  # printed once, when first seen
+    assert (NAMESPACE, name) not in fake.jobs and ("DELETE", f"/apis/batch.volcano.sh/v1alpha1/namespaces/{NAMESPACE}/jobs/{name}") in fake.requests
+
+
+def test_sigterm_deletes_the_job_with_one_direct_request(fake, tmp_path):
+    """The real CLI in its own process, as in a KFP step: SIGTERM -> DELETE, no status reads first."""
+    fake.phases = ["Pending", "Running"]  # then Running for ever
+    env = {k: v for k, v in os.environ.items() if k != "KUBERNETES_SERVICE_HOST"}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "erw.cli", "launch", "--scheduler", "kubernetes", "--image", "erw:test",
+         "--queue", "erw", "--namespace", NAMESPACE, "--nodes", "2", "--run-id", "run-9", "--",
+         "train", "--config", str(ROOT / "configs" / "demo.yaml"), "encoder.name=none"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        for _ in range(600):  # until the launcher has read the Running job (then it sleeps between polls)
+            with fake.lock:
+                running = [j for j in fake.jobs.values() if j["status"]["state"]["phase"] == "Running"]
+                reads = [p for m, p in fake.requests if p.endswith("/status")]
+            if running and len(reads) >= 2:
+                break
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+        (job,) = running
+        name = job["metadata"]["name"]
+        with fake.lock:
+            before = len(fake.requests)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 2, err
+    assert "erw launch: error: stopped by SIGTERM; the job was deleted" in err
+    after = [(m, p) for m, p in fake.requests[before:] if f"/jobs/{name}" in p]
+    assert after[0] == ("DELETE", f"/apis/batch.volcano.sh/v1alpha1/namespaces/{NAMESPACE}/jobs/{name}"), after
+    assert (NAMESPACE, name) not in fake.jobs
+    assert f"erw launch: deleting kubernetes://torchx/{NAMESPACE}:{name}" in out
