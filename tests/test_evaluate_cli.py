@@ -15,9 +15,9 @@ from PIL import Image
 from erw.cli import main
 from erw.config import config_from_dict
 from erw.evaluation.features import save_feature_network
-from erw.evaluation.inception import save_random_inception_weights
 from erw.models.sit import sit_from_config
 from erw.training.checkpoint import save_checkpoint
+from random_weights import save_random_inception_weights
 
 NUM_CLASSES, RESOLUTION = 3, 8
 

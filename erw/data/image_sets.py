@@ -17,14 +17,12 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
 from erw import storage
-from erw.data.shards import MANIFEST, read_tar_samples
+from erw.data.shards import IMAGE_MEMBERS, MANIFEST, decode_crop, read_tar_samples
 from erw.errors import ErwError
 
-IMAGE_MEMBERS = ("png", "jpg", "jpeg")
 Batch = tuple[Tensor, Tensor]  # uint8 images [B, 3, H, W], int64 labels [B]
 
 
@@ -65,10 +63,13 @@ class ImageSet:
     def _shards(self) -> Iterator[Batch]:
         for shard in self.manifest["shards"]:
             for sample in read_tar_samples(storage.join(self.uri, shard["name"])):
-                member = next((m for m in IMAGE_MEMBERS if m in sample), None)
-                if member is None:
-                    raise ImageSetError(f"{shard['name']}:{sample['__key__']} in {self.uri} has no png/jpg member")
-                pixels = decode_rgb(sample[member])
+                image_format = next((f for f, member in IMAGE_MEMBERS.items() if member in sample), None)
+                if image_format is None:
+                    raise ImageSetError(
+                        f"{shard['name']}:{sample['__key__']} in {self.uri} has no image member "
+                        f"({', '.join(IMAGE_MEMBERS.values())})"
+                    )
+                pixels = decode_crop(sample[IMAGE_MEMBERS[image_format]], image_format).copy()
                 label = int(sample["cls"].decode()) if "cls" in sample else -1
                 yield torch.from_numpy(pixels).permute(2, 0, 1)[None], torch.tensor([label])
 
@@ -88,11 +89,6 @@ class ImageSet:
                         continue  # the precompute job reports these; evaluation just skips them
                     label = raw.label if raw.label is not None else -1
                     yield torch.from_numpy(pixels).permute(2, 0, 1)[None], torch.tensor([label])
-
-
-def decode_rgb(data: bytes) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as image:
-        return np.array(image.convert("RGB"))  # a writable copy: torch.from_numpy wants one
 
 
 def _rebatch(stream: Iterator[Batch], batch_size: int, limit: int | None) -> Iterator[Batch]:

@@ -24,7 +24,6 @@ from erw.evaluation.reference import Reference, ReferenceError, load_reference
 
 IS_SPLITS = 10
 PR_NEIGHBOURS = 3
-OUTPUTS = ("metrics.json", "grid.png", "summary.md", "summary.html")
 
 
 @dataclass
