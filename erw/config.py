@@ -326,47 +326,47 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
 def problems(cfg: Config, world_size: int = 1, phase: str | None = None) -> list[str]:
     """All reasons this config cannot work, as readable lines (empty when it is fine)."""
     out: list[str] = []
-    m, d, o = cfg.model, cfg.data, cfg.objective
+    model, data, objective = cfg.model, cfg.data, cfg.objective
     try:
-        size, patch = parse_arch(m.arch)
+        size, patch = parse_arch(model.arch)
     except ConfigError as err:
         return [str(err)]
-    depth, hidden, heads = m.dims()
+    depth, hidden, heads = model.dims()
     if depth < 1 or hidden < 1 or heads < 1:
         out.append(f"model depth/hidden_size/num_heads must be positive, got {depth}/{hidden}/{heads}")
     elif hidden % heads or hidden % 4:
         why = "num_heads" if hidden % heads else "4 (the 2-D sin-cos position embedding)"
         out.append(f"model.hidden_size={hidden} is not divisible by {why}")
-    elif m.rope and (hidden // heads) % 4:
+    elif model.rope and (hidden // heads) % 4:
         out.append(f"model.rope needs a head dimension divisible by 4, got {hidden // heads}")
-    if not 1 <= m.l2r_depth < depth:
+    if not 1 <= model.l2r_depth < depth:
         out.append(
-            f"model.l2r_depth={m.l2r_depth} must be at least 1 and less than the model depth {depth} "
+            f"model.l2r_depth={model.l2r_depth} must be at least 1 and less than the model depth {depth} "
             "(the warmup trains a strict prefix of the blocks)"
         )
-    if not 1 <= m.align_depth <= depth:
-        out.append(f"model.align_depth={m.align_depth} is outside the model: choose 1..{depth}")
-    if m.num_classes < 1:
-        out.append(f"model.num_classes must be at least 1, got {m.num_classes}")
-    if not 0.0 <= m.class_dropout < 1.0:
-        out.append(f"model.class_dropout={m.class_dropout} must be in [0, 1)")
-    step = d.latent_downsample * patch
-    if d.resolution <= 0 or d.resolution % step:
+    if not 1 <= model.align_depth <= depth:
+        out.append(f"model.align_depth={model.align_depth} is outside the model: choose 1..{depth}")
+    if model.num_classes < 1:
+        out.append(f"model.num_classes must be at least 1, got {model.num_classes}")
+    if not 0.0 <= model.class_dropout < 1.0:
+        out.append(f"model.class_dropout={model.class_dropout} must be in [0, 1)")
+    step = data.latent_downsample * patch
+    if data.resolution <= 0 or data.resolution % step:
         out.append(
-            f"data.resolution={d.resolution} must be a positive multiple of {step} "
-            f"(codec downsampling {d.latent_downsample} x patch size {patch})"
+            f"data.resolution={data.resolution} must be a positive multiple of {step} "
+            f"(codec downsampling {data.latent_downsample} x patch size {patch})"
         )
-    if o.align_half_life <= 0:
-        out.append(f"objective.align_half_life must be positive, got {o.align_half_life}")
-    if o.align_coeff is not None and o.align_coeff < 0:
-        out.append(f"objective.align_coeff must be >= 0, got {o.align_coeff}")
+    if objective.align_half_life <= 0:
+        out.append(f"objective.align_half_life must be positive, got {objective.align_half_life}")
+    if objective.align_coeff is not None and objective.align_coeff < 0:
+        out.append(f"objective.align_coeff must be >= 0, got {objective.align_coeff}")
     out += _encoder_problems(cfg, phase)
     phases = [phase] if phase else ["warmup", "train"]
     for name in phases:
         out += _phase_problems(name, getattr(cfg, name), world_size)
-    s = cfg.sample
-    if not 0.0 <= s.guidance_low <= s.guidance_high <= 1.0:
-        out.append(f"sample guidance interval [{s.guidance_low}, {s.guidance_high}] must lie inside [0, 1]")
+    sample = cfg.sample
+    if not 0.0 <= sample.guidance_low <= sample.guidance_high <= 1.0:
+        out.append(f"sample guidance interval [{sample.guidance_low}, {sample.guidance_high}] must lie inside [0, 1]")
     if cfg.metrics.port < 0 or cfg.metrics.port > 65535:
         out.append(f"metrics.port={cfg.metrics.port} is not a TCP port (0 turns the exporter off)")
     return out
@@ -393,29 +393,29 @@ def _encoder_problems(cfg: Config, phase: str | None) -> list[str]:
     return []
 
 
-def _phase_problems(name: str, p: PhaseConfig, world_size: int) -> list[str]:
+def _phase_problems(name: str, phase: PhaseConfig, world_size: int) -> list[str]:
     out = []
-    if p.steps < 1:
-        out.append(f"{name}.steps must be at least 1, got {p.steps}")
-    if p.grad_accum < 1:
-        out.append(f"{name}.grad_accum must be at least 1, got {p.grad_accum}")
-    elif p.batch_size < 1 or p.batch_size % (world_size * p.grad_accum):
+    if phase.steps < 1:
+        out.append(f"{name}.steps must be at least 1, got {phase.steps}")
+    if phase.grad_accum < 1:
+        out.append(f"{name}.grad_accum must be at least 1, got {phase.grad_accum}")
+    elif phase.batch_size < 1 or phase.batch_size % (world_size * phase.grad_accum):
         out.append(
-            f"{name}.batch_size={p.batch_size} is not divisible by world size {world_size} x "
-            f"{name}.grad_accum={p.grad_accum}: every rank needs the same whole micro-batch"
+            f"{name}.batch_size={phase.batch_size} is not divisible by world size {world_size} x "
+            f"{name}.grad_accum={phase.grad_accum}: every rank needs the same whole micro-batch"
         )
-    if p.lr <= 0:
-        out.append(f"{name}.lr must be positive, got {p.lr}")
-    if not 0.0 <= p.ema_decay < 1.0:
-        out.append(f"{name}.ema_decay={p.ema_decay} must be in [0, 1)")
-    if p.ckpt_every < 1:
-        out.append(f"{name}.ckpt_every must be at least 1, got {p.ckpt_every}")
-    if p.keep_last < 1:
-        out.append(f"{name}.keep_last must be at least 1, got {p.keep_last}")
-    if p.log_every < 1:
-        out.append(f"{name}.log_every must be at least 1, got {p.log_every}")
-    if p.max_nonfinite < 1:
-        out.append(f"{name}.max_nonfinite must be at least 1, got {p.max_nonfinite}")
+    if phase.lr <= 0:
+        out.append(f"{name}.lr must be positive, got {phase.lr}")
+    if not 0.0 <= phase.ema_decay < 1.0:
+        out.append(f"{name}.ema_decay={phase.ema_decay} must be in [0, 1)")
+    if phase.ckpt_every < 1:
+        out.append(f"{name}.ckpt_every must be at least 1, got {phase.ckpt_every}")
+    if phase.keep_last < 1:
+        out.append(f"{name}.keep_last must be at least 1, got {phase.keep_last}")
+    if phase.log_every < 1:
+        out.append(f"{name}.log_every must be at least 1, got {phase.log_every}")
+    if phase.max_nonfinite < 1:
+        out.append(f"{name}.max_nonfinite must be at least 1, got {phase.max_nonfinite}")
     return out
 
 
