@@ -12,15 +12,31 @@ import pytest
 import yaml
 
 from pipeline.dag import CONFIG_MAP
+from pod_security import restricted_violations
 from pipeline.params import PipelineArgs
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
-OVERLAYS = ("minio", "aws")
+# overlay -> (namespace the pipeline's pods and jobs run in, the service account KFP runs them as, S3 endpoint)
+OVERLAYS = {
+    "seaweedfs": ("erw", "default-editor", "http://seaweedfs.kubeflow.svc.cluster.local:8333"),
+    "minio": ("erw", "default-editor", "http://minio-service.kubeflow.svc.cluster.local:9000"),
+    "aws": ("erw", "default-editor", None),
+    "standalone": ("kubeflow", "pipeline-runner", "http://seaweedfs.kubeflow.svc.cluster.local:8333"),
+}
 K8S_VERSION = "1.30.0"
 CUSTOM_KINDS = {"Queue", "PodMonitor", "ServiceMonitor", "PrometheusRule"}  # no schema in kubernetes-validate
 # Patterns of real credentials: AWS access key ids, Kubeflow MinIO's well-known default, PEM keys.
 SECRET_PATTERNS = [r"AKIA[0-9A-Z]{16}", r"minio123", r"-----BEGIN [A-Z ]*PRIVATE KEY-----", r"ASIA[0-9A-Z]{16}"]
+# What Kubeflow's profile controller puts on a profile's namespace (kubeflow/dashboard
+# components/profile-controller/controllers/profile_controller.go, and KFP's
+# pipelines.kubeflow.org/enabled); KFP's SeaweedFS NetworkPolicy admits namespaces by part-of.
+PROFILE_NAMESPACE_LABELS = {
+    "app.kubernetes.io/part-of": "kubeflow-profile",
+    "katib.kubeflow.org/metrics-collector-injection": "enabled",
+    "pipelines.kubeflow.org/enabled": "true",
+    "serving.kubeflow.org/inferenceservice": "enabled",
+}
 
 
 def kubectl() -> str:
@@ -31,39 +47,71 @@ def kubectl() -> str:
     return found
 
 
-@pytest.fixture(scope="module", params=OVERLAYS)
-def rendered(request):
-    out = subprocess.run(
-        [kubectl(), "kustomize", str(K8S / "overlays" / request.param)], capture_output=True, text=True, check=False
-    )
+def render(directory: Path) -> list[dict]:
+    out = subprocess.run([kubectl(), "kustomize", str(directory)], capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stderr
-    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
-    return request.param, docs
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+@pytest.fixture(scope="module", params=list(OVERLAYS))
+def rendered(request):
+    return request.param, render(K8S / "overlays" / request.param)
 
 
 def by_kind(docs, kind):
     return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
 
 
+def test_every_overlay_is_listed_and_tested():
+    assert {p.name for p in (K8S / "overlays").iterdir()} == set(OVERLAYS)
+
+
 def test_built_in_kinds_validate(rendered):
     _, docs = rendered
     built_in = [d for d in docs if d["kind"] not in CUSTOM_KINDS]
-    assert {"Namespace", "ServiceAccount", "Role", "RoleBinding", "ConfigMap"} <= {d["kind"] for d in built_in}
+    kinds = {d["kind"] for d in built_in}
+    assert {"ServiceAccount", "Role", "RoleBinding", "ConfigMap", "NetworkPolicy", "Deployment", "Service"} <= kinds
     for doc in built_in:
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
 
 
+def test_no_namespace_object_and_no_label_over_the_profiles(rendered, tmp_path):
+    """The namespace belongs to the Kubeflow Profile: nothing here may create it or relabel it."""
+    overlay, docs = rendered
+    assert not by_kind(docs, "Namespace"), f"{overlay} renders a Namespace: create the Profile instead"
+    for kustomization in K8S.rglob("kustomization.yaml"):
+        spec = yaml.safe_load(kustomization.read_text())
+        assert not {"labels", "commonLabels"} & set(spec), f"{kustomization}: a label transformer would relabel a Namespace"
+    # The same tree with the profile's Namespace added to the base (what a user applying both would
+    # get): every profile label survives the rendering unchanged.
+    copy = tmp_path / "k8s"
+    shutil.copytree(K8S, copy)
+    (copy / "base" / "profile-namespace.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": "erw", "labels": PROFILE_NAMESPACE_LABELS, "annotations": {"owner": "user@example.com"}},
+    }))
+    base = yaml.safe_load((copy / "base" / "kustomization.yaml").read_text())
+    base["resources"].append("profile-namespace.yaml")
+    (copy / "base" / "kustomization.yaml").write_text(yaml.safe_dump(base))
+    (namespace,) = by_kind(render(copy / "overlays" / overlay), "Namespace").values()
+    assert namespace["metadata"]["labels"] == PROFILE_NAMESPACE_LABELS
+    assert namespace["metadata"]["annotations"] == {"owner": "user@example.com"}
+
+
 def test_custom_kinds_have_their_required_fields(rendered):
-    _, docs = rendered
+    overlay, docs = rendered
+    namespace = OVERLAYS[overlay][0]
     (queue,) = by_kind(docs, "Queue").values()
     assert queue["apiVersion"] == "scheduling.volcano.sh/v1beta1"
     assert "namespace" not in queue["metadata"], "Volcano queues are cluster-scoped"
     assert isinstance(queue["spec"]["weight"], int) and queue["spec"]["weight"] >= 1
+    assert queue["spec"]["reclaimable"] is False  # a reclaim would spend the job's restart budget
     for doc in docs:
         if doc["kind"] in CUSTOM_KINDS - {"Queue"}:
-            assert doc["apiVersion"] == "monitoring.coreos.com/v1" and doc["metadata"]["namespace"] == "erw"
+            assert doc["apiVersion"] == "monitoring.coreos.com/v1" and doc["metadata"]["namespace"] == namespace
     for monitor in by_kind(docs, "PodMonitor").values():
         assert monitor["spec"]["selector"]["matchLabels"] and monitor["spec"]["podMetricsEndpoints"]
+        assert monitor["spec"]["namespaceSelector"] == {"any": True}  # jobs run in every profile namespace
     for monitor in by_kind(docs, "ServiceMonitor").values():
         assert monitor["spec"]["selector"] and monitor["spec"]["endpoints"]
     for rule in by_kind(docs, "PrometheusRule").values():
@@ -71,7 +119,7 @@ def test_custom_kinds_have_their_required_fields(rendered):
             assert group["name"] and all(("alert" in r or "record" in r) and r["expr"] for r in group["rules"])
 
 
-def test_rbac_is_minimal_and_has_no_wildcards(rendered):
+def test_rbac_is_namespaced_and_has_no_wildcards(rendered):
     _, docs = rendered
     roles = [d for d in docs if d["kind"] in ("Role", "ClusterRole")]
     assert not [d for d in docs if d["kind"] in ("ClusterRole", "ClusterRoleBinding")], "namespace-scoped only"
@@ -79,33 +127,38 @@ def test_rbac_is_minimal_and_has_no_wildcards(rendered):
         for rule in role["rules"]:
             for field in ("apiGroups", "resources", "verbs"):
                 assert "*" not in rule[field], f"{role['metadata']['name']}: wildcard in {field}"
-    rules = {
-        (group, resource): set(rule["verbs"])
-        for rule in by_kind(docs, "Role")["erw-launcher"]["rules"]
-        for group in rule["apiGroups"]
-        for resource in rule["resources"]
-    }
-    assert rules[("batch.volcano.sh", "jobs")] == {"create", "get", "list", "watch", "delete"}
-    assert rules[("", "pods")] == {"get", "list", "watch"} and rules[("", "pods/log")] == {"get"}
-    assert not any(verbs & {"update", "patch", "create"} for (g, r), verbs in rules.items() if g == "")
+    core = [rule for rule in by_kind(docs, "Role")["erw-launcher"]["rules"] if rule["apiGroups"] == [""]]
+    assert not any(set(rule["verbs"]) - {"get", "list"} for rule in core), "read-only on core objects"
+    # That the Role holds exactly the verbs `erw launch` uses: tests/test_launch_lifecycle.py.
 
 
 def test_manifests_agree_with_the_pipeline(rendered):
     overlay, docs = rendered
+    namespace, runner, endpoint = OVERLAYS[overlay]
     defaults = PipelineArgs()
     assert defaults.volcano_queue in by_kind(docs, "Queue")
     accounts = by_kind(docs, "ServiceAccount")
     assert set(accounts) == {defaults.trainer_service_account}  # the training pods need no API access
+    assert all(not a.get("automountServiceAccountToken", True) for a in accounts.values())
     (binding,) = by_kind(docs, "RoleBinding").values()
     assert binding["roleRef"]["name"] == "erw-launcher"
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "default-editor", "namespace": "erw"}]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": runner, "namespace": namespace}]
+    assert {d["metadata"].get("namespace", namespace) for d in docs if d["kind"] != "Queue"} == {namespace}
     settings = by_kind(docs, "ConfigMap")[CONFIG_MAP]["data"]
-    if overlay == "minio":
-        assert settings["AWS_ENDPOINT_URL"].startswith("http://minio-service.kubeflow")
+    if endpoint:
+        assert settings["AWS_ENDPOINT_URL"] == endpoint
     else:
         assert "AWS_ENDPOINT_URL" not in settings and settings["AWS_REGION"]
         for account in accounts.values():
             assert account["metadata"]["annotations"]["eks.amazonaws.com/role-arn"].startswith("arn:aws:iam::")
+
+
+def test_every_pod_passes_the_restricted_pod_security_level(rendered):
+    _, docs = rendered
+    templates = [d["spec"]["template"]["spec"] for d in docs if d["kind"] in ("Deployment", "StatefulSet", "DaemonSet")]
+    assert templates
+    for pod in templates:
+        assert restricted_violations(pod) == []
 
 
 def test_secret_template_is_valid_and_empty():

@@ -4,6 +4,7 @@ job, one direct DELETE on SIGTERM, the Workflow as owner, the scheduler's reason
 from __future__ import annotations
 
 import io
+import re
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from erw.launch import LaunchError, LaunchSpec, launch
 from erw.launch import kube
@@ -174,3 +176,36 @@ def test_sigterm_deletes_the_job_with_one_direct_request(fake, tmp_path):
     assert after[0] == ("DELETE", f"/apis/batch.volcano.sh/v1alpha1/namespaces/{NAMESPACE}/jobs/{name}"), after
     assert (NAMESPACE, name) not in fake.jobs
     assert f"erw launch: deleting kubernetes://torchx/{NAMESPACE}:{name}" in out
+
+
+API_PATH = re.compile(r"^/apis?/(?:(?P<group>[^/]+)/)?v[^/]+/namespaces/[^/]+/(?P<resource>[^/]+)(?:/(?P<name>[^/]+))?(?:/(?P<sub>[^/]+))?$")
+
+
+def rbac_verb(method: str, path: str) -> tuple[str, str, str]:
+    """(apiGroup, resource[/subresource], verb) that Kubernetes authorizes for one request."""
+    match = API_PATH.match(path)
+    group = match["group"] if path.startswith("/apis/") else ""
+    resource = match["resource"] + (f"/{match['sub']}" if match["sub"] else "")
+    verb = {"POST": "create", "DELETE": "delete", "GET": "get" if match["name"] else "list"}[method]
+    return group, resource, verb
+
+
+def test_the_launcher_role_grants_exactly_what_the_launcher_uses(fake, tmp_path, monkeypatch):
+    """Every request of a launch (submit from a KFP pod, Pending diagnostics, logs, re-attach lookup,
+    delete) is allowed by the erw-launcher Role in k8s/base, and the Role allows nothing else."""
+    in_launcher_pod(fake, tmp_path, monkeypatch)
+    fake.phases = ["Pending", "Pending", "Running", "Completed"]
+    fake.default_log = ["2026-01-01T00:00:01Z [0]:hello"]
+    launch(spec(), COMMAND, poll_s=0.05, out=io.StringIO())
+    fake.phases = ["Pending"]
+    with pytest.raises(LaunchError, match="still Pending"):
+        launch(spec(run_id="run-43", pending_timeout="0.2s"), COMMAND, poll_s=0.05, out=io.StringIO())
+    used = {rbac_verb(method, path) for method, path in fake.requests}
+
+    (role,) = [d for d in yaml.safe_load_all((ROOT / "k8s" / "base" / "rbac.yaml").read_text()) if d["kind"] == "Role"]
+    granted = {
+        (group, resource, verb)
+        for rule in role["rules"] for group in rule["apiGroups"] for resource in rule["resources"] for verb in rule["verbs"]
+    }
+    assert used <= granted, f"requests the Role forbids: {sorted(used - granted)}"
+    assert granted <= used, f"verbs the Role grants that nothing uses: {sorted(granted - used)}"

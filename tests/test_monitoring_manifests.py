@@ -60,3 +60,25 @@ def test_pushgateway_is_scraped_with_honor_labels():
     (endpoint,) = monitor["endpoints"]
     assert endpoint["honorLabels"] is True
     assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
+
+
+def test_network_policy_lets_prometheus_reach_every_rank_behind_volcanos_policy():
+    # Volcano's svc plugin admits only the job's own pods; this policy adds the Prometheus pods.
+    base_port, ranks = 9400, 8
+    spec = LaunchSpec(
+        scheduler="kubernetes", queue="erw", namespace="ml", nodes=2, procs_per_node=ranks, gpus_per_node=ranks,
+        image="registry.example.com/erw:test", metrics_port=base_port,
+    )
+    job = dry_run(spec, ["train", "--config", "configs/demo.yaml"])
+    policy = resources()["NetworkPolicy/erw-allow-prometheus-scrape"]["spec"]
+    assert policy["policyTypes"] == ["Ingress"]
+    (rule,) = policy["ingress"]
+    (source,) = rule["from"]
+    assert source["namespaceSelector"]["matchLabels"] and source["podSelector"]["matchLabels"]  # only Prometheus
+    (ports,) = rule["ports"]
+    for task in job["spec"]["tasks"]:
+        labels = task["template"]["metadata"]["labels"]
+        assert policy["podSelector"]["matchLabels"].items() <= labels.items()
+        (container,) = task["template"]["spec"]["containers"]
+        metrics = [p["containerPort"] for p in container["ports"] if p["name"].startswith("metrics-")]
+        assert len(metrics) == ranks and all(ports["port"] <= port <= ports["endPort"] for port in metrics)
