@@ -1,19 +1,31 @@
 # syntax=docker/dockerfile:1
 # The ERW image: every pipeline step and every training pod runs it.
 #
-#   docker build -t REGISTRY/erw:0.1.0 .
+#   docker build -t REGISTRY/erw:0.1.0 \
+#     --build-arg BASE_IMAGE=pytorch/pytorch:2.14.1-cuda13.0-cudnn9-runtime@sha256:<digest> .
 #   docker push REGISTRY/erw:0.1.0
 #   erw pipeline submit image=REGISTRY/erw:0.1.0 ...
 #
-# Base: the PyTorch release this repository pins (torch 2.14.1, CUDA 13.0, cuDNN 9). For a
-# reproducible build pin it by digest as well: --build-arg BASE_IMAGE=pytorch/pytorch:...@sha256:...
+# Base: the PyTorch release this repository pins (torch 2.14.1, CUDA 13.0, cuDNN 9). Pin it by
+# digest for a reproducible build (`docker buildx imagetools inspect <tag>` prints the digest).
+# CUDA 13.0 needs NVIDIA driver R580 or newer and a Turing or newer GPU (no V100). For nodes with
+# an older driver (R535-R570) build the CUDA 12.6 variant:
+#   --build-arg BASE_IMAGE=pytorch/pytorch:2.14.1-cuda12.6-cudnn9-runtime --build-arg CUDA=cu126
 ARG BASE_IMAGE=pytorch/pytorch:2.14.1-cuda13.0-cudnn9-runtime
 FROM ${BASE_IMAGE}
+# The CUDA build of torch: cu130 installs docker/torch-cu130.lock; any other value takes torch and
+# torchvision at the locked versions from https://download.pytorch.org/whl/${CUDA}. Match BASE_IMAGE.
+ARG CUDA=cu130
 
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    # The base's Python is Ubuntu's, "externally managed" (PEP 668): pip refuses to install into it.
+    # erw lives in a virtual environment that still sees the base's torch and CUDA libraries
+    # (--system-site-packages), so they are not installed a second time when the lock matches.
+    VIRTUAL_ENV=/opt/erw \
+    PATH=/opt/erw/bin:$PATH \
     # One rank per GPU; each rank's CPU work (augmentation, decoding) gets a few threads, not all cores.
     OMP_NUM_THREADS=8 \
     # NCCL: report problems, and let a hung collective fail the rank so torchrun/Volcano restart the job.
@@ -22,25 +34,37 @@ ENV PYTHONUNBUFFERED=1 \
     HOME=/home/erw \
     HF_HOME=/home/erw/.cache/huggingface
 
-RUN useradd --create-home --uid 1000 --user-group --shell /bin/bash erw
+RUN useradd --create-home --uid 1000 --user-group --shell /bin/bash erw \
+ && python3 -m venv --system-site-packages --without-pip /opt/erw \
+ && python3 -m pip --version
 WORKDIR /app
 
-# Dependencies first, in their own layer: exact versions (docker/lock.py writes the lock).
-COPY docker/requirements.lock docker/requirements.lock
-RUN python -m pip install -r docker/requirements.lock \
- && python -m pip check \
- && python -c "import torch; v = torch.__version__.split('+')[0]; assert v == '2.14.1', v"
+# Dependencies first, in their own layer, exactly as locked (docker/lock.py writes the locks;
+# --no-deps because the locks are the whole closure, which `pip check` then verifies).
+COPY docker/requirements.lock docker/torch-cu130.lock docker/
+RUN python3 -m pip install --no-deps -r docker/requirements.lock \
+ && if [ "$CUDA" = cu130 ]; then \
+      python3 -m pip install --no-deps -r docker/torch-cu130.lock; \
+    else \
+      python3 -m pip install --index-url "https://download.pytorch.org/whl/$CUDA" \
+        $(grep -E '^(torch|torchvision)==' docker/torch-cu130.lock); \
+    fi \
+ && python3 -m pip check \
+ && python3 -c "import torch; v = torch.__version__.split('+')[0]; assert v == '2.14.1', v"
 
-# The package itself, and the config presets the pipeline refers to by relative path.
-COPY pyproject.toml README.md ./
-COPY erw erw
-COPY components components
-COPY pipeline pipeline
-COPY configs configs
-RUN python -m pip install --no-deps . \
+# The package itself (its build backend, setuptools, is in the lock: no isolated build fetching
+# another), and the config presets the pipeline refers to by relative path from /app.
+COPY --chown=1000:1000 pyproject.toml README.md ./
+COPY --chown=1000:1000 erw erw
+COPY --chown=1000:1000 components components
+COPY --chown=1000:1000 pipeline pipeline
+COPY --chown=1000:1000 configs configs
+RUN python3 -m pip install --no-deps --no-build-isolation . \
+ && chown 1000:1000 /app \
  && erw --help > /dev/null
 
-# Numeric, so Kubernetes can verify runAsNonRoot.
+# Numeric, so Kubernetes can verify runAsNonRoot. /app is its own: `erw pipeline compile` writes
+# pipeline.yaml there, and `configs/...` resolves there (the working directory).
 USER 1000:1000
 ENTRYPOINT ["erw"]
 CMD ["--help"]

@@ -5,6 +5,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import kubernetes_validate
@@ -181,32 +182,121 @@ def test_no_secret_values_are_checked_in(rendered):
     assert not re.search(r"AWS_SECRET_ACCESS_KEY['\"]?\s*[:=]\s*['\"]?[A-Za-z0-9/+]{16,}", spec)
 
 
-def test_image_runs_erw_as_a_non_root_user_on_a_pinned_base():
-    dockerfile = (REPO / "Dockerfile").read_text()
-    base = re.search(r"^ARG BASE_IMAGE=(\S+)$", dockerfile, re.M).group(1)
-    assert ":" in base and not base.endswith(":latest")
-    users = re.findall(r"^USER (\S+)$", dockerfile, re.M)
-    assert users and users[-1].split(":")[0] not in ("root", "0")
-    assert re.search(r'^ENTRYPOINT \["erw"\]$', dockerfile, re.M)
-    assert "docker/requirements.lock" in dockerfile
-    ignored = (REPO / ".dockerignore").read_text().split()
-    assert {".git", ".venv", "runs", "tests"} <= set(ignored)
+# ---------------------------------------------------------------------------------------------
+# The image. No Docker engine here: the Dockerfile is parsed and held to the rules a build on the
+# current pytorch/pytorch tags needs (PEP 668 Python, no bare `python`, exact locks).
+
+
+def dockerfile() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) in order, continuation lines joined, comments dropped."""
+    out, current = [], ""
+    for line in (REPO / "Dockerfile").read_text().splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):  # comment lines may sit inside a continued RUN
+            continue
+        current += " " + stripped.removesuffix("\\").strip() if current else stripped.removesuffix("\\").strip()
+        if not stripped.endswith("\\"):
+            keyword, _, rest = current.partition(" ")
+            out.append((keyword.upper(), rest.strip()))
+            current = ""
+    return out
+
+
+def locked(name: str) -> dict[str, str]:
+    pins = {}
+    for line in (REPO / "docker" / name).read_text().splitlines():
+        if line and not line.startswith("#"):
+            package, version = line.split("==")
+            pins[package] = version
+    return pins
+
+
+def test_image_installs_into_a_venv_with_python3_and_exact_locks():
+    steps = dockerfile()
+    runs = [args for kind, args in steps if kind == "RUN"]
+    env = " ".join(args for kind, args in steps if kind == "ENV")
+    # PEP 668: the base's Python refuses pip; erw goes into a venv that is first on PATH.
+    venv = re.search(r"VIRTUAL_ENV=(\S+)", env)[1]
+    assert f"PATH={venv}/bin:$PATH" in env
+    creates = next(i for i, run in enumerate(runs) if f"python3 -m venv --system-site-packages" in run and venv in run)
+    installs = [i for i, run in enumerate(runs) if "pip install" in run]
+    assert installs and creates < min(installs)
+    for run in runs:
+        assert not re.search(r"\bpython(?!3)\b", run), f"bare `python` (not in these images): {run}"
+        assert not re.search(r"(?<!-m )\bpip3? install", run), f"pip must run as `python3 -m pip`: {run}"
+        assert "--break-system-packages" not in run
+    # The locks are installed exactly (--no-deps: they are the whole closure), then checked.
+    deps = next(run for run in runs if "docker/requirements.lock" in run)
+    assert "--no-deps -r docker/requirements.lock" in deps and "--no-deps -r docker/torch-cu130.lock" in deps
+    assert "pip check" in deps
+    torch_pin = next(r for r in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"] if r.startswith("torch=="))
+    assert f"assert v == '{torch_pin.split('==')[1]}'" in deps
+    # The package: no isolated build environment (it would resolve setuptools at build time).
+    (project,) = [run for run in runs if re.search(r"pip install .*--no-build-isolation \.(\s|$)", run)]
+    assert "--no-deps" in project and "setuptools" in locked("requirements.lock")
+
+
+def test_image_base_is_a_build_argument_with_a_cuda_12_variant():
+    steps = dockerfile()
+    args = {a.split("=")[0]: a.partition("=")[2] for kind, a in steps if kind == "ARG"}
+    assert steps[0][0] == "ARG" and steps[0][1].startswith("BASE_IMAGE=")  # before FROM: a digest can be passed
+    assert next(a for kind, a in steps if kind == "FROM") == "${BASE_IMAGE}"
+    base = args["BASE_IMAGE"]
+    assert base.startswith("pytorch/pytorch:2.14.1-cuda13.0-") and not base.endswith(":latest")
+    assert args["CUDA"] == "cu130" and (REPO / "docker" / f"torch-{args['CUDA']}.lock").is_file()
+    deps = next(a for kind, a in steps if kind == "RUN" and "torch-cu130.lock" in a)
+    assert "https://download.pytorch.org/whl/$CUDA" in deps  # any other CUDA: torch from that index
+    header = (REPO / "Dockerfile").read_text()
+    assert "R580" in header and "cuda12.6" in header and "@sha256:" in header  # driver floor, variant, digest pin
+
+
+def test_image_runs_erw_as_a_non_root_user_with_the_configs_in_its_working_directory():
+    steps = dockerfile()
+    workdir = [a for kind, a in steps if kind == "WORKDIR"][-1]
+    assert workdir == "/app"
+    copies = [a for kind, a in steps if kind == "COPY"]
+    assert any(re.search(r"--chown=1000:1000 configs configs$", c) for c in copies)  # configs/... from /app
+    assert any("chown 1000:1000 /app" in a for kind, a in steps if kind == "RUN")  # compile writes pipeline.yaml
+    users = [a for kind, a in steps if kind == "USER"]
+    assert users and users[-1] == "1000:1000"
+    assert ("ENTRYPOINT", '["erw"]') in steps
+    ignored = {line for line in (REPO / ".dockerignore").read_text().splitlines() if not line.startswith("#")}
+    assert {".git", ".venv", "runs", "tests"} <= ignored and "configs" not in ignored
 
 
 def test_lock_pins_every_runtime_dependency():
-    import tomllib
-
     from packaging.requirements import Requirement
     from packaging.utils import canonicalize_name
 
-    lock = {}
-    for line in (REPO / "docker" / "requirements.lock").read_text().splitlines():
-        if line and not line.startswith("#"):
-            name, version = line.split("==")
-            lock[canonicalize_name(name)] = version
+    lock = {**locked("requirements.lock"), **locked("torch-cu130.lock")}
     declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     for text in declared:
         req = Requirement(text)
         name = canonicalize_name(req.name)
         assert name in lock, f"{req.name} is missing from docker/requirements.lock: run docker/lock.py"
         assert req.specifier.contains(lock[name], prereleases=True), f"lock pins {name}=={lock[name]}, needs {req}"
+
+
+def test_lock_is_closed_under_requirements_and_their_extras():
+    """Every requirement of every locked package, with the extras it is asked for (torch's
+    cuda-toolkit[cublas,...] are its CUDA libraries), is itself locked: --no-deps installs all."""
+    import importlib.metadata as metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    lock = {**locked("requirements.lock"), **locked("torch-cu130.lock")}
+    asked: dict[str, set[str]] = {}
+    for name in lock:
+        for text in metadata.distribution(name).requires or []:
+            req = Requirement(text)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                asked.setdefault(canonicalize_name(req.name), set()).update(req.extras)
+    for name, extras in asked.items():
+        for text in metadata.distribution(name).requires or []:
+            req = Requirement(text)
+            if req.marker and any(req.marker.evaluate({"extra": e}) for e in extras):
+                assert canonicalize_name(req.name) in lock, f"{name}[{','.join(extras)}] needs {req.name}: run docker/lock.py"
+    missing = sorted(set(asked) - set(lock))
+    assert not missing, f"required but not locked: {missing}: run docker/lock.py"
+    assert {"nvidia-cufft", "nvidia-curand", "nvidia-cusolver"} <= set(locked("torch-cu130.lock"))
