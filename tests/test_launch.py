@@ -95,6 +95,9 @@ def test_bad_specs_are_refused_before_submission():
     assert "toleration {'value': 'x'} needs 'key'" in text
     with pytest.raises(LaunchError, match="cannot launch"):
         dry_run(xl_spec(nodes=0), XL_COMMAND)
+    with pytest.raises(LaunchError, match="pod names would reach 64 characters"):
+        dry_run(xl_spec(name="x" * 37, nodes=10), XL_COMMAND)  # x*37-<14 random>-trainer-9-0
+    dry_run(xl_spec(name="x" * 36, nodes=10), XL_COMMAND)  # 63: fits
     with pytest.raises(LaunchError, match="must be one of: erw warmup \\| train"):
         parse_command(["sample", "--config", "x.yaml"])
     with pytest.raises(LaunchError, match="required: --config"):

@@ -14,7 +14,7 @@ import typing
 from dataclasses import dataclass
 
 from erw.launch.spec import SCHEDULERS, LaunchError, LaunchSpec, parse_key_value, parse_toleration
-from erw.launch.volcano import INSTANCE_TYPE_LABEL, RUN_ID_LABEL, STEP_LABEL
+from erw.launch.volcano import INSTANCE_TYPE_LABEL, RUN_ID_LABEL, STEP_LABEL, name_problems
 
 HELP = {
     "scheduler": "local_cwd: torchrun processes here; kubernetes: a Volcano job",
@@ -140,7 +140,7 @@ def _run(args: argparse.Namespace) -> int:
 
     logging.getLogger("torchx").setLevel(logging.WARNING)  # its INFO lines (log dirs, trackers) are noise here
     spec, command = spec_from_args(args)
-    found = spec.problems()
+    found = spec.problems() + name_problems(spec, command)
     if found:
         raise LaunchError("cannot launch:\n  - " + "\n  - ".join(found))
     check_config(parse_command(command), spec.nodes * spec.procs_per_node)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, TextIO
 
 import erw.launch.kube as kube
 from erw.launch.spec import LaunchError, LaunchSpec, format_duration
-from erw.launch.volcano import ROLE, build_app, job_labels, scheduler_cfg, volcano_job
+from erw.launch.volcano import ROLE, build_app, job_labels, name_problems, scheduler_cfg, volcano_job
 
 if TYPE_CHECKING:
     from torchx.runner import Runner
@@ -43,7 +43,7 @@ class Terminated(LaunchError):
 
 def dry_run(spec: LaunchSpec, command: list[str], module: str = "erw.cli") -> Any:
     """What would be submitted: the Volcano job as a dict (kubernetes) or TorchX's local request."""
-    _raise_problems(spec)
+    _raise_problems(spec, command)
     from torchx.runner import get_runner
 
     namespace = spec.namespace or kube.own_namespace()
@@ -62,7 +62,7 @@ def launch(
     The job is deleted when a deadline passes or this process gets SIGTERM, so an abandoned job
     never keeps holding GPUs.
     """
-    _raise_problems(spec)
+    _raise_problems(spec, command)
     write = _line_writer(out)
     with _sigterm_raises_terminated():
         if spec.scheduler == "kubernetes":
@@ -301,8 +301,8 @@ def _structured_reason(message: str) -> str:
 # Helpers.
 
 
-def _raise_problems(spec: LaunchSpec) -> None:
-    found = spec.problems()
+def _raise_problems(spec: LaunchSpec, command: list[str]) -> None:
+    found = spec.problems() + name_problems(spec, command)
     if found:
         raise LaunchError("cannot launch:\n  - " + "\n  - ".join(found))
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +38,22 @@ CONTAINER_SECURITY_CONTEXT = {"allowPrivilegeEscalation": False, "capabilities":
 
 def job_name_prefix(spec: LaunchSpec, command: list[str]) -> str:
     return spec.name or f"erw-{command[0] if command else 'job'}"
+
+
+def name_problems(spec: LaunchSpec, command: list[str]) -> list[str]:
+    """Pod names are <job>-<TorchX's random id, up to 14>-trainer-<node>-0 and must fit in 63
+    characters (TorchX checks this only with validate_spec, which needs an API server)."""
+    if spec.scheduler != "kubernetes":
+        return []
+    longest = len(normalize_name(job_name_prefix(spec, command))) + 1 + 14 + len(f"-{ROLE}-{spec.nodes - 1}-0")
+    if longest > 63:
+        return [f"name {job_name_prefix(spec, command)!r} is too long: pod names would reach {longest} characters (max 63)"]
+    return []
+
+
+def normalize_name(text: str) -> str:
+    """What TorchX makes of a job name (torchx.util.strings.normalize_str)."""
+    return re.sub(r"[^a-z0-9-]", "", text.lower()).lstrip("-")
 
 
 def job_step(spec: LaunchSpec, command: list[str]) -> str:
