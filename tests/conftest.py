@@ -19,7 +19,8 @@ S3_TEST_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",
     "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_MAX_ATTEMPTS": "2",  # fail fast in the error tests; retries are botocore's own
+    "AWS_MAX_ATTEMPTS": "2",  # fail fast in the error tests
+    "ERW_S3_RETRY_SECONDS": "2",  # the outage budget; the fault tests set their own
     "AWS_EC2_METADATA_DISABLED": "true",  # never probe an instance role from a test
 }
 
@@ -87,3 +88,19 @@ def digits_folder(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("digits")
     write_digits(str(root))
     return str(root)
+
+
+@pytest.fixture
+def s3_proxy(s3_endpoint, monkeypatch):
+    """The test endpoint behind a fault-injecting proxy (tests/s3proxy.py): boto3 talks to the
+    proxy for the rest of the test, with an S3 retry budget of 30 s. Yields the FaultProxy."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from s3proxy import FaultProxy
+
+    with FaultProxy(s3_endpoint) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        monkeypatch.setenv("ERW_S3_RETRY_SECONDS", "30")
+        yield proxy

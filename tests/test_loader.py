@@ -191,3 +191,35 @@ def test_warmup_then_train_read_shards_from_s3(digits_folder, s3_bucket, capsys)
     assert "train finished at step 2" in capsys.readouterr().out
     saved = ckpt.load_checkpoint(ckpt.latest_checkpoint(f"{s3_bucket}/run/train"))
     assert saved.train_state["data"]["batches"] == 2 and saved.train_state["data"]["num_samples"] == 40
+
+
+def _upload(shards: str, remote: str) -> None:
+    for file in Path(shards).glob("*"):
+        if file.is_file():
+            storage.upload_file(file, f"{remote}/{file.name}")
+
+
+def test_loader_rides_out_an_s3_outage(shards, s3_bucket, s3_proxy, monkeypatch):
+    remote = f"{s3_bucket}/datasets/tiny"
+    _upload(shards, remote)
+    expected = take(build_loader(config(shards), 4, 0, 1, seed=1, with_images=False), 8)
+    loader = iter(build_loader(config(remote), 4, 0, 1, seed=1, with_images=False))
+    got = [next(loader)]
+    s3_proxy.outage(3)  # the endpoint restarts while the workers stream
+    got += [next(loader) for _ in range(7)]
+    assert s3_proxy.injected["outage"] >= 1
+    for a, b in zip(expected, got):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_s3_outage_past_the_budget_stops_the_loader_with_one_line(shards, s3_bucket, s3_proxy, monkeypatch):
+    remote = f"{s3_bucket}/datasets/tiny"
+    _upload(shards, remote)
+    loader = build_loader(config(remote), 4, 0, 1, seed=1, with_images=False)
+    monkeypatch.setenv("ERW_S3_RETRY_SECONDS", "1")  # inherited by the DataLoader workers
+    s3_proxy.outage(600)
+    with pytest.raises(storage.StorageError) as caught:
+        take(loader, 20)
+    message = str(caught.value)
+    assert message.startswith("cannot read s3://") and "retried for" in message
+    assert "\n" not in message and "Traceback" not in message

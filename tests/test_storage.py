@@ -67,38 +67,124 @@ def test_large_upload_goes_multipart(s3_bucket, tmp_path, monkeypatch):
     assert storage.read_bytes(uri) == data
 
 
-def test_open_read_streams_and_resumes_a_broken_connection(s3_bucket, monkeypatch):
+def test_writes_reads_and_listings_ride_out_5xx_slowdown_and_resets(s3_bucket, s3_proxy):
+    uri = f"{s3_bucket}/blips/x.bin"
+    data = os.urandom(50_000)
+    s3_proxy.fail(3, status=503, code="SlowDown")
+    s3_proxy.fail(2, status=500, code="InternalError")
+    s3_proxy.reset(3)
+    storage.write_bytes(uri, data)
+    assert storage.exists(uri)
+    assert storage.read_bytes(uri) == data
+    assert [f.path for f in storage.list_files(f"{s3_bucket}/blips")] == ["x.bin"]
+    storage.delete_tree(f"{s3_bucket}/blips")
+    assert s3_proxy.injected == {"fail": 5, "reset": 3}
+
+
+def test_an_outage_within_the_budget_is_ridden_out(s3_bucket, s3_proxy, monkeypatch):
+    monkeypatch.setenv("ERW_S3_RETRY_SECONDS", "60")
+    s3_proxy.outage(3)  # every request refused for 3 s: an endpoint restart
+    storage.write_bytes(f"{s3_bucket}/during-outage.bin", b"kept")
+    assert s3_proxy.injected["outage"] >= 1
+    assert storage.read_bytes(f"{s3_bucket}/during-outage.bin") == b"kept"
+
+
+def test_an_outage_past_the_budget_fails_with_one_line(s3_bucket, s3_proxy, monkeypatch):
+    storage.write_bytes(f"{s3_bucket}/x.bin", b"x")
+    monkeypatch.setenv("ERW_S3_RETRY_SECONDS", "1")
+    s3_proxy.outage(600)
+    with pytest.raises(storage.StorageError) as caught:
+        storage.read_bytes(f"{s3_bucket}/x.bin")
+    message = str(caught.value)
+    assert "\n" not in message and "cannot read s3://" in message
+    assert "retried for" in message and "ERW_S3_RETRY_SECONDS=1" in message
+    assert s3_proxy.injected["outage"] >= 2  # it did retry
+
+
+def test_a_broken_read_reopens_at_the_same_offset(s3_bucket, s3_proxy):
     data = os.urandom(3 * storage.STREAM_BUFFER + 123)
     uri = f"{s3_bucket}/stream.bin"
     storage.write_bytes(uri, data)
-    opened = []
-    real_open = storage._S3Stream._open
-
-    def flaky_open(self):
-        body = real_open(self)
-        opened.append(self.pos)
-        if len(opened) == 1:  # the first connection dies after one read
-            from urllib3.exceptions import ProtocolError
-
-            real_read = body.read
-            calls = iter(range(100))
-
-            def read(amount=None):
-                if next(calls) == 1:
-                    raise ProtocolError("connection reset by peer")
-                return real_read(amount)
-
-            body.read = read
-        return body
-
-    monkeypatch.setattr(storage._S3Stream, "_open", flaky_open)
-    monkeypatch.setattr(storage.time, "sleep", lambda _s: None)
+    s3_proxy.cut(1, after=2 * storage.STREAM_BUFFER + 10)  # the connection dies inside the third read
     with storage.open_read(uri) as stream:
         assert isinstance(stream, io.BufferedReader)
-        first = stream.read(1000)  # only a buffer's worth has been fetched
-        rest = stream.read()
-    assert first + rest == data
-    assert opened == [0, storage.STREAM_BUFFER]  # reopened at the broken offset
+        chunks = [stream.read(1000)]  # only a buffer's worth has been fetched
+        while chunk := stream.read(storage.STREAM_BUFFER):
+            chunks.append(chunk)
+    assert b"".join(chunks) == data
+    gets = [r for m, _, r in s3_proxy.log if m == "GET"]
+    assert gets == [None, f"bytes={2 * storage.STREAM_BUFFER + 10}-"]  # from the first byte not received
+
+
+def test_a_stalled_read_is_reopened_after_the_stall_timeout(s3_bucket, s3_proxy, monkeypatch):
+    monkeypatch.setenv("ERW_S3_STALL_SECONDS", "3")  # default 10 s; botocore's own would be 60 s
+    data = os.urandom(2 * storage.STREAM_BUFFER + 5)
+    uri = f"{s3_bucket}/stalled.bin"
+    storage.write_bytes(uri, data)
+    s3_proxy.stall(1, after=storage.STREAM_BUFFER + 7)  # headers and a bit, then silence
+    assert storage.read_bytes(uri) == data
+    gets = [r for m, _, r in s3_proxy.log if m == "GET"]
+    assert gets[0] is None and gets[-1] == f"bytes={storage.STREAM_BUFFER}-"  # reopened where it stalled
+
+
+def test_a_multipart_upload_rides_out_failed_parts(s3_bucket, s3_proxy, tmp_path, monkeypatch):
+    monkeypatch.setattr(storage, "MULTIPART_CHUNK", 5 * 1024 * 1024)
+    data = os.urandom(11 * 1024 * 1024)
+    (tmp_path / "big").write_bytes(data)
+    s3_proxy.fail(2, status=503, code="SlowDown", method="PUT")
+    s3_proxy.reset(1, method="PUT")
+    storage.upload_file(tmp_path / "big", f"{s3_bucket}/big.tar")
+    assert storage.read_bytes(f"{s3_bucket}/big.tar") == data
+
+
+def test_a_failed_multipart_upload_is_aborted(s3_bucket, s3_proxy, tmp_path, monkeypatch):
+    monkeypatch.setattr(storage, "MULTIPART_CHUNK", 5 * 1024 * 1024)
+    monkeypatch.setenv("ERW_S3_RETRY_SECONDS", "1")
+    (tmp_path / "big").write_bytes(os.urandom(11 * 1024 * 1024))
+    s3_proxy.fail(10_000, status=500, code="InternalError", method="PUT")  # every part fails
+    with pytest.raises(storage.StorageError, match="cannot upload to .*InternalError.*retried for"):
+        storage.upload_file(tmp_path / "big", f"{s3_bucket}/big.tar")
+    s3_proxy.clear()
+    bucket = s3_bucket[len("s3://"):]
+    assert boto3.client("s3").list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+    assert not storage.exists(f"{s3_bucket}/big.tar")
+
+
+@pytest.mark.parametrize("uri, message", [
+    ("s3:/my-bucket/run1", "is not an S3 URI \\(write it 's3://my-bucket/run1'\\)"),
+    ("S3://my-bucket/run1", "is not an S3 URI"),
+    ("s3://", "names no bucket"),
+    ("s3:///latents", "names no bucket|no valid bucket name"),
+    ("s3://ab/x", "no valid bucket name"),
+    ("gs://bucket/x", "scheme 'gs' is not supported"),
+    ("", "is empty"),
+])
+def test_malformed_locations_are_refused(uri, message):
+    with pytest.raises(storage.StorageError, match=message):
+        storage.check_uri(uri, "train.out")
+
+
+def test_well_formed_locations_pass(tmp_path):
+    for uri in ("s3://my-bucket", "s3://my-bucket/a/b", str(tmp_path), "runs/demo/train", "./x:y"):
+        storage.check_uri(uri, "train.out")
+
+
+def test_check_writable(s3_bucket, tmp_path, monkeypatch):
+    storage.check_writable(str(tmp_path / "new" / "dir"), "train.out")
+    assert list((tmp_path / "new" / "dir").iterdir()) == []  # the probe is gone
+    storage.check_writable(f"{s3_bucket}/runs/x", "train.out")
+    assert storage.list_files(s3_bucket) == []
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(storage.StorageError, match="train.out=.*file cannot be written"):
+        storage.check_writable(str(tmp_path / "file"), "train.out")
+    with pytest.raises(storage.StorageError, match="bucket 'no-such-bucket-x' does not exist"):
+        storage.check_writable("s3://no-such-bucket-x/runs", "train.out")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    with pytest.raises(storage.StorageError, match="train.out=s3://.* cannot be written: .*no S3 credentials"):
+        storage.check_writable(f"{s3_bucket}/runs/x", "train.out")
 
 
 def test_missing_bucket_message(s3_endpoint):

@@ -252,9 +252,19 @@ class RankBatches(torch.utils.data.IterableDataset):
         role = (worker + self.start_batches) % self.workers
         done = (self.start_batches - role + self.workers - 1) // self.workers  # batches this role made
         samples = slot_samples(self.plan, self.rank * self.workers + role, done * self.batch_size)
-        while True:
-            items = [decode_sample(*next(samples), self.how) for _ in range(self.batch_size)]
-            yield collate(items, self.how.norm)
+        try:
+            while True:
+                items = [decode_sample(*next(samples), self.how) for _ in range(self.batch_size)]
+                yield collate(items, self.how.norm)
+        except ErwError as err:
+            # Handed to the main process as a value: raised in a worker it would reach the user
+            # wrapped in the worker's whole traceback instead of its one clear line.
+            yield WorkerFailure(err)
+
+
+@dataclass(frozen=True)
+class WorkerFailure:
+    error: ErwError
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,6 +320,8 @@ class ShardLoader:
                 prefetch_factor=4, worker_init_fn=_ignore_termination,
             ))
         for batch in batches:
+            if isinstance(batch, WorkerFailure):
+                raise batch.error
             self.batches += 1
             yield batch
 
