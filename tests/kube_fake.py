@@ -36,6 +36,7 @@ class FakeKube:
     default_log: list[str] = field(default_factory=list)  # for pods not in `logs`
     on_create: Any = None  # called with each created job (under the lock): add its PodGroup, events...
     on_status: Any = None  # called with the job after each status read (under the lock)
+    refuse: Any = None  # (method, path) -> an HTTP error code to answer instead, or None
     requests: list[tuple[str, str]] = field(default_factory=list)  # (method, path)
     created: list[dict] = field(default_factory=list)  # bodies of POSTed jobs
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -82,6 +83,8 @@ class FakeKube:
         path, query = parsed.path, {k: v[0] for k, v in parse_qs(parsed.query).items()}
         with self.lock:
             self.requests.append((method, path))
+            if self.refuse and (code := self.refuse(method, path)):
+                return code, _status(code, f"refused by the test: {method} {path}")
             if match := JOBS.match(path):
                 return self._jobs(method, match[1], match[2], bool(match[3]), query, body)
             if (match := PODGROUP.match(path)) and method == "GET":
@@ -147,7 +150,7 @@ class FakeKube:
 
 
 def _status(code: int, message: str) -> dict:
-    reason = {404: "NotFound", 405: "MethodNotAllowed"}.get(code, "")
+    reason = {403: "Forbidden", 404: "NotFound", 405: "MethodNotAllowed", 503: "ServiceUnavailable"}.get(code, "")
     return {"kind": "Status", "apiVersion": "v1", "status": "Failure" if code >= 400 else "Success",
             "message": message, "reason": reason, "code": code}
 

@@ -209,3 +209,31 @@ def test_the_launcher_role_grants_exactly_what_the_launcher_uses(fake, tmp_path,
     }
     assert used <= granted, f"requests the Role forbids: {sorted(used - granted)}"
     assert granted <= used, f"verbs the Role grants that nothing uses: {sorted(granted - used)}"
+
+
+def test_an_api_outage_is_waited_out_not_taken_for_a_failed_job(fake):
+    # An API server restart must not end (and delete) a job that may have trained for days.
+    outage = {"left": 3}
+
+    def unavailable(method, path):
+        if path.endswith("/status") and outage["left"]:
+            outage["left"] -= 1
+            return 503
+        return None
+
+    fake.refuse = unavailable
+    out = io.StringIO()
+    launch(spec(), COMMAND, poll_s=0.05, out=out)
+    log = out.getvalue()
+    assert "the Kubernetes API did not answer" in log and "answers again" in log and "succeeded" in log
+    assert not any(method == "DELETE" for method, _ in fake.requests)
+
+
+def test_a_missing_permission_is_named(fake):
+    fake.refuse = lambda method, path: 403 if method == "GET" and path.endswith("/jobs") else None
+    with pytest.raises(LaunchError) as err:
+        launch(spec(), COMMAND, poll_s=0.05, out=io.StringIO())
+    message = str(err.value)
+    assert "refused to list Volcano jobs in namespace team-a (403 Forbidden)" in message
+    assert "Role erw-launcher from k8s/base" in message
+    assert fake.created == []

@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from erw.launch.spec import LaunchError
+
 if TYPE_CHECKING:
     from kubernetes.client import ApiClient
 
@@ -137,6 +139,32 @@ class Cluster:
                 if err.status != 404:
                     raise
         return None
+
+
+def is_transient(err: BaseException) -> bool:
+    """An API server that is restarting, overloaded or briefly unreachable: worth asking again.
+    A 403 or 404 is an answer, not an outage."""
+    from kubernetes.client.rest import ApiException
+    from urllib3.exceptions import HTTPError
+
+    if isinstance(err, ApiException):
+        return err.status in (0, 429) or err.status >= 500  # 0: no HTTP response at all
+    return isinstance(err, (HTTPError, OSError))
+
+
+def api_error(err: BaseException, doing: str, namespace: str) -> LaunchError:
+    """A LaunchError saying which call failed and, for a refusal, which permission is missing."""
+    from kubernetes.client.rest import ApiException
+
+    if isinstance(err, ApiException) and err.status == 403:
+        return LaunchError(
+            f"the Kubernetes API refused to {doing} in namespace {namespace} (403 Forbidden): the service "
+            "account running `erw launch` needs the Role erw-launcher from k8s/base bound to it "
+            "(docs/cluster.md lists the `kubectl auth can-i` checks)"
+        )
+    if isinstance(err, ApiException):
+        return LaunchError(f"the Kubernetes API failed to {doing} in namespace {namespace}: {err.status} {err.reason}")
+    return LaunchError(f"could not reach the Kubernetes API to {doing}: {err}")
 
 
 def job_phase(job: dict[str, Any]) -> str:

@@ -35,6 +35,10 @@ ROOT_CAUSE = re.compile(
     re.S,
 )
 TIMESTAMP = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?Z ")
+# An API server unreachable this long ends the wait. Shorter outages (an upgrade, a failover) are
+# waited out: giving up would delete a job that may have been training for days.
+API_OUTAGE_S = 600.0
+RETRY = object()  # read_status: no answer this time, ask again
 
 
 class Terminated(LaunchError):
@@ -100,7 +104,11 @@ class _Job:
             status, pending_since = None, started
             try:
                 while True:
-                    status = runner.status(self.handle)
+                    answer = self.read_status(runner)
+                    if answer is RETRY:
+                        time.sleep(self.poll_s)
+                        continue
+                    status = answer
                     if status is None:
                         raise LaunchError(f"job {self.handle} disappeared from the scheduler (deleted by someone else?)")
                     if status.state == AppState.PENDING:
@@ -119,7 +127,10 @@ class _Job:
             except BaseException:
                 if status is None or not status.is_terminal():
                     self.write(f"erw launch: deleting {self.handle}\n")
-                    self.delete(runner)
+                    try:
+                        self.delete(runner)
+                    except Exception as err:  # keep the reason we are stopping; say what is left behind
+                        self.write(f"erw launch: could not delete {self.handle}: {err}\n")
                 raise
             for thread in self.streams:
                 if thread is not None:
@@ -128,6 +139,9 @@ class _Job:
         if status.state != AppState.SUCCEEDED:
             raise LaunchError(failure_report(self.handle, status, self.tails, elapsed))
         self.write(f"erw launch: {self.handle} succeeded after {elapsed}\n")
+
+    def read_status(self, runner: Runner) -> Any:
+        return runner.status(self.handle)
 
     def follow_logs(self, runner: Runner, status: AppStatus) -> None:
         for node in range(self.spec.nodes):
@@ -186,6 +200,7 @@ class _LocalJob(_Job):
 class _KubernetesJob(_Job):
     cluster: kube.Cluster
     reported: set[str]
+    outage_since: float | None = None
 
     def runner(self) -> Runner:
         from torchx.runner import Runner
@@ -202,7 +217,7 @@ class _KubernetesJob(_Job):
         spec, cluster = self.spec, self.cluster
         labels = job_labels(spec, self.command)
         if spec.run_id:
-            running = cluster.active_jobs(labels)
+            running = self.call(lambda: cluster.active_jobs(labels), "list Volcano jobs")
             if running:
                 name = running[0]["metadata"]["name"]
                 handle = make_app_handle("kubernetes", "torchx", f"{cluster.namespace}:{name}")
@@ -213,15 +228,43 @@ class _KubernetesJob(_Job):
             build_app(spec, self.command, self.module), "kubernetes",
             cfg=scheduler_cfg(spec, cluster.namespace), workspace=None,
         )
-        owner = cluster.workflow_owner(kube.own_pod())
+        owner = self.call(lambda: cluster.workflow_owner(kube.own_pod()), "read this pod's owner")
         info.request.resource = _volcano_job(info, spec, self.command, owner)
-        handle = runner.schedule(info)
+        handle = self.call(lambda: runner.schedule(info), "create the Volcano job")
         owned = f", owned by Workflow {owner['name']}" if owner else ""
         self.write(f"erw launch: submitted {handle} ({spec.nodes} node(s) x {spec.procs_per_node} process(es){owned})\n")
         return handle
 
     def delete(self, runner: Runner) -> None:
-        self.cluster.delete_job(self.handle.rsplit(":", 1)[1])
+        self.call(lambda: self.cluster.delete_job(self.handle.rsplit(":", 1)[1]), "delete the Volcano job")
+
+    def call(self, request: Callable[[], Any], doing: str) -> Any:
+        """One API request; its failure as a LaunchError that names the call (and a missing permission)."""
+        from kubernetes.client.rest import ApiException
+        from urllib3.exceptions import HTTPError
+
+        try:
+            return request()
+        except (ApiException, HTTPError, OSError) as err:
+            raise kube.api_error(err, doing, self.cluster.namespace) from None
+
+    def read_status(self, runner: Runner) -> Any:
+        try:
+            status = runner.status(self.handle)
+        except Exception as err:
+            if not kube.is_transient(err):
+                raise kube.api_error(err, f"read the status of {self.handle}", self.cluster.namespace) from None
+            now = time.monotonic()
+            if self.outage_since is None:
+                self.outage_since = now
+                self.write(f"erw launch: the Kubernetes API did not answer ({err}); asking again\n")
+            elif now - self.outage_since > API_OUTAGE_S:
+                raise kube.api_error(err, f"read the status of {self.handle} for {API_OUTAGE_S:.0f}s", self.cluster.namespace) from None
+            return RETRY
+        if self.outage_since is not None:
+            self.write("erw launch: the Kubernetes API answers again\n")
+            self.outage_since = None
+        return status
 
     def follow_logs(self, runner: Runner, status: AppStatus) -> None:
         # A stream ends when Volcano restarts the job (new pods, same names) or a connection drops:
@@ -233,7 +276,10 @@ class _KubernetesJob(_Job):
 
     def while_pending(self, pending_s: float) -> None:
         name = self.handle.rsplit(":", 1)[1]
-        reasons = self.cluster.pending_reasons(name)
+        try:
+            reasons = self.cluster.pending_reasons(name)
+        except Exception as err:  # the reasons help; not having them must not stop the job
+            reasons = [f"(could not read them: {kube.api_error(err, 'read PodGroups and events', self.cluster.namespace)})"]
         for reason in reasons:
             if reason not in self.reported:
                 self.reported.add(reason)
@@ -325,16 +371,19 @@ def _line_writer(out: TextIO) -> Callable[[str], None]:
 
 
 class _sigterm_raises_terminated:
-    """While waiting, SIGTERM raises Terminated in the main thread, so the job is deleted on the way out."""
+    """While waiting, SIGTERM raises Terminated in the main thread, so the job is deleted on the way
+    out. Only the first one: a second must not interrupt that delete."""
 
     def __enter__(self) -> None:
         self._previous = None
+        self._raised = False
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._raise)
 
-    @staticmethod
-    def _raise(signum: int, frame: Any) -> None:
-        raise Terminated("stopped by SIGTERM; the job was deleted")
+    def _raise(self, signum: int, frame: Any) -> None:
+        if not self._raised:
+            self._raised = True
+            raise Terminated("stopped by SIGTERM; the job was deleted")
 
     def __exit__(self, *exc: object) -> None:
         if self._previous is not None:
