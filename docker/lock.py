@@ -13,7 +13,7 @@ Markers are evaluated for this interpreter and platform (Linux x86_64, as the im
 """
 from __future__ import annotations
 
-import importlib.metadata as metadata
+from importlib import metadata
 from pathlib import Path
 
 from packaging.requirements import Requirement

@@ -5,15 +5,15 @@ import re
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import kubernetes_validate
 import pytest
+import tomllib
 import yaml
+from pod_security import restricted_violations
 
 from pipeline.dag import CONFIG_MAP
-from pod_security import restricted_violations
 from pipeline.params import PipelineArgs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -218,7 +218,7 @@ def test_image_installs_into_a_venv_with_python3_and_exact_locks():
     # PEP 668: the base's Python refuses pip; erw goes into a venv that is first on PATH.
     venv = re.search(r"VIRTUAL_ENV=(\S+)", env)[1]
     assert f"PATH={venv}/bin:$PATH" in env
-    creates = next(i for i, run in enumerate(runs) if f"python3 -m venv --system-site-packages" in run and venv in run)
+    creates = next(i for i, run in enumerate(runs) if "python3 -m venv --system-site-packages" in run and venv in run)
     installs = [i for i, run in enumerate(runs) if "pip install" in run]
     assert installs and creates < min(installs)
     for run in runs:
@@ -280,7 +280,7 @@ def test_lock_pins_every_runtime_dependency():
 def test_lock_is_closed_under_requirements_and_their_extras():
     """Every requirement of every locked package, with the extras it is asked for (torch's
     cuda-toolkit[cublas,...] are its CUDA libraries), is itself locked: --no-deps installs all."""
-    import importlib.metadata as metadata
+    from importlib import metadata
 
     from packaging.requirements import Requirement
     from packaging.utils import canonicalize_name

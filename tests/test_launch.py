@@ -7,11 +7,18 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from pod_security import restricted_violations
 
 from erw.cli import build_parser, main
-from erw.launch import LaunchError, LaunchSpec, dry_run, launch, parse_duration, parse_toleration
+from erw.launch import (
+    LaunchError,
+    LaunchSpec,
+    dry_run,
+    launch,
+    parse_duration,
+    parse_toleration,
+)
 from erw.launch.commands import parse_command, spec_from_args
-from pod_security import restricted_violations
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"

@@ -4,8 +4,8 @@ job, one direct DELETE on SIGTERM, the Workflow as owner, the scheduler's reason
 from __future__ import annotations
 
 import io
-import re
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,10 +14,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from erw.launch import LaunchError, LaunchSpec, launch
-from erw.launch import kube
 from kube_fake import FakeKube, Server
+
+from erw.launch import LaunchError, LaunchSpec, kube, launch
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMESPACE = "team-a"

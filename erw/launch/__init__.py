@@ -10,7 +10,13 @@ calls, run.py waits for the job, commands.py is the command line (registered by 
         -- train --config configs/imagenet256-sit-xl2.yaml --resume auto
 """
 from erw.launch.run import dry_run, failure_report, launch
-from erw.launch.spec import LaunchError, LaunchSpec, format_duration, parse_duration, parse_toleration
+from erw.launch.spec import (
+    LaunchError,
+    LaunchSpec,
+    format_duration,
+    parse_duration,
+    parse_toleration,
+)
 
 __all__ = [
     "LaunchError", "LaunchSpec", "dry_run", "failure_report", "format_duration", "launch", "parse_duration",

@@ -13,8 +13,19 @@ import io
 import typing
 from dataclasses import dataclass
 
-from erw.launch.spec import SCHEDULERS, LaunchError, LaunchSpec, parse_key_value, parse_toleration
-from erw.launch.volcano import INSTANCE_TYPE_LABEL, RUN_ID_LABEL, STEP_LABEL, name_problems
+from erw.launch.spec import (
+    SCHEDULERS,
+    LaunchError,
+    LaunchSpec,
+    parse_key_value,
+    parse_toleration,
+)
+from erw.launch.volcano import (
+    INSTANCE_TYPE_LABEL,
+    RUN_ID_LABEL,
+    STEP_LABEL,
+    name_problems,
+)
 
 HELP = {
     "scheduler": "local_cwd: torchrun processes here; kubernetes: a Volcano job",

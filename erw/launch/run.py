@@ -15,12 +15,20 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-import erw.launch.kube as kube
+from erw.launch import kube
 from erw.launch.spec import LaunchError, LaunchSpec, format_duration
-from erw.launch.volcano import ROLE, build_app, job_labels, name_problems, scheduler_cfg, volcano_job
+from erw.launch.volcano import (
+    ROLE,
+    build_app,
+    job_labels,
+    name_problems,
+    scheduler_cfg,
+    volcano_job,
+)
 
 if TYPE_CHECKING:
     from torchx.runner import Runner
@@ -32,7 +40,7 @@ REPORT_LINES = 20  # worker lines per node shown in it
 WORKER_LINE = re.compile(r"^(?:\S+ )?\[(\d+)\]:(.+)")
 ROOT_CAUSE = re.compile(
     r"Root Cause.*?rank\s*:\s*(?P<rank>\d+) \(local_rank: (?P<local_rank>\d+)\).*?exitcode\s*:\s*(?P<exitcode>-?\d+)",
-    re.S,
+    re.DOTALL,
 )
 TIMESTAMP = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?Z ")
 # An API server unreachable this long ends the wait. Shorter outages (an upgrade, a failover) are
@@ -314,7 +322,7 @@ def failure_report(handle: str, status: AppStatus, logs: list[deque], elapsed: s
         line for node_lines in workers for line in node_lines
         if failed_local is None or WORKER_LINE.match(line)[1] == failed_local
     ]
-    errors = [line for line in suspects if re.search(r"error|exception|killed|out of memory", line, re.I)]
+    errors = [line for line in suspects if re.search(r"error|exception|killed|out of memory", line, re.IGNORECASE)]
     last = (errors or suspects or [""])[-1]
     reason = _structured_reason(status.structured_error_msg) or (WORKER_LINE.match(last)[2] if last else "no output")
     report = f"job {handle} failed after {elapsed}: {culprit}: {reason}"
