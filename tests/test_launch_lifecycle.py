@@ -236,3 +236,10 @@ def test_a_missing_permission_is_named(fake):
     assert "refused to list Volcano jobs in namespace team-a (403 Forbidden)" in message
     assert "Role erw-launcher from k8s/base" in message
     assert fake.created == []
+
+
+def test_no_cluster_configuration_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing-kubeconfig"))
+    with pytest.raises(LaunchError, match="no Kubernetes cluster to submit to.*--scheduler local_cwd"):
+        launch(spec(), COMMAND, poll_s=0.05, out=io.StringIO())

@@ -33,10 +33,14 @@ def api_client() -> ApiClient:
     try:
         config.load_incluster_config(client_configuration=configuration)
     except config.ConfigException:
-        config.load_kube_config(
-            config_file=os.environ.get("KUBECONFIG", "~/.kube/config").split(os.pathsep)[0],
-            client_configuration=configuration,
-        )
+        path = os.environ.get("KUBECONFIG", "~/.kube/config").split(os.pathsep)[0]
+        try:
+            config.load_kube_config(config_file=path, client_configuration=configuration)
+        except (config.ConfigException, OSError) as err:
+            raise LaunchError(
+                f"no Kubernetes cluster to submit to: not in a pod, and the kubeconfig {path} cannot be used "
+                f"({err}); use --scheduler local_cwd to run here"
+            ) from None
     return client.ApiClient(configuration)
 
 
