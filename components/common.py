@@ -55,3 +55,25 @@ def launch_argv(
     if service_account:
         argv += ["--service-account", service_account]
     return argv + ["--", *erw_args]
+
+
+def publish_checkpoint(out: str, phase: str, pointer) -> str:
+    """The shared tail of the training steps: find the run's final committed checkpoint under `out`,
+    describe it in `pointer` (a KFP Model artifact: a small JSON file under the pipeline root, for
+    lineage and the UI) and return its URI, which later steps receive as a plain string.
+
+    The checkpoint itself stays where erw wrote it: as an artifact it would be copied into every
+    consuming pod before the step starts (KFP launcher `downloadArtifacts`).
+    """
+    import json
+
+    from erw import storage
+    from erw.training.checkpoint import META, resolve_checkpoint
+
+    final = resolve_checkpoint(out)
+    meta = json.loads(storage.read_bytes(storage.join(final, META)))
+    record = {"uri": final, "phase": phase, "step": meta["step"]}
+    with open(pointer.path, "w") as f:
+        json.dump(record, f)
+    pointer.metadata.update(record)
+    return final

@@ -1,4 +1,8 @@
-"""Merge the precompute workers' shards: write manifest.json, which makes the dataset complete."""
+"""Merge the precompute workers' shards: write manifest.json, which makes the dataset complete.
+
+The dataset stays where the workers wrote it; later steps get its location as a string. The
+`manifest` artifact is a copy of manifest.json (kilobytes) for lineage and the UI.
+"""
 from typing import List
 
 from kfp import dsl
@@ -9,8 +13,9 @@ from components.common import run_erw
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False, additional_funcs=[run_erw])
-def merge(parts: List[str], dataset: Output[Dataset]):
-    """`parts` holds every worker's dataset location (all equal): the fan-in of the precompute loop."""
+def merge(parts: List[str], manifest: Output[Dataset]) -> str:
+    """`parts` holds every worker's dataset location (all equal): the fan-in of the precompute loop.
+    Returns that location."""
     import json
 
     from erw import storage
@@ -19,12 +24,16 @@ def merge(parts: List[str], dataset: Output[Dataset]):
     if any(p != uri for p in parts):
         raise ValueError(f"precompute workers wrote to different locations: {sorted(set(parts))}")
     run_erw(["precompute", "--merge", "--out", uri, "--num-workers", len(parts)])
-    manifest = json.loads(storage.read_bytes(storage.join(uri, "manifest.json")))
-    dataset.uri = uri  # the artifact is the S3 prefix itself: nothing is copied
-    dataset.metadata.update({
-        "num_samples": manifest["num_samples"],
-        "num_classes": manifest["num_classes"],
-        "resolution": manifest["resolution"],
-        "shards": len(manifest["shards"]),
-        "failed_images": manifest["failures"]["count"],
+    data = storage.read_bytes(storage.join(uri, "manifest.json"))
+    with open(manifest.path, "wb") as f:
+        f.write(data)
+    content = json.loads(data)
+    manifest.metadata.update({
+        "uri": uri,
+        "num_samples": content["num_samples"],
+        "num_classes": content["num_classes"],
+        "resolution": content["resolution"],
+        "shards": len(content["shards"]),
+        "failed_images": content["failures"]["count"],
     })
+    return uri

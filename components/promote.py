@@ -1,25 +1,26 @@
 """Publish the new model only when it beats the published one (by FID, on the registry file)."""
 from kfp import dsl
-from kfp.dsl import Artifact, Input, Markdown, Model, Output
+from kfp.dsl import Markdown, Output
 
 from components import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def promote(
-    checkpoint: Input[Model],
-    evaluation: Input[Artifact],
+    checkpoint: str,
+    evaluation: str,
     workspace: str,
     registry: str,
     run_id: str,
     summary: Output[Markdown],
 ) -> bool:
+    """`checkpoint`: the trained checkpoint's URI; `evaluation`: the folder holding its metrics.json."""
     from erw import storage
     from erw.promote import promote_if_better
 
     decision = promote_if_better(
-        checkpoint=checkpoint.uri,
-        metrics_uri=evaluation.metadata["metrics"],
+        checkpoint=checkpoint,
+        metrics_uri=storage.join(evaluation, "metrics.json"),
         registry_uri=registry or storage.join(workspace, "registry.json"),
         run_id=run_id,
     )

@@ -5,16 +5,16 @@ Writes to <workspace>/train/<run id>: a retried step resumes from its last check
 from typing import List
 
 from kfp import dsl
-from kfp.dsl import Dataset, Input, Model, Output
+from kfp.dsl import Model, Output
 
 from components import IMAGE
-from components.common import launch_argv, run_erw
+from components.common import launch_argv, publish_checkpoint, run_erw
 
 
-@dsl.component(base_image=IMAGE, install_kfp_package=False, additional_funcs=[run_erw, launch_argv])
+@dsl.component(base_image=IMAGE, install_kfp_package=False, additional_funcs=[run_erw, launch_argv, publish_checkpoint])
 def train(
-    dataset: Input[Dataset],
-    warmup: Input[Model],
+    dataset: str,
+    warmup: str,
     config: str,
     overrides: List[str],
     workspace: str,
@@ -35,22 +35,17 @@ def train(
     metrics_port: int,
     run_id: str,
     checkpoint: Output[Model],
-):
-    import json
-
+) -> str:
+    """Returns the final checkpoint's URI; `checkpoint` is a small JSON pointer to it."""
     from erw import storage
-    from erw.training.checkpoint import META, resolve_checkpoint
 
     out = storage.join(workspace, "train", run_id)
     erw_args = [
-        "train", "--config", config, *overrides, f"data.shards={dataset.uri}", f"train.out={out}",
-        f"metrics.port={metrics_port}", "--init-from", warmup.uri, "--resume", "auto",
+        "train", "--config", config, *overrides, f"data.shards={dataset}", f"train.out={out}",
+        f"metrics.port={metrics_port}", "--init-from", warmup, "--resume", "auto",
     ]
     run_erw(launch_argv(
         erw_args, scheduler, image, nodes, procs_per_node, gpus_per_node, cpus_per_node, memory_gb_per_node,
         node_selector, tolerations, s3_secret, queue, service_account, timeout, max_restarts, metrics_port, run_id,
     ))
-    final = resolve_checkpoint(out)
-    meta = json.loads(storage.read_bytes(storage.join(final, META)))
-    checkpoint.uri = final  # the artifact is the checkpoint directory itself
-    checkpoint.metadata.update({"phase": "train", "step": meta["step"]})
+    return publish_checkpoint(out, "train", checkpoint)

@@ -6,15 +6,15 @@ Its location is a hash of those settings, so a retried or re-executed step resum
 from typing import List
 
 from kfp import dsl
-from kfp.dsl import Dataset, Input, Model, Output
+from kfp.dsl import Model, Output
 
 from components import IMAGE
-from components.common import launch_argv, run_erw
+from components.common import launch_argv, publish_checkpoint, run_erw
 
 
-@dsl.component(base_image=IMAGE, install_kfp_package=False, additional_funcs=[run_erw, launch_argv])
+@dsl.component(base_image=IMAGE, install_kfp_package=False, additional_funcs=[run_erw, launch_argv, publish_checkpoint])
 def warmup(
-    dataset: Input[Dataset],
+    dataset: str,
     config: str,
     overrides: List[str],
     workspace: str,
@@ -34,16 +34,16 @@ def warmup(
     max_restarts: int,
     metrics_port: int,
     checkpoint: Output[Model],
-):
+) -> str:
+    """Returns the final checkpoint's URI; `checkpoint` is a small JSON pointer to it."""
     import hashlib
     import json
     import os
 
     from erw.config import load_config
     from erw import storage
-    from erw.training.checkpoint import META, resolve_checkpoint
 
-    overrides = [*overrides, f"data.shards={dataset.uri}", f"metrics.port={metrics_port}"]
+    overrides = [*overrides, f"data.shards={dataset}", f"metrics.port={metrics_port}"]
     cfg = load_config(config, overrides)
     # What the warmup's result depends on; not where it is written, nor phase 2's settings.
     sections = ("seed", "model", "encoder", "data", "objective", "warmup")
@@ -57,7 +57,4 @@ def warmup(
         node_selector, tolerations, s3_secret, queue, service_account, timeout, max_restarts, metrics_port,
         os.environ.get("ERW_RUN_ID", ""),
     ))
-    final = resolve_checkpoint(out)
-    meta = json.loads(storage.read_bytes(storage.join(final, META)))
-    checkpoint.uri = final  # the artifact is the checkpoint directory itself
-    checkpoint.metadata.update({"phase": "warmup", "step": meta["step"]})
+    return publish_checkpoint(out, "warmup", checkpoint)

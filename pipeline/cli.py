@@ -57,6 +57,10 @@ def _server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--namespace", default="", help="profile namespace (multi-user Kubeflow)")
     p.add_argument("--experiment", default="erw", help="experiment to file the run under")
     p.add_argument(
+        "--skip-version-check", action="store_true",
+        help="do not ask the server for its KFP release (needed: >= 2.15; for dev builds that report none)",
+    )
+    p.add_argument(
         "--service-account", default="",
         help="service account of the run's pods (default: KFP's); it must hold the erw-launcher Role (k8s/base)",
     )
@@ -82,7 +86,7 @@ def _submit(args: argparse.Namespace) -> int:
     arguments = _arguments(args)
     resolve(arguments)  # fail before connecting
     result = submit(
-        connect(args.host), arguments, args.experiment, args.run_name, args.service_account, args.namespace,
+        connect(args.host, not args.skip_version_check), arguments, args.experiment, args.run_name, args.service_account, args.namespace,
         enable_caching=False if args.no_cache else None,
     )
     print(f"submitted run {result.run_id}")
@@ -97,7 +101,7 @@ def _schedule(args: argparse.Namespace) -> int:
     check_cron(args.cron)
     resolve(arguments)  # fail before connecting
     job = schedule(
-        connect(args.host), arguments, args.cron, args.job_name, args.experiment,
+        connect(args.host, not args.skip_version_check), arguments, args.cron, args.job_name, args.experiment,
         args.service_account, args.namespace, args.max_concurrency, args.catchup,
     )
     print(f"created recurring run {job.recurring_run_id} ({args.cron})")

@@ -11,7 +11,7 @@ endpoint from the `erw-defaults` ConfigMap (k8s/); neither is written into the p
 from typing import NamedTuple
 
 from kfp import dsl, kubernetes
-from kfp.dsl import HTML, Artifact, Markdown, Metrics, Model
+from kfp.dsl import HTML, Artifact, Dataset, Markdown, Metrics, Model
 
 from components.evaluate import evaluate
 from components.merge import merge
@@ -36,8 +36,13 @@ RUN_ID_LABEL = "pipeline/runid"
 
 
 class Outputs(NamedTuple):
-    model: Model
-    evaluation: Artifact  # folder with metrics.json, grid.png, summary.html and the samples
+    """Small artifacts under the pipeline root, for lineage and the UI. The data they describe
+    (latents, checkpoints, samples) stays in the workspace and moves between steps as URIs:
+    the KFP launcher copies every input artifact into the consuming pod before it starts."""
+
+    dataset: Dataset  # copy of the latents' manifest.json; metadata: uri, counts
+    model: Model  # JSON pointer: {"uri": final checkpoint, "phase", "step"}
+    evaluation: Artifact  # copy of metrics.json; metadata: uri, grid, samples
     metrics: Metrics
     report: HTML  # scores and the sample grid
     promotion: Markdown
@@ -108,8 +113,9 @@ def erw_pipeline(
         _step(encoded, "precompute", "Precompute latents (one worker)", "8", "48G", 3, image, s3_secret)
         _on_gpu_pool(encoded, gpu_node_selector, gpu_tolerations)
 
-    dataset = merge(parts=dsl.Collected(encoded.output)).set_caching_options(True)
-    _step(dataset, "merge", "Merge shards, write manifest", "1", "4G", 3, image, s3_secret)
+    merged = merge(parts=dsl.Collected(encoded.output)).set_caching_options(True)
+    _step(merged, "merge", "Merge shards, write manifest", "1", "4G", 3, image, s3_secret)
+    dataset = merged.outputs["Output"]  # the latents' location: a string, never an artifact
 
     launcher = dict(
         config=config, overrides=overrides, workspace=workspace, scheduler=scheduler, image=image,
@@ -118,17 +124,17 @@ def erw_pipeline(
         s3_secret=s3_secret, queue=volcano_queue, service_account=trainer_service_account, timeout=job_timeout,
         max_restarts=max_restarts, metrics_port=metrics_port,
     )
-    warm = warmup(dataset=dataset.outputs["dataset"], nodes=warmup_nodes, **launcher).set_caching_options(True)
+    warm = warmup(dataset=dataset, nodes=warmup_nodes, **launcher).set_caching_options(True)
     _step(warm, "warmup", "Warmup (ERW phase 1, torchrun job)", "1", "2G", 1, image, s3_secret)
 
     trained = train(
-        dataset=dataset.outputs["dataset"], warmup=warm.outputs["checkpoint"], nodes=train_nodes,
+        dataset=dataset, warmup=warm.outputs["Output"], nodes=train_nodes,
         run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, **launcher,
     ).set_caching_options(False)
     _step(trained, "train", "Train (ERW phase 2, torchrun job)", "1", "2G", 1, image, s3_secret)
 
     scored = evaluate(
-        checkpoint=trained.outputs["checkpoint"], dataset=dataset.outputs["dataset"], config=config,
+        checkpoint=trained.outputs["Output"], dataset=dataset, config=config,
         overrides=overrides, workspace=workspace,
         run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
     ).set_caching_options(False)
@@ -136,12 +142,13 @@ def erw_pipeline(
     _on_gpu_pool(scored, gpu_node_selector, gpu_tolerations)
 
     gate = promote(
-        checkpoint=trained.outputs["checkpoint"], evaluation=scored.outputs["evaluation"],
+        checkpoint=trained.outputs["Output"], evaluation=scored.outputs["Output"],
         workspace=workspace, registry=registry, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
     ).set_caching_options(False)
     _step(gate, "promote", "Promote if better", "1", "1G", 3, image, s3_secret)
 
     return Outputs(
+        dataset=merged.outputs["manifest"],
         model=trained.outputs["checkpoint"],
         evaluation=scored.outputs["evaluation"],
         metrics=scored.outputs["metrics"],

@@ -32,7 +32,7 @@ class LocalRun:
         verdict = Path(self.outputs["promotion"].path).read_text().splitlines()[0].lstrip("# ")
         lines = [
             f"pipeline finished in {self.seconds / 60:.1f} min",
-            f"  checkpoint   {model.uri}  (step {int(model.metadata['step'])})",
+            f"  checkpoint   {model.metadata['uri']}  (step {int(model.metadata['step'])})",
             f"  metrics      {evaluation.metadata['metrics']}  ({scores})",
             f"  sample grid  {evaluation.metadata['grid']}  (report: {self.outputs['report'].path})",
             f"  promotion    {verdict}: {self.outputs['promotion'].path}",
@@ -101,7 +101,7 @@ def _make_demo_inputs() -> None:
 
     for path, argv in DEMO_INPUTS.items():
         if not (REPO / path).exists():
-            argv = [str(REPO / a) if a == path else a for a in argv]
+            argv = [str(REPO / a) if a in DEMO_INPUTS else a for a in argv]  # any working directory
             print(f"creating {path}: erw {' '.join(argv)}", flush=True)
             if main(argv):
                 raise SystemExit(f"erw {argv[0]} failed while creating the demo input {path}; see above")

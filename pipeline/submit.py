@@ -7,10 +7,16 @@ Arguments are validated here first. The same can be done with the plain KFP CLI:
         --cron-expression "0 0 3 * * 0" --max-concurrency 1 --no-catchup \\
         --pipeline-package-path pipeline.yaml workspace=s3://bucket/erw
 
-The KFP CLI sends every value as a string and checks nothing; these functions type and validate.
+The KFP CLI (2.17) JSON-parses each NAME=VALUE but checks nothing against the pipeline: no
+unknown names, no world sizes, no placement. These functions validate every argument first, and
+check that the server runs a KFP backend new enough for pipeline.yaml (MIN_BACKEND).
+
+Schedules are in UTC: KFP's scheduled-workflow controller evaluates the cron expression with
+robfig/cron in UTC unless the recurring run names another time zone, which these functions never do.
 """
 from __future__ import annotations
 
+import json
 import re
 from typing import Any, Protocol
 
@@ -19,6 +25,19 @@ from pipeline.params import PipelineParamError, resolve
 # KFP's cron (robfig/cron) has six fields, seconds first; each field: numbers, names, * ? / , -
 CRON_FIELD = re.compile(r"^[0-9A-Za-z*?/,\-]+$")
 
+# The oldest KFP backend that runs pipeline.yaml correctly, and why (read in kubeflow/pipelines):
+# - 2.15.0: `optional: true` on Secret/ConfigMap env (backend/src/v2/driver/k8s.go:339-341, 435-437 at
+#   2.15.0; 2.14.0 has no such code, and backend/src/common/util/json.go:74 DiscardUnknown). Older drivers
+#   parse the Kubernetes config with DiscardUnknown and drop `optional`, so a pod whose Secret or
+#   ConfigMap key is absent (IRSA: no Secret) fails with CreateContainerConfigError.
+# - 2.14.0: dsl.Collected, the precompute fan-in (kubeflow/pipelines#11725).
+MIN_BACKEND = (2, 15, 0)
+VERSION = re.compile(r"^v?(\d+)\.(\d+)\.(\d+)")
+
+
+class BackendVersionError(PipelineParamError):
+    """The KFP server is too old for pipeline.yaml, or does not say which version it runs."""
+
 
 class KfpClient(Protocol):  # the part of kfp.Client used here
     def create_run_from_pipeline_func(self, pipeline_func: Any, **kwargs: Any) -> Any: ...
@@ -26,10 +45,43 @@ class KfpClient(Protocol):  # the part of kfp.Client used here
     def create_recurring_run(self, experiment_id: str, job_name: str, **kwargs: Any) -> Any: ...
 
 
-def connect(host: str) -> KfpClient:
+def connect(host: str, check_version: bool = True) -> KfpClient:
+    """A kfp.Client for `host`, refused (BackendVersionError) when the backend is older than MIN_BACKEND."""
+    import warnings
+
     import kfp
 
-    return kfp.Client(host=host or None)
+    with warnings.catch_warnings():  # "only works with v2.0.0-beta.2 and later": the check below is stricter
+        warnings.filterwarnings("ignore", message="This client only works with", category=FutureWarning)
+        client = kfp.Client(host=host or None)
+    if check_version:
+        check_backend_version(backend_version(client))
+    return client
+
+
+def backend_version(client: Any) -> str:
+    """The server's release, `tag_name` of GET /apis/v2beta1/healthz (backend/src/apiserver/main.go,
+    `healthzResponse`). kfp.Client's typed response drops that field, so the raw body is read, through
+    the client's own connection (same host, credentials and cookies)."""
+    response = client._healthz_api.healthz_service_get_healthz(_preload_content=False)
+    return str(json.loads(response.data).get("tag_name", ""))
+
+
+def check_backend_version(version: str) -> None:
+    minimum = ".".join(map(str, MIN_BACKEND))
+    match = VERSION.match(version)
+    if not match:
+        raise BackendVersionError(
+            f"the KFP server does not say which release it runs (healthz tag_name={version!r}); pipeline.yaml needs "
+            f"a KFP backend >= {minimum}. If you know it is, pass --skip-version-check."
+        )
+    found = tuple(int(g) for g in match.groups())
+    if found < MIN_BACKEND:
+        raise BackendVersionError(
+            f"the KFP backend is {version}, but pipeline.yaml needs >= {minimum}: before 2.15 the driver drops "
+            "`optional` from the Secret/ConfigMap env, so every step fails with CreateContainerConfigError where "
+            "the erw-s3 Secret or a ConfigMap key is absent (IRSA). Upgrade Kubeflow Pipelines (README: Minimum versions)."
+        )
 
 
 def check_cron(expression: str) -> str:

@@ -12,7 +12,7 @@ from erw.cli import build_parser, main
 from erw.launch.commands import spec_from_args
 from erw.promote import PromoteError, promote_if_better
 from pipeline.compile import PIPELINE_YAML, compile_pipeline
-from pipeline.params import PipelineParamError, defaults, parse_cli_arguments, resolve
+from pipeline.params import REPO, PipelineParamError, defaults, parse_cli_arguments, resolve
 from pipeline.submit import check_cron, schedule, submit
 
 STEPS = ("plan", "precompute", "merge", "warmup", "train", "evaluate", "promote")
@@ -61,6 +61,22 @@ def test_caching_retries_and_names(compiled):
     for name, task in by_step.items():
         assert task["retryPolicy"]["maxRetryCount"] >= 1, name
         assert task["taskInfo"]["name"] != name, f"{name} has no display name"
+
+
+def test_large_data_travels_as_uris_not_artifacts(compiled):
+    """The KFP launcher downloads every input artifact into the pod before the step starts
+    (launcher_v2.go:927-1000): steps downstream of the data get only parameters (URIs)."""
+    _, spec, _ = compiled
+    for step in ("warmup", "train", "evaluate", "promote"):
+        inputs = spec["components"][f"comp-{step}"]["inputDefinitions"]
+        assert "artifacts" not in inputs, f"{step} takes artifacts: {inputs['artifacts']}"
+    for step in ("merge", "warmup", "train", "evaluate"):
+        outputs = spec["components"][f"comp-{step}"]["outputDefinitions"]
+        assert outputs["parameters"]["Output"]["parameterType"] == "STRING"  # the location
+    # A component that sets artifact.uri points the launcher's upload outside the pipeline root
+    # (objectstore/config.go:101-111), which fails the task on a cluster.
+    sources = {p.name: p.read_text() for p in (REPO / "components").glob("*.py")}
+    assert not {name for name, text in sources.items() if re.search(r"\.uri\s*=", text)}
 
 
 def test_gpu_steps_request_an_accelerator_on_the_gpu_pool(compiled):
@@ -272,7 +288,6 @@ def digits_evaluator(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="today's components set artifact.uri outside the pipeline root")
 def test_run_local_end_to_end_then_from_cache(tmp_path, monkeypatch, digits_evaluator):
     """The demo DAG on disk, every task held to the KFP backend's contract (tests/kfp_contract.py)."""
     from kfp_contract import Backend
@@ -293,10 +308,14 @@ def test_run_local_end_to_end_then_from_cache(tmp_path, monkeypatch, digits_eval
     metrics = json.loads(Path(evaluation.metadata["metrics"]).read_text())
     assert math.isfinite(metrics["fid"]) and first.outputs["metrics"].metadata["fid"] == metrics["fid"]
     assert Path(evaluation.metadata["grid"]).stat().st_size > 0
-    assert re.search(r"/step-0+20$", first.outputs["model"].uri)
+    assert re.search(r"/step-0+20$", first.outputs["model"].metadata["uri"])
     assert "data:image/png;base64," in Path(first.outputs["report"].path).read_text()
+    pointer = json.loads(Path(first.outputs["model"].path).read_text())  # the Model artifact: a pointer
+    assert pointer == {"uri": first.outputs["model"].metadata["uri"], "phase": "train", "step": 20}
+    assert first.outputs["dataset"].metadata["uri"].startswith(str(workspace / "latents"))
+    assert backend.largest_input < 100_000  # manifest copy, pointer, metrics: kilobytes
     registry = json.loads((workspace / "registry.json").read_text())
-    assert registry["current"]["checkpoint"] == first.outputs["model"].uri
+    assert registry["current"]["checkpoint"] == first.outputs["model"].metadata["uri"]
     assert first.cached == []
     assert "checkpoint" in first.summary() and str(workspace) in first.summary()
 
@@ -304,11 +323,10 @@ def test_run_local_end_to_end_then_from_cache(tmp_path, monkeypatch, digits_eval
         second = run_local(arguments)
     cached_steps = {re.sub(r"-iteration-\d+$", "", name) for name in second.cached}
     assert {"precompute", "merge", "warmup"} <= cached_steps, second.cached
-    assert "train" not in cached_steps and second.outputs["model"].uri != first.outputs["model"].uri
+    assert "train" not in cached_steps and second.outputs["model"].metadata["uri"] != first.outputs["model"].metadata["uri"]
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="today's components set artifact.uri outside the pipeline root")
 def test_run_local_writes_to_a_local_s3_endpoint(s3_bucket, tmp_path, monkeypatch, digits_evaluator):
     """The demo DAG with the workspace on S3 and the pipeline root on S3 in another bucket (KFP's own,
     as on a cluster): every artifact goes up to the root and comes back down for its consumer."""
@@ -332,8 +350,68 @@ def test_run_local_writes_to_a_local_s3_endpoint(s3_bucket, tmp_path, monkeypatc
     with backend.enforce():
         run = run_local({"workspace": workspace, "overrides": overrides}, use_cache=False, local_dir=tmp_path / "kfp")
     assert "promote" in backend.tasks
-    model = run.outputs["model"].uri
+    model = run.outputs["model"].metadata["uri"]
     assert model.startswith(f"{workspace}/train/") and storage.exists(storage.join(model, "meta.json"))
     metrics = json.loads(storage.read_bytes(run.outputs["evaluation"].metadata["metrics"]))
     assert math.isfinite(metrics["fid"])
     assert json.loads(storage.read_bytes(f"{workspace}/registry.json"))["current"]["checkpoint"] == model
+
+
+# ---------------------------------------------------------------------------------------------
+# The KFP server's version, read from a real HTTP endpoint.
+
+
+@pytest.fixture
+def kfp_server():
+    """A tiny HTTP server answering GET /apis/v2beta1/healthz like the KFP API server
+    (backend/src/apiserver/main.go, healthzResponse); `serve(tag)` sets the release it reports."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    state = {"tag_name": ""}
+
+    class Healthz(BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path.split("?")[0] != "/apis/v2beta1/healthz":
+                self.send_error(404)
+                return
+            body = json.dumps({"commit_sha": "abc", "tag_name": state["tag_name"], "multi_user": False}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Healthz)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    def serve(tag: str) -> str:
+        state["tag_name"] = tag
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield serve
+    server.shutdown()
+
+
+@pytest.mark.parametrize("tag", ["2.14.0", "2.2.0", "unknown", ""])
+def test_submit_refuses_a_backend_older_than_2_15(kfp_server, tag, capsys, monkeypatch, tmp_path):
+    from pipeline.submit import BackendVersionError, connect
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # kfp.Client keeps a context file under ~/.config
+    host = kfp_server(tag)
+    with pytest.raises(BackendVersionError, match=">= 2.15.0"):
+        connect(host)
+    assert main(["pipeline", "submit", "--host", host, "image=erw:1"]) == 2
+    assert "needs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tag", ["2.15.0", "2.17.0", "v2.16.1"])
+def test_submit_accepts_a_recent_backend(kfp_server, tag, monkeypatch, tmp_path):
+    from pipeline.submit import backend_version, connect
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    client = connect(kfp_server(tag))
+    assert backend_version(client) == tag
