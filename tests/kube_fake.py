@@ -14,6 +14,7 @@ import re
 import threading
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -45,11 +46,13 @@ class FakeKube:
 
     # -- state a test sets up ---------------------------------------------------------------------
 
-    def add_job(self, namespace: str, name: str, labels: dict[str, str], phase: str, phases: list[str] = ()) -> dict:
+    def add_job(
+        self, namespace: str, name: str, labels: dict[str, str], phase: str, phases: list[str] = (), age_s: float = 60
+    ) -> dict:
         job = {
             "apiVersion": "batch.volcano.sh/v1alpha1", "kind": "Job",
             "metadata": {"name": name, "namespace": namespace, "labels": labels, "uid": str(uuid.uuid4()),
-                         "creationTimestamp": f"2026-01-01T00:00:{next(self._ids):02d}Z"},
+                         "creationTimestamp": _timestamp(age_s)},
             "spec": {"tasks": [{"name": "trainer-0", "replicas": 1, "template": {"spec": {"containers": [{"name": "trainer-0", "image": "x"}]}}}]},
             "status": {"state": {"phase": phase}},
         }
@@ -105,7 +108,7 @@ class FakeKube:
             job = json.loads(body)
             self.created.append(json.loads(body))
             name = job["metadata"]["name"]
-            job["metadata"].update(namespace=ns, uid=str(uuid.uuid4()), creationTimestamp="2026-01-01T00:00:59Z")
+            job["metadata"].update(namespace=ns, uid=str(uuid.uuid4()), creationTimestamp=_timestamp(0))
             job["status"] = {"state": {"phase": self.phases[0]}}
             self.jobs[(ns, name)] = job
             self._scripts[(ns, name)] = iter(self.phases[1:])
@@ -147,6 +150,11 @@ class FakeKube:
                 "apiVersion": "v1", "kind": "Pod", "metadata": {"name": pod_name, "namespace": ns},
                 "spec": task["template"]["spec"],
             }
+
+
+def _timestamp(age_s: float) -> str:
+    """RFC 3339, as the API server writes creationTimestamp: now minus age_s."""
+    return (datetime.now(timezone.utc) - timedelta(seconds=age_s)).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _status(code: int, message: str) -> dict:

@@ -243,3 +243,11 @@ def test_no_cluster_configuration_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing-kubeconfig"))
     with pytest.raises(LaunchError, match="no Kubernetes cluster to submit to.*--scheduler local_cwd"):
         launch(spec(), COMMAND, poll_s=0.05, out=io.StringIO())
+
+
+def test_the_deadline_is_the_jobs_not_the_launchers(fake):
+    # A retried launcher does not grant the job a fresh --timeout: it counts from the job's creation.
+    fake.add_job(NAMESPACE, "erw-train-old", LABELS, "Running", age_s=80 * 3600)
+    with pytest.raises(LaunchError, match="did not finish within 72h"):
+        launch(spec(timeout="72h"), COMMAND, poll_s=0.05, out=io.StringIO())
+    assert (NAMESPACE, "erw-train-old") not in fake.jobs  # and it was deleted

@@ -171,5 +171,13 @@ def api_error(err: BaseException, doing: str, namespace: str) -> LaunchError:
     return LaunchError(f"could not reach the Kubernetes API to {doing}: {err}")
 
 
+def age_s(obj: dict[str, Any]) -> float:
+    """Seconds since the object was created (0 if the clocks disagree)."""
+    from datetime import datetime, timezone
+
+    created = datetime.fromisoformat(obj["metadata"]["creationTimestamp"].replace("Z", "+00:00"))
+    return max(0.0, (datetime.now(timezone.utc) - created).total_seconds())
+
+
 def job_phase(job: dict[str, Any]) -> str:
     return job.get("status", {}).get("state", {}).get("phase", "Pending")

@@ -98,6 +98,7 @@ class _Job:
     tails: list[deque] = field(default_factory=list)
     streams: list[threading.Thread | None] = field(default_factory=list)
     last_seen: list[tuple] = field(default_factory=list)  # per node: timestamp of the last line printed
+    age_s: float = 0.0  # how long the job has existed already (re-attached): the deadline is the job's
 
     def run(self) -> None:
         from torchx.specs import AppState
@@ -106,10 +107,10 @@ class _Job:
         self.tails = [deque(maxlen=TAIL_LINES) for _ in range(spec.nodes)]
         self.streams = [None] * spec.nodes
         self.last_seen = [()] * spec.nodes
-        started = time.monotonic()
         with self.runner() as runner:
             self.handle = self.start(runner)
-            status, pending_since = None, started
+            started = time.monotonic() - self.age_s
+            status, pending_since = None, time.monotonic()
             try:
                 while True:
                     answer = self.read_status(runner)
@@ -229,6 +230,7 @@ class _KubernetesJob(_Job):
             if running:
                 name = running[0]["metadata"]["name"]
                 handle = make_app_handle("kubernetes", "torchx", f"{cluster.namespace}:{name}")
+                self.age_s = kube.age_s(running[0])
                 others = f" ({len(running) - 1} more with the same labels left alone)" if len(running) > 1 else ""
                 self.write(f"erw launch: re-attaching to {handle}, still {kube.job_phase(running[0])}{others}\n")
                 return handle
