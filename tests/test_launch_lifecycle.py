@@ -152,7 +152,7 @@ def test_sigterm_deletes_the_job_with_one_direct_request(fake, tmp_path):
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
-        for _ in range(600):  # until the launcher has read the Running job (then it sleeps between polls)
+        for _ in range(2400):  # up to 2 min on a loaded machine, until the launcher has read the Running job
             with fake.lock:
                 running = [j for j in fake.jobs.values() if j["status"]["state"]["phase"] == "Running"]
                 reads = [p for m, p in fake.requests if p.endswith("/status")]
