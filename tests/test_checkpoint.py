@@ -85,3 +85,26 @@ def test_pickled_objects_are_never_loaded(tmp_path):
     (uri / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(ckpt.CheckpointError, match="cannot be read"):
         ckpt.load_checkpoint(str(uri))
+
+
+def test_prune_never_deletes_the_checkpoint_it_just_wrote(tmp_path):
+    for step in (10, 20, 30):
+        _save(tmp_path, step)
+    mine = _save(tmp_path, 5)  # a lower step than what the directory holds
+    ckpt.prune_checkpoints(str(tmp_path), keep_last=2, keep=mine)
+    assert [s for s, _ in ckpt.list_checkpoints(str(tmp_path))] == [5, 20, 30]
+
+
+def test_latest_verified_skips_corrupt_checkpoints_and_says_why(tmp_path):
+    for step in (10, 20, 30):
+        _save(tmp_path, step, value=float(step))
+    (tmp_path / "step-00000030" / "state.pt").write_bytes(b"truncated")
+    (tmp_path / "step-00000020" / "meta.json").write_text("{not json")
+    loaded, skipped = ckpt.load_latest_verified(str(tmp_path))
+    assert loaded.step == 10 and torch.equal(loaded.model_state["w"], torch.full((3, 2), 10.0))
+    assert len(skipped) == 2 and "step-00000030" in skipped[0] and "state.pt does not match the checksum" in skipped[0]
+    assert "step-00000020" in skipped[1] and "not valid JSON" in skipped[1]
+    (tmp_path / "step-00000010" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ckpt.CheckpointError, match="no checkpoint under .* verifies"):
+        ckpt.load_latest_verified(str(tmp_path))
+    assert ckpt.load_latest_verified(str(tmp_path / "empty")) == (None, [])

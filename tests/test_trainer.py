@@ -166,3 +166,46 @@ def test_benchmarks_time_the_trainers_own_step(monkeypatch):
             cfg = load_config(CONFIGS / "demo.yaml", [*tiny, "encoder.name=dinov2-vit-s", "train.batch_size=2"])
             module.make_step(cfg, "train", 2)()
     assert len(calls) >= 5 and all(p.grad_clip == 0.5 for p in calls)  # the preset's settings, overrides included
+
+
+def _weights_equal(a_uri, b_uri):
+    a, b = ckpt.load_checkpoint(a_uri), ckpt.load_checkpoint(b_uri)
+    for part in ("model_state", "ema_state"):
+        for name, tensor in getattr(a, part).items():
+            assert torch.equal(getattr(b, part)[name], tensor), f"{part} {name}"
+    assert a.train_state["data"] == b.train_state["data"]
+
+
+def test_a_fresh_run_never_mixes_with_the_checkpoints_of_another(tmp_path):
+    """D3: a fresh start into a used out used to exit 0 after pruning deleted its own checkpoints."""
+    common = ["train.ckpt_every=2", "train.keep_last=1", "encoder.name=none"]
+    run(tiny_config(tmp_path, "train.steps=6", *common), "train", Batches(), CPU)
+    before = ckpt.list_checkpoints(str(tmp_path / "train"))
+    with pytest.raises(ckpt.CheckpointError, match=r"already holds checkpoints \(steps 6\).*--resume auto"):
+        run(tiny_config(tmp_path, "train.steps=4", *common), "train", Batches(), CPU)
+    assert ckpt.list_checkpoints(str(tmp_path / "train")) == before  # nothing written, nothing deleted
+    # A resume from an older checkpoint while newer ones exist would mix the same way.
+    run(tiny_config(tmp_path / "x", "train.steps=2", *common), "train", Batches(), CPU)
+    with pytest.raises(ckpt.CheckpointError, match=r"newer than .*step-00000002 \(steps 6\)"):
+        run(tiny_config(tmp_path, "train.steps=8", *common), "train", Batches(), CPU, resume=str(tmp_path / "x/train"))
+    # Resumed at or past the end: says so instead of exiting silently.
+    said = []
+    result = run(tiny_config(tmp_path, "train.steps=4", *common), "train", Batches(), CPU, resume="auto", log=said.append)
+    assert result.step == 6 and any("at or past train.steps=4: nothing to train" in line for line in said)
+
+
+def test_resume_auto_falls_back_past_a_corrupt_newest_checkpoint(tmp_path):
+    common = ["train.ckpt_every=2", "train.ema_decay=0.9", "encoder.name=none"]
+    straight = run(tiny_config(tmp_path / "a", "train.steps=6", *common), "train", Batches(), CPU)
+    run(tiny_config(tmp_path / "b", "train.steps=4", *common), "train", Batches(), CPU)
+    newest = tmp_path / "b/train/step-00000004/model.safetensors"
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    newest.write_bytes(bytes(data))
+    said = []
+    resumed = run(tiny_config(tmp_path / "b", "train.steps=6", *common), "train", Batches(), CPU, resume="auto",
+                  log=said.append)
+    skipped = [line for line in said if line.startswith("--resume auto: skipped")]
+    assert len(skipped) == 1 and "step-00000004" in skipped[0] and "does not match the checksum" in skipped[0]
+    assert any("resumed train from" in line and "step-00000002 at step 2" in line for line in said)
+    _weights_equal(straight.checkpoint, resumed.checkpoint)

@@ -139,18 +139,34 @@ def resolve_checkpoint(uri: str) -> str:
     return latest
 
 
-def prune_checkpoints(out: str, keep_last: int) -> None:
-    """Keep the newest keep_last committed checkpoints; delete older ones and older unfinished writes."""
+def prune_checkpoints(out: str, keep_last: int, keep: str = "") -> None:
+    """Keep the newest keep_last committed checkpoints and `keep` (the one just written: never
+    deleted, whatever else the directory holds); delete older ones and older unfinished writes."""
     committed = list_checkpoints(out)
     if not committed:
         return
-    keep = {uri for _, uri in committed[-max(keep_last, 1):]}
+    kept = {uri for _, uri in committed[-max(keep_last, 1):]} | {keep}
     newest = committed[-1][0]
     for name in storage.list_dir(out):
         match = _STEP_DIR.match(name)
         uri = storage.join(out, name)
-        if match and uri not in keep and int(match.group(1)) < newest:
+        if match and uri not in kept and int(match.group(1)) < newest:
             storage.delete_tree(uri)
+
+
+def load_latest_verified(out: str) -> tuple[Checkpoint | None, list[str]]:
+    """The newest committed checkpoint under out that loads and verifies, and why each newer one
+    was skipped ("URI: reason"). (None, []) when out holds no committed checkpoint; raises
+    CheckpointError when it holds some but none verifies."""
+    skipped = []
+    for _, uri in reversed(list_checkpoints(out)):
+        try:
+            return load_checkpoint(uri), skipped
+        except CheckpointError as err:
+            skipped.append(f"{uri}: {err}")
+    if skipped:
+        raise CheckpointError(f"no checkpoint under {out} verifies:\n  - " + "\n  - ".join(skipped))
+    return None, []
 
 
 def load_checkpoint(uri: str, with_train_state: bool = True) -> Checkpoint:

@@ -95,6 +95,45 @@ class PreemptionFlag:
         return any_rank(self.raised, d)
 
 
+def restore(
+    state: TrainState, phase: str, p: PhaseConfig, resume: str | None, say: Callable[[str], None]
+) -> ckpt.Checkpoint | None:
+    """Load the checkpoint `resume` names into state ("auto": the newest one under p.out that
+    verifies; None: a fresh start), after checking that the run cannot mix with another one."""
+    committed = ckpt.list_checkpoints(p.out)
+    if resume is None:
+        if committed:  # pruning would keep the other run's later steps and delete this one's
+            raise ckpt.CheckpointError(
+                f"{p.out} already holds checkpoints (steps {', '.join(str(s) for s, _ in committed)}): continue that "
+                f"run with --resume auto, or set {phase}.out to a new location for a fresh start"
+            )
+        return None
+    if resume == "auto":
+        restored, skipped = ckpt.load_latest_verified(p.out)
+        for reason in skipped:
+            say(f"--resume auto: skipped {reason}")
+        if restored is None:
+            say(f"--resume auto: no checkpoint under {p.out} yet, starting {phase} from step 0")
+            return None
+    else:
+        restored = ckpt.load_checkpoint(resume)
+        newer = [s for s, _ in committed if s > restored.step]
+        if newer:
+            raise ckpt.CheckpointError(
+                f"{p.out} holds checkpoints newer than {restored.uri} (steps {', '.join(map(str, newer))}): continuing "
+                f"from step {restored.step} would mix two runs in one directory. Move those away, or set "
+                f"{phase}.out to a new location"
+            )
+    if restored.phase != phase:
+        raise ckpt.CheckpointError(f"cannot resume {phase} from {restored.uri}, a {restored.phase} checkpoint")
+    state.load(restored.model_state, restored.ema_state, restored.train_state)
+    say(f"resumed {phase} from {restored.uri} at step {state.step}")
+    if state.step >= p.steps:
+        say(f"warning: the resumed step {state.step} is at or past {phase}.steps={p.steps}: nothing to train "
+            f"(raise {phase}.steps to continue)")
+    return restored
+
+
 def run(
     cfg: Config,
     phase: str,
@@ -131,14 +170,8 @@ def run(
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    restored = None
-    source = ckpt.latest_checkpoint(p.out) if resume == "auto" else resume
-    if source:
-        restored = ckpt.load_checkpoint(source)
-        if restored.phase != phase:
-            raise ckpt.CheckpointError(f"cannot resume {phase} from {restored.uri}, a {restored.phase} checkpoint")
-        state.load(restored.model_state, restored.ema_state, restored.train_state)
-        say(f"resumed {phase} from {restored.uri} at step {state.step}")
+    restored = restore(state, phase, p, resume, say)
+    if restored is not None:
         metrics.observe_restart()
 
     objective = build_objective(cfg, phase, state.warmup_steps)
@@ -162,7 +195,7 @@ def run(
                     model_state=state.model.state_dict(), ema_state=state.ema.state_dict(),
                     train_state=state.state_dict(), extra_meta={"warmup_steps": state.warmup_steps},
                 )
-                ckpt.prune_checkpoints(p.out, p.keep_last)
+                ckpt.prune_checkpoints(p.out, p.keep_last, keep=uri)
                 say(f"checkpoint {uri}")
             barrier(d)
         except BaseException:
