@@ -66,27 +66,47 @@ def test_cli_errors_are_one_clear_message(shards, tmp_path):
     assert missing.returncode == 2 and "no complete checkpoint" in missing.stderr and "Traceback" not in missing.stderr
 
 
-def test_sigterm_checkpoints_and_exits(shards, tmp_path):
-    """A preempted pod gets SIGTERM (its loader workers too): the run saves at the next step and exits 143."""
+def terminate_at_step(cmd, cwd, step=2):
+    """Start cmd, SIGTERM it when it logs `train step <step>/`; return (exit status, output)."""
     import signal
 
-    cmd = [str(BIN / "erw"), "train", "--config", str(ROOT / "configs/demo.yaml"), f"data.shards={shards}", *TINY,
-           "encoder.name=none", "train.steps=100000", "train.log_every=1", "train.ckpt_every=100000",
-           "train.out=out/train"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     lines = []
     for line in proc.stdout:
         lines.append(line)
-        if line.startswith("train step 2/"):
+        if line.startswith(f"train step {step}/"):
             proc.send_signal(signal.SIGTERM)
             break
     lines += proc.stdout.readlines()
-    assert proc.wait(timeout=120) == 143, "".join(lines)
-    output = "".join(lines)
+    return proc.wait(timeout=120), "".join(lines)
+
+
+def endless_training(shards, out):
+    return [str(BIN / "erw"), "train", "--config", str(ROOT / "configs/demo.yaml"), f"data.shards={shards}", *TINY,
+            "encoder.name=none", "train.steps=100000", "train.log_every=1", "train.ckpt_every=100000", f"train.out={out}"]
+
+
+def test_sigterm_checkpoints_and_exits(shards, tmp_path):
+    """A preempted pod gets SIGTERM (its loader workers too): the run saves at the next step and exits 143."""
+    status, output = terminate_at_step(endless_training(shards, "out/train"), tmp_path)
+    assert status == 143, output
     assert "termination signal received, checkpointing" in output and "preempted at step" in output
     saved = ckpt.load_checkpoint(str(tmp_path / "out/train"))
     assert 2 <= saved.step < 100000
+
+
+def test_preemption_under_torchrun_exits_143(shards, tmp_path):
+    """R3: Kubernetes sends SIGTERM to torchrun; plain torchrun exits 1 although every rank
+    checkpointed and exited 143. `erw torchrun` exits 143, so a preemption is not a failure."""
+    launcher = ["--nproc-per-node", "2", "--no-python"]
+    status, output = terminate_at_step([str(BIN / "torchrun"), *launcher, *endless_training(shards, "plain")], tmp_path)
+    assert status == 1 and "train preempted at step" in output, output  # torchrun's own behaviour, the fault
+    status, output = terminate_at_step([str(BIN / "erw"), "torchrun", *launcher, *endless_training(shards, "erw")],
+                                       tmp_path)
+    assert status == 143, output
+    assert "train preempted at step" in output and "erw torchrun: preempted" in output
+    assert ckpt.load_checkpoint(str(tmp_path / "erw")).step >= 2
 
 
 CRASH_WITH_WORKERS = """
@@ -139,3 +159,11 @@ def test_resume_is_exact_through_the_real_loader(shards, tmp_path, ranks):
         for name, tensor in getattr(a, part).items():
             assert torch.equal(getattr(b, part)[name], tensor), f"{part} {name} differs after the resume"
     assert a.train_state["data"] == b.train_state["data"]
+
+
+@pytest.mark.parametrize("worker_status, expected", [(143, 143), (1, 1), (0, 0)])
+def test_erw_torchrun_passes_a_preemption_up(tmp_path, worker_status, expected):
+    """Workers that all exit 143 (checkpointed after SIGTERM) make `erw torchrun` exit 143, not 1."""
+    cmd = [str(BIN / "erw"), "torchrun", "--nproc-per-node", "2", "--no-python", "sh", "-c", f"exit {worker_status}"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == expected, proc.stderr

@@ -20,6 +20,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         if phase == "train":
             p.add_argument("--init-from", default=None, metavar="URI", help="warmup checkpoint (or its run directory)")
         p.set_defaults(func=_run, phase=phase)
+    p = sub.add_parser(
+        "torchrun", add_help=False, prefix_chars="\0",  # every argument is torchrun's, --help included
+        help="torchrun that exits 143 when preempted (SIGTERM) and 1 when failed; same arguments",
+        description="torchrun (torch.distributed.run) with preemption-aware exit status",
+    )
+    p.add_argument("torchrun_args", nargs=argparse.REMAINDER, metavar="TORCHRUN_ARGS")
+    p.set_defaults(func=_torchrun)
+
+
+def _torchrun(args: argparse.Namespace) -> int:
+    from erw.training.elastic import torchrun
+
+    return torchrun(args.torchrun_args)
 
 def run_id_for(cfg_run_id: str) -> str:
     """One id shared by all ranks: config, then the launcher's, then torchrun's, then the clock."""

@@ -1,0 +1,53 @@
+"""`erw torchrun`: torchrun whose exit status tells a preemption from a failure.
+
+Plain torchrun (torch.distributed.run) exits 1 for both. On SIGTERM (what Kubernetes sends to a
+pod's main process) it forwards the signal to its workers, waits up to
+TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (default 30) for them to exit, then raises
+SignalException and exits 1 with a traceback, although every rank checkpointed and exited 143.
+And when its workers exit 143 on their own, it reports a ChildFailedError: exit 1 again.
+
+This runs the same torchrun in this process and maps its outcome:
+
+    a termination signal received by torchrun    128 + the signal's number (143 for SIGTERM)
+    every failed worker exited 143 (preempted)   143
+    anything else                                torchrun's own status (0, or 1 for a failure)
+
+so a pod, a Volcano job policy or `erw launch` can retry a preempted run and report a failed one.
+Usage is torchrun's: `erw torchrun --nproc-per-node 2 --no-python erw train ...`.
+"""
+from __future__ import annotations
+
+import sys
+
+PREEMPTED = 143  # 128 + SIGTERM: what `erw warmup|train` return after a preemption checkpoint
+
+
+def exit_status_of(error: BaseException) -> int | None:
+    """The exit status a torchrun outcome maps to (None: not an outcome this module maps)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    if isinstance(error, SignalException):
+        return 128 + int(error.sigval)
+    if isinstance(error, ChildFailedError):
+        codes = {failure.exitcode for failure in error.failures.values()}
+        return PREEMPTED if codes == {PREEMPTED} else 1
+    return None
+
+
+def torchrun(argv: list[str]) -> int:
+    """Run torchrun with argv (its own command line) and return the mapped exit status."""
+    from torch.distributed import run as torch_run
+
+    try:
+        torch_run.main(argv)
+    except SystemExit as done:  # torchrun's argparse (--help, bad flags)
+        return done.code if isinstance(done.code, int) else (0 if done.code is None else 2)
+    except BaseException as err:
+        status = exit_status_of(err)
+        if status is None:
+            raise
+        what = "preempted (the workers checkpointed)" if status == PREEMPTED else f"failed: {err}"
+        print(f"erw torchrun: {what}; exit status {status}", file=sys.stderr, flush=True)
+        return status
+    return 0
