@@ -17,7 +17,7 @@ from typing import Iterator
 
 import numpy as np
 
-from erw import storage
+from erw import faults, storage
 
 MANIFEST = "manifest.json"
 
@@ -97,7 +97,7 @@ def read_tar_samples(uri: str) -> Iterator[dict]:
     """
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
-    with storage.open_read(uri) as stream:
+    with faults.shard_stream(uri, storage.open_read(uri)) as stream:
         yield from group_by_keys(tar_file_expander([{"url": uri, "stream": stream}]))
 
 

@@ -27,7 +27,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from erw.config import Config, config_from_dict
-from erw import storage
+from erw import faults, storage
 from erw.errors import ErwError
 
 FORMAT_VERSION = 1
@@ -91,6 +91,7 @@ def save_checkpoint(
         STATE: state_buf.getvalue(),
     }
     for name, data in files.items():
+        faults.checkpoint_write(storage.join(uri, name), data)
         storage.write_bytes(storage.join(uri, name), data)
     meta = {
         "format_version": FORMAT_VERSION,
@@ -101,7 +102,9 @@ def save_checkpoint(
         "files": {name: _sha256(data) for name, data in files.items()},
         **(extra_meta or {}),
     }
-    storage.write_bytes(storage.join(uri, META), json.dumps(meta, indent=2).encode())
+    encoded = json.dumps(meta, indent=2).encode()
+    faults.checkpoint_write(storage.join(uri, META), encoded)
+    storage.write_bytes(storage.join(uri, META), encoded)
     return uri
 
 

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from erw import faults
 from erw.config import Config, PhaseConfig
 from erw.errors import ErwError
 from erw.models.sit import check_warmup_config, l2r_from_config, load_warmup, sit_from_config
@@ -227,6 +228,7 @@ def run(
                     continue
                 nonfinite_in_row = 0
                 step = state.step
+                faults.after_step(d.rank, step)
                 seconds = time.perf_counter() - started
                 window["samples"] += p.batch_size
                 window["seconds"] += seconds
