@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import io
 import os
 import random
@@ -63,6 +64,7 @@ class ObjectNotFound(StorageError, FileNotFoundError):
 class FileInfo:
     path: str  # relative to the listed directory/prefix, "/"-separated
     size: int
+    version: str = ""  # changes when the content does: the S3 ETag, or the local mtime in ns
 
 
 def is_s3(uri: str) -> bool:
@@ -528,7 +530,7 @@ def list_files(uri: str) -> list[FileInfo]:
             found = []
             for page in _client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
                 found += [
-                    FileInfo(o["Key"][len(prefix):], int(o["Size"]))
+                    FileInfo(o["Key"][len(prefix):], int(o["Size"]), o.get("ETag", "").strip('"'))
                     for o in page.get("Contents", []) if not o["Key"].endswith("/")
                 ]
             return found
@@ -539,8 +541,8 @@ def list_files(uri: str) -> list[FileInfo]:
         return []
     with _local_errors(uri, "list"):
         found = [
-            FileInfo(p.relative_to(root).as_posix(), p.stat().st_size)
-            for p in root.rglob("*") if p.is_file()
+            FileInfo(p.relative_to(root).as_posix(), stat.st_size, str(stat.st_mtime_ns))
+            for p in root.rglob("*") if p.is_file() for stat in [p.stat()]
         ]
     return sorted(found, key=lambda f: f.path)
 
@@ -570,3 +572,58 @@ def delete_tree(uri: str) -> None:
         retrying(uri, "delete", remove)
         return
     shutil.rmtree(uri, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Conditional writes: compare-and-swap for small shared files (a registry, a settings claim).
+# S3 evaluates If-None-Match / If-Match atomically on PutObject; locally an exclusive lock on
+# a sidecar file makes the compare and the replace one step (the lock is advisory: only
+# writers that go through here respect it).
+
+
+def read_versioned(uri: str) -> tuple[bytes, str]:
+    """(content, version) of a small file; pass the version to write_if to replace exactly it."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        with _s3_errors(uri, "read"):
+            response = _client().get_object(Bucket=bucket, Key=key)
+            return response["Body"].read(), response["ETag"].strip('"')
+    with _local_errors(uri, "read"):
+        data = Path(uri).read_bytes()
+    return data, _local_version(data)
+
+
+def write_if(uri: str, data: bytes, version: str | None) -> bool:
+    """Write uri only if it still holds `version` (None: only if it does not exist).
+
+    False when another writer got there first: read again, redo the change, retry.
+    """
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        condition = {"IfNoneMatch": "*"} if version is None else {"IfMatch": f'"{version}"'}
+        try:
+            with _s3_errors(uri, "write"):
+                _client().put_object(Bucket=bucket, Key=key, Body=data, **condition)
+            return True
+        except StorageError as err:
+            if _error_code(err.__cause__) in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey", "404"):
+                return False
+            raise
+    import fcntl
+
+    path = Path(uri)
+    with _local_errors(uri, "write"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_name(f".{path.name}.lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            current = _local_version(path.read_bytes()) if path.exists() else None
+            if current != version:
+                return False
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+            return True
+
+
+def _local_version(data: bytes) -> str:
+    return hashlib.md5(data).hexdigest()

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from erw import storage
-from erw.data.shards import IMAGE_MEMBERS, MANIFEST, decode_crop, load_npy, read_tar_samples
+from erw.data.shards import IMAGE_MEMBERS, MANIFEST, decode_crop, load_npy, read_tar_samples, resolve_uri
 from erw.errors import ErwError
 from erw.data.codec import LatentNorm
 
@@ -294,7 +294,7 @@ class ShardLoader:
         self.workers = max(1, num_workers)  # slots per rank; 0 workers = one slot in this process
         counts = tuple(s["count"] for s in manifest["shards"])
         self.plan = Plan(
-            tuple(storage.join(shards, s["name"]) for s in manifest["shards"]), counts, seed,
+            tuple(resolve_uri(shards, s["name"]) for s in manifest["shards"]), counts, seed,
             world_size * self.workers, max(1, shuffle_buffer),
         )
         if self.plan.num_samples < self.plan.num_slots:

@@ -1,25 +1,42 @@
-"""`erw precompute`: images -> latent moments (+ class, + crop or encoder features) in shards.
+"""`erw precompute`: images -> latent moments (+ class, + crop or encoder features) in shards, incrementally.
 
-Layout of the output prefix:
+Two locations (the same one unless --cache is given):
 
-    precompute.json          the plan: source listing, resolution, codec, ... (every worker
-                             writes or checks it, so reruns with other settings are refused)
-    shard-000000.tar ...     one shard per unit of the source (see sources.py)
-    _progress/shard-000000.json
-                             done marker of a shard, written after its upload: count,
-                             sha256, failures, label counts, latent statistics
-    manifest.json            written last by `--merge`; a prefix without it is incomplete
+    --cache URI: the unit store of one set of encoding settings, shared by every dataset
+        precompute.json        the settings claim, created once and atomically (If-None-Match on
+                               S3, a hard link locally); a worker with other settings is refused
+        units/KEY.tar          the latent shard of one source unit, named by its content key
+        units/KEY.json         its done marker, written after the shard: count, sha256, failures,
+                               labels, latent statistics, and the hash of the settings claim
+    --out URI: one dataset, what data.shards points to
+        dataset.json           the source's current units (listing, classes, unit keys)
+        manifest.json          written last (by a lone worker or --merge): the current units'
+                               shards, reused and new, with their sha256; a prefix without it
+                               is incomplete
 
-Worker i of n encodes the units whose index is i mod n. A rerun skips every unit that
-has a done marker and redoes the rest from scratch, so a killed worker loses at most the
-shard it was writing. Memory is bounded by one batch plus the read-ahead window.
+A unit is one source tar or a content-cut chunk of an ImageFolder (sources.py); its key
+hashes the names, sizes, versions (S3 ETag, local mtime) and labels of its files. A rerun
+over a source that gained, changed or lost files encodes only units whose key has no done
+marker yet and reuses the other shards as they are (the same objects, the same sha256). The
+new manifest lists exactly the current units, so removed files leave the dataset with their
+unit; `erw gc` deletes shards that no kept manifest lists.
+
+Worker i of n encodes the missing units whose index is i mod n. A killed worker loses at
+most the shard it was writing; its partial file is removed on SIGTERM, and by the next
+precompute on the machine after a SIGKILL. Memory is bounded by one batch plus the
+read-ahead window.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -31,16 +48,18 @@ import numpy as np
 import torch
 
 from erw import storage
-from erw.data.shards import IMAGE_MEMBERS, MANIFEST, ShardWriter, encode_crop, npy_bytes, shard_name
+from erw.data.shards import IMAGE_MEMBERS, MANIFEST, ShardWriter, encode_crop, npy_bytes, relative_uri, resolve_uri
 from erw.data.sources import BadImage, RawSample, Source, Unit, decode_image, open_source, ordered_map
 from erw.errors import ErwError
 from erw.data.codec import CODECS, NORMALIZATIONS, LatentCodec, build_codec
 
 FORMAT_VERSION = 1
 T = TypeVar("T")
-PLAN = "precompute.json"
-PROGRESS = "_progress"
+SETTINGS = "precompute.json"
+DATASET = "dataset.json"
+UNITS = "units"
 STORES = ("images", "features")
+TEMP_PREFIX = "erw-precompute-"
 
 
 class PrecomputeError(ErwError):
@@ -51,6 +70,7 @@ class PrecomputeError(ErwError):
 class PrecomputeJob:
     source: str
     out: str
+    cache: str = ""  # the unit store for these settings, shared between datasets; empty = out
     resolution: int = 256
     codec: str = "sd-vae-ft-ema"
     codec_weights: str = ""
@@ -65,6 +85,20 @@ class PrecomputeJob:
     encoder_weights: str = ""
     device: str = "auto"
     io_threads: int = 16
+
+    @property
+    def cache_uri(self) -> str:
+        return self.cache or self.out
+
+    def settings(self) -> dict[str, Any]:
+        """What the latent bytes of a unit depend on, besides the unit's own files."""
+        return {
+            "format_version": FORMAT_VERSION, "resolution": self.resolution, "codec": self.codec,
+            "codec_weights": self.codec_weights, "latent_norm": self.latent_norm, "store": self.store,
+            "image_format": self.image_format if self.store == "images" else None,
+            "encoder": self.encoder if self.store == "features" else None,
+            "encoder_weights": self.encoder_weights if self.store == "features" else None,
+        }
 
     def problems(self) -> list[str]:
         out = []
@@ -92,8 +126,8 @@ class PrecomputeJob:
 @dataclass
 class WorkerReport:
     shards_total: int = 0  # units owned by this worker
-    shards_skipped: int = 0  # already complete before this run
-    shards_written: int = 0
+    shards_skipped: int = 0  # already encoded (by an earlier run, or for another dataset): reused
+    shards_written: int = 0  # encoded by this run
     images: int = 0
     failures: int = 0
     seconds: float = 0.0
@@ -103,35 +137,74 @@ class WorkerReport:
         return self.images / self.seconds if self.seconds > 0 else 0.0
 
 
+@dataclass
+class Plan:
+    """What a precompute of `source` would do, from the listing alone (no image is read)."""
+
+    source: Source
+    cache: str
+    units_total: int
+    units_reused: int  # already encoded under these settings: their shards are reused as they are
+    units_to_encode: int
+    files: int
+
+    def summary(self) -> str:
+        return (f"{self.files} files in {self.units_total} units: {self.units_reused} already encoded in "
+                f"{self.cache}, {self.units_to_encode} to encode")
+
+
+def plan_precompute(job: PrecomputeJob) -> Plan:
+    """List the source and the unit store: how many units exist, how many are already encoded.
+
+    Cheap on ImageNet-sized sources: one listing of each (names, sizes, ETags), no image read.
+    Refuses a store claimed by other settings before any compute.
+    """
+    found = job.problems()
+    if found:
+        raise PrecomputeError("invalid precompute options:\n  - " + "\n  - ".join(found))
+    source = open_source(job.source, job.shard_size)
+    cache = job.cache_uri
+    try:
+        existing = json.loads(storage.read_bytes(storage.join(cache, SETTINGS)))
+        _check_settings(cache, existing, job.settings())
+    except storage.ObjectNotFound:
+        pass
+    done = encoded_units(cache)
+    reused = sum(u.key in done for u in source.units)
+    return Plan(source, cache, len(source.units), reused, len(source.units) - reused, source.num_files)
+
+
 # ---------------------------------------------------------------------------------------------
 # One worker.
 
 
 def run_worker(job: PrecomputeJob, progress: bool = True) -> WorkerReport:
-    found = job.problems()
-    if found:
-        raise PrecomputeError("invalid precompute options:\n  - " + "\n  - ".join(found))
-    source = open_source(job.source, job.shard_size)
-    plan = make_plan(job, source)
-    write_or_check_plan(job.out, plan)
-    done = completed_units(job.out)
+    remove_stale_temp_dirs()
+    plan = plan_precompute(job)
+    source, cache = plan.source, plan.cache
+    settings_hash = claim_settings(cache, job.settings())
+    write_dataset(job, source, settings_hash)
+    done = encoded_units(cache)
     mine = [u for u in source.units if u.index % job.num_workers == job.worker_index]
-    todo = [u for u in mine if u.index not in done]
+    todo = [u for u in mine if u.key not in done]
     report = WorkerReport(shards_total=len(mine), shards_skipped=len(mine) - len(todo))
     name = f"worker {job.worker_index}/{job.num_workers}"
-    print(f"{name}: {len(mine)} of {len(source.units)} shards are mine, {report.shards_skipped} already done", flush=True)
+    print(f"{name}: {len(mine)} of {len(source.units)} units are mine: {report.shards_skipped} already encoded "
+          f"(reused), {len(todo)} to encode", flush=True)
     if source.ignored:
         shown = ", ".join(source.ignored[:5]) + (" ..." if len(source.ignored) > 5 else "")
         print(f"{name}: ignoring {len(source.ignored)} files outside the class folders: {shown}", flush=True)
     if todo:
-        _encode_units(job, source, todo, report, name, progress)
+        with _terminate_as_exit():
+            _encode_units(job, source, todo, report, name, progress, settings_hash)
     if job.num_workers == 1:  # a lone worker is also the last one: it writes the manifest
         merge(job.out)
     return report
 
 
 def _encode_units(
-    job: PrecomputeJob, source: Source, todo: list[Unit], report: WorkerReport, name: str, progress: bool
+    job: PrecomputeJob, source: Source, todo: list[Unit], report: WorkerReport, name: str, progress: bool,
+    settings_hash: str,
 ) -> None:
     if job.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -149,18 +222,19 @@ def _encode_units(
     started = time.perf_counter()
     with (
         ThreadPoolExecutor(job.io_threads) as pool,
-        tempfile.TemporaryDirectory(prefix="erw-precompute-") as tmp,
+        tempfile.TemporaryDirectory(prefix=f"{TEMP_PREFIX}{os.getpid()}-") as tmp,
         tqdm(total=total, unit="img", desc=name, disable=not progress, mininterval=1 if sys.stderr.isatty() else 30) as bar,
     ):
         for unit in todo:
-            marker = encode_unit(unit, source, codec, encoder, job, device, pool, Path(tmp), bar)
+            marker = encode_unit(unit, source, codec, encoder, job, device, pool, Path(tmp), bar, settings_hash)
             report.shards_written += 1
             report.images += marker["count"]
             report.failures += len(marker["failures"])
-            bar.write(f"{name}: {shard_name(unit.index)} {marker['count']} samples, {len(marker['failures'])} failures")
+            bar.write(f"{name}: unit {unit.index} ({unit.key[:12]}) {marker['count']} samples, "
+                      f"{len(marker['failures'])} failures")
     report.seconds = time.perf_counter() - started
     print(
-        f"{name}: wrote {report.shards_written} shards ({report.shards_skipped} were done), {report.images} images, "
+        f"{name}: encoded {report.shards_written} units ({report.shards_skipped} reused), {report.images} images, "
         f"{report.failures} failures, {report.images_per_second:.1f} images/s",
         flush=True,
     )
@@ -168,10 +242,11 @@ def _encode_units(
 
 def encode_unit(
     unit: Unit, source: Source, codec: LatentCodec, encoder: torch.nn.Module | None, job: PrecomputeJob,
-    device: torch.device, pool: ThreadPoolExecutor, tmp: Path, bar: Any,
+    device: torch.device, pool: ThreadPoolExecutor, tmp: Path, bar: Any, settings_hash: str,
 ) -> dict[str, Any]:
     """Encode one unit into a shard, upload it, then write its done marker (returned)."""
-    writer = ShardWriter(tmp / shard_name(unit.index))
+    cache = job.cache_uri
+    writer = ShardWriter(tmp / unit_shard(unit.key))
     stats = LatentStats(codec.latent_channels)
     failures: list[dict[str, str]] = []
     labels: Counter[int] = Counter()
@@ -184,7 +259,7 @@ def encode_unit(
     for batch in _chunks(decoded, job.batch_size):
         good = []
         for raw, digest, pixels_or_reason in batch:
-            key = f"{unit.index:06d}_{position:06d}"
+            key = f"{unit.key[:16]}_{position:06d}"  # unique in every dataset that lists this unit
             position += 1
             content.update(f"{raw.name}\t{digest}\n".encode())
             if isinstance(pixels_or_reason, str):
@@ -218,17 +293,61 @@ def encode_unit(
             labels[raw.label] += 1
     count, sha256, size = writer.close()
     if count:
-        storage.upload_file(writer.path, storage.join(job.out, shard_name(unit.index)))
+        storage.upload_file(writer.path, storage.join(cache, UNITS, unit_shard(unit.key)))
     writer.path.unlink()
     marker = {
-        "index": unit.index, "shard": shard_name(unit.index) if count else None, "count": count,
+        "unit": unit.key, "shard": unit_shard(unit.key) if count else None, "count": count,
         "sha256": sha256 if count else None, "bytes": size if count else 0, "failures": failures,
         "labels": {str(k): v for k, v in sorted(labels.items())}, "stats": stats.to_json(),
         "content_sha256": content.hexdigest(), "codec": codec.describe(), "feat_shape": feat_shape,
+        "settings_sha256": settings_hash,
     }
-    storage.write_bytes(_marker_uri(job.out, unit.index), json.dumps(marker).encode())
+    storage.write_bytes(_marker_uri(cache, unit.key), json.dumps(marker).encode())
     return marker
 
+
+class Terminated(SystemExit):
+    """SIGTERM during encoding: unwinds like an exit, so the temp folder is removed on the way out."""
+
+
+@contextlib.contextmanager
+def _terminate_as_exit() -> Iterator[None]:
+    """Turn SIGTERM (a preempted pod, a cancelled step) into Terminated while encoding."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+
+    def handler(signum: int, _frame: Any) -> None:
+        print("precompute: terminated; the partial shard is removed, finished units are kept: rerun to continue",
+              file=sys.stderr, flush=True)
+        raise Terminated(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def remove_stale_temp_dirs() -> list[str]:
+    """Remove the temp folders of precompute processes that are gone (killed with SIGKILL)."""
+    removed = []
+    for path in Path(tempfile.gettempdir()).glob(f"{TEMP_PREFIX}*"):
+        pid = path.name[len(TEMP_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(str(path))
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 def _decode(raw: RawSample, resolution: int) -> tuple[str, np.ndarray | str]:
     """(sha256 of the bytes, the crop or the reason it is unusable); runs in a thread."""
@@ -291,71 +410,97 @@ class LatentStats:
 
 
 # ---------------------------------------------------------------------------------------------
-# The plan and the done markers.
+# The settings claim, the dataset's unit list and the done markers.
 
 
-def make_plan(job: PrecomputeJob, source: Source) -> dict[str, Any]:
-    return {
-        "format_version": FORMAT_VERSION, "source": source.uri, "source_kind": source.kind,
-        "listing_sha256": source.listing_sha256, "num_files": source.num_files,
-        "num_shards": len(source.units), "shard_size": job.shard_size if source.kind == "imagefolder" else None,
-        "class_names": source.class_names, "resolution": job.resolution, "codec": job.codec,
-        "codec_weights": job.codec_weights, "latent_norm": job.latent_norm, "store": job.store,
-        "image_format": job.image_format if job.store == "images" else None,
-        "encoder": job.encoder if job.store == "features" else None,
-    }
+def claim_settings(cache: str, settings: dict[str, Any]) -> str:
+    """Claim `cache` for these settings, or check the claim there; returns the claim's hash.
+
+    The claim is created with a conditional write, so of two workers with different settings
+    racing on an empty store exactly one wins and the other is refused (never a mix).
+    """
+    uri = storage.join(cache, SETTINGS)
+    data = json.dumps(settings, indent=1, sort_keys=True).encode()
+    if not storage.write_if(uri, data, None):
+        data = storage.read_bytes(uri)
+        _check_settings(cache, json.loads(data), settings)
+    return hashlib.sha256(data).hexdigest()
 
 
-def write_or_check_plan(out: str, plan: dict[str, Any]) -> None:
-    """Write the plan, or refuse to mix shards made under a different one into `out`."""
-    uri = storage.join(out, PLAN)
-    try:
-        existing = json.loads(storage.read_bytes(uri))
-    except storage.ObjectNotFound:
-        storage.write_bytes(uri, json.dumps(plan, indent=1).encode())
-        return
-    differ = [f"{k}: {existing.get(k)!r} there, {plan[k]!r} now" for k in plan if existing.get(k) != plan[k]]
+def _check_settings(cache: str, existing: dict[str, Any], settings: dict[str, Any]) -> None:
+    keys = sorted(set(existing) | set(settings))
+    differ = [f"{k}: {existing.get(k)!r} there, {settings.get(k)!r} now" for k in keys if existing.get(k) != settings.get(k)]
     if differ:
         raise PrecomputeError(
-            f"{out} already holds a precompute made with other settings or another source listing:\n  - "
-            + "\n  - ".join(differ)
-            + f"\nUse a fresh --out, or delete {out} to start over"
+            f"{cache} already holds latents encoded with other settings:\n  - " + "\n  - ".join(differ)
+            + "\nUse another --cache (or --out) for these settings, or delete " + cache + " to start over"
         )
 
 
-def _marker_uri(out: str, index: int) -> str:
-    return storage.join(out, PROGRESS, shard_name(index).replace(".tar", ".json"))
+def write_dataset(job: PrecomputeJob, source: Source, settings_hash: str) -> None:
+    """Record the source's current units in --out: what the merge will list."""
+    dataset = {
+        "format_version": FORMAT_VERSION, "source": source.uri, "source_kind": source.kind,
+        "listing_sha256": source.listing_sha256, "num_files": source.num_files, "shard_size": job.shard_size,
+        "class_names": source.class_names, "cache": relative_uri(job.out, job.cache_uri),
+        "settings_sha256": settings_hash, "units": [u.key for u in source.units],
+    }
+    uri = storage.join(job.out, DATASET)
+    try:
+        if json.loads(storage.read_bytes(uri)) == dataset:
+            return  # another worker of the fan-out wrote the same
+    except storage.ObjectNotFound:
+        pass
+    storage.write_bytes(uri, json.dumps(dataset, indent=1).encode())
 
 
-def completed_units(out: str) -> set[int]:
-    names = storage.list_dir(storage.join(out, PROGRESS))
-    return {int(n[len("shard-"):-len(".json")]) for n in names if n.startswith("shard-") and n.endswith(".json")}
+def unit_shard(key: str) -> str:
+    return f"{key}.tar"
+
+
+def _marker_uri(cache: str, key: str) -> str:
+    return storage.join(cache, UNITS, f"{key}.json")
+
+
+def encoded_units(cache: str) -> set[str]:
+    """Keys of the units whose shard is done (one listing of the store)."""
+    return {n[:-len(".json")] for n in storage.list_dir(storage.join(cache, UNITS)) if n.endswith(".json")}
 
 
 # ---------------------------------------------------------------------------------------------
-# The merge: checks that every shard is done and writes manifest.json last.
+# The merge: checks that every current unit is done and writes manifest.json last.
 
 
 def merge(out: str, num_workers: int | None = None) -> dict[str, Any]:
     try:
-        plan = json.loads(storage.read_bytes(storage.join(out, PLAN)))
+        dataset = json.loads(storage.read_bytes(storage.join(out, DATASET)))
     except storage.ObjectNotFound:
-        raise PrecomputeError(f"{out} holds no {PLAN}: run the precompute workers before --merge") from None
-    done = completed_units(out)
-    missing = [j for j in range(plan["num_shards"]) if j not in done]
+        raise PrecomputeError(f"{out} holds no {DATASET}: run the precompute workers before --merge") from None
+    cache = resolve_uri(out, dataset["cache"])
+    units: list[str] = dataset["units"]
+    done = encoded_units(cache)
+    missing = [j for j, key in enumerate(units) if key not in done]
     if missing:
         owners = sorted({j % num_workers for j in missing}) if num_workers else None
         rerun = f"rerun --worker-index {', '.join(map(str, owners))} of {num_workers}" if owners else "rerun the workers"
-        shown = ", ".join(shard_name(j) for j in missing[:10]) + (" ..." if len(missing) > 10 else "")
-        raise PrecomputeError(f"{len(missing)} of {plan['num_shards']} shards are not finished ({shown}): {rerun}")
+        shown = ", ".join(units[j][:12] for j in missing[:10]) + (" ..." if len(missing) > 10 else "")
+        raise PrecomputeError(f"{len(missing)} of {len(units)} units are not encoded yet ({shown}): {rerun}")
     with ThreadPoolExecutor(16) as pool:
-        markers = list(pool.map(lambda j: json.loads(storage.read_bytes(_marker_uri(out, j))), range(plan["num_shards"])))
-    present = set(storage.list_dir(out))
+        markers = list(pool.map(lambda key: json.loads(storage.read_bytes(_marker_uri(cache, key))), units))
+    claim = hashlib.sha256(storage.read_bytes(storage.join(cache, SETTINGS))).hexdigest()
+    foreign = [m["unit"][:12] for m in markers if m.get("settings_sha256") != claim]
+    if foreign:
+        raise PrecomputeError(
+            f"units {', '.join(foreign[:10])} in {cache} were encoded under other settings than its {SETTINGS}; "
+            f"delete their {UNITS}/*.json markers and rerun the workers"
+        )
+    present = set(storage.list_dir(storage.join(cache, UNITS)))
     lost = [m["shard"] for m in markers if m["shard"] and m["shard"] not in present]
     if lost:
-        raise PrecomputeError(f"shards marked done are missing from {out}: {', '.join(lost[:10])}; delete their "
-                              f"{PROGRESS}/ markers and rerun the workers")
-    manifest = build_manifest(plan, markers)
+        raise PrecomputeError(f"shards marked done are missing from {cache}: {', '.join(lost[:10])}; delete their "
+                              f"{UNITS}/*.json markers and rerun the workers")
+    settings = json.loads(storage.read_bytes(storage.join(cache, SETTINGS)))
+    manifest = build_manifest(dataset, settings, markers, shard_prefix=relative_uri(out, storage.join(cache, UNITS)))
     storage.write_bytes(storage.join(out, MANIFEST), json.dumps(manifest, indent=1).encode())
     print(
         f"merged {len(manifest['shards'])} shards: {manifest['num_samples']} samples, {manifest['num_classes']} classes, "
@@ -365,33 +510,37 @@ def merge(out: str, num_workers: int | None = None) -> dict[str, Any]:
     return manifest
 
 
-def build_manifest(plan: dict[str, Any], markers: list[dict[str, Any]]) -> dict[str, Any]:
+def build_manifest(
+    dataset: dict[str, Any], settings: dict[str, Any], markers: list[dict[str, Any]], shard_prefix: str
+) -> dict[str, Any]:
     filled = [m for m in markers if m["count"]]
     if not filled:
-        raise PrecomputeError(f"no usable image in {plan['source']}: every file failed (see {PROGRESS}/*.json)")
+        raise PrecomputeError(f"no usable image in {dataset['source']}: every file failed (see {UNITS}/*.json)")
     labels: Counter[int] = Counter()
     for m in markers:
         labels.update({int(k): v for k, v in m["labels"].items()})
-    class_names = plan["class_names"] or [str(i) for i in range(max(labels) + 1)]
+    class_names = dataset["class_names"] or [str(i) for i in range(max(labels) + 1)]
     mean, std = LatentStats.combine([m["stats"] for m in filled])
-    codec = dict(filled[0]["codec"], weights=plan["codec_weights"], normalization=plan["latent_norm"])
-    latent_size = plan["resolution"] // codec["downsample"]
+    codec = dict(filled[0]["codec"], weights=settings["codec_weights"], normalization=settings["latent_norm"])
+    latent_size = settings["resolution"] // codec["downsample"]
     fingerprint = hashlib.sha256("".join(m["content_sha256"] for m in markers).encode()).hexdigest()
     failures = [f for m in markers for f in m["failures"]]
     return {
         "format": "erw-latent-shards", "format_version": FORMAT_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "source": {"uri": plan["source"], "kind": plan["source_kind"], "num_files": plan["num_files"],
-                   "content_sha256": fingerprint, "listing_sha256": plan["listing_sha256"]},
-        "resolution": plan["resolution"],
+        "source": {"uri": dataset["source"], "kind": dataset["source_kind"], "num_files": dataset["num_files"],
+                   "content_sha256": fingerprint, "listing_sha256": dataset["listing_sha256"]},
+        "resolution": settings["resolution"],
         "codec": codec,
         "latent_shape": [2 * codec["latent_channels"], latent_size, latent_size],
         "latent_stats": {"mean": mean, "std": std},
-        "store": plan["store"], "image_format": plan["image_format"],
-        "encoder": plan["encoder"], "feat_shape": filled[0]["feat_shape"],
+        "store": settings["store"], "image_format": settings["image_format"],
+        "encoder": settings["encoder"], "feat_shape": filled[0]["feat_shape"],
         "num_classes": len(class_names), "class_names": class_names,
         "class_counts": [labels.get(i, 0) for i in range(len(class_names))],
         "num_samples": sum(m["count"] for m in filled),
-        "shards": [{"name": m["shard"], "count": m["count"], "sha256": m["sha256"], "bytes": m["bytes"]} for m in filled],
+        # name: relative to this manifest's folder ("../" when the unit store is elsewhere)
+        "shards": [{"name": f"{shard_prefix}/{m['shard']}", "unit": m["unit"], "count": m["count"],
+                    "sha256": m["sha256"], "bytes": m["bytes"]} for m in filled],
         "failures": {"count": len(failures), "files": failures},
     }

@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import importlib
 import io
+import os
+import posixpath
 import tarfile
 from pathlib import Path
 from typing import Iterator
@@ -24,6 +26,31 @@ MANIFEST = "manifest.json"
 
 def shard_name(index: int) -> str:
     return f"shard-{index:06d}.tar"
+
+
+def resolve_uri(base: str, name: str) -> str:
+    """A manifest entry's location: `name` relative to the folder `base` ("../" allowed, so
+    datasets can share one store of unit shards), or an absolute path or s3:// URI."""
+    if storage.is_s3(name) or os.path.isabs(name):
+        return name
+    if storage.is_s3(base):
+        bucket, key = storage.split_s3(base)
+        resolved = posixpath.normpath(posixpath.join("/", key, name)).lstrip("/")
+        return f"s3://{bucket}/{resolved}"
+    return os.path.normpath(os.path.join(base, name))
+
+
+def relative_uri(base: str, target: str) -> str:
+    """The inverse of resolve_uri: target relative to the folder base when both are on the same
+    file system or bucket, else target itself."""
+    if storage.is_s3(base) and storage.is_s3(target):
+        (bucket, key), (target_bucket, target_key) = storage.split_s3(base), storage.split_s3(target)
+        if bucket == target_bucket:
+            return posixpath.relpath(posixpath.join("/", target_key), posixpath.join("/", key))
+        return target
+    if storage.is_s3(base) or storage.is_s3(target):
+        return target
+    return os.path.relpath(os.path.abspath(target), os.path.abspath(base))
 
 
 # --image-format -> the tar member suffix of the crop

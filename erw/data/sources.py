@@ -1,14 +1,21 @@
 """Image sources for the precompute job: an ImageFolder or image tar shards, local or on S3.
 
-A source is cut into *units*, each of which becomes one output shard: for an ImageFolder a
-unit is `shard_size` files, for tar shards it is one input tar. The cut depends only on
-the listing, so every worker of a fan-out computes the same units and takes a disjoint
-subset of them. Images are decoded here and centre-cropped the way ADM/DiT do it; a file
-that is not a readable image is reported as a failure, never raised.
+A source is cut into *units*, each of which becomes one latent shard: one input tar, or a
+chunk of an ImageFolder. Each unit has a content key, a hash of the names, sizes, versions
+(S3 ETag or local mtime) and labels of its files, read from the listing alone (no image is
+opened), so a rerun over a changed source can tell which units are new and reuse the rest.
 
-ImageFolder: every file below a class folder is an input (hidden files excepted); class
-indices follow the sorted folder names. Tar shards: samples of jpg|jpeg|png|webp|bmp plus
-cls (an integer); the classes are 0..max(cls).
+ImageFolder chunks are cut by content, not by position: files are ordered by a hash of their
+path (which mixes the classes, since the streaming loader only shuffles within a bounded
+buffer) and a chunk ends after a file whose path hash says so (on average every `shard_size`
+files, at most MAX_UNIT_FACTOR times that). Adding or removing a file therefore changes only
+the chunk it falls into, not every chunk after it, as cutting the listing at fixed positions
+would. Class indices follow the sorted folder names and are part of the key: a new class
+folder renumbers the classes, and every unit is encoded again.
+
+Tar shards: samples of jpg|jpeg|png|webp|bmp plus cls (an integer); the classes are
+0..max(cls). Images are decoded here and centre-cropped the way ADM/DiT do it; a file that
+is not a readable image is reported as a failure, never raised.
 """
 from __future__ import annotations
 
@@ -29,9 +36,9 @@ from erw.errors import ErwError
 
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp", "bmp")
 LABEL_SUFFIXES = ("cls", "class", "label")
-# Files are shuffled (with this fixed seed) before being cut into shards, so that every shard
-# holds a mix of classes: a streaming loader only shuffles within a bounded buffer.
-SHARD_ORDER_SEED = 0
+# An ImageFolder chunk is cut early when it reaches this many times --shard-size files, so a
+# long run of path hashes without a boundary cannot make one huge shard.
+MAX_UNIT_FACTOR = 3
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -55,7 +62,8 @@ class RawSample:
 
 @dataclass(frozen=True)
 class Unit:
-    index: int  # output shard number
+    index: int  # position in this listing's units (workers of a fan-out take index mod n)
+    key: str  # content key: names, sizes, versions and labels of its inputs (hex sha256)
     files: tuple[tuple[str, int], ...] = ()  # ImageFolder: (relative path, label)
     tar: str = ""  # tar source: the input tar URI
     size: int = 0  # number of files, or bytes of the tar (for progress only)
@@ -67,7 +75,7 @@ class Source:
     kind: str  # "imagefolder" | "tars"
     units: list[Unit]
     class_names: list[str] | None  # None for tars: labels come from the cls members
-    listing_sha256: str  # of names and sizes: tells whether two runs saw the same input
+    listing_sha256: str  # of names, sizes and versions: tells whether two runs saw the same input
     num_files: int = 0
     ignored: list[str] = field(default_factory=list)  # ImageFolder: files beside the class folders
 
@@ -97,8 +105,8 @@ def open_source(uri: str, shard_size: int) -> Source:
     if not files:
         raise SourceError(f"source {uri} does not exist or holds no files")
     if all("/" not in f.path for f in files) and any(f.path.endswith(".tar") for f in files):
-        tars = [storage.join(uri, f.path) for f in files if f.path.endswith(".tar")]
-        return _tar_source(uri, tars, {f.path: f.size for f in files})
+        listed = {storage.join(uri, f.path): f for f in files if f.path.endswith(".tar")}
+        return _tar_source(uri, list(listed), listed)
     return _image_folder(uri, files, shard_size)
 
 
@@ -112,30 +120,53 @@ def _image_folder(uri: str, files: list[storage.FileInfo], shard_size: int) -> S
         )
     class_names = sorted({f.path.split("/", 1)[0] for f in in_class})
     label_of = {name: i for i, name in enumerate(class_names)}
-    entries = [(f.path, label_of[f.path.split("/", 1)[0]]) for f in in_class]  # sorted by path
-    order = np.random.default_rng(SHARD_ORDER_SEED).permutation(len(entries))
-    shuffled = [entries[i] for i in order]
-    units = [
-        Unit(index=j, files=tuple(shuffled[start:start + shard_size]), size=len(shuffled[start:start + shard_size]))
-        for j, start in enumerate(range(0, len(shuffled), shard_size))
-    ]
+    chunks = content_chunks(in_class, shard_size)
+    units = []
+    for j, chunk in enumerate(chunks):
+        entries = tuple((f.path, label_of[f.path.split("/", 1)[0]]) for f in chunk)
+        key = _sha256("".join(f"{f.path}\t{label}\t{f.size}\t{f.version}\n" for f, (_, label) in zip(chunk, entries)))
+        units.append(Unit(index=j, key=key, files=entries, size=len(entries)))
     return Source(uri, "imagefolder", units, class_names, _listing_sha256(in_class), len(in_class), ignored)
 
 
-def _tar_source(uri: str, tars: list[str], sizes: dict[str, int] | None = None) -> Source:
+def content_chunks(files: list[storage.FileInfo], shard_size: int) -> list[list[storage.FileInfo]]:
+    """Cut files into chunks whose boundaries depend only on each file's own path."""
+    hashed = sorted((hashlib.sha256(f.path.encode()).digest(), f) for f in files)
+    chunks: list[list[storage.FileInfo]] = [[]]
+    for digest, f in hashed:
+        chunks[-1].append(f)
+        boundary = int.from_bytes(digest[-4:], "big") % shard_size == 0
+        if boundary or len(chunks[-1]) >= MAX_UNIT_FACTOR * shard_size:
+            chunks.append([])
+    return [c for c in chunks if c]
+
+
+def _tar_source(uri: str, tars: list[str], listed: dict[str, storage.FileInfo] | None = None) -> Source:
     if not tars:
         raise SourceError(f"source {uri} matches no .tar files")
+    listed = listed or _list_parents(tars)
     infos = []
     for tar in tars:
-        name = tar.rsplit("/", 1)[-1]
-        size = sizes.get(name) if sizes else None
-        if size is None:
-            if not storage.exists(tar):
-                raise SourceError(f"source shard {tar} does not exist")
-            size = -1  # unknown without a listing; the name still identifies it
-        infos.append(storage.FileInfo(tar, size))
-    units = [Unit(index=j, tar=info.path, size=max(info.size, 0)) for j, info in enumerate(infos)]
+        info = listed.get(tar)
+        if info is None:
+            raise SourceError(f"source shard {tar} does not exist")
+        infos.append(storage.FileInfo(tar, info.size, info.version))
+    units = [
+        Unit(index=j, key=_sha256(f"tar\t{info.path.rsplit('/', 1)[-1]}\t{info.size}\t{info.version}\n"),
+             tar=info.path, size=info.size)
+        for j, info in enumerate(infos)
+    ]
     return Source(uri, "tars", units, None, _listing_sha256(infos), len(infos))
+
+
+def _list_parents(tars: list[str]) -> dict[str, storage.FileInfo]:
+    """Size and version of each tar, from one listing per parent folder (no per-file request)."""
+    found = {}
+    for parent in sorted({t.rsplit("/", 1)[0] for t in tars}):
+        for f in storage.list_files(parent):
+            if "/" not in f.path:
+                found[storage.join(parent, f.path)] = f
+    return found
 
 
 def _expand(pattern: str) -> list[str]:
@@ -150,10 +181,11 @@ def _hidden(path: str) -> bool:
 
 
 def _listing_sha256(files: Iterable[storage.FileInfo]) -> str:
-    digest = hashlib.sha256()
-    for f in files:
-        digest.update(f"{f.path}\t{f.size}\n".encode())
-    return digest.hexdigest()
+    return _sha256("".join(f"{f.path}\t{f.size}\t{f.version}\n" for f in files))
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _read_tar(tar: str) -> Iterator[RawSample]:
