@@ -153,6 +153,9 @@ class PhaseConfig:
     precision: Precision = "bf16"
     compile: bool = False
     fused_optimizer: bool | None = None  # AdamW as one fused kernel; None = on for CUDA, off elsewhere
+    # train only: false lets phase 2 differ from its warmup in model.rope (RoPE has no parameters),
+    # e.g. the ERW reference's 2-D RoPE after a warmup without it; every other mismatch is refused.
+    rope_from_warmup: bool = True
     ckpt_every: int = 10_000
     keep_last: int = 3  # newest committed checkpoints kept; older ones are deleted
     log_every: int = 100
@@ -416,6 +419,8 @@ def _phase_problems(name: str, phase: PhaseConfig, world_size: int) -> list[str]
         out.append(f"{name}.log_every must be at least 1, got {phase.log_every}")
     if phase.max_nonfinite < 1:
         out.append(f"{name}.max_nonfinite must be at least 1, got {phase.max_nonfinite}")
+    if name == "warmup" and not phase.rope_from_warmup:
+        out.append("warmup.rope_from_warmup applies to the hand-off into phase 2: set train.rope_from_warmup instead")
     return out
 
 

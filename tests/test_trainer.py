@@ -209,3 +209,71 @@ def test_resume_auto_falls_back_past_a_corrupt_newest_checkpoint(tmp_path):
     assert len(skipped) == 1 and "step-00000004" in skipped[0] and "does not match the checksum" in skipped[0]
     assert any("resumed train from" in line and "step-00000002 at step 2" in line for line in said)
     _weights_equal(straight.checkpoint, resumed.checkpoint)
+
+
+def test_handoff_refuses_another_encoder_or_latent_space_with_the_differences(tmp_path):
+    """A warmup trained against another encoder or latent normalisation used to load silently."""
+    from erw.data.codec import LatentNorm
+
+    digits = LatentNorm.uniform(3, 1.0)
+    run(tiny_config(tmp_path, "warmup.steps=1"), "warmup", Batches(), CPU, encoder=TinyEncoder(), latent_norm=digits)
+    other_encoder = TinyEncoder()
+    torch.nn.init.normal_(other_encoder.conv.weight, generator=torch.Generator().manual_seed(1))
+    rescaled = LatentNorm((0.1, 0.0, 0.0), (0.5, 1.0, 1.0))
+    with pytest.raises(HandoffError) as err:
+        run(tiny_config(tmp_path, "train.steps=1"), "train", Batches(), CPU, encoder=other_encoder,
+            latent_norm=rescaled, init_from=str(tmp_path / "warmup"))
+    message = str(err.value)
+    assert "encoder weights: warmup sha256" in message and "another checkpoint of dinov2-vit-s" in message
+    assert "latent normalisation shift: warmup [0, 0, 0], now [0.1, 0, 0]" in message
+    assert "latent normalisation scale: warmup [1, 1, 1], now [0.5, 1, 1]" in message
+    with pytest.raises(HandoffError, match=r"encoder: warmup dinov2-vit-s, now dinov2-vit-b\n.*data.codec: warmup 'identity', now 'sd-vae"):
+        run(tiny_config(tmp_path, "train.steps=1", "encoder.name=dinov2-vit-b", "data.codec=sd-vae-ft-ema",
+                        "data.resolution=256"), "train", Batches(), CPU, encoder=TinyEncoder(), init_from=str(tmp_path / "warmup"))
+    # The same encoder (another object, same weights) and latent space: accepted, not retrained.
+    result = run(tiny_config(tmp_path, "train.steps=1"), "train", Batches(), CPU, encoder=TinyEncoder(),
+                 latent_norm=LatentNorm.uniform(3, 1.0), init_from=str(tmp_path / "warmup"))
+    assert result.handoff and ckpt.load_checkpoint(result.checkpoint).meta["lineage"]["latents"]["scale"] == [1.0] * 3
+
+
+def test_rope_from_warmup_false_allows_exactly_the_rope_difference(tmp_path):
+    run(tiny_config(tmp_path, "warmup.steps=1", "model.rope=false"), "warmup", Batches(), CPU, encoder=TinyEncoder())
+    warm = str(tmp_path / "warmup")
+    with pytest.raises(HandoffError, match="rope: warmup False, now True"):
+        run(tiny_config(tmp_path, "train.steps=1", "model.rope=true"), "train", Batches(), CPU, encoder=TinyEncoder(),
+            init_from=warm)
+    with pytest.raises(HandoffError) as err:  # still refuses every other mismatch, and only those
+        run(tiny_config(tmp_path, "train.steps=1", "model.rope=true", "model.qk_norm=true", "train.rope_from_warmup=false"),
+            "train", Batches(), CPU, encoder=TinyEncoder(), init_from=warm)
+    assert "qk_norm: warmup False, now True" in str(err.value) and "rope:" not in str(err.value)
+    said = []
+    result = run(tiny_config(tmp_path, "train.steps=1", "model.rope=true", "train.rope_from_warmup=false"), "train",
+                 Batches(), CPU, encoder=TinyEncoder(), init_from=warm, log=said.append)
+    assert "blocks.1.attn.qkv.weight" in result.handoff
+    assert any("RoPE warmup False, now True (allowed: train.rope_from_warmup=false)" in line for line in said)
+
+
+def test_xl_preset_is_the_erw_reference_run():
+    from erw.config import validate
+
+    cfg = validate(load_config(CONFIGS / "imagenet256-sit-xl2.yaml"))
+    assert cfg.model.rope and not cfg.train.rope_from_warmup and cfg.model.align_depth == 14
+    assert (cfg.warmup.steps, cfg.train.steps) == (100_000, 200_000)
+    assert (cfg.sample.mode, cfg.sample.steps, cfg.sample.cfg_scale) == ("sde", 250, 2.2)
+    assert (cfg.sample.guidance_low, cfg.sample.guidance_high) == (0.0, 0.95)
+
+
+def test_step_seeds_never_collide_across_ranks_and_steps():
+    """The old seed*1000003 + rank*7919 + step gave rank r at step s the draws of rank r+1 at step s-7919."""
+    from erw.training.step import init_seed, step_seed
+
+    assert (0 * 1_000_003 + 0 * 7_919 + 7_919) == (0 * 1_000_003 + 1 * 7_919 + 0)  # the old collision
+    assert step_seed(0, 0, 7_919) != step_seed(0, 1, 0)
+    seeds = {step_seed(seed, rank, step) for seed in (0, 1) for rank in range(32) for step in range(0, 100_000, 97)}
+    assert len(seeds) == 2 * 32 * len(range(0, 100_000, 97))
+    assert init_seed(0) not in seeds and init_seed(0) != init_seed(1)
+    assert step_seed(3, 5, 1234) == step_seed(3, 5, 1234)  # a function of (seed, rank, step): resumable
+    torch.manual_seed(step_seed(0, 0, 7_919))
+    a = torch.randn(8)
+    torch.manual_seed(step_seed(0, 1, 0))
+    assert not torch.equal(a, torch.randn(8))

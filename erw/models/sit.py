@@ -402,17 +402,25 @@ def _likely_causes(warmup_state: dict[str, Tensor], l2r_depth: int, misshaped: l
     return causes + ["the warmup config must match in arch, hidden_size, mlp_ratio, qk_norm, rope and l2r_depth"]
 
 
-def check_warmup_config(cfg: ModelConfig, warmup_cfg: ModelConfig) -> None:
-    """Refuse a warmup whose model settings differ from phase 2's. RoPE leaves no trace in the
-    weights, so only the configs can tell."""
+def warmup_config_differences(cfg: ModelConfig, warmup_cfg: ModelConfig, *, rope_may_differ: bool = False) -> list[str]:
+    """The model settings in which a warmup differs from phase 2, one line each. RoPE leaves no
+    trace in the weights, so only the configs can tell; it has no parameters either, so phase 2
+    may add it on purpose (rope_may_differ: the ERW reference's run)."""
     fields = {
         "patch size": lambda m: m.patch_size, "hidden_size": lambda m: m.dims()[1], "num_heads": lambda m: m.dims()[2],
         "mlp_ratio": lambda m: m.mlp_ratio, "qk_norm": lambda m: m.qk_norm, "rope": lambda m: m.rope,
         "num_classes": lambda m: m.num_classes, "l2r_depth": lambda m: m.l2r_depth,
     }
-    differ = [
+    if rope_may_differ:
+        del fields["rope"]
+    return [
         f"{name}: warmup {get(warmup_cfg)}, now {get(cfg)}" for name, get in fields.items() if get(warmup_cfg) != get(cfg)
     ]
+
+
+def check_warmup_config(cfg: ModelConfig, warmup_cfg: ModelConfig, *, rope_may_differ: bool = False) -> None:
+    """Refuse a warmup whose model settings differ from phase 2's (see warmup_config_differences)."""
+    differ = warmup_config_differences(cfg, warmup_cfg, rope_may_differ=rope_may_differ)
     if differ:
         raise HandoffError("the warmup was trained with other model settings:\n  - " + "\n  - ".join(differ))
 

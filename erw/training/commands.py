@@ -46,6 +46,7 @@ def run_id_for(cfg_run_id: str) -> str:
 def _run(args: argparse.Namespace) -> int:
 
     from erw.config import load_config, validate
+    from erw.data.codec import LatentNorm
     from erw.data.loader import build_loader
     from erw.telemetry import TrainingMetrics
     from erw.models.encoders import load_encoder
@@ -70,6 +71,7 @@ def _run(args: argparse.Namespace) -> int:
             result = trainer.run(
                 cfg, phase, batches, d, encoder=encoder, init_from=getattr(args, "init_from", None),
                 resume=args.resume, log=lambda msg: print(msg, flush=True), metrics=metrics,
+                latent_norm=LatentNorm.from_manifest(batches.manifest),
             )
         finally:
             metrics.close()

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -30,8 +31,27 @@ AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 SINGLE_PROCESS = Dist(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 
 
+_STEP_STREAMS, _INIT_STREAM = 0, 1  # domains of the hash: per-step draws vs the initial weights
+
+
+def _hashed_seed(*words: int) -> int:
+    """A well-mixed 63-bit seed from non-negative integers (numpy's SeedSequence hash)."""
+    return int(np.random.SeedSequence(list(words)).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
 def step_seed(seed: int, rank: int, step: int) -> int:
-    return (seed * 1_000_003 + rank * 7_919 + step) % (2**63)
+    """The seed of the global RNG for one step of one rank: its noise, times and label drops.
+
+    A hash, not arithmetic (the old seed*1000003 + rank*7919 + step gave rank r at step s the
+    draws of rank r+1 at step s-7919): every (seed, rank, step) gets its own stream, as
+    erw.evaluation.generate.sample_seed does per sample. A function of the three numbers alone,
+    so a resumed run draws exactly what the uninterrupted one would have."""
+    return _hashed_seed(seed, _STEP_STREAMS, rank, step)
+
+
+def init_seed(seed: int) -> int:
+    """The seed of the initial weights: the same on every rank, apart from every step's stream."""
+    return _hashed_seed(seed, _INIT_STREAM)
 
 
 @dataclass

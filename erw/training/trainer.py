@@ -22,13 +22,15 @@ from torch.nn.parallel import DistributedDataParallel
 
 from erw import faults
 from erw.config import Config, PhaseConfig
+from erw.data.codec import LatentNorm
 from erw.errors import ErwError
-from erw.models.sit import check_warmup_config, l2r_from_config, load_warmup, sit_from_config
+from erw.models.sit import l2r_from_config, sit_from_config
 from erw.objectives import DiffusionObjective, WarmupObjective
 from erw.telemetry import NoMetrics
 from erw.training import checkpoint as ckpt
 from erw.training.distributed import Dist, all_reduce_mean, barrier
-from erw.training.step import TrainState, any_rank, step_seed, train_step
+from erw.training.handoff import init_from_warmup, lineage
+from erw.training.step import TrainState, any_rank, init_seed, train_step
 
 
 class TrainingDiverged(ErwError):
@@ -55,20 +57,6 @@ def build_objective(cfg: Config, phase: str, warmup_steps: int):
     if phase == "warmup":
         return WarmupObjective()
     return DiffusionObjective(cfg.objective, cfg.model, warmup_steps)
-
-
-def init_from_warmup(
-    model: torch.nn.Module, cfg: Config, uri: str, log: Callable[[str], None]
-) -> tuple[int, list[str]]:
-    """Load a warmup checkpoint's embedders and first l2r_depth blocks; return (its step count W,
-    the names of the tensors loaded)."""
-    warm = ckpt.load_checkpoint(uri, with_train_state=False)
-    if warm.phase != "warmup":
-        raise ckpt.CheckpointError(f"--init-from {warm.uri} is a {warm.phase!r} checkpoint; expected one from `erw warmup`")
-    check_warmup_config(cfg.model, warm.config().model)
-    loaded = load_warmup(model, warm.model_state, cfg.model.l2r_depth)
-    log(f"init-from {warm.uri} (warmup step {warm.step}): loaded {len(loaded)} tensors: {', '.join(loaded)}")
-    return warm.step, loaded
 
 
 class PreemptionFlag:
@@ -146,26 +134,29 @@ def run(
     resume: str | None = None,
     log: Callable[[str], None] = print,
     metrics: Any = NoMetrics(),
+    latent_norm: LatentNorm | None = None,
 ) -> RunResult:
     """Train one phase to `cfg.<phase>.steps` optimizer steps and return the last checkpoint.
 
     batches yields {"latent", "label", optionally "image" or "feat"}: micro-batches of
     batch_size / (world_size * grad_accum) samples. If it has state_dict/load_state_dict,
     its position is checkpointed. encoder maps images to target tokens (None: no alignment).
-    metrics: a TrainingMetrics exporter (default: none).
+    metrics: a TrainingMetrics exporter (default: none). latent_norm: how the batches' latents were
+    normalised (from the shards' manifest), recorded in every checkpoint and checked at the hand-off.
     """
     p: PhaseConfig = getattr(cfg, phase)
     if not p.out:
         raise ErwError(f"{phase}.out is empty: set where checkpoints go, e.g. {phase}.out=s3://bucket/runs/x/{phase}")
     say = log if d.is_main else (lambda _msg: None)
-    torch.manual_seed(step_seed(cfg.seed, 0, 0))  # identical initial weights on every rank
+    torch.manual_seed(init_seed(cfg.seed))  # identical initial weights on every rank
     encoder_dim = getattr(encoder, "dim", None) if encoder is not None else None
     model = build_model(cfg, phase, encoder_dim).to(d.device)
     warmup_steps, handoff = 0, []
+    run_lineage = lineage(cfg, encoder, latent_norm)
     if init_from:
         if phase != "train":
             raise ErwError("--init-from takes a warmup checkpoint into `erw train`; the warmup itself starts fresh")
-        warmup_steps, handoff = init_from_warmup(model, cfg, init_from, say)
+        warmup_steps, handoff = init_from_warmup(model, cfg, init_from, run_lineage, say)
     state = TrainState.create(model, p, d.device, warmup_steps=warmup_steps, data=batches)
     if d.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -194,7 +185,7 @@ def run(
                 uri = ckpt.save_checkpoint(
                     p.out, step=state.step, phase=phase, config=cfg,
                     model_state=state.model.state_dict(), ema_state=state.ema.state_dict(),
-                    train_state=state.state_dict(), extra_meta={"warmup_steps": state.warmup_steps},
+                    train_state=state.state_dict(), extra_meta={"warmup_steps": state.warmup_steps, "lineage": run_lineage},
                 )
                 ckpt.prune_checkpoints(p.out, p.keep_last, keep=uri)
                 say(f"checkpoint {uri}")
