@@ -108,3 +108,108 @@ def test_latest_verified_skips_corrupt_checkpoints_and_says_why(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match="no checkpoint under .* verifies"):
         ckpt.load_latest_verified(str(tmp_path))
     assert ckpt.load_latest_verified(str(tmp_path / "empty")) == (None, [])
+
+
+# ---------------------------------------------------------------------------------------------
+# Asynchronous checkpoints (erw/training/async_checkpoint.py) through the real training loop.
+
+import os  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+TESTS = Path(__file__).resolve().parent
+
+
+def _train(out, *overrides, batches=None, **kwargs):
+    from test_trainer import CPU, Batches, tiny_config
+
+    from erw.training.trainer import run
+
+    cfg = tiny_config(out, "encoder.name=none", "train.ckpt_every=2", "train.keep_last=10", "train.ema_decay=0.9",
+                      *overrides)
+    return run(cfg, "train", batches or Batches(), CPU, **kwargs)
+
+
+def test_an_asynchronous_checkpoint_is_identical_to_a_synchronous_one(tmp_path):
+    _train(tmp_path / "sync", "train.steps=6", "train.async_checkpoint=false")
+    _train(tmp_path / "async", "train.steps=6", "train.async_checkpoint=true")
+    for step in (2, 4, 6):
+        a, b = tmp_path / f"sync/train/step-{step:08d}", tmp_path / f"async/train/step-{step:08d}"
+        for name in ("model.safetensors", "ema.safetensors", "state.pt"):
+            assert (a / name).read_bytes() == (b / name).read_bytes(), f"step {step} {name}"
+        meta_a, meta_b = (json.loads((d / "meta.json").read_text()) for d in (a, b))
+        assert meta_a["files"] == meta_b["files"]
+
+
+KILLED_MID_WRITE = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+from erw import storage
+from test_checkpoint import _train
+
+victim, cut = sys.argv[3], sys.argv[4]
+real_write = storage.write_bytes
+
+def dying_write(uri, data):
+    # The write of step 4's `victim` file is where the process dies (SIGKILL: no cleanup at all).
+    if uri.endswith("step-00000004/" + victim):
+        if cut == "half":
+            real_write(uri, data[: len(data) // 2])
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_write(uri, data)
+
+storage.write_bytes = dying_write
+_train(sys.argv[2], "train.steps=6", "train.async_checkpoint=true")
+"""
+
+
+@pytest.mark.parametrize("victim, cut", [("model.safetensors", "half"), ("ema.safetensors", "before"),
+                                         ("state.pt", "half"), ("meta.json", "before")])
+def test_a_kill_during_an_asynchronous_write_never_commits_a_broken_checkpoint(tmp_path, victim, cut):
+    proc = subprocess.run([sys.executable, "-c", KILLED_MID_WRITE, str(TESTS), str(tmp_path / "b"), victim, cut],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    out = str(tmp_path / "b/train")
+    assert (tmp_path / "b/train/step-00000004").exists()  # the write had started
+    assert [s for s, _ in ckpt.list_checkpoints(out)] == [2]  # and was never committed
+    assert ckpt.load_latest_verified(out)[0].step == 2
+    resumed = _train(tmp_path / "b", "train.steps=6", resume="auto")
+    straight = _train(tmp_path / "a", "train.steps=6")
+    a, b = ckpt.load_checkpoint(straight.checkpoint), ckpt.load_checkpoint(resumed.checkpoint)
+    assert all(torch.equal(b.model_state[k], v) for k, v in a.model_state.items())
+
+
+class SignalAt:
+    """The test batches, sending this process SIGTERM when batch `at` is drawn (a preemption)."""
+
+    def __init__(self, at):
+        from test_trainer import Batches
+
+        self.batches, self.at = Batches(), at
+
+    def __iter__(self):
+        for batch in self.batches:
+            if self.batches.position == self.at:
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield batch
+
+    def state_dict(self):
+        return self.batches.state_dict()
+
+    def load_state_dict(self, state):
+        self.batches.load_state_dict(state)
+
+
+def test_sigterm_writes_what_fits_in_the_grace_period_and_says_so(tmp_path):
+    said = []
+    result = _train(tmp_path / "fits", "train.steps=100", batches=SignalAt(3), log=said.append)
+    assert result.preempted and result.step == 3 and result.checkpoint.endswith("step-00000003")
+    assert any("checkpointed step 3 in" in line and "grace period 25s" in line for line in said)
+    # No time left: the last write took longer than the 0 s that remain, so none is started.
+    said = []
+    result = _train(tmp_path / "late", "train.steps=100", "train.grace_period_s=0", "train.async_checkpoint=false",
+                    batches=SignalAt(3), log=said.append)
+    assert result.preempted and result.checkpoint.endswith("step-00000002")
+    assert any("no checkpoint of step 3" in line and "resume will start from" in line for line in said), said
+    assert [s for s, _ in ckpt.list_checkpoints(str(tmp_path / "late/train"))] == [2]

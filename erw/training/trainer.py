@@ -28,6 +28,7 @@ from erw.models.sit import l2r_from_config, sit_from_config
 from erw.objectives import DiffusionObjective, WarmupObjective
 from erw.telemetry import NoMetrics
 from erw.training import checkpoint as ckpt
+from erw.training.async_checkpoint import CheckpointWriter
 from erw.training.distributed import Dist, all_reduce_mean, barrier
 from erw.training.handoff import init_from_warmup, lineage
 from erw.training.step import TrainState, any_rank, init_seed, train_step
@@ -64,6 +65,7 @@ class PreemptionFlag:
 
     def __init__(self) -> None:
         self.raised = False
+        self.raised_at: float | None = None  # time.monotonic() of the first signal
         self._previous = {}
 
     def __enter__(self) -> "PreemptionFlag":
@@ -73,6 +75,8 @@ class PreemptionFlag:
         return self
 
     def _handle(self, signum, frame) -> None:
+        if not self.raised:
+            self.raised_at = time.monotonic()
         self.raised = True
 
     def __exit__(self, *exc) -> None:
@@ -177,28 +181,47 @@ def run(
         f"steps {state.step}->{p.steps}, precision {p.precision}, device {d.device}"
     )
 
-    def save() -> str:
-        started = time.perf_counter()
-        uri = ""
-        try:
-            if d.is_main:
-                uri = ckpt.save_checkpoint(
-                    p.out, step=state.step, phase=phase, config=cfg,
-                    model_state=state.model.state_dict(), ema_state=state.ema.state_dict(),
-                    train_state=state.state_dict(), extra_meta={"warmup_steps": state.warmup_steps, "lineage": run_lineage},
-                )
-                ckpt.prune_checkpoints(p.out, p.keep_last, keep=uri)
-                say(f"checkpoint {uri}")
+    writer = CheckpointWriter(  # rank 0 writes; the state is replicated
+        p.out, p.keep_last, asynchronous=p.async_checkpoint, log=say, on_done=metrics.observe_checkpoint
+    )
+    extra_meta = {"warmup_steps": state.warmup_steps, "lineage": run_lineage}
+
+    def save(wait: bool) -> str:
+        """Checkpoint the current step; wait: until it is committed on every rank's view."""
+        if d.is_main:
+            writer.submit(state, phase=phase, config=cfg, extra_meta=extra_meta)
+            if wait:
+                writer.wait()
+        if wait:
             barrier(d)
-        except BaseException:
-            metrics.observe_checkpoint(time.perf_counter() - started, ok=False)
-            raise
-        metrics.observe_checkpoint(time.perf_counter() - started, ok=True)
-        return uri
+        return writer.last_committed
+
+    def save_within_grace(signalled_at: float) -> str:
+        """The SIGTERM path: write what fits in p.grace_period_s from the signal, and say so."""
+        if d.is_main:
+            deadline = signalled_at + p.grace_period_s
+            if not writer.wait(timeout=max(0.0, deadline - time.monotonic())):
+                say(f"{phase}: the checkpoint write in progress did not finish within {phase}.grace_period_s="
+                    f"{p.grace_period_s:g}s; exiting without it (it stays uncommitted, never loaded)")
+            else:
+                left, needs = deadline - time.monotonic(), writer.last_seconds
+                if needs is not None and needs > left:
+                    say(f"{phase}: no checkpoint of step {state.step}: the last write took {needs:.1f}s and {left:.1f}s "
+                        f"of {phase}.grace_period_s={p.grace_period_s:g}s are left; resume will start from "
+                        f"{writer.last_committed or 'the previous run checkpoint'}")
+                else:
+                    started = time.monotonic()
+                    writer.submit(state, phase=phase, config=cfg, extra_meta=extra_meta)
+                    writer.wait()
+                    say(f"{phase}: checkpointed step {state.step} in {time.monotonic() - started:.1f}s "
+                        f"(grace period {p.grace_period_s:g}s from the signal)")
+        barrier(d)
+        return writer.last_committed
 
     iterator = iter(batches)
     history: list[dict[str, float]] = []
     last_uri = restored.uri if restored else ""
+    preempted = False
     nonfinite_in_row = 0
     window = {"samples": 0, "seconds": 0.0, "data": 0.0}
     try:
@@ -214,7 +237,8 @@ def run(
                         raise TrainingDiverged(
                             f"{phase} stopped at step {state.step}: {nonfinite_in_row} non-finite steps in a row "
                             f"({phase}.max_nonfinite={p.max_nonfinite}). Check the data for NaN/Inf, lower "
-                            f"{phase}.lr, or use precision=bf16 instead of fp16; resume from {last_uri or 'scratch'}."
+                            f"{phase}.lr, or use precision=bf16 instead of fp16; resume from "
+                            f"{writer.last_committed or last_uri or 'scratch'}."
                         )
                     continue
                 nonfinite_in_row = 0
@@ -244,11 +268,18 @@ def run(
                     window = {"samples": 0, "seconds": 0.0, "data": 0.0}
                     metrics.observe_memory(d.device)
                 if step % p.ckpt_every == 0 or step == p.steps:
-                    last_uri = save()
+                    last_uri = save(wait=step == p.steps) or last_uri
                 elif preempt.agreed(d):
                     say(f"{phase}: termination signal received, checkpointing at step {step} and exiting")
-                    return RunResult(checkpoint=save(), step=step, history=history, preempted=True, handoff=handoff)
+                    preempted = True
+                    uri = save_within_grace(preempt.raised_at or time.monotonic())
+                    return RunResult(checkpoint=uri, step=step, history=history, preempted=True, handoff=handoff)
     finally:
+        if not preempted and d.is_main and writer.in_flight:  # a crash: the snapshot in flight is still good
+            try:
+                writer.wait()
+            except Exception as err:  # noqa: BLE001 - the crash in progress is the error to report
+                say(f"{phase}: the checkpoint write in progress failed too: {err}")
         # Shut the batch source down (its DataLoader workers ignore SIGTERM): an exception's
         # traceback keeps this frame alive, and with it the workers, so the process would never exit.
         close = getattr(iterator, "close", None)
