@@ -585,9 +585,11 @@ def read_versioned(uri: str) -> tuple[bytes, str]:
     """(content, version) of a small file; pass the version to write_if to replace exactly it."""
     if is_s3(uri):
         bucket, key = split_s3(uri)
-        with _s3_errors(uri, "read"):
+        def get() -> tuple[bytes, str]:
             response = _client().get_object(Bucket=bucket, Key=key)
             return response["Body"].read(), response["ETag"].strip('"')
+
+        return retrying(uri, "read", get)
     with _local_errors(uri, "read"):
         data = Path(uri).read_bytes()
     return data, _local_version(data)
@@ -602,8 +604,7 @@ def write_if(uri: str, data: bytes, version: str | None) -> bool:
         bucket, key = split_s3(uri)
         condition = {"IfNoneMatch": "*"} if version is None else {"IfMatch": f'"{version}"'}
         try:
-            with _s3_errors(uri, "write"):
-                _client().put_object(Bucket=bucket, Key=key, Body=data, **condition)
+            retrying(uri, "write", lambda: _client().put_object(Bucket=bucket, Key=key, Body=data, **condition))
             return True
         except StorageError as err:
             if _error_code(err.__cause__) in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey", "404"):

@@ -227,3 +227,14 @@ def test_cli_prints_one_line_for_an_unreadable_source(s3_endpoint, tmp_path, cap
     assert code == 2
     assert err.count("\n") == 0 and "Traceback" not in err
     assert err.startswith("erw precompute: error: cannot list s3://no-such-bucket/images: bucket")
+
+
+def test_conditional_write_is_a_compare_and_swap(root):
+    uri = storage.join(root, "claim.json")
+    assert storage.write_if(uri, b"first", None)
+    assert not storage.write_if(uri, b"second", None), "create-only must refuse an existing file"
+    data, version = storage.read_versioned(uri)
+    assert data == b"first"
+    assert storage.write_if(uri, b"third", version)
+    assert not storage.write_if(uri, b"stale", version), "a replaced version must be refused"
+    assert storage.read_versioned(uri)[0] == b"third"
