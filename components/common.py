@@ -17,44 +17,30 @@ def run_erw(argv: list) -> None:
         sys.exit(f"erw {argv[0]} failed with exit code {code}; its own message is just above")
 
 
-def launch_argv(
-    erw_args: list,
-    scheduler: str,
-    image: str,
-    nodes: int,
-    procs_per_node: int,
-    gpus_per_node: int,
-    cpus_per_node: int,
-    memory_gb_per_node: int,
-    node_selector: dict,
-    tolerations: list,
-    s3_secret: str,
-    queue: str,
-    service_account: str,
-    timeout: str,
-    max_restarts: int,
-    metrics_port: int,
+def launch_spec(
+    launch: dict, step: str, nodes: int, image: str, s3_secret: str, node_selector: dict, tolerations: list,
     run_id: str,
-) -> list:
-    """`erw launch ...` arguments for one torchrun job of the pipeline."""
-    argv = [
-        "launch", "--scheduler", scheduler, "--image", image, "--nodes", nodes,
-        "--procs-per-node", procs_per_node, "--gpus-per-node", gpus_per_node,
-        "--cpus-per-node", cpus_per_node, "--memory-gb", memory_gb_per_node,
-        "--queue", queue, "--timeout", timeout, "--max-restarts", max_restarts,
-        "--metrics-port", metrics_port, "--run-id", run_id,
-    ]
-    for key, value in sorted(node_selector.items()):
-        argv += ["--node-selector", f"{key}={value}"]
-    for tol in tolerations:
-        value = f"={tol['value']}" if tol.get("value") else ""
-        effect = f":{tol['effect']}" if tol.get("effect") else ""
-        argv += ["--toleration", f"{tol['key']}{value}{effect}"]
-    if s3_secret:
-        argv += ["--s3-secret", s3_secret]
-    if service_account:
-        argv += ["--service-account", service_account]
-    return argv + ["--", *erw_args]
+) -> dict:
+    """The `erw launch --spec` value (erw.launch.LaunchSpec keys) of one training step: the pipeline's
+    `launch` parameter plus what the pipeline sets itself (pipeline/params.py SET_BY_PIPELINE).
+
+    KFP carries a dict parameter as a protobuf Struct, whose numbers are all doubles: 8 arrives as
+    8.0. Whole numbers are turned back into ints, which LaunchSpec requires for counts and ports.
+    """
+    spec = {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in launch.items()}
+    return {
+        **spec, "step": step, "nodes": int(nodes), "image": image, "s3_secret": s3_secret,
+        "node_selector": node_selector, "tolerations": tolerations, "run_id": run_id,
+    }
+
+
+def run_training_job(spec: dict, erw_args: list, out: str, pointer) -> str:
+    """The shared body of the warmup and train steps: run `erw <erw_args>` as a torchrun job
+    (`erw launch --spec`), wait for it, then publish its final checkpoint (publish_checkpoint)."""
+    import json
+
+    run_erw(["launch", "--spec", json.dumps(spec, sort_keys=True), "--", *erw_args])
+    return publish_checkpoint(out, spec["step"], pointer)
 
 
 def publish_checkpoint(out: str, phase: str, pointer) -> str:
@@ -77,3 +63,31 @@ def publish_checkpoint(out: str, phase: str, pointer) -> str:
         json.dump(record, f)
     pointer.metadata.update(record)
     return final
+
+
+def warmup_location(config: str, overrides: list, dataset: str, workspace: str) -> str:
+    """Where the warmup of these settings is written: <workspace>/warmup/<hash of what its result
+    depends on> (not where it is written, nor phase 2's settings). The plan step checks it, the
+    warmup step writes it, so both compute it here."""
+    import hashlib
+    import json
+
+    from erw import storage
+    from erw.config import load_config
+
+    cfg = load_config(config, [*overrides, f"data.shards={dataset}"])
+    sections = ("seed", "model", "encoder", "data", "objective", "warmup")
+    settings = {k: v for k, v in cfg.to_dict().items() if k in sections}
+    settings["warmup"] = {k: v for k, v in settings["warmup"].items() if k != "out"}
+    settings["data"] = {k: v for k, v in settings["data"].items() if k != "source"}  # the shards say it all
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    return storage.join(workspace, "warmup", key)
+
+
+def finished_checkpoint(out: str, steps: int) -> str:
+    """The committed checkpoint of step >= `steps` under `out`, or "" when the run has not finished
+    (or its files were deleted since)."""
+    from erw.training.checkpoint import list_checkpoints
+
+    found = list_checkpoints(out)
+    return found[-1][1] if found and found[-1][0] >= steps else ""

@@ -13,9 +13,9 @@ from components.common import run_erw
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False, additional_funcs=[run_erw])
-def merge(parts: List[str], manifest: Output[Dataset]) -> str:
+def merge(parts: List[str], refresh: str, manifest: Output[Dataset]) -> str:
     """`parts` holds every worker's dataset location (all equal): the fan-in of the precompute loop.
-    Returns that location."""
+    Returns that location. `refresh`: only part of the cache key (see the plan step)."""
     import json
 
     from erw import storage

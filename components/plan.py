@@ -1,17 +1,25 @@
-"""Plan the run: validate the config for both phases, fingerprint the source, cut the fan-out.
+"""Plan the run: validate the config for both phases, fingerprint the source, cut the fan-out, and
+check that what the cached steps point at still exists.
 
 Runs first, on a CPU, never cached: listing the source is how a scheduled run notices new
 data. The latents' location is derived from the source's listing and the encoding settings,
 so unchanged inputs map to the same location and the precompute steps are served from cache.
+
+KFP cache entries never expire: a cached merge or warmup can point at latents or a checkpoint
+deleted since (by hand, by a retention policy). Plan looks: when the manifest or the finished
+warmup checkpoint is missing, it hands those steps a `refresh` token (this run's id) that changes
+their cache key, so they run again and rebuild what is gone; otherwise the token is "" and the
+cache serves them.
 """
-from typing import List
+from typing import List, NamedTuple
 
 from kfp import dsl
 
 from components import IMAGE
+from components.common import finished_checkpoint, warmup_location
 
 
-@dsl.component(base_image=IMAGE, install_kfp_package=False)
+@dsl.component(base_image=IMAGE, install_kfp_package=False, additional_funcs=[warmup_location, finished_checkpoint])
 def plan(
     config: str,
     overrides: List[str],
@@ -20,17 +28,24 @@ def plan(
     precompute_workers: int,
     warmup_nodes: int,
     train_nodes: int,
-    procs_per_node: int,
-) -> List[dict]:
-    """One work item per precompute worker: {"dataset", "worker_index", "num_workers"}."""
+    launch: dict,
+    run_id: str,
+) -> NamedTuple("Plan", [("Output", List[dict]), ("refresh_latents", str), ("refresh_warmup", str)]):
+    """Output: one work item per precompute worker {"dataset", "worker_index", "num_workers", "refresh"} (named
+    Output because kfp.local resolves ParallelFor items only from an output of that name:
+    kfp/local/orchestrator/enhanced_dag_orchestrator.py, _run_parallel_for_task);
+    refresh_latents / refresh_warmup: "" (the cache may serve those steps) or this run's id (their
+    results are gone: they must run)."""
     import hashlib
     import json
+    from collections import namedtuple
 
     from erw.config import load_config, validate
     from erw import storage
     from erw.data.sources import open_source
 
     cfg = load_config(config, [*overrides, f"data.source={source}"])
+    procs_per_node = int(launch.get("procs_per_node", 1))  # a Struct number: 8.0
     validate(cfg, warmup_nodes * procs_per_node, "warmup")
     validate(cfg, train_nodes * procs_per_node, "train")
     listing = open_source(source, shard_size=1000).listing_sha256  # names and sizes; reads no image
@@ -38,5 +53,16 @@ def plan(
     key = hashlib.sha256(json.dumps([listing, d.resolution, d.codec, d.codec_weights]).encode()).hexdigest()
     dataset = storage.join(workspace, "latents", f"{d.codec}-{d.resolution}px-{key[:16]}")
     print(f"source {source}: listing {listing[:16]}; latents go to {dataset}", flush=True)
+
+    latents_ok = storage.exists(storage.join(dataset, "manifest.json"))
+    warmup_dir = warmup_location(config, overrides, dataset, workspace)
+    warmup_ok = bool(finished_checkpoint(warmup_dir, cfg.warmup.steps))
+    for name, ok, where in (("latents", latents_ok, dataset), ("warmup", warmup_ok, warmup_dir)):
+        print(f"{name}: {'present, a cached result may be used' if ok else 'missing: will be (re)built'} ({where})",
+              flush=True)
     n = precompute_workers
-    return [{"dataset": dataset, "worker_index": i, "num_workers": n} for i in range(n)]
+    refresh_latents, refresh_warmup = "" if latents_ok else run_id, "" if warmup_ok else run_id
+    # The token rides in each work item: the item is the precompute step's cache key.
+    work = [{"dataset": dataset, "worker_index": i, "num_workers": n, "refresh": refresh_latents} for i in range(n)]
+    out = namedtuple("Plan", ["Output", "refresh_latents", "refresh_warmup"])
+    return out(work, refresh_latents, refresh_warmup)

@@ -9,8 +9,13 @@ from components.common import run_erw
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False, additional_funcs=[run_erw])
 def precompute(work: dict, config: str, overrides: List[str], source: str) -> str:
-    """Returns the dataset location, so the merge step can collect it from every worker."""
+    """Returns the dataset location, so the merge step can collect it from every worker. The work
+    item's `refresh` is only part of the cache key: the plan step sets it when the latents are gone."""
+    from erw import storage
     from erw.config import load_config
+
+    if storage.exists(storage.join(work["dataset"], "manifest.json")):  # merged: complete, nothing to encode
+        return work["dataset"]
 
     d = load_config(config, overrides).data
     argv = [

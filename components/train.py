@@ -8,44 +8,43 @@ from kfp import dsl
 from kfp.dsl import Model, Output
 
 from components import IMAGE
-from components.common import launch_argv, publish_checkpoint, run_erw
+from components.common import launch_spec, publish_checkpoint, run_erw, run_training_job
 
 
-@dsl.component(base_image=IMAGE, install_kfp_package=False, additional_funcs=[run_erw, launch_argv, publish_checkpoint])
+@dsl.component(
+    base_image=IMAGE, install_kfp_package=False,
+    additional_funcs=[run_erw, publish_checkpoint, launch_spec, run_training_job],
+)
 def train(
     dataset: str,
     warmup: str,
     config: str,
     overrides: List[str],
     workspace: str,
-    scheduler: str,
-    image: str,
+    launch: dict,
     nodes: int,
-    procs_per_node: int,
-    gpus_per_node: int,
-    cpus_per_node: int,
-    memory_gb_per_node: int,
+    image: str,
+    s3_secret: str,
     node_selector: dict,
     tolerations: list,
-    s3_secret: str,
-    queue: str,
-    service_account: str,
-    timeout: str,
-    max_restarts: int,
-    metrics_port: int,
     run_id: str,
     checkpoint: Output[Model],
 ) -> str:
     """Returns the final checkpoint's URI; `checkpoint` is a small JSON pointer to it."""
     from erw import storage
 
+    # Before any GPU is asked for: the cached steps' results must still exist (see the plan step).
+    for what, uri in (("latents", storage.join(dataset, "manifest.json")), ("warmup", storage.join(warmup, "meta.json"))):
+        if not storage.exists(uri):
+            raise SystemExit(
+                f"the {what} this run was given no longer exist ({uri} is missing), although an earlier step "
+                "reported them: they were deleted after the plan step checked. Rerun the pipeline; its plan step "
+                "rebuilds what is missing."
+            )
+    spec = launch_spec(launch, "train", nodes, image, s3_secret, node_selector, tolerations, run_id)
     out = storage.join(workspace, "train", run_id)
     erw_args = [
         "train", "--config", config, *overrides, f"data.shards={dataset}", f"train.out={out}",
-        f"metrics.port={metrics_port}", "--init-from", warmup, "--resume", "auto",
+        f"metrics.port={spec.get('metrics_port', 0)}", "--init-from", warmup, "--resume", "auto",
     ]
-    run_erw(launch_argv(
-        erw_args, scheduler, image, nodes, procs_per_node, gpus_per_node, cpus_per_node, memory_gb_per_node,
-        node_selector, tolerations, s3_secret, queue, service_account, timeout, max_restarts, metrics_port, run_id,
-    ))
-    return publish_checkpoint(out, "train", checkpoint)
+    return run_training_job(spec, erw_args, out, checkpoint)

@@ -9,52 +9,43 @@ from kfp import dsl
 from kfp.dsl import Model, Output
 
 from components import IMAGE
-from components.common import launch_argv, publish_checkpoint, run_erw
+from components.common import (
+    finished_checkpoint, launch_spec, publish_checkpoint, run_erw, run_training_job, warmup_location,
+)
 
 
-@dsl.component(base_image=IMAGE, install_kfp_package=False, additional_funcs=[run_erw, launch_argv, publish_checkpoint])
+@dsl.component(
+    base_image=IMAGE, install_kfp_package=False,
+    additional_funcs=[run_erw, publish_checkpoint, launch_spec, run_training_job, warmup_location, finished_checkpoint],
+)
 def warmup(
     dataset: str,
     config: str,
     overrides: List[str],
     workspace: str,
-    scheduler: str,
-    image: str,
+    launch: dict,
     nodes: int,
-    procs_per_node: int,
-    gpus_per_node: int,
-    cpus_per_node: int,
-    memory_gb_per_node: int,
+    image: str,
+    s3_secret: str,
     node_selector: dict,
     tolerations: list,
-    s3_secret: str,
-    queue: str,
-    service_account: str,
-    timeout: str,
-    max_restarts: int,
-    metrics_port: int,
+    refresh: str,
     checkpoint: Output[Model],
 ) -> str:
-    """Returns the final checkpoint's URI; `checkpoint` is a small JSON pointer to it."""
-    import hashlib
-    import json
+    """Returns the final checkpoint's URI; `checkpoint` is a small JSON pointer to it. `refresh` is
+    only part of the cache key: the plan step sets it when the cached checkpoint is gone."""
     import os
 
     from erw.config import load_config
-    from erw import storage
 
-    overrides = [*overrides, f"data.shards={dataset}", f"metrics.port={metrics_port}"]
-    cfg = load_config(config, overrides)
-    # What the warmup's result depends on; not where it is written, nor phase 2's settings.
-    sections = ("seed", "model", "encoder", "data", "objective", "warmup")
-    settings = {k: v for k, v in cfg.to_dict().items() if k in sections}
-    settings["warmup"] = {k: v for k, v in settings["warmup"].items() if k != "out"}
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    out = storage.join(workspace, "warmup", key)
+    # The run id comes from the pod's label, not an input: as an input it would change the cache key.
+    spec = launch_spec(launch, "warmup", nodes, image, s3_secret, node_selector, tolerations,
+                       os.environ.get("ERW_RUN_ID", ""))
+    overrides = [*overrides, f"data.shards={dataset}", f"metrics.port={spec.get('metrics_port', 0)}"]
+    out = warmup_location(config, overrides, dataset, workspace)
+    done = finished_checkpoint(out, load_config(config, overrides).warmup.steps)
+    if done:  # re-executed (a refresh, a retry after the job finished): nothing to train
+        print(f"warmup already finished at {done}", flush=True)
+        return publish_checkpoint(out, "warmup", checkpoint)
     erw_args = ["warmup", "--config", config, *overrides, f"warmup.out={out}", "--resume", "auto"]
-    run_erw(launch_argv(
-        erw_args, scheduler, image, nodes, procs_per_node, gpus_per_node, cpus_per_node, memory_gb_per_node,
-        node_selector, tolerations, s3_secret, queue, service_account, timeout, max_restarts, metrics_port,
-        os.environ.get("ERW_RUN_ID", ""),
-    ))
-    return publish_checkpoint(out, "warmup", checkpoint)
+    return run_training_job(spec, erw_args, out, checkpoint)

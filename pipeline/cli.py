@@ -8,7 +8,10 @@ from __future__ import annotations
 import argparse
 import json
 
-ARGUMENTS_HELP = "pipeline arguments NAME=VALUE (YAML values: train_nodes=8 'overrides=[train.lr=2e-4]')"
+ARGUMENTS_HELP = (
+    "pipeline arguments NAME=VALUE (YAML values: image=REGISTRY/erw:TAG train_nodes=8 'overrides=[train.lr=2e-4]' "
+    "launch.max_restarts=1)"
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -16,7 +19,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     cmds = p.add_subparsers(dest="pipeline_command", required=True, metavar="ACTION")
 
     c = cmds.add_parser("compile", help="write pipeline.yaml (KFP IR: pipeline spec + Kubernetes platform spec)")
-    c.add_argument("--out", default=None, help="output file (default: pipeline.yaml at the repository root)")
+    c.add_argument(
+        "--out", default=None,
+        help="output file (default: pipeline.yaml at the root of this checkout; installed: in the working directory)",
+    )
     c.set_defaults(func=_compile)
 
     s = cmds.add_parser("submit", help="start one run on a KFP server")
@@ -28,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     r = cmds.add_parser("schedule", help="create a recurring run (retraining as new data lands)")
     _server_flags(r)
-    r.add_argument("--cron", required=True, help="6-field cron, seconds first: '0 0 3 * * 0' = Sundays 03:00")
+    r.add_argument("--cron", required=True, help="6-field cron in UTC, seconds first: '0 0 3 * * 0' = Sundays 03:00 UTC")
     r.add_argument("--job-name", default="erw-retrain", help="name of the recurring run")
     r.add_argument("--max-concurrency", type=int, default=1, help="runs allowed at once (default 1: never overlap)")
     r.add_argument("--catchup", action="store_true", help="also start the runs missed while paused")
@@ -73,9 +79,9 @@ def _arguments(args: argparse.Namespace) -> dict:
 
 
 def _compile(args: argparse.Namespace) -> int:
-    from pipeline.compile import PIPELINE_YAML, compile_pipeline
+    from pipeline.compile import compile_pipeline
 
-    print(f"wrote {compile_pipeline(args.out or PIPELINE_YAML)}")
+    print(f"wrote {compile_pipeline(args.out)}")
     return 0
 
 
@@ -86,8 +92,8 @@ def _submit(args: argparse.Namespace) -> int:
     arguments = _arguments(args)
     resolve(arguments)  # fail before connecting
     result = submit(
-        connect(args.host, not args.skip_version_check), arguments, args.experiment, args.run_name, args.service_account, args.namespace,
-        enable_caching=False if args.no_cache else None,
+        connect(args.host, not args.skip_version_check), arguments, args.experiment, args.run_name,
+        args.service_account, args.namespace, enable_caching=False if args.no_cache else None,
     )
     print(f"submitted run {result.run_id}")
     return 0

@@ -77,59 +77,50 @@ def _on_gpu_pool(task: dsl.PipelineTask, node_selector, tolerations) -> dsl.Pipe
     "precompute latents, ERW warmup, full training, evaluation, promotion.",
 )
 def erw_pipeline(
+    image: str,
     config: str = D.config,
     overrides: list = D.overrides,
     source: str = D.source,
     workspace: str = D.workspace,
     registry: str = D.registry,
-    image: str = D.image,
     precompute_workers: int = D.precompute_workers,
     warmup_nodes: int = D.warmup_nodes,
     train_nodes: int = D.train_nodes,
-    procs_per_node: int = D.procs_per_node,
-    gpus_per_node: int = D.gpus_per_node,
-    cpus_per_node: int = D.cpus_per_node,
-    memory_gb_per_node: int = D.memory_gb_per_node,
     gpu_node_selector: dict = D.gpu_node_selector,
     gpu_tolerations: list = D.gpu_tolerations,
-    scheduler: str = D.scheduler,
-    volcano_queue: str = D.volcano_queue,
-    trainer_service_account: str = D.trainer_service_account,
     s3_secret: str = D.s3_secret,
-    job_timeout: str = D.job_timeout,
-    max_restarts: int = D.max_restarts,
-    metrics_port: int = D.metrics_port,
+    launch: dict = D.launch,
 ) -> Outputs:
     planned = plan(
         config=config, overrides=overrides, source=source, workspace=workspace,
-        precompute_workers=precompute_workers, warmup_nodes=warmup_nodes, train_nodes=train_nodes,
-        procs_per_node=procs_per_node,
-    ).set_caching_options(False)  # listing the source is how new data is noticed
+        precompute_workers=precompute_workers, warmup_nodes=warmup_nodes, train_nodes=train_nodes, launch=launch,
+        run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+    ).set_caching_options(False)  # listing the source is how new data is noticed; it checks the cache's data
     _step(planned, "plan", "Plan: validate, fingerprint source", "1", "4G", 2, image, s3_secret)
 
-    with dsl.ParallelFor(planned.output, name="precompute-workers") as work:
+    with dsl.ParallelFor(planned.outputs["Output"], name="precompute-workers") as work:
         encoded = precompute(work=work, config=config, overrides=overrides, source=source)
         encoded.set_caching_options(True)
         _step(encoded, "precompute", "Precompute latents (one worker)", "8", "48G", 3, image, s3_secret)
         _on_gpu_pool(encoded, gpu_node_selector, gpu_tolerations)
 
-    merged = merge(parts=dsl.Collected(encoded.output)).set_caching_options(True)
+    merged = merge(parts=dsl.Collected(encoded.output), refresh=planned.outputs["refresh_latents"])
+    merged.set_caching_options(True)
     _step(merged, "merge", "Merge shards, write manifest", "1", "4G", 3, image, s3_secret)
     dataset = merged.outputs["Output"]  # the latents' location: a string, never an artifact
 
-    launcher = dict(
-        config=config, overrides=overrides, workspace=workspace, scheduler=scheduler, image=image,
-        procs_per_node=procs_per_node, gpus_per_node=gpus_per_node, cpus_per_node=cpus_per_node,
-        memory_gb_per_node=memory_gb_per_node, node_selector=gpu_node_selector, tolerations=gpu_tolerations,
-        s3_secret=s3_secret, queue=volcano_queue, service_account=trainer_service_account, timeout=job_timeout,
-        max_restarts=max_restarts, metrics_port=metrics_port,
+    # The training jobs' settings: the `launch` parameter plus the placement the GPU pods share.
+    job = dict(
+        config=config, overrides=overrides, workspace=workspace, launch=launch, image=image, s3_secret=s3_secret,
+        node_selector=gpu_node_selector, tolerations=gpu_tolerations,
     )
-    warm = warmup(dataset=dataset, nodes=warmup_nodes, **launcher).set_caching_options(True)
+    warm = warmup(dataset=dataset, nodes=warmup_nodes, refresh=planned.outputs["refresh_warmup"], **job)
+    warm.set_caching_options(True)
     _step(warm, "warmup", "Warmup (ERW phase 1, torchrun job)", "1", "2G", 1, image, s3_secret)
 
     trained = train(
         dataset=dataset, warmup=warm.outputs["Output"], nodes=train_nodes,
-        run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, **launcher,
+        run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, **job,
     ).set_caching_options(False)
     _step(trained, "train", "Train (ERW phase 2, torchrun job)", "1", "2G", 1, image, s3_secret)
 

@@ -137,9 +137,9 @@ def test_manifests_agree_with_the_pipeline(rendered):
     overlay, docs = rendered
     namespace, runner, endpoint = OVERLAYS[overlay]
     defaults = PipelineArgs()
-    assert defaults.volcano_queue in by_kind(docs, "Queue")
+    assert defaults.launch["queue"] in by_kind(docs, "Queue")
     accounts = by_kind(docs, "ServiceAccount")
-    assert set(accounts) == {defaults.trainer_service_account}  # the training pods need no API access
+    assert set(accounts) == {defaults.launch["service_account"]}  # the training pods need no API access
     assert all(not a.get("automountServiceAccountToken", True) for a in accounts.values())
     (binding,) = by_kind(docs, "RoleBinding").values()
     assert binding["roleRef"]["name"] == "erw-launcher"

@@ -1,5 +1,6 @@
 """The KFP backend's contract (tests/kfp_contract.py) on toy components that break each rule, and on
 the pipeline's real encoding steps. The whole demo DAG runs under it in tests/test_pipeline.py (slow)."""
+import json
 import shutil
 from pathlib import Path
 
@@ -120,27 +121,103 @@ def few_digits(digits_folder, tmp_path):
     return str(out)
 
 
-def test_the_encoding_steps_meet_the_contract(kfp_local, tmp_path, few_digits):
-    """plan -> precompute x 2 -> merge, the real components, on disk."""
+def _encoding_pipeline(config: str, source: str, workspace: str):
+    """plan -> precompute x 2 -> merge: the real components, wired as in pipeline/dag.py."""
     from components.merge import merge
     from components.plan import plan
     from components.precompute import precompute
-    from pipeline.params import REPO
-
-    config = str(REPO / "configs/demo.yaml")
-    workspace = str(tmp_path / "ws")
+    from pipeline.params import DEMO
 
     @dsl.pipeline
     def encode() -> Dataset:
         planned = plan(
-            config=config, overrides=[], source=few_digits, workspace=workspace, precompute_workers=2,
-            warmup_nodes=1, train_nodes=1, procs_per_node=2,
-        )
-        with dsl.ParallelFor(planned.output) as work:
-            encoded = precompute(work=work, config=config, overrides=[], source=few_digits)
-        return merge(parts=dsl.Collected(encoded.output)).outputs["manifest"]
+            config=config, overrides=[], source=source, workspace=workspace, precompute_workers=2,
+            warmup_nodes=1, train_nodes=1, launch=DEMO["launch"], run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+        ).set_caching_options(False)
+        with dsl.ParallelFor(planned.outputs["Output"]) as work:
+            encoded = precompute(work=work, config=config, overrides=[], source=source)
+        return merge(parts=dsl.Collected(encoded.output), refresh=planned.outputs["refresh_latents"]).outputs["manifest"]
 
+    return encode
+
+
+def test_the_encoding_steps_meet_the_contract(kfp_local, tmp_path, few_digits):
+    from pipeline.params import REPO
+
+    workspace = str(tmp_path / "ws")
+    encode = _encoding_pipeline(str(REPO / "configs/demo.yaml"), few_digits, workspace)
     with Backend(local_root=kfp_local, workspace=workspace).enforce() as backend:
-        encode()
+        manifest = encode().output
     assert [t.split("-iteration")[0] for t in backend.tasks] == ["plan", "precompute", "precompute", "merge"]
     assert backend.largest_input <= INPUT_BUDGET
+    assert json.loads(Path(manifest.path).read_text())["num_samples"] == 16  # the copy, under the root
+    assert manifest.metadata["uri"].startswith(workspace)
+
+
+@pytest.mark.slow  # four runs of the encoding steps, about a minute
+def test_a_stale_cache_entry_is_rebuilt_not_trusted(tmp_path, monkeypatch, few_digits, caplog):
+    """Issue 12 item 6: KFP cache entries never expire. After the latents are deleted, the cached
+    precompute and merge results point at nothing; the plan step (never cached) notices and gives
+    them a new cache key, so they run again and the manifest exists when the run ends."""
+    import logging
+
+    from pipeline.params import REPO
+
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    local.init(
+        runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"), raise_on_error=True,
+        enable_caching=True, cache_root=str(tmp_path / "cache"),
+    )
+    workspace = str(tmp_path / "ws")
+    encode = _encoding_pipeline(str(REPO / "configs/demo.yaml"), few_digits, workspace)
+    caplog.set_level(logging.INFO)
+
+    def run() -> tuple[str, set[str]]:
+        caplog.clear()
+        uri = encode().output.metadata["uri"]
+        return uri, {m.split()[1] for m in caplog.messages if " cache hit " in m}
+
+    first, hits = run()
+    assert hits == set()
+    # The first run after a build changes the token ("" now): one execution that finds everything
+    # done (precompute returns at once, merge rewrites the same manifest); from then on, cache hits.
+    run()
+    again, hits = run()
+    assert again == first and {"precompute", "merge"} <= hits
+    shutil.rmtree(first)
+    rebuilt, hits = run()
+    assert rebuilt == first and not hits & {"precompute", "merge"}, hits
+    assert (Path(first) / "manifest.json").is_file()
+
+
+def test_plan_hands_out_a_refresh_token_only_for_what_is_gone(tmp_path, few_digits):
+    """The plan step's check, in-process: a token (the run id) for missing latents or a missing
+    finished warmup checkpoint, "" for what exists, so only a gone result changes a cache key."""
+    from components.common import warmup_location
+    from components.plan import plan
+    from erw.config import load_config
+    from pipeline.params import DEMO, REPO
+
+    config, workspace = str(REPO / "configs/demo.yaml"), str(tmp_path / "ws")
+
+    def planned():
+        return plan.python_func(
+            config=config, overrides=[], source=few_digits, workspace=workspace, precompute_workers=2, warmup_nodes=1,
+            train_nodes=1, launch=DEMO["launch"], run_id="run-9",
+        )
+
+    work, latents, warm = planned()
+    assert (latents, warm) == ("run-9", "run-9") and [w["refresh"] for w in work] == ["run-9", "run-9"]
+    dataset = work[0]["dataset"]
+    Path(dataset).mkdir(parents=True)
+    (Path(dataset) / "manifest.json").write_text("{}")
+    steps = load_config(config).warmup.steps
+    unfinished = Path(warmup_location(config, [], dataset, workspace)) / "step-00000010"
+    unfinished.mkdir(parents=True)
+    (unfinished / "meta.json").write_text("{}")
+    assert planned()[1:] == ("", "run-9")  # a checkpoint, but not the last one
+    finished = unfinished.with_name(f"step-{steps:08d}")
+    finished.mkdir()
+    (finished / "meta.json").write_text("{}")
+    assert planned()[1:] == ("", "")

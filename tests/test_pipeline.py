@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from erw.cli import build_parser, main
+from erw.launch import LaunchSpec
 from erw.launch.commands import spec_from_args
 from erw.promote import PromoteError, promote_if_better
 from pipeline.compile import PIPELINE_YAML, compile_pipeline
@@ -39,8 +40,8 @@ def test_dag_edges_and_fan_out(compiled):
     loop = next(name for name in tasks if name.startswith("for-loop"))
     assert after["plan"] == set()
     assert after[loop] == {"plan"}
-    assert after["merge"] == {loop}
-    assert after["warmup"] == {"merge"}
+    assert after["merge"] == {loop, "plan"}  # plan: the refresh token (a stale cache entry)
+    assert after["warmup"] == {"merge", "plan"}
     assert after["train"] == {"merge", "warmup"}
     assert after["evaluate"] == {"train", "merge"}  # merge: the training data is the default reference
     assert after["promote"] == {"train", "evaluate"}
@@ -109,36 +110,71 @@ def test_every_step_gets_s3_from_the_secret_and_labels(compiled):
 def test_defaults_are_the_xl_recipe(compiled):
     _, spec, _ = compiled
     params = spec["root"]["inputDefinitions"]["parameters"]
+    launch = params["launch"]["defaultValue"]
     assert params["config"]["defaultValue"] == "configs/imagenet256-sit-xl2.yaml"
-    assert params["train_nodes"]["defaultValue"] * params["procs_per_node"]["defaultValue"] >= 8
-    assert params["scheduler"]["defaultValue"] == "kubernetes"
+    assert params["train_nodes"]["defaultValue"] * launch["procs_per_node"] >= 8
+    assert launch["scheduler"] == "kubernetes"
+    assert "defaultValue" not in params["image"] and not params["image"].get("isOptional")  # required
+    # Schedulable on 96-vCPU GPU nodes once the kubelet's and daemonsets' share is reserved.
+    assert launch["cpus_per_node"] <= 90
+    assert launch["grace_period_s"] >= 300 and launch["pending_timeout"]
+
+
+def test_the_launch_settings_are_one_parameter(compiled):
+    """Issue 13: the training jobs' settings are the `launch` dict (LaunchSpec keys) plus the placement
+    the GPU pods share; warmup and train take the same group and differ only in their node count."""
+    _, spec, _ = compiled
+    inputs = {step: set(spec["components"][f"comp-{step}"]["inputDefinitions"]["parameters"]) for step in ("warmup", "train")}
+    group = {"launch", "nodes", "image", "s3_secret", "node_selector", "tolerations"}
+    assert group <= inputs["warmup"] and group <= inputs["train"]
+    assert inputs["train"] - inputs["warmup"] == {"warmup", "run_id"}
+    from erw.launch import LaunchSpec
+
+    assert LaunchSpec.from_dict(defaults()["launch"]).max_restarts == 3
+
+
+CLUSTER = {"image": "registry.example/erw:1"}  # the one required argument of a cluster run
 
 
 @pytest.mark.parametrize(
     "arguments, message",
     [
+        ({"image": ""}, "image is required for a cluster run: image=REGISTRY/erw:TAG"),
         ({"overrides": ["model.arch=SiT-XXL/2"]}, "model.arch='SiT-XXL/2' is not one of"),
         ({"train_nodes": 0}, "train_nodes must be at least 1, got 0"),
         ({"workspace": "s3://x/runs"}, "workspace='s3://x/runs' has no bucket"),
         ({"source": "s3:///imagenet"}, "source='s3:///imagenet' has no bucket"),
         ({"train_node": 2}, "unknown pipeline parameter 'train_node' (did you mean 'train_nodes'?)"),
         ({"workspace": "/data/erw"}, "is a local path, but the steps of a cluster run are separate pods"),
-        ({"procs_per_node": 16}, "procs_per_node=16 exceeds gpus_per_node=8"),
-        ({"job_timeout": "soon"}, "job_timeout"),
+        ({"launch": {"procs_per_node": 16}}, "procs_per_node 16 exceeds gpus_per_node 8"),
+        ({"launch": {"timeout": "soon"}}, "timeout 'soon' is not a positive duration"),
+        ({"launch": {"max_restart": 1}}, "unknown launch spec key 'max_restart' (did you mean 'max_restarts'?)"),
+        ({"launch": {"cpus_per_node": "90"}}, "cpus_per_node: expected an integer"),
+        ({"launch": {"image": "x"}}, "launch.image is set by the pipeline parameter image"),
+        ({"launch": {"grace_period_s": -1}}, "grace_period_s must be >= 0"),
         ({"gpu_tolerations": [{"effect": "NoSchedule"}]}, "is not a toleration"),
+        ({"gpu_tolerations": [{"key": "gpu", "operator": "Exist"}]}, "operator must be Exists or Equal"),
+        ({"gpu_tolerations": [{"key": "gpu", "effect": "NoSchedul"}]}, "effect must be one of"),
+        ({"gpu_node_selector": {"pool": "a100 x"}}, "is not a label value"),
+        ({"gpu_node_selector": {"bad key!": "a"}}, "is not a label key"),
         ({"train_nodes": "4"}, "train_nodes must be a int"),
     ],
 )
 def test_bad_arguments_fail_before_anything_runs(arguments, message):
     with pytest.raises(PipelineParamError) as err:
-        resolve(arguments)
+        resolve({**CLUSTER, **arguments})
     assert message in str(err.value)
+
+
+def test_launch_is_merged_key_by_key():
+    args = resolve({**CLUSTER, **parse_cli_arguments(["launch.max_restarts=1", "launch.pending_timeout=1h"])})
+    assert args["launch"] == {**defaults()["launch"], "max_restarts": 1, "pending_timeout": "1h"}
 
 
 def test_world_size_problems_name_the_phase():
     # 256 images per batch cannot be split over 3 x 8 processes.
     with pytest.raises(PipelineParamError, match="train.batch_size=256 is not divisible by world size 24"):
-        resolve({"train_nodes": 3})
+        resolve({**CLUSTER, "train_nodes": 3})
 
 
 def test_cli_arguments_are_typed():
@@ -169,10 +205,11 @@ class RecordingClient:
 
 def test_submit_sends_only_the_changed_arguments():
     client = RecordingClient()
-    submit(client, {"train_nodes": 8, "warmup_nodes": 1}, "erw", run_name="xl-8x8", service_account="pipeline-runner")
+    submit(client, {**CLUSTER, "train_nodes": 8, "warmup_nodes": 1}, "erw", run_name="xl-8x8",
+           service_account="pipeline-runner")
     ((kind, func, kwargs),) = client.calls
     assert kind == "run" and func.name == "erw"
-    assert kwargs["arguments"] == {"train_nodes": 8}  # warmup_nodes=1 is the default
+    assert kwargs["arguments"] == {**CLUSTER, "train_nodes": 8}  # warmup_nodes=1 is the default
     assert (kwargs["experiment_name"], kwargs["run_name"], kwargs["service_account"]) == ("erw", "xl-8x8", "pipeline-runner")
 
 
@@ -185,12 +222,12 @@ def test_submit_refuses_bad_arguments_without_contacting_the_server():
 
 def test_schedule_creates_a_non_overlapping_recurring_run():
     client = RecordingClient()
-    schedule(client, {"train_nodes": 2}, "0 0 3 * * 0", "erw-weekly", "erw")
+    schedule(client, {**CLUSTER, "train_nodes": 2}, "0 0 3 * * 0", "erw-weekly", "erw")
     (_, (kind, experiment_id, job_name, kwargs)) = client.calls
     assert (kind, experiment_id, job_name) == ("recurring", "e-1", "erw-weekly")
     assert kwargs["cron_expression"] == "0 0 3 * * 0"
     assert kwargs["max_concurrency"] == 1 and kwargs["no_catchup"] is True
-    assert kwargs["params"] == {"train_nodes": 2}
+    assert kwargs["params"] == {**CLUSTER, "train_nodes": 2}
 
 
 def test_cron_needs_kfps_six_fields():
@@ -201,24 +238,29 @@ def test_cron_needs_kfps_six_fields():
     assert check_cron("0 30 2 * * 1-5") == "0 30 2 * * 1-5"
 
 
-def test_launcher_arguments_round_trip_through_erw_launch():
-    from components.common import launch_argv
+def test_the_components_launch_spec_is_what_erw_launch_reads(tmp_path):
+    """components/common.py builds the `erw launch --spec` value from the pipeline's parameters, as
+    KFP hands them over (a Struct: every number a double); erw launch parses it into the same
+    LaunchSpec the submit-time validation checked (pipeline/params.py launch_spec)."""
+    from components.common import launch_spec
+    from pipeline.params import launch_spec as validated_spec
 
-    tolerations = [
+    args = resolve({**CLUSTER, "gpu_tolerations": [
         {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
         {"key": "pool", "operator": "Equal", "value": "h100", "effect": "NoExecute"},
-    ]
-    argv = launch_argv(
-        ["train", "--config", "configs/demo.yaml", "--resume", "auto"], "kubernetes", "erw:1", 4, 8, 8, 96, 1000,
-        {"erw.dev/pool": "gpu"}, tolerations, "erw-s3", "erw", "erw-trainer", "120h", 3, 9400, "run-7",
+    ]})
+    as_struct = {k: float(v) if isinstance(v, int) else v for k, v in args["launch"].items()}
+    spec = launch_spec(
+        as_struct, "train", 4.0, args["image"], args["s3_secret"], args["gpu_node_selector"], args["gpu_tolerations"],
+        "run-7",
     )
-    spec, command = spec_from_args(build_parser().parse_args([str(a) for a in argv]))
-    assert spec.tolerations == tolerations
-    assert spec.node_selector == {"erw.dev/pool": "gpu"}
-    assert (spec.nodes, spec.procs_per_node, spec.gpus_per_node, spec.memory_gb) == (4, 8, 8, 1000)
+    argv = ["launch", "--spec", json.dumps(spec), "--", "train", "--config", "configs/demo.yaml", "--resume", "auto"]
+    parsed, command = spec_from_args(build_parser().parse_args(argv))
+    assert parsed.to_dict() == LaunchSpec.from_dict({**validated_spec(args, "train"), "run_id": "run-7"}).to_dict()
+    assert (parsed.nodes, parsed.procs_per_node, parsed.cpus_per_node, parsed.max_restarts) == (4, 8, 90, 3)
+    assert (parsed.step, parsed.run_id, parsed.grace_period_s, parsed.pending_timeout) == ("train", "run-7", 600, "30m")
+    assert parsed.tolerations == args["gpu_tolerations"] and parsed.node_selector == args["gpu_node_selector"]
     assert command == ["train", "--config", "configs/demo.yaml", "--resume", "auto"]
-    assert (spec.queue, spec.service_account, spec.s3_secret, spec.run_id) == ("erw", "erw-trainer", "erw-s3", "run-7")
-    assert spec.max_restarts == 3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,3 +457,47 @@ def test_submit_accepts_a_recent_backend(kfp_server, tag, monkeypatch, tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path))
     client = connect(kfp_server(tag))
     assert backend_version(client) == tag
+
+
+def test_pipeline_commands_work_from_an_installed_package(tmp_path):
+    """H1: `erw pipeline compile|submit` from a pip-installed package (the image, a notebook), run in a
+    directory that is not the checkout: presets come from the installed share/erw/configs, and
+    compile writes to the working directory, never into site-packages."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    for name in ("erw", "components", "pipeline", "configs"):
+        shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    prefix = tmp_path / "prefix"
+    # --ignore-installed: without it pip first uninstalls the erw of the environment running this test
+    # (pip resolvelib factory: get_dist_to_uninstall), even though --prefix puts the new one elsewhere.
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--ignore-installed",
+         "--prefix", str(prefix), str(source)], check=True, cwd=tmp_path,
+    )
+    (site,) = prefix.glob("lib/python*/site-packages")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(site), "HOME": str(tmp_path)}
+    script = (
+        "import pipeline, sys\n"
+        "from erw.cli import main\n"
+        "from pipeline.params import config_path, resolve\n"
+        "print(pipeline.__file__)\n"
+        "print(config_path('configs/imagenet256-sit-xl2.yaml'))\n"
+        "resolve({'image': 'registry.example/erw:1'})\n"
+        "sys.exit(main(['pipeline', 'compile']))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=elsewhere, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    package, config, wrote = done.stdout.splitlines()[:3]
+    assert Path(package).is_relative_to(site)  # the installed copy, not this checkout
+    assert Path(config).is_relative_to(prefix / "share" / "erw" / "configs")
+    assert wrote == f"wrote pipeline.yaml" and (elsewhere / "pipeline.yaml").is_file()
+    assert not list(site.glob("pipeline.yaml")) and not list(site.glob("*/pipeline.yaml"))
