@@ -6,10 +6,11 @@ data. The latents' location is derived from the source's listing and the encodin
 so unchanged inputs map to the same location and the precompute steps are served from cache.
 
 KFP cache entries never expire: a cached merge or warmup can point at latents or a checkpoint
-deleted since (by hand, by a retention policy). Plan looks: when the manifest or the finished
-warmup checkpoint is missing, it hands those steps a `refresh` token (this run's id) that changes
-their cache key, so they run again and rebuild what is gone; otherwise the token is "" and the
-cache serves them.
+deleted since (by hand, by a retention policy). Plan looks, and hands those steps a `refresh`
+token that is part of their cache key. When the manifest or the finished warmup checkpoint is
+missing, the token is this run's id, so the steps run and rebuild what is gone; the token is kept
+in <workspace>/kfp-cache-tokens/, and while the result exists later runs get the same token
+back, so the cache serves them again from the very next run.
 """
 from typing import List, NamedTuple
 
@@ -34,8 +35,8 @@ def plan(
     """Output: one work item per precompute worker {"dataset", "worker_index", "num_workers", "refresh"} (named
     Output because kfp.local resolves ParallelFor items only from an output of that name:
     kfp/local/orchestrator/enhanced_dag_orchestrator.py, _run_parallel_for_task);
-    refresh_latents / refresh_warmup: "" (the cache may serve those steps) or this run's id (their
-    results are gone: they must run)."""
+    refresh_latents / refresh_warmup: the cache-key token of those steps (a new one, this run's id,
+    when their results are gone: they must run)."""
     import hashlib
     import json
     from collections import namedtuple
@@ -60,8 +61,16 @@ def plan(
     for name, ok, where in (("latents", latents_ok, dataset), ("warmup", warmup_ok, warmup_dir)):
         print(f"{name}: {'present, a cached result may be used' if ok else 'missing: will be (re)built'} ({where})",
               flush=True)
+
+    def refresh_token(location: str, present: bool) -> str:
+        kept = storage.join(workspace, "kfp-cache-tokens", hashlib.sha256(location.encode()).hexdigest()[:16])
+        if present:  # the token its build ran with: the same cache key ("" for results older than tokens)
+            return storage.read_bytes(kept).decode() if storage.exists(kept) else ""
+        storage.write_bytes(kept, run_id.encode())
+        return run_id
+
+    refresh_latents, refresh_warmup = refresh_token(dataset, latents_ok), refresh_token(warmup_dir, warmup_ok)
     n = precompute_workers
-    refresh_latents, refresh_warmup = "" if latents_ok else run_id, "" if warmup_ok else run_id
     # The token rides in each work item: the item is the precompute step's cache key.
     work = [{"dataset": dataset, "worker_index": i, "num_workers": n, "refresh": refresh_latents} for i in range(n)]
     out = namedtuple("Plan", ["Output", "refresh_latents", "refresh_warmup"])

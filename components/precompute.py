@@ -17,7 +17,8 @@ def precompute(work: dict, config: str, overrides: List[str], source: str) -> st
     if storage.exists(storage.join(work["dataset"], "manifest.json")):  # merged: complete, nothing to encode
         return work["dataset"]
 
-    d = load_config(config, overrides).data
+    cfg = load_config(config, overrides)
+    d = cfg.data
     argv = [
         "precompute", "--source", source, "--out", work["dataset"],
         "--resolution", d.resolution, "--codec", d.codec,
@@ -25,5 +26,7 @@ def precompute(work: dict, config: str, overrides: List[str], source: str) -> st
     ]
     if d.codec_weights:
         argv += ["--codec-weights", d.codec_weights]
+    if cfg.metrics.pushgateway:  # overrides=[metrics.pushgateway=HOST:PORT]: the dashboard's batch-step row
+        argv += ["--pushgateway", cfg.metrics.pushgateway]
     run_erw(argv)
     return work["dataset"]

@@ -16,7 +16,7 @@ checks. No KFP cluster can run here, so each rule below was read in the backend'
 2. Every input artifact is small. Before the component starts, the launcher downloads every
    input artifact in full, whether or not the component reads it (`downloadArtifacts`,
    launcher_v2.go:927-1000, "TODO: Selectively copy artifacts"; `DownloadBlob` copies every object
-   under the key, objectstore/object_store.go:176-204) into an emptyDir scratch volume (/s3, /minio,
+   under the key, objectstore/object_store.go:176-205) into an emptyDir scratch volume (/s3, /minio,
    /gcs: backend/src/v2/compiler/argocompiler/container.go:476-492, 543-551). Those volumes live
    on the node's disk and count against the pod's ephemeral storage, and the copy runs before the
    component does: a latent dataset or an 11 GB checkpoint as an artifact means gigabytes copied
@@ -103,6 +103,17 @@ def _size(uri: str) -> int:
     return 0
 
 
+def _download(remote: str, local: str) -> None:
+    """DownloadBlob (object_store.go:176-205): every object under the key, into the local path; an
+    output the component never wrote (a Metrics artifact is metadata only) has nothing to copy."""
+    from erw import storage
+
+    if storage.list_files(remote):
+        storage.download_tree(remote, local)
+    elif storage.exists(remote):
+        storage.download_file(remote, local)
+
+
 @dataclass
 class Backend:
     """The launcher's rules, enforced around each kfp.local task while `enforce()` is active.
@@ -166,20 +177,14 @@ class Backend:
                 f"{self.input_budget / 1e6:.0f} MB. Pass large data as a string parameter (its URI)."
             )
         if self.remote_root and uri in self._uploaded:
-            from erw import storage
-
-            # DownloadBlob: every object under the key, into the artifact's local path.
-            if storage.list_files(remote):
-                storage.download_tree(remote, uri)
-            else:
-                storage.download_file(remote, uri)
+            _download(remote, uri)
 
     def _after(self, task: str, task_root: Path, siblings: set[Path], before: dict, outputs: dict[str, Any]) -> None:
         from erw import storage
 
         for name, artifact in _artifacts(outputs):
             key = self.check_output(task, name, artifact.uri)
-            if self.remote_root:  # UploadBlob (object_store.go:111-140), then the pod is gone
+            if self.remote_root:  # UploadBlob (object_store.go:111-144), then the pod is gone
                 remote = f"{self.remote_root.rstrip('/')}/{key}"
                 local = Path(artifact.uri)
                 if local.is_dir():
@@ -244,11 +249,6 @@ class Backend:
 
     def _restore(self) -> None:
         """Bring uploaded artifacts back to their local paths, so a caller can read the run's outputs."""
-        from erw import storage
-
         for local, remote in self._uploaded.items():
             if not Path(local).exists():
-                if storage.list_files(remote):
-                    storage.download_tree(remote, local)
-                elif storage.exists(remote):
-                    storage.download_file(remote, local)
+                _download(remote, local)

@@ -9,6 +9,7 @@ from kfp import dsl, local
 from kfp.dsl import Dataset, Input, Output
 
 from kfp_contract import INPUT_BUDGET, Backend, ContractViolation, key_from_uri
+from prometheus import prometheus_stack  # noqa: F401 (fixture)
 
 TOY_IMAGE = "python:3.12"  # never pulled: the subprocess runner uses this environment
 
@@ -154,7 +155,7 @@ def test_the_encoding_steps_meet_the_contract(kfp_local, tmp_path, few_digits):
     assert manifest.metadata["uri"].startswith(workspace)
 
 
-@pytest.mark.slow  # four runs of the encoding steps, about a minute
+@pytest.mark.slow  # three runs of the encoding steps, about a minute
 def test_a_stale_cache_entry_is_rebuilt_not_trusted(tmp_path, monkeypatch, few_digits, caplog):
     """Issue 12 item 6: KFP cache entries never expire. After the latents are deleted, the cached
     precompute and merge results point at nothing; the plan step (never cached) notices and gives
@@ -180,20 +181,17 @@ def test_a_stale_cache_entry_is_rebuilt_not_trusted(tmp_path, monkeypatch, few_d
 
     first, hits = run()
     assert hits == set()
-    # The first run after a build changes the token ("" now): one execution that finds everything
-    # done (precompute returns at once, merge rewrites the same manifest); from then on, cache hits.
-    run()
     again, hits = run()
-    assert again == first and {"precompute", "merge"} <= hits
+    assert again == first and {"precompute", "merge"} <= hits  # data present: the cache serves it
     shutil.rmtree(first)
     rebuilt, hits = run()
     assert rebuilt == first and not hits & {"precompute", "merge"}, hits
     assert (Path(first) / "manifest.json").is_file()
 
 
-def test_plan_hands_out_a_refresh_token_only_for_what_is_gone(tmp_path, few_digits):
-    """The plan step's check, in-process: a token (the run id) for missing latents or a missing
-    finished warmup checkpoint, "" for what exists, so only a gone result changes a cache key."""
+def test_plan_hands_out_a_new_refresh_token_only_for_what_is_gone(tmp_path, few_digits):
+    """The plan step's check, in-process: a new token (the run id) for missing latents or a missing
+    finished warmup checkpoint; for what exists, the token it was built with (same cache key)."""
     from components.common import warmup_location
     from components.plan import plan
     from erw.config import load_config
@@ -201,23 +199,44 @@ def test_plan_hands_out_a_refresh_token_only_for_what_is_gone(tmp_path, few_digi
 
     config, workspace = str(REPO / "configs/demo.yaml"), str(tmp_path / "ws")
 
-    def planned():
+    def planned(run_id):
         return plan.python_func(
             config=config, overrides=[], source=few_digits, workspace=workspace, precompute_workers=2, warmup_nodes=1,
-            train_nodes=1, launch=DEMO["launch"], run_id="run-9",
+            train_nodes=1, launch=DEMO["launch"], run_id=run_id,
         )
 
-    work, latents, warm = planned()
-    assert (latents, warm) == ("run-9", "run-9") and [w["refresh"] for w in work] == ["run-9", "run-9"]
+    work, latents, warm = planned("run-1")
+    assert (latents, warm) == ("run-1", "run-1") and [w["refresh"] for w in work] == ["run-1", "run-1"]
     dataset = work[0]["dataset"]
     Path(dataset).mkdir(parents=True)
-    (Path(dataset) / "manifest.json").write_text("{}")
+    (Path(dataset) / "manifest.json").write_text("{}")  # run-1 built the latents
     steps = load_config(config).warmup.steps
     unfinished = Path(warmup_location(config, [], dataset, workspace)) / "step-00000010"
     unfinished.mkdir(parents=True)
     (unfinished / "meta.json").write_text("{}")
-    assert planned()[1:] == ("", "run-9")  # a checkpoint, but not the last one
+    assert planned("run-2")[1:] == ("run-1", "run-2")  # a checkpoint, but not the last one
     finished = unfinished.with_name(f"step-{steps:08d}")
     finished.mkdir()
-    (finished / "meta.json").write_text("{}")
-    assert planned()[1:] == ("", "")
+    (finished / "meta.json").write_text("{}")  # run-2 finished the warmup
+    assert planned("run-3")[1:] == ("run-1", "run-2")
+    shutil.rmtree(dataset)
+    assert planned("run-4")[1:] == ("run-4", "run-2")
+
+
+def test_precompute_pushes_to_the_pushgateway_the_config_names(prometheus_stack, tmp_path, few_digits, monkeypatch):
+    """F3: with overrides=[metrics.pushgateway=HOST:PORT] the precompute step pushes its results (the
+    dashboard's batch-step row); checked on a real Pushgateway."""
+    import urllib.request
+
+    from components.precompute import precompute
+    from pipeline.params import REPO
+
+    monkeypatch.setenv("ERW_RUN_ID", "run-f3")
+    work = {"dataset": str(tmp_path / "latents"), "worker_index": 0, "num_workers": 1, "refresh": ""}
+    precompute.python_func(
+        work=work, config=str(REPO / "configs/demo.yaml"), overrides=[f"metrics.pushgateway={prometheus_stack.pushgateway}"],
+        source=few_digits,
+    )
+    exposed = urllib.request.urlopen(f"http://{prometheus_stack.pushgateway}/metrics", timeout=10).read().decode()
+    (line,) = [x for x in exposed.splitlines() if x.startswith("erw_precompute_images_total{") and 'run_id="run-f3"' in x]
+    assert line.endswith(" 16")
