@@ -96,7 +96,7 @@ def erw_pipeline(
         precompute_workers=precompute_workers, warmup_nodes=warmup_nodes, train_nodes=train_nodes, launch=launch,
         run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
     ).set_caching_options(False)  # listing the source is how new data is noticed; it checks the cache's data
-    _step(planned, "plan", "Plan: validate, fingerprint source", "1", "4G", 2, image, s3_secret)
+    _step(planned, "plan", "Plan: validate, fingerprint source, check cached data", "1", "4G", 2, image, s3_secret)
 
     with dsl.ParallelFor(planned.outputs["Output"], name="precompute-workers") as work:
         encoded = precompute(work=work, config=config, overrides=overrides, source=source)
