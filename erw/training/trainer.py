@@ -6,8 +6,10 @@
             denoising objective plus a decaying alignment term.
 
 The loop is handed an iterator of batches and a checkpoint location; it knows nothing about
-S3, shards or Kubeflow. Randomness is re-seeded from (seed, rank, step) at every step, so a
-resumed run draws exactly the noise, times and label drops the uninterrupted run would have.
+S3, shards or Kubeflow. `run` owns the loop, logging, checkpoint cadence, resumption and
+preemption; one optimizer step is erw.training.step.train_step, reseeded from a hash of
+(seed, rank, step), so a resumed run draws exactly the noise, times and label drops the
+uninterrupted run would have.
 """
 from __future__ import annotations
 
