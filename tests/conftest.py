@@ -2,16 +2,16 @@
 from __future__ import annotations
 
 import contextlib
-import socket
 import uuid
 
 import pytest
+from prometheus import free_port, start_stack
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+@pytest.fixture(scope="session")
+def prometheus_stack(tmp_path_factory):
+    """A real Prometheus + Pushgateway on free local ports (tests/prometheus.py)."""
+    yield from start_stack(tmp_path_factory.mktemp("prometheus"))
 
 
 # Credentials and settings the S3 fixtures put in the environment (boto3 reads them itself).
@@ -34,7 +34,7 @@ def s3_endpoint():
     """
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"

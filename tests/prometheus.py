@@ -185,7 +185,3 @@ def start_stack(workdir: Path) -> Iterator[PrometheusStack]:
         for process in reversed(processes):
             _stop(process)
 
-
-@pytest.fixture(scope="session")
-def prometheus_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrometheusStack]:
-    yield from start_stack(tmp_path_factory.mktemp("prometheus"))

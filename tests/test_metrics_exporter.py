@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from erw.telemetry import PUSHED_METRICS, MetricsError, TrainingMetrics, push_metrics
-from prometheus import free_port, free_port_range, prometheus_stack, require_binary  # noqa: F401 (fixture)
+from prometheus import free_port, free_port_range, require_binary
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 BIN = Path(sys.executable).parent
@@ -83,12 +83,12 @@ def test_training_metrics_scraped_by_prometheus(prometheus_stack):
         selector = '{run_id="exporter-test", phase="warmup"}'
         steps = prometheus_stack.wait_for(f"erw_steps_total{selector}", lambda r: len(r) == 2)
         assert {s["metric"]["rank"]: float(s["value"][1]) for s in steps} == {"0": 10.0, "1": 11.0}
-        loss = prometheus_stack.query(f'erw_loss{{run_id="exporter-test", rank="1", term="loss"}}')
+        loss = prometheus_stack.query('erw_loss{run_id="exporter-test", rank="1", term="loss"}')
         assert one_value(loss) == pytest.approx(2.5)
-        assert one_value(prometheus_stack.query(f'erw_step{{run_id="exporter-test", rank="1"}}')) == 11
+        assert one_value(prometheus_stack.query('erw_step{run_id="exporter-test", rank="1"}')) == 11
         samples = prometheus_stack.query(f"sum(erw_samples_total{selector})")
         assert one_value(samples) == 8 * (10 + 11)
-        assert one_value(prometheus_stack.query(f'erw_samples_per_second{{run_id="exporter-test", rank="0"}}')) == 40
+        assert one_value(prometheus_stack.query('erw_samples_per_second{run_id="exporter-test", rank="0"}')) == 40
         assert one_value(prometheus_stack.query(f"sum(erw_nonfinite_steps_total{selector})")) == 2
         overdue = prometheus_stack.query(
             f'erw_step{selector} - erw_checkpoint_last_success_step{selector} > 2 * erw_checkpoint_interval_steps{selector}'
@@ -173,7 +173,7 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(prometheus_stack,
         assert one_value(skipped) == 2 + 3
         assert one_value(prometheus_stack.query(f"erw_steps_total{selector}")) == 6
         assert one_value(prometheus_stack.query(f"erw_step{selector}")) == 6
-        loss = one_value(prometheus_stack.query(f'erw_loss{{run_id="nonfinite-test", term="loss"}}'))
+        loss = one_value(prometheus_stack.query('erw_loss{run_id="nonfinite-test", term="loss"}'))
         assert math.isfinite(loss)  # skipped steps never reach the exported loss
     finally:
         metrics.close()

@@ -13,7 +13,7 @@ from erw.launch import LaunchSpec
 from erw.launch.commands import spec_from_args
 from erw.promote import PromoteError, promote_if_better
 from pipeline.compile import PIPELINE_YAML, compile_pipeline
-from pipeline.params import REPO, PipelineParamError, defaults, parse_cli_arguments, resolve
+from pipeline.params import REPO, PipelineParamError, parse_cli_arguments, resolve
 from pipeline.submit import check_cron, schedule, submit
 
 STEPS = ("plan", "precompute", "merge", "warmup", "train", "evaluate", "promote")
