@@ -11,7 +11,7 @@ import torch
 
 from erw.config import DataConfig
 from erw import storage
-from erw.data.loader import Decoding, DatasetError, buffered_order, build_loader, decode_sample
+from erw.data.loader import Decoding, DatasetError, buffered_order, build_loader, decode_sample, read_manifest
 from erw.data.precompute import PrecomputeJob, run_worker
 from erw.data.shards import npy_bytes
 from erw.data.codec import LatentNorm
@@ -21,7 +21,7 @@ NUM_IMAGES = 60
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> str:
-    """60 images of 3 classes in 9 shards (7 per shard, the last one 4), identity codec, 16px."""
+    """60 images of 3 classes in shards of about 7 (cut by content, see sources.py), identity codec, 16px."""
     from PIL import Image
 
     root = tmp_path_factory.mktemp("loader")
@@ -112,9 +112,9 @@ def test_raw_crops_load_like_png_crops(shards, tmp_path):
 
 def test_loader_reads_shards_from_s3(shards, s3_bucket):
     remote = f"{s3_bucket}/datasets/tiny"
-    for file in Path(shards).glob("*"):
+    for file in Path(shards).rglob("*"):
         if file.is_file():
-            storage.upload_file(file, f"{remote}/{file.name}")
+            storage.upload_file(file, f"{remote}/{file.relative_to(shards).as_posix()}")
     local = take(build_loader(config(shards), 4, 0, 1, seed=1, with_images=True), 4)
     over_s3 = take(build_loader(config(remote), 4, 0, 1, seed=1, with_images=True), 4)
     for a, b in zip(local, over_s3):
@@ -122,8 +122,9 @@ def test_loader_reads_shards_from_s3(shards, s3_bucket):
 
     import webdataset as wds  # plain webdataset pipelines can stream s3:// too
 
-    keys = [s["__key__"] for s in wds.WebDataset(f"{remote}/shard-000000.tar", shardshuffle=False)]
-    assert keys == [f"000000_{i:06d}" for i in range(7)]
+    first = read_manifest(remote)["shards"][0]
+    keys = [s["__key__"] for s in wds.WebDataset(f"{remote}/{first['name']}", shardshuffle=False)]
+    assert keys == [f"{first['unit'][:16]}_{i:06d}" for i in range(first["count"])]
 
 
 def test_latent_is_sampled_from_the_moments_every_epoch():
@@ -194,9 +195,9 @@ def test_warmup_then_train_read_shards_from_s3(digits_folder, s3_bucket, capsys)
 
 
 def _upload(shards: str, remote: str) -> None:
-    for file in Path(shards).glob("*"):
+    for file in Path(shards).rglob("*"):
         if file.is_file():
-            storage.upload_file(file, f"{remote}/{file.name}")
+            storage.upload_file(file, f"{remote}/{file.relative_to(shards).as_posix()}")
 
 
 def test_loader_rides_out_an_s3_outage(shards, s3_bucket, s3_proxy, monkeypatch):

@@ -5,6 +5,7 @@ the networks load) is checked before the feature pass over the samples.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -78,7 +79,7 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
     result = compute_metrics(features, reference, network, device)
     result |= {
         "samples": opts.samples, "reference": opts.reference, "seconds": round(time.time() - started, 1),
-        "sampling": _sampling_info(samples.manifest),
+        "reference_sha256": statistics_sha256(reference), "sampling": _sampling_info(samples.manifest),
     }
     write_outputs(opts.out, result, grid, samples.manifest)
     return result
@@ -116,6 +117,17 @@ def compute_metrics(features: Features, reference: Reference, network: FeatureNe
     return result | {
         "num_samples": n, "num_reference": reference.count, "feature_network": network.identity, "notes": notes,
     }
+
+
+def statistics_sha256(reference: Reference) -> str:
+    """Fingerprint of the reference statistics the metrics were computed against: two FIDs are
+    comparable only when this (and the feature network) agree, whatever the reference's URI."""
+    digest = hashlib.sha256()
+    for gaussian in (reference.pool, reference.spatial):
+        if gaussian is not None:
+            digest.update(np.ascontiguousarray(gaussian.mu, dtype=np.float64).tobytes())
+            digest.update(np.ascontiguousarray(gaussian.sigma, dtype=np.float64).tobytes())
+    return digest.hexdigest()
 
 
 def _sampling_info(manifest: dict[str, Any] | None) -> dict[str, Any] | None:
