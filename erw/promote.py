@@ -1,15 +1,18 @@
-"""`erw promote`: publish a model only when it beats the published one.
+"""`erw promote`: publish a model only when it beats the published one, measured the same way.
 
-The registry is one small JSON file (local or S3) that serving and people read:
+The gate, in order:
+1. The candidate's metrics.json (from `erw evaluate`) must hold a finite value of the metric.
+2. Like with like: the candidate and the published model must have been evaluated against the
+   same reference statistics, with the same number of samples, the same sampler (mode, solver,
+   steps, CFG scale and interval, EMA or not, classes) and the same evaluator network. Otherwise
+   the gate refuses (an error naming each difference), since their FIDs do not measure the
+   same thing.
+3. The candidate must be better by more than a margin (--margin, in metric units): FID moves
+   between two evaluations of one model with different sampling seeds, and a smaller difference
+   is noise. See DEFAULT_MARGIN.
 
-    {"format_version": 1,
-     "metric": "fid",
-     "current": {"checkpoint": URI, "metrics": {...}, "run_id": ..., "promoted_at": ISO-8601},
-     "history": [every entry that was ever current, oldest first]}
-
-A candidate replaces `current` only when it is strictly better on the registry's metric, so a
-scheduled retraining that comes out worse never replaces a better model. A rejected candidate
-leaves the file untouched.
+The registry (erw/registry) is updated with a compare-and-swap, so concurrent runs never lose an
+update, and a retried step that already published says so instead of "not promoted".
 """
 from __future__ import annotations
 
@@ -17,67 +20,88 @@ import argparse
 import datetime
 import json
 import math
-from dataclasses import dataclass
 from typing import Any
 
 from erw.errors import ErwError
+from erw.registry import Decision, Verdict, open_registry
 
-FORMAT_VERSION = 1
 # Metrics a gate may use, and whether lower is better.
 LOWER_IS_BETTER = {"fid": True, "sfid": True, "inception_score": False, "precision": False, "recall": False}
+# The smallest improvement that publishes, in metric units. FID of one model evaluated with
+# different sampling seeds spreads by about DEFAULT_MARGIN / 3 at the demo's 1,000 samples
+# (docs/results.md, bench/fid_noise.py); the difference of two such evaluations has sqrt(2)
+# times that spread, so a margin of 3 standard deviations of one FID keeps a noise-only
+# "improvement" from publishing in well over 95% of retrainings. It scales as 1/sqrt(samples):
+# measure it at your sample count with bench/fid_noise.py and pass --margin.
+DEFAULT_MARGIN = 0.5
+# What must agree between two evaluations for their metrics to be comparable: name -> getter.
+SAMPLER_FIELDS = {
+    "sampler mode": "mode", "ODE solver": "solver", "sampling steps": "steps", "CFG scale": "cfg_scale",
+    "CFG interval start": "guidance_low", "CFG interval end": "guidance_high", "EMA weights": "use_ema",
+    "sampled classes": "classes",
+}
 
 
 class PromoteError(ErwError):
-    """The candidate or the registry cannot be read; the message says which and why."""
+    """The candidate or the registry cannot be used, or the two are not comparable; the message says why."""
 
 
-@dataclass
-class Decision:
-    promoted: bool
-    metric: str
-    candidate: dict[str, Any]
-    previous: dict[str, Any] | None  # the published entry before this decision
-    registry_uri: str
+def evaluation_settings(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The settings an evaluation was made with, by the name the gate reports them under."""
+    sampler = ((metrics.get("sampling") or {}).get("settings")) or {}
+    return {
+        "reference statistics": metrics.get("reference_sha256"),
+        "number of samples": metrics.get("num_samples"),
+        "evaluator network": metrics.get("feature_network"),
+        **{name: sampler.get(key) for name, key in SAMPLER_FIELDS.items()},
+    }
 
-    @property
-    def message(self) -> str:
-        value = self.candidate["metrics"][self.metric]
-        if self.previous is None:
-            return f"promoted {self.candidate['checkpoint']} ({self.metric} {value:.4g}): the registry was empty"
-        old = self.previous["metrics"][self.metric]
-        verdict = "promoted" if self.promoted else "not promoted"
-        relation = "better than" if self.promoted else "not better than"
-        return (
-            f"{verdict} {self.candidate['checkpoint']}: {self.metric} {value:.4g} is {relation} "
-            f"the published {old:.4g} ({self.previous['checkpoint']})"
-        )
 
-    def markdown(self) -> str:
-        rows = [("candidate", self.candidate)] + ([("published before", self.previous)] if self.previous else [])
-        names = sorted(self.candidate["metrics"])
-        lines = [
-            f"## {'Promoted' if self.promoted else 'Not promoted'}",
-            "",
-            self.message,
-            "",
-            "| model | checkpoint | " + " | ".join(names) + " |",
-            "|---|---|" + "---|" * len(names),
-        ]
-        for label, entry in rows:
-            values = [_fmt(entry["metrics"].get(n)) for n in names]
-            lines.append(f"| {label} | `{entry['checkpoint']}` | " + " | ".join(values) + " |")
-        lines += ["", f"Registry: `{self.registry_uri}`"]
-        return "\n".join(lines) + "\n"
+def comparison_problems(candidate: dict[str, Any], published: dict[str, Any]) -> list[str]:
+    mine, theirs = evaluation_settings(candidate), evaluation_settings(published)
+    problems = []
+    for name in mine:
+        if mine[name] is None or theirs[name] is None:
+            which = "candidate's" if mine[name] is None else "published model's"
+            problems.append(f"{name}: not recorded in the {which} metrics.json (evaluate it again with this erw)")
+        elif mine[name] != theirs[name]:
+            problems.append(f"{name}: {_short(mine[name])} for the candidate, {_short(theirs[name])} for the published model")
+    return problems
+
+
+def judge(candidate: dict[str, Any], metric: str, margin: float):
+    value = candidate["metrics"][metric]
+
+    def verdict(published: dict[str, Any] | None) -> Verdict:
+        if published is None:
+            return Verdict(True, f"{metric} {value:.4g}: the registry was empty")
+        problems = comparison_problems(candidate["metrics"], published["metrics"])
+        if problems:
+            raise PromoteError(
+                f"cannot compare {candidate['checkpoint']} with the published {published['checkpoint']}: their "
+                "evaluations differ in\n  - " + "\n  - ".join(problems)
+                + "\nEvaluate both with the same reference, sample count, sampler and evaluator network"
+            )
+        old = published["metrics"][metric]
+        gain = (old - value) if LOWER_IS_BETTER[metric] else (value - old)
+        relation = f"{metric} {value:.4g} vs the published {old:.4g} ({published['checkpoint']})"
+        if gain > margin:
+            return Verdict(True, f"{relation}: better by {gain:.4g} > margin {margin:g}")
+        return Verdict(False, f"{relation}: {'better' if gain > 0 else 'not better'} by {max(gain, 0):.4g}, "
+                              f"not more than the margin {margin:g}")
+
+    return verdict
 
 
 def promote_if_better(
-    checkpoint: str, metrics_uri: str, registry_uri: str, run_id: str = "", metric: str = "fid"
+    checkpoint: str, metrics_uri: str, registry_uri: str, run_id: str = "", metric: str = "fid",
+    margin: float = DEFAULT_MARGIN,
 ) -> Decision:
-    """Compare the candidate with the registry's current model; publish it when strictly better."""
-    from erw import storage
-
+    """Judge the candidate against the registry's published model; publish it when it passes."""
     if metric not in LOWER_IS_BETTER:
         raise PromoteError(f"--metric {metric!r} is not a gate metric: choose one of {', '.join(LOWER_IS_BETTER)}")
+    if not math.isfinite(margin) or margin < 0:
+        raise PromoteError(f"--margin {margin} must be a finite number >= 0 (in {metric} units)")
     metrics = _read_json(metrics_uri, "metrics file")
     value = metrics.get(metric)
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
@@ -85,31 +109,35 @@ def promote_if_better(
             f"{metrics_uri} has no finite {metric!r} (has: {', '.join(sorted(metrics)) or 'nothing'}); "
             "evaluate the checkpoint first"
         )
-    registry = _read_json(registry_uri, "registry") if storage.exists(registry_uri) else None
-    if registry is not None and registry.get("metric", metric) != metric:
-        raise PromoteError(
-            f"registry {registry_uri} ranks models by {registry['metric']!r}, not {metric!r}: "
-            f"pass --metric {registry['metric']} or use another registry"
-        )
-    previous = registry.get("current") if registry else None
-    if previous is not None and not isinstance(previous.get("metrics", {}).get(metric), (int, float)):
-        raise PromoteError(f"registry {registry_uri}: the current entry has no {metric!r}; fix or remove the file")
     candidate = {
-        "checkpoint": checkpoint,
-        "metrics": metrics,
-        "run_id": run_id,
+        "checkpoint": checkpoint, "run_id": run_id, "metric": metric, "metrics": metrics, "metrics_uri": metrics_uri,
+        "lineage": lineage(checkpoint, metrics),
         "promoted_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    promoted = previous is None or _better(value, previous["metrics"][metric], metric)
-    if promoted:
-        history = (registry or {}).get("history", [])
-        updated = {"format_version": FORMAT_VERSION, "metric": metric, "current": candidate, "history": [*history, candidate]}
-        storage.write_bytes(registry_uri, json.dumps(updated, indent=2).encode())
-    return Decision(promoted, metric, candidate, previous, registry_uri)
+    return open_registry(registry_uri).submit(candidate, judge(candidate, metric, margin))
 
 
-def _better(value: float, published: float, metric: str) -> bool:
-    return value < published if LOWER_IS_BETTER[metric] else value > published
+def lineage(checkpoint: str, metrics: dict[str, Any]) -> dict[str, Any]:
+    """Where the candidate came from, from its checkpoint's meta.json: what retention keeps."""
+    from erw import storage
+    from erw.training.checkpoint import META
+
+    found: dict[str, Any] = {"checkpoint": checkpoint, "samples": metrics.get("samples")}
+    try:
+        meta = _read_json(storage.join(checkpoint, META), "checkpoint meta")
+    except PromoteError:
+        return found  # not an erw checkpoint directory: the URI is all there is to keep
+    config = meta.get("config", {})
+    return found | {
+        "dataset": config.get("data", {}).get("shards"), "train_out": config.get("train", {}).get("out"),
+        "warmup_out": config.get("warmup", {}).get("out"), "started_from": meta.get("started_from"),
+        "step": meta.get("step"),
+    }
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _read_json(uri: str, what: str) -> dict[str, Any]:
@@ -126,21 +154,22 @@ def _read_json(uri: str, what: str) -> dict[str, Any]:
     return data
 
 
-def _fmt(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "promote",
         help="publish a checkpoint in the model registry if it beats the published one",
-        description="Publish CHECKPOINT in the registry file only if its metric is strictly better than "
-        "the published model's (FID: lower is better). A worse candidate leaves the registry untouched.",
+        description="Publish CHECKPOINT in the registry only if its metric beats the published model's by more "
+        "than --margin (FID: lower is better), after checking that both were evaluated the same way. "
+        "A rejected candidate leaves the published model in place.",
     )
     p.add_argument("--checkpoint", required=True, help="the candidate checkpoint URI")
     p.add_argument("--metrics", required=True, help="its metrics.json (from erw evaluate)")
-    p.add_argument("--registry", required=True, help="registry JSON file, local or s3://")
+    p.add_argument("--registry", required=True,
+                   help="registry JSON file, local or s3://, or mlflow:MODEL_NAME (MLflow at $MLFLOW_TRACKING_URI)")
     p.add_argument("--metric", default="fid", choices=sorted(LOWER_IS_BETTER))
+    p.add_argument("--margin", type=float, default=DEFAULT_MARGIN,
+                   help=f"publish only when better by more than this, in metric units (default {DEFAULT_MARGIN}: "
+                        "about 3 standard deviations of FID's sampling noise at 1,000 samples)")
     p.add_argument("--run-id", default="", help="recorded with the entry")
     p.add_argument("--pushgateway", default="", help="host:port of a Prometheus Pushgateway for the decision")
     p.set_defaults(func=_run)
@@ -149,9 +178,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     from erw.telemetry import push_metrics
 
-    decision = promote_if_better(args.checkpoint, args.metrics, args.registry, args.run_id, args.metric)
+    decision = promote_if_better(args.checkpoint, args.metrics, args.registry, args.run_id, args.metric, args.margin)
     print(decision.message)
-    if decision.metric == "fid":
+    if args.metric == "fid":
         current = decision.previous["metrics"]["fid"] if decision.previous else float("nan")
         push_metrics(args.pushgateway, "erw-promote", args.run_id, {
             "erw_promote_decision": 1.0 if decision.promoted else 0.0,

@@ -604,7 +604,7 @@ def write_if(uri: str, data: bytes, version: str | None) -> bool:
         bucket, key = split_s3(uri)
         condition = {"IfNoneMatch": "*"} if version is None else {"IfMatch": f'"{version}"'}
         try:
-            retrying(uri, "write", lambda: _client().put_object(Bucket=bucket, Key=key, Body=data, **condition))
+            retrying(uri, "write", lambda: _client(writes=True).put_object(Bucket=bucket, Key=key, Body=data, **condition))
             return True
         except StorageError as err:
             if _error_code(err.__cause__) in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey", "404"):
