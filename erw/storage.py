@@ -585,6 +585,7 @@ def read_versioned(uri: str) -> tuple[bytes, str]:
     """(content, version) of a small file; pass the version to write_if to replace exactly it."""
     if is_s3(uri):
         bucket, key = split_s3(uri)
+
         def get() -> tuple[bytes, str]:
             response = _client().get_object(Bucket=bucket, Key=key)
             return response["Body"].read(), response["ETag"].strip('"')
