@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "erw.launch.commands",
     "pipeline.cli",
     "erw.promote",
+    "erw.gc",
 )
 
 

@@ -130,7 +130,7 @@ def lineage(checkpoint: str, metrics: dict[str, Any]) -> dict[str, Any]:
     config = meta.get("config", {})
     return found | {
         "dataset": config.get("data", {}).get("shards"), "train_out": config.get("train", {}).get("out"),
-        "warmup_out": config.get("warmup", {}).get("out"), "started_from": meta.get("started_from"),
+        "warmup_out": config.get("warmup", {}).get("out"), "started_from": meta.get("init_from") or None,
         "step": meta.get("step"),
     }
 

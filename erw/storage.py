@@ -65,6 +65,7 @@ class FileInfo:
     path: str  # relative to the listed directory/prefix, "/"-separated
     size: int
     version: str = ""  # changes when the content does: the S3 ETag, or the local mtime in ns
+    modified: float = 0.0  # last modification, Unix seconds
 
 
 def is_s3(uri: str) -> bool:
@@ -530,7 +531,8 @@ def list_files(uri: str) -> list[FileInfo]:
             found = []
             for page in _client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
                 found += [
-                    FileInfo(o["Key"][len(prefix):], int(o["Size"]), o.get("ETag", "").strip('"'))
+                    FileInfo(o["Key"][len(prefix):], int(o["Size"]), o.get("ETag", "").strip('"'),
+                             o["LastModified"].timestamp())
                     for o in page.get("Contents", []) if not o["Key"].endswith("/")
                 ]
             return found
@@ -541,7 +543,7 @@ def list_files(uri: str) -> list[FileInfo]:
         return []
     with _local_errors(uri, "list"):
         found = [
-            FileInfo(p.relative_to(root).as_posix(), stat.st_size, str(stat.st_mtime_ns))
+            FileInfo(p.relative_to(root).as_posix(), stat.st_size, str(stat.st_mtime_ns), stat.st_mtime)
             for p in root.rglob("*") if p.is_file() for stat in [p.stat()]
         ]
     return sorted(found, key=lambda f: f.path)

@@ -186,7 +186,8 @@ def run(
     writer = CheckpointWriter(  # rank 0 writes; the state is replicated
         p.out, p.keep_last, asynchronous=p.async_checkpoint, log=say, on_done=metrics.observe_checkpoint
     )
-    extra_meta = {"warmup_steps": state.warmup_steps, "lineage": run_lineage}
+    # init_from: what this run started from (erw gc keeps it while the run is kept)
+    extra_meta = {"warmup_steps": state.warmup_steps, "lineage": run_lineage, "init_from": init_from or ""}
 
     def save(wait: bool) -> str:
         """Checkpoint the current step; wait: until it is committed on every rank's view."""
