@@ -93,3 +93,29 @@ def test_model_versions_metrics_lineage_and_the_champion_alias(mlflow_server, s3
 
     reg = open_registry(registry)
     assert [e["run_id"] for e in reg.entries()] == ["a", "d"] and reg.published()["metrics"]["fid"] == 15.0
+
+
+def test_training_runs_log_params_and_loss_curves(mlflow_server, tmp_path):
+    from mlflow import MlflowClient
+
+    from test_cli_training import ROOT, TINY, erw
+
+    images = tmp_path / "images"
+    rng = __import__("numpy").random.default_rng(0)
+    from PIL import Image
+
+    for i in range(48):
+        (images / f"c{i % 3}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype="uint8")).save(images / f"c{i % 3}" / f"{i}.png")
+    erw("precompute", "--source", str(images), "--out", "shards", "--resolution", "32", "--codec", "identity",
+        "--no-progress", cwd=tmp_path)
+    erw("train", "--config", str(ROOT / "configs/demo.yaml"), "data.shards=shards", *TINY, "run_id=mlflow-test",
+        "encoder.name=none", "train.steps=4", "train.ckpt_every=4", "train.log_every=2", "train.out=out", cwd=tmp_path)
+
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("erw")
+    [run] = client.search_runs([experiment.experiment_id], "tags.`erw.run` = 'mlflow-test/train'")
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.steps"] == "4" and run.data.params["data.shards"] == "shards"
+    losses = client.get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in losses] == [2, 4] and all(m.value > 0 for m in losses)

@@ -49,6 +49,7 @@ def _run(args: argparse.Namespace) -> int:
     from erw.data.codec import LatentNorm
     from erw.data.loader import build_loader
     from erw.telemetry import TrainingMetrics
+    from erw.tracking import run_logger
     from erw.models.encoders import load_encoder
     from erw.training import trainer
     from erw.training.distributed import init_distributed, shutdown, world_size_from_env
@@ -67,14 +68,19 @@ def _run(args: argparse.Namespace) -> int:
         metrics = TrainingMetrics(
             cfg.metrics.port, cfg.run_id, phase, d.rank, d.local_rank, checkpoint_every=p.ckpt_every
         )
+        tracking = run_logger(cfg, phase, d.is_main)
+        status = "FAILED"
         try:
             result = trainer.run(
                 cfg, phase, batches, d, encoder=encoder, init_from=getattr(args, "init_from", None),
                 resume=args.resume, log=lambda msg: print(msg, flush=True), metrics=metrics,
-                latent_norm=LatentNorm.from_manifest(batches.manifest),
+                latent_norm=LatentNorm.from_manifest(batches.manifest), on_log=tracking.log if tracking else None,
             )
+            status = "KILLED" if result.preempted else "FINISHED"
         finally:
             metrics.close()
+            if tracking:
+                tracking.finish(status)
         if d.is_main:
             state = "preempted at" if result.preempted else "finished at"
             print(f"{phase} {state} step {result.step}: {result.checkpoint}", flush=True)

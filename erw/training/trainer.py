@@ -140,6 +140,7 @@ def run(
     resume: str | None = None,
     log: Callable[[str], None] = print,
     metrics: Any = NoMetrics(),
+    on_log: Callable[[dict[str, Any]], None] | None = None,
     latent_norm: LatentNorm | None = None,
 ) -> RunResult:
     """Train one phase to `cfg.<phase>.steps` optimizer steps and return the last checkpoint.
@@ -262,6 +263,8 @@ def run(
                     loss_mean = float(all_reduce_mean(stats.logs["loss"], d))
                     grad_norm = float(stats.grad_norm)
                     history.append({"step": step, **logs, "loss": loss_mean, "grad_norm": grad_norm})
+                    if on_log is not None:  # e.g. erw.tracking's MLflow run
+                        on_log(history[-1])
                     detail = " ".join(f"{k} {v:.4f}" for k, v in logs.items() if k != "loss")
                     say(
                         f"{phase} step {step}/{p.steps} | loss {loss_mean:.4f} | {detail} | grad {grad_norm:.3f} | "
