@@ -11,8 +11,10 @@ The KFP CLI (2.17) JSON-parses each NAME=VALUE but checks nothing against the pi
 unknown names, no world sizes, no placement. These functions validate every argument first, and
 check that the server runs a KFP backend new enough for pipeline.yaml (MIN_BACKEND).
 
-Schedules are in UTC: KFP's scheduled-workflow controller evaluates the cron expression with
-robfig/cron in UTC unless the recurring run names another time zone, which these functions never do.
+Schedules are in UTC on a standard install: KFP's scheduled-workflow controller evaluates the cron
+expression in the zone of its CRON_SCHEDULE_TIMEZONE (backend/src/crd/controller/scheduledworkflow/
+util/const.go:32-38), which the KFP manifests set from `cronScheduleTimezone: "UTC"`
+(manifests/kustomize/base/installs/generic/pipeline-install-config.yaml:60, at 2.17.0).
 """
 from __future__ import annotations
 
