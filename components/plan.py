@@ -2,8 +2,9 @@
 check that what the cached steps point at still exists.
 
 Runs first, on a CPU, never cached: listing the source is how a scheduled run notices new
-data. The latents' location is derived from the source's listing and the encoding settings,
-so unchanged inputs map to the same location and the precompute steps are served from cache.
+data. The latents' unit store is derived from the encoding settings and the dataset from the
+source's listing, so unchanged inputs map to the same dataset and the precompute steps are served
+from cache, while a changed source encodes only its new and changed units (erw.data.precompute).
 
 KFP cache entries never expire: a cached merge or warmup can point at latents or a checkpoint
 deleted since (by hand, by a retention policy). Plan looks, and hands those steps a `refresh`
@@ -32,28 +33,28 @@ def plan(
     launch: dict,
     run_id: str,
 ) -> NamedTuple("Plan", [("Output", List[dict]), ("refresh_latents", str), ("refresh_warmup", str)]):
-    """Output: one work item per precompute worker {"dataset", "worker_index", "num_workers", "refresh"} (named
+    """Output: one work item per precompute worker {"dataset", "cache", "worker_index", "num_workers", "refresh"} (named
     Output because kfp.local resolves ParallelFor items only from an output of that name:
     kfp/local/orchestrator/enhanced_dag_orchestrator.py, _run_parallel_for_task);
     refresh_latents / refresh_warmup: the cache-key token of those steps (a new one, this run's id,
     when their results are gone: they must run)."""
     import hashlib
-    import json
     from collections import namedtuple
 
     from erw.config import load_config, validate
     from erw import storage
-    from erw.data.sources import open_source
+    from erw.data.precompute import PrecomputeJob, plan_in_workspace
 
     cfg = load_config(config, [*overrides, f"data.source={source}"])
     procs_per_node = int(launch.get("procs_per_node", 1))  # a Struct number: 8.0
     validate(cfg, warmup_nodes * procs_per_node, "warmup")
     validate(cfg, train_nodes * procs_per_node, "train")
-    listing = open_source(source, shard_size=1000).listing_sha256  # names and sizes; reads no image
     d = cfg.data
-    key = hashlib.sha256(json.dumps([listing, d.resolution, d.codec, d.codec_weights]).encode()).hexdigest()
-    dataset = storage.join(workspace, "latents", f"{d.codec}-{d.resolution}px-{key[:16]}")
-    print(f"source {source}: listing {listing[:16]}; latents go to {dataset}", flush=True)
+    # Names, sizes and ETags only, no image read: which units of the source are already encoded.
+    encoding = plan_in_workspace(workspace, PrecomputeJob(
+        source=source, out="", resolution=d.resolution, codec=d.codec, codec_weights=d.codec_weights))
+    dataset = encoding.dataset
+    print(f"source {source}: {encoding.summary()}; the dataset is {dataset}", flush=True)
 
     latents_ok = storage.exists(storage.join(dataset, "manifest.json"))
     warmup_dir = warmup_location(config, overrides, dataset, workspace)
@@ -72,6 +73,7 @@ def plan(
     refresh_latents, refresh_warmup = refresh_token(dataset, latents_ok), refresh_token(warmup_dir, warmup_ok)
     n = precompute_workers
     # The token rides in each work item: the item is the precompute step's cache key.
-    work = [{"dataset": dataset, "worker_index": i, "num_workers": n, "refresh": refresh_latents} for i in range(n)]
+    work = [{"dataset": dataset, "cache": encoding.cache, "worker_index": i, "num_workers": n, "refresh": refresh_latents}
+            for i in range(n)]
     out = namedtuple("Plan", ["Output", "refresh_latents", "refresh_warmup"])
     return out(work, refresh_latents, refresh_warmup)

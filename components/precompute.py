@@ -20,7 +20,7 @@ def precompute(work: dict, config: str, overrides: List[str], source: str) -> st
     cfg = load_config(config, overrides)
     d = cfg.data
     argv = [
-        "precompute", "--source", source, "--out", work["dataset"],
+        "precompute", "--source", source, "--out", work["dataset"], "--cache", work["cache"],
         "--resolution", d.resolution, "--codec", d.codec,
         "--worker-index", int(work["worker_index"]), "--num-workers", int(work["num_workers"]),
     ]

@@ -125,8 +125,8 @@ def lineage(checkpoint: str, metrics: dict[str, Any]) -> dict[str, Any]:
     found: dict[str, Any] = {"checkpoint": checkpoint, "samples": metrics.get("samples")}
     try:
         meta = _read_json(storage.join(checkpoint, META), "checkpoint meta")
-    except PromoteError:
-        return found  # not an erw checkpoint directory: the URI is all there is to keep
+    except (PromoteError, storage.StorageError) as err:  # the decision does not depend on it: record why
+        return found | {"unknown": f"no lineage from {checkpoint}: {err}"}
     config = meta.get("config", {})
     return found | {
         "dataset": config.get("data", {}).get("shards"), "train_out": config.get("train", {}).get("out"),

@@ -268,8 +268,10 @@ def test_the_components_launch_spec_is_what_erw_launch_reads(tmp_path):
 
 
 def _metrics(tmp_path, name, fid):
+    from test_promote import metrics  # what `erw evaluate` writes, with the settings the gate compares
+
     path = tmp_path / f"{name}.json"
-    path.write_text(json.dumps({"fid": fid, "inception_score": 100.0}))
+    path.write_text(json.dumps({**metrics(fid), "inception_score": 100.0}))
     return str(path)
 
 
@@ -278,10 +280,10 @@ def test_promotion_publishes_only_better_models(tmp_path):
     first = promote_if_better("s3://b/run1/step-100", _metrics(tmp_path, "m1", 9.0), registry, run_id="run1")
     assert first.promoted and first.previous is None
     worse = promote_if_better("s3://b/run2/step-100", _metrics(tmp_path, "m2", 9.5), registry, run_id="run2")
-    assert not worse.promoted and "not better than the published 9" in worse.message
+    assert not worse.promoted and "fid 9.5 vs the published 9" in worse.message and "not better" in worse.message
     assert json.loads(Path(registry).read_text())["current"]["checkpoint"] == "s3://b/run1/step-100"
     tie = promote_if_better("s3://b/run3/step-100", _metrics(tmp_path, "m3", 9.0), registry)
-    assert not tie.promoted  # only strictly better replaces the published model
+    assert not tie.promoted  # only better by more than the margin replaces the published model
     better = promote_if_better("s3://b/run4/step-100", _metrics(tmp_path, "m4", 6.0), registry, run_id="run4")
     assert better.promoted
     saved = json.loads(Path(registry).read_text())

@@ -143,6 +143,7 @@ class Plan:
 
     source: Source
     cache: str
+    dataset: str
     units_total: int
     units_reused: int  # already encoded under these settings: their shards are reused as they are
     units_to_encode: int
@@ -153,7 +154,7 @@ class Plan:
                 f"{self.cache}, {self.units_to_encode} to encode")
 
 
-def plan_precompute(job: PrecomputeJob) -> Plan:
+def plan_precompute(job: PrecomputeJob, source: Source | None = None) -> Plan:
     """List the source and the unit store: how many units exist, how many are already encoded.
 
     Cheap on ImageNet-sized sources: one listing of each (names, sizes, ETags), no image read.
@@ -162,7 +163,7 @@ def plan_precompute(job: PrecomputeJob) -> Plan:
     found = job.problems()
     if found:
         raise PrecomputeError("invalid precompute options:\n  - " + "\n  - ".join(found))
-    source = open_source(job.source, job.shard_size)
+    source = source or open_source(job.source, job.shard_size)
     cache = job.cache_uri
     try:
         existing = json.loads(storage.read_bytes(storage.join(cache, SETTINGS)))
@@ -171,7 +172,24 @@ def plan_precompute(job: PrecomputeJob) -> Plan:
         pass
     done = encoded_units(cache)
     reused = sum(u.key in done for u in source.units)
-    return Plan(source, cache, len(source.units), reused, len(source.units) - reused, source.num_files)
+    return Plan(source, cache, job.out, len(source.units), reused, len(source.units) - reused, source.num_files)
+
+
+def plan_in_workspace(workspace: str, job: PrecomputeJob) -> Plan:
+    """Plan a precompute into the pipeline's workspace, choosing job.cache and job.out:
+
+        WORKSPACE/latents/CODEC-RESpx-SETTINGS/                 the unit store of these settings
+        WORKSPACE/latents/CODEC-RESpx-SETTINGS/datasets/LISTING  this listing's dataset
+
+    An unchanged source maps to the same dataset (the pipeline's cached steps stay valid); a
+    changed one to a new dataset whose unchanged units are already in the store.
+    """
+    settings = hashlib.sha256(json.dumps(job.settings(), sort_keys=True).encode()).hexdigest()[:16]
+    job.cache = storage.join(workspace, "latents", f"{job.codec}-{job.resolution}px-{settings}")
+    source = open_source(job.source, job.shard_size)
+    listing = hashlib.sha256(f"{source.listing_sha256}\t{job.shard_size}".encode()).hexdigest()[:16]
+    job.out = storage.join(job.cache, "datasets", listing)
+    return plan_precompute(job, source)
 
 
 # ---------------------------------------------------------------------------------------------
