@@ -9,7 +9,6 @@ from kfp import dsl, local
 from kfp.dsl import Dataset, Input, Output
 
 from kfp_contract import INPUT_BUDGET, Backend, ContractViolation, key_from_uri
-from prometheus import prometheus_stack  # noqa: F401 (fixture)
 
 TOY_IMAGE = "python:3.12"  # never pulled: the subprocess runner uses this environment
 

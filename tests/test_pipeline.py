@@ -13,7 +13,7 @@ from erw.launch import LaunchSpec
 from erw.launch.commands import spec_from_args
 from erw.promote import PromoteError, promote_if_better
 from pipeline.compile import PIPELINE_YAML, compile_pipeline
-from pipeline.params import REPO, PipelineParamError, parse_cli_arguments, resolve
+from pipeline.params import REPO, PipelineParamError, defaults, parse_cli_arguments, resolve
 from pipeline.submit import check_cron, schedule, submit
 
 STEPS = ("plan", "precompute", "merge", "warmup", "train", "evaluate", "promote")
@@ -496,10 +496,10 @@ def test_pipeline_commands_work_from_an_installed_package(tmp_path):
         "resolve({'image': 'registry.example/erw:1'})\n"
         "sys.exit(main(['pipeline', 'compile']))\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], cwd=elsewhere, env=env, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", script], cwd=elsewhere, env=env, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
     package, config, wrote = done.stdout.splitlines()[:3]
     assert Path(package).is_relative_to(site)  # the installed copy, not this checkout
     assert Path(config).is_relative_to(prefix / "share" / "erw" / "configs")
-    assert wrote == f"wrote pipeline.yaml" and (elsewhere / "pipeline.yaml").is_file()
+    assert wrote == "wrote pipeline.yaml" and (elsewhere / "pipeline.yaml").is_file()
     assert not list(site.glob("pipeline.yaml")) and not list(site.glob("*/pipeline.yaml"))
