@@ -226,15 +226,17 @@ def test_precompute_pushes_to_the_pushgateway_the_config_names(prometheus_stack,
     dashboard's batch-step row); checked on a real Pushgateway."""
     import urllib.request
 
+    from components.plan import plan
     from components.precompute import precompute
-    from pipeline.params import REPO
+    from pipeline.params import DEMO, REPO
 
     monkeypatch.setenv("ERW_RUN_ID", "run-f3")
-    work = {"dataset": str(tmp_path / "latents"), "worker_index": 0, "num_workers": 1, "refresh": ""}
-    precompute.python_func(
-        work=work, config=str(REPO / "configs/demo.yaml"), overrides=[f"metrics.pushgateway={prometheus_stack.pushgateway}"],
-        source=few_digits,
+    config, overrides = str(REPO / "configs/demo.yaml"), [f"metrics.pushgateway={prometheus_stack.pushgateway}"]
+    (work,), _, _ = plan.python_func(
+        config=config, overrides=overrides, source=few_digits, workspace=str(tmp_path / "ws"), precompute_workers=1,
+        warmup_nodes=1, train_nodes=1, launch=DEMO["launch"], run_id="run-f3",
     )
+    precompute.python_func(work=work, config=config, overrides=overrides, source=few_digits)
     exposed = urllib.request.urlopen(f"http://{prometheus_stack.pushgateway}/metrics", timeout=10).read().decode()
     (line,) = [x for x in exposed.splitlines() if x.startswith("erw_precompute_images_total{") and 'run_id="run-f3"' in x]
     assert line.endswith(" 16")
