@@ -21,11 +21,18 @@ once, so production runs pay one call per step and per file.
         tarfile takes the garbage header after it for the end of the archive), or ends there
         (truncate). The file itself is untouched; every reader of it sees the fault.
 
+And one observation, for the chaos suite and `bench/chaos.py`:
+
+    ERW_FAULT_TRACE=DIR
+        Every rank appends, for each batch the training loop takes, one JSON line to
+        DIR/rank-RANK.jsonl: {"pid", "restart", "index": [sample ids], "epoch": [epochs]}. A run
+        killed and resumed can then be compared sample by sample with an uninterrupted one.
+
 Kills fire only in the first incarnation of a torchrun job (TORCHELASTIC_RESTART_COUNT unset or
 0): a restarted group that resumes before STEP does not die again at the same step. Each fault
 says on stderr that it fired ("erw faults: ..."), so a log shows what was injected.
 
-Hooks: `after_step` in the training loop, `checkpoint_write` in the checkpoint writer,
+Hooks: `after_step` and `batches` in the training loop, `checkpoint_write` in the checkpoint writer,
 `shard_stream` where the loader opens a shard. Call them as `faults.after_step(...)` (an
 attribute of this module, looked up at each call), so that `configure()` can rebind them.
 """
@@ -33,16 +40,18 @@ from __future__ import annotations
 
 import errno
 import io
+import json
 import os
 import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Mapping
+from typing import BinaryIO, Callable, Iterator, Mapping
 
 from erw.errors import ErwError
 
 KILL_ENV, CKPT_BYTES_ENV, CORRUPT_SHARD_ENV = "ERW_FAULT_KILL", "ERW_FAULT_CKPT_BYTES", "ERW_FAULT_CORRUPT_SHARD"
+TRACE_ENV = "ERW_FAULT_TRACE"
 RESTART_COUNT_ENV = "TORCHELASTIC_RESTART_COUNT"  # set by torchrun for each incarnation of the workers
 CKPT_MODES, SHARD_MODES = ("kill", "raise"), ("flip", "truncate")
 
@@ -128,12 +137,18 @@ def _no_shard(uri: str, stream: BinaryIO) -> BinaryIO:
     return stream
 
 
+def _no_trace(iterator: Iterator[dict], rank: int) -> Iterator[dict]:
+    return iterator
+
+
 after_step: Callable[[int, int], None] = _no_step
 """after_step(rank, step): called by the trainer once optimizer step `step` is done."""
 checkpoint_write: Callable[[str, bytes], None] = _no_write
 """checkpoint_write(uri, data): called by the checkpoint writer before it stores one file."""
 shard_stream: Callable[[str, BinaryIO], BinaryIO] = _no_shard
 """shard_stream(uri, stream) -> stream: called by the loader on each opened shard."""
+batches: Callable[[Iterator[dict], int], Iterator[dict]] = _no_trace
+"""batches(iterator, rank) -> iterator: the training loop's batch source (traced under ERW_FAULT_TRACE)."""
 
 
 def _kill_hook(kill: KillAt) -> Callable[[int, int], None]:
@@ -207,19 +222,43 @@ def _shard_hook(fault: CorruptShard) -> Callable[[str, BinaryIO], BinaryIO]:
     return hook
 
 
+def _trace_hook(folder: str) -> Callable[[Iterator[dict], int], Iterator[dict]]:
+    def hook(iterator: Iterator[dict], rank: int) -> Iterator[dict]:
+        path = Path(folder, f"rank-{rank}.jsonl")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        restart = int(os.environ.get(RESTART_COUNT_ENV) or 0)
+        try:
+            with open(path, "a") as trace:
+                for batch in iterator:
+                    line = {"pid": os.getpid(), "restart": restart, "index": batch["index"].tolist(),
+                            "epoch": batch["epoch"].tolist()}
+                    trace.write(json.dumps(line) + "\n")
+                    trace.flush()
+                    yield batch
+        finally:  # the trainer closes its batch source (it stops DataLoader workers): pass it on
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()
+
+    return hook
+
+
 def configure(environ: Mapping[str, str] = os.environ) -> None:
     """Arm the faults that environ asks for and disarm the others."""
-    global after_step, checkpoint_write, shard_stream
-    kill, ckpt_bytes, shard = (environ.get(name, "").strip() for name in (KILL_ENV, CKPT_BYTES_ENV, CORRUPT_SHARD_ENV))
+    global after_step, checkpoint_write, shard_stream, batches
+    kill, ckpt_bytes, shard, trace = (
+        environ.get(name, "").strip() for name in (KILL_ENV, CKPT_BYTES_ENV, CORRUPT_SHARD_ENV, TRACE_ENV)
+    )
     after_step = _kill_hook(parse_kill(kill)) if kill else _no_step
     checkpoint_write = _checkpoint_hook(parse_ckpt_bytes(ckpt_bytes)) if ckpt_bytes else _no_write
     shard_stream = _shard_hook(parse_corrupt_shard(shard)) if shard else _no_shard
+    batches = _trace_hook(trace) if trace else _no_trace
 
 
 def armed() -> list[str]:
     """The variables of the faults armed now (empty: injection is off)."""
     hooks = ((after_step, _no_step, KILL_ENV), (checkpoint_write, _no_write, CKPT_BYTES_ENV),
-             (shard_stream, _no_shard, CORRUPT_SHARD_ENV))
+             (shard_stream, _no_shard, CORRUPT_SHARD_ENV), (batches, _no_trace, TRACE_ENV))
     return [name for hook, off, name in hooks if hook is not off]
 
 

@@ -1,5 +1,6 @@
 """The fault injector (erw/faults.py): off and free by default, and each fault fires exactly where asked."""
 import io
+import json
 import os
 import re
 import signal
@@ -185,3 +186,22 @@ def test_a_corrupted_shard_is_read_as_garbage_only_under_its_name(armed, tmp_pat
         seen = s.read()
     half = len(raw) // 2
     assert seen[:half] == raw[:half] and seen[half:] == bytes(b ^ 0xFF for b in raw[half:])
+
+
+def test_the_trace_records_each_batch_taken_and_closes_the_source(armed, tmp_path):
+    closed = []
+
+    def source():
+        try:
+            for i in range(5):
+                yield {"index": torch.tensor([2 * i, 2 * i + 1]), "epoch": torch.tensor([0, 0])}
+        finally:
+            closed.append(True)
+
+    armed(**{faults.TRACE_ENV: str(tmp_path / "trace")})
+    traced = faults.batches(source(), 1)
+    taken = [next(traced) for _ in range(3)]  # the DataLoader may hold more; only what is taken counts
+    traced.close()
+    lines = [json.loads(line) for line in (tmp_path / "trace/rank-1.jsonl").read_text().splitlines()]
+    assert [line["index"] for line in lines] == [[0, 1], [2, 3], [4, 5]] == [b["index"].tolist() for b in taken]
+    assert lines[0]["pid"] == os.getpid() and lines[0]["restart"] == 0 and closed == [True]

@@ -222,7 +222,7 @@ def run(
         barrier(d)
         return writer.last_committed
 
-    iterator = iter(batches)
+    iterator = faults.batches(iter(batches), d.rank)
     history: list[dict[str, float]] = []
     last_uri = restored.uri if restored else ""
     preempted = False
