@@ -167,3 +167,19 @@ def test_erw_torchrun_passes_a_preemption_up(tmp_path, worker_status, expected):
     cmd = [str(BIN / "erw"), "torchrun", "--nproc-per-node", "2", "--no-python", "sh", "-c", f"exit {worker_status}"]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == expected, proc.stderr
+
+
+@pytest.mark.parametrize("codes, expected", [
+    ([143, 143], 143),
+    ([143, -15], 143),  # SIGTERM reached one rank: it exited 143, torchrun SIGTERMed the other on its way out
+    ([-15, -15], 1),  # nobody checkpointed
+    ([143, 1], 1),
+    ([-9, -15], 1),  # a lost rank
+])
+def test_erw_torchrun_maps_worker_exit_codes(codes, expected):
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from erw.training.elastic import exit_status_of
+
+    failures = {rank: ProcessFailure(rank, 1000 + rank, code, "/nonexistent") for rank, code in enumerate(codes)}
+    assert exit_status_of(ChildFailedError("erw", failures)) == expected

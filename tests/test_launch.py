@@ -163,6 +163,8 @@ def test_flags_spec_and_volcano_job_match_the_job_before_the_spec(monkeypatch):
         pod["securityContext"] = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
         for container in pod["containers"]:
             container["securityContext"] = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+            # a torchrun restarted in place re-forms its group (erw.training.elastic.RESTART_SAFE_ENV)
+            container["env"].insert(0, {"name": "TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "value": "1"})
     assert job == expected
 
 
@@ -192,6 +194,7 @@ def test_volcano_job_has_the_requested_topology_resources_and_placement():
         assert pod["metadata"]["labels"]["erw.dev/run-id"] == "run-42" and pod["metadata"]["labels"]["erw.dev/step"] == "train"
         env = {e["name"]: e.get("value") for e in container["env"]}
         assert env["ERW_RUN_ID"] == "run-42" and env["AWS_ENDPOINT_URL"] == "http://minio.kubeflow:9000"
+        assert env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"  # restarts in place re-form (tests/chaos)
         assert container["envFrom"] == [{"secretRef": {"name": "erw-s3", "optional": True}}]
         assert not any("SECRET" in name for name in env)  # credentials only through the Secret
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}

@@ -13,6 +13,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from erw.launch.spec import LaunchSpec, label_value
+from erw.training.elastic import RESTART_SAFE_ENV
 
 if TYPE_CHECKING:
     from torchx.specs import AppDef
@@ -76,6 +77,7 @@ def build_app(spec: LaunchSpec, command: list[str], module: str = "erw.cli") -> 
     from torchx.specs.overlays import JOIN, set_overlay
 
     env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    env.update(RESTART_SAFE_ENV)  # a torchrun restarted in place re-forms its group (see erw.training.elastic)
     env.update(spec.env)
     if spec.run_id:
         env["ERW_RUN_ID"] = spec.run_id

@@ -9,17 +9,26 @@ And when its workers exit 143 on their own, it reports a ChildFailedError: exit 
 This runs the same torchrun in this process and maps its outcome:
 
     a termination signal received by torchrun    128 + the signal's number (143 for SIGTERM)
-    every failed worker exited 143 (preempted)   143
+    the failed workers exited 143 (preempted),   143
+    or died of torchrun's SIGTERM after one did
     anything else                                torchrun's own status (0, or 1 for a failure)
 
 so a pod, a Volcano job policy or `erw launch` can retry a preempted run and report a failed one.
+It also makes restarts in place (`--max-restarts`) safe: see RESTART_SAFE_ENV.
 Usage is torchrun's: `erw torchrun --nproc-per-node 2 --no-python erw train ...`.
 """
 from __future__ import annotations
 
+import os
+import signal
 import sys
 
 PREEMPTED = 143  # 128 + SIGTERM: what `erw warmup|train` return after a preemption checkpoint
+# torchrun's agent shares one TCPStore across every restart of its workers (torch >= 2.4), and the
+# workers' process-group keys of a dead incarnation stay in it: the restarted group can read a dead
+# rank's gloo address and hang in connectFullMesh until the 30-minute init timeout (seen here, 1 in
+# 2 trials). Not shared, each rendezvous round gets a fresh store (tests/chaos: 7 of 7 re-formed).
+RESTART_SAFE_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
 def exit_status_of(error: BaseException) -> int | None:
@@ -31,7 +40,9 @@ def exit_status_of(error: BaseException) -> int | None:
         return 128 + int(error.sigval)
     if isinstance(error, ChildFailedError):
         codes = {failure.exitcode for failure in error.failures.values()}
-        return PREEMPTED if codes == {PREEMPTED} else 1
+        # A SIGTERM reaching one rank preempts them all (they agree, checkpoint, exit 143); the first
+        # to exit makes torchrun SIGTERM the others, which may die of it (-15) on their way out.
+        return PREEMPTED if PREEMPTED in codes and codes <= {PREEMPTED, -signal.SIGTERM} else 1
     return None
 
 
@@ -39,6 +50,8 @@ def torchrun(argv: list[str]) -> int:
     """Run torchrun with argv (its own command line) and return the mapped exit status."""
     from torch.distributed import run as torch_run
 
+    for name, value in RESTART_SAFE_ENV.items():
+        os.environ.setdefault(name, value)
     try:
         torch_run.main(argv)
     except SystemExit as done:  # torchrun's argparse (--help, bad flags)
