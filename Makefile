@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   create .venv, install, run the whole pipeline on the bundled digits
-#   make test   create .venv, install, run the test suite (slow tests excluded; see README)
+#   make test   create .venv, install, run the test suite (slow tests excluded; see README), then
+#               the chaos suite (tests/chaos/, fault injection) as its own step
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -25,6 +26,7 @@ demo: $(BIN)/.installed
 
 test: $(BIN)/.installed system-deps
 	$(BIN)/pytest
+	$(BIN)/pytest -m chaos
 
 test-slow: $(BIN)/.installed system-deps
 	$(BIN)/pytest -m slow

@@ -1,0 +1,258 @@
+"""The chaos matrix: each fault of a real cluster injected into a tiny 2-rank training run, and what it cost.
+
+    python bench/chaos.py [--work DIR] [--points 20] [--results docs/results.md]
+
+Every run is `erw train --resume auto` of the tiny demo model (tests/chaos/harness.py: a 4-block,
+64-wide SiT on the digits shards, 8 steps, a checkpoint every 2, one DataLoader worker per rank)
+as 2 processes under `erw torchrun` on CPU/gloo, faults injected by erw/faults.py (ERW_FAULT_*)
+and, for S3, by tests/s3proxy.py in front of a moto server on 127.0.0.1. Every run is compared
+with an uninterrupted run of the same settings:
+
+    survived      the job reached the final step (by itself, or after the `--resume auto` rerun
+                  that a retried pipeline step or a restarted Volcano job would make)
+    steps lost    optimizer steps computed, then thrown away because no checkpoint held them
+    identical     final model and EMA weights equal, tensor by tensor
+    twice/never   sample draws trained on more often / less often than in the uninterrupted
+                  run, from each rank's trace of the batches it took (ERW_FAULT_TRACE), counting
+                  only the batches whose updates survived; "same order" when the sequences match
+
+The kill-point rows run tests/chaos/killpoints.py (single process, 4 steps: its own
+uninterrupted reference) and summarise its points. Prints one Markdown table and writes it to the
+"chaos" section of docs/results.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests/chaos")]
+
+from harness import (  # noqa: E402
+    STEPS, Outcome, compare_samples, effective, first_shard, free_port, identical, make_shards, read_trace, run,
+    steps_lost, train_command,
+)
+
+from erw import faults, storage  # noqa: E402
+from erw.training import checkpoint as ckpt  # noqa: E402
+
+
+@dataclass
+class Row:
+    fault: str
+    injected_at: str
+    survived: str
+    steps_lost: str = "-"
+    identical: str = "-"
+    samples: str = "-"
+
+
+class Matrix:
+    def __init__(self, work: Path, shards: Path):
+        self.work, self.shards = work, shards
+        ref = self.fresh("uninterrupted")
+        outcome = run(train_command(str(shards), "out"), ref, env=self.trace(ref))
+        if outcome.status != 0:
+            raise SystemExit(f"the uninterrupted run failed:\n{outcome.output}")
+        self.final = ckpt.step_uri(str(ref / "out"), STEPS)
+        self.reference = effective(read_trace(ref / "trace"), [0])
+
+    def fresh(self, name: str) -> Path:
+        folder = self.work / name
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        return folder
+
+    @staticmethod
+    def trace(folder: Path) -> dict[str, str]:
+        return {faults.TRACE_ENV: str(folder / "trace")}
+
+    def judge(self, row: Row, folder: Path, out: str, outcome: Outcome) -> Row:
+        """Fill survived / steps lost / identical / samples for a run whose log is outcome."""
+        final = ckpt.latest_checkpoint(out)
+        reached = final is not None and ckpt.load_checkpoint(final, with_train_state=False).step == STEPS
+        row.survived = "yes" if reached else f"no (exit {outcome.status})"
+        if not reached:
+            return row
+        same, diff = identical(ckpt.step_uri(out, STEPS), self.final)
+        row.identical = "yes" if same else f"no (max diff {diff:.1e})"
+        trace = read_trace(folder / "trace")
+        starts = outcome.resumed_at()
+        row.steps_lost = str(steps_lost(trace, starts))
+        counts = compare_samples(effective(trace, starts), self.reference)
+        row.samples = f"{counts.twice} / {counts.never}" + (", same order" if counts.same_order else ", other order")
+        return row
+
+    def kill_then_resume(self, fault: str, spec: str, restarts: int | None) -> Row:
+        folder = self.fresh(f"kill-{spec.replace(':', '-')}-{restarts}")
+        env = {**self.trace(folder), faults.KILL_ENV: spec}
+        first = run(train_command(str(self.shards), "out", restarts=restarts), folder, env=env, timeout=600)
+        rank, step = spec.split(":")[:2]
+        how = f"rank {rank}, after step {step}"
+        if restarts is None:
+            how += f"; job exit {first.status}, then a new `--resume auto` job"
+            second = run(train_command(str(self.shards), "out"), folder, env=self.trace(folder), timeout=600)
+            first = Outcome(second.status, first.output + second.output, first.seconds + second.seconds)
+        else:
+            how += f"; torchrun --max-restarts {restarts}, c10d; job exit {first.status}"
+        return self.judge(Row(fault, how, ""), folder, str(folder / "out"), first)
+
+    def corrupt_newest_checkpoint(self) -> Row:
+        folder = self.fresh("corrupt-checkpoint")
+        shutil.copytree(Path(self.final).parent, folder / "out")
+        for step in (8, 7):
+            shutil.rmtree(folder / f"out/step-{step:08d}", ignore_errors=True)
+        model = folder / "out/step-00000006" / ckpt.MODEL
+        data = bytearray(model.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        model.write_bytes(bytes(data))
+        outcome = run(train_command(str(self.shards), "out"), folder, env=self.trace(folder))
+        skipped = "skipped" in outcome.output and "step-00000006" in outcome.output
+        row = Row("newest checkpoint corrupt (1 byte flipped)", "step 6 of 8, before `--resume auto`", "")
+        row = self.judge(row, folder, str(folder / "out"), outcome)
+        row.survived += ", step 6 skipped and named" if skipped else ", NOT skipped"
+        # The run before the corruption had reached step 6: the resume recomputes 5 and 6.
+        row.steps_lost = "2 (5-6, recomputed)"
+        row.samples = "-"  # the trace holds only the resumed run
+        return row
+
+    def s3_faults(self, endpoint: str) -> Row:
+        import boto3
+        from s3proxy import FaultProxy
+
+        folder = self.fresh("s3")
+        bucket = f"chaos-{os.getpid()}"
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
+        for path in sorted(self.shards.rglob("*")):
+            if path.is_file():
+                storage.write_bytes(f"s3://{bucket}/shards/{path.relative_to(self.shards).as_posix()}", path.read_bytes())
+        with FaultProxy(endpoint) as proxy:
+            proxy.fail(4, status=503, code="SlowDown")
+            proxy.fail(2, status=500, code="InternalError")
+            proxy.reset(3)
+            proxy.stall(1, after=4096)
+
+            def on_line(line: str) -> None:
+                if line.startswith("train step 3/"):
+                    proxy.outage(5)
+
+            env = {**self.trace(folder), "AWS_ENDPOINT_URL": proxy.url, "ERW_S3_RETRY_SECONDS": "30",
+                   "ERW_S3_STALL_SECONDS": "2"}
+            outcome = run(train_command(f"s3://{bucket}/shards", f"s3://{bucket}/out"), folder, env=env, on_line=on_line)
+            injected = dict(proxy.injected)
+        what = ", ".join(f"{n} {k}" for k, n in sorted(injected.items()))
+        row = Row("S3: 5xx, SlowDown, resets, a stalled read, a 5 s outage", f"from the start; outage at step 3 ({what})", "")
+        return self.judge(row, folder, f"s3://{bucket}/out", outcome)
+
+    def corrupt_shard(self, mode: str) -> Row:
+        folder = self.fresh(f"shard-{mode}")
+        name = first_shard(self.shards)
+        outcome = run(train_command(str(self.shards), "out", ranks=1), folder,
+                      env={faults.CORRUPT_SHARD_ENV: f"{name}:{mode}"}, timeout=120)
+        last = outcome.output.strip().splitlines()[-1] if outcome.output.strip() else ""
+        reported = outcome.status == 2 and name in last and "Traceback" not in outcome.output
+        verdict = ("stopped with one clear line (exit 2), by design" if reported
+                   else f"NOT reported cleanly (exit {outcome.status}{', hang' if outcome.status == 124 else ''})")
+        return Row(f"shard {mode}d halfway ({name})", "first shard read, 1 process", f"no: {verdict}")
+
+    def kill_points(self, out: str, label: str, points: int) -> list[Row]:
+        folder = self.fresh(f"points-{label}")
+        report = folder / "report.json"
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "tests/chaos/killpoints.py"), "--shards", str(self.shards), "--out", out,
+             "--work", str(folder / "work"), "--report", str(report), "--points", str(points)],
+            capture_output=True, text=True, timeout=1800,
+        )
+        if proc.returncode != 0:
+            return [Row(f"checkpoint writer killed ({label})", "-", f"driver failed: {proc.stderr[-300:]}")]
+        data = json.loads(report.read_text())
+        rows = []
+        for kind, picked in (("SIGKILL", [p for p in data if p["status"] == -9]),
+                             ("full disk (ENOSPC)", [p for p in data if p["status"] != -9])):
+            if not picked:
+                continue
+            good = [p for p in picked if p["resume_auto_loads"] == max(p["committed"], default=None)
+                    and p["loaded_equals_uninterrupted"] in (True, None) and p["final_identical"]]
+            lost = sorted({p["steps_lost"] for p in picked})
+            rows.append(Row(
+                f"checkpoint writer: {kind} mid-write, {label}", f"{len(picked)} byte offsets in 2 checkpoints",
+                f"{len(good)}/{len(picked)}: `--resume auto` loaded the newest verified checkpoint",
+                "-".join(map(str, [lost[0], lost[-1]])) if len(lost) > 1 else str(lost[0]),
+                f"{sum(p['final_identical'] for p in picked)}/{len(picked)}", "-",
+            ))
+        return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", default=None, help="folder for the runs (default: a temporary one)")
+    parser.add_argument("--points", type=int, default=20, help="kill points per checkpoint-writer row")
+    parser.add_argument("--results", default=str(ROOT / "docs" / "results.md"), help="markdown file to update ('' : none)")
+    args = parser.parse_args()
+    os.environ["OMP_NUM_THREADS"] = "1"
+    work = Path(args.work or tempfile.mkdtemp(prefix="erw-chaos-"))
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint,
+                       "AWS_EC2_METADATA_DISABLED": "true"})
+    try:
+        shards = work / "data/shards" if (work / "data/shards/manifest.json").exists() else None
+        if shards is None:
+            (work / "data").mkdir(exist_ok=True)
+            shards = make_shards(work / "data")
+        m = Matrix(work, shards)
+        rows = [Row("none (the uninterrupted run)", "-", "yes", "0", "yes (itself)", "0 / 0")]
+        rows.append(m.kill_then_resume("SIGKILL one rank (a lost node)", "1:5", None))
+        rows.append(m.kill_then_resume("SIGKILL one rank, restart in place", "1:5", 2))
+        rows.append(m.kill_then_resume("SIGKILL rank 0 (hosts the store), restart in place", "0:5", 2))
+        rows.append(m.kill_then_resume("SIGTERM one rank (preemption), then resume", "1:5:TERM", None))
+        rows.append(m.corrupt_newest_checkpoint())
+        rows += m.kill_points(str(work / "points-disk-runs"), "local disk", args.points)
+        import boto3
+
+        boto3.client("s3").create_bucket(Bucket="chaos-points")
+        rows += m.kill_points("s3://chaos-points/runs", "S3", args.points)
+        rows.append(m.s3_faults(endpoint))
+        rows += [m.corrupt_shard("truncate"), m.corrupt_shard("flip")]
+    finally:
+        server.stop()
+
+    from results_md import machine, write_section
+
+    table = [
+        "| fault | injected at | survived | steps lost | final weights bit-identical | samples twice / never |",
+        "|---|---|---|---|---|---|",
+        *(f"| {r.fault} | {r.injected_at} | {r.survived} | {r.steps_lost} | {r.identical} | {r.samples} |" for r in rows),
+    ]
+    body = "\n".join([
+        "## Chaos", "",
+        f"`python bench/chaos.py` ({machine()}; {time.monotonic() - started:.0f} s). Each fault is injected into",
+        "a tiny 2-rank `erw torchrun` run (8 steps, a checkpoint every 2; kill-point rows: 1 process, 4 steps)",
+        "and compared with the uninterrupted run: see the script's docstring for each column.", "",
+        *table,
+    ])
+    print(body)
+    print(f"\nruns under {work}")
+    if args.results:
+        write_section(args.results, "chaos", body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
