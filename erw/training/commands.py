@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             help="auto: continue from the latest complete checkpoint in <phase>.out (fresh start if none)",
         )
         if phase == "train":
-            p.add_argument("--init-from", default=None, metavar="URI", help="warmup checkpoint (or its run directory)")
+            p.add_argument("--init-from", default=None, metavar="URI", help="warmup checkpoint (or its run directory); a checkpoint of `erw train` (e.g. the published model) continues it: continue mode")
         p.set_defaults(func=_run, phase=phase)
     p = sub.add_parser(
         "torchrun", add_help=False, prefix_chars="\0",  # every argument is torchrun's, --help included

@@ -32,6 +32,7 @@ from erw.telemetry import NoMetrics
 from erw.training import checkpoint as ckpt
 from erw.training.async_checkpoint import CheckpointWriter
 from erw.training.distributed import Dist, all_reduce_mean, barrier
+from erw.training.continuation import continue_from, is_phase2_checkpoint
 from erw.training.handoff import init_from_warmup, lineage
 from erw.training.step import TrainState, any_rank, init_seed, train_step
 
@@ -160,11 +161,14 @@ def run(
     model = build_model(cfg, phase, encoder_dim).to(d.device)
     warmup_steps, handoff = 0, []
     run_lineage = lineage(cfg, encoder, latent_norm)
-    if init_from:
+    continuing = bool(init_from) and phase == "train" and is_phase2_checkpoint(init_from)  # continue mode
+    if init_from and not continuing:
         if phase != "train":
             raise ErwError("--init-from takes a warmup checkpoint into `erw train`; the warmup itself starts fresh")
         warmup_steps, handoff = init_from_warmup(model, cfg, init_from, run_lineage, say)
     state = TrainState.create(model, p, d.device, warmup_steps=warmup_steps, data=batches)
+    if continuing:
+        init_from = continue_from(state, cfg, init_from, run_lineage, say)
     if d.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

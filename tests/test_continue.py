@@ -1,0 +1,61 @@
+"""Continue mode: `erw train --init-from PUBLISHED_PHASE2_CKPT` starts from its weights, EMA and
+AdamW moments for train.steps more steps, records where it started, and refuses another model."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from erw.training import checkpoint as ckpt
+from test_cli_training import ROOT, TINY, erw
+
+COMMON = ["--config", str(ROOT / "configs/demo.yaml"), "data.shards=shards", *TINY, "encoder.name=none",
+          "data.num_workers=0", "train.log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory):
+    """A small dataset and a finished phase-2 run on it (what the registry would publish)."""
+    work = tmp_path_factory.mktemp("continue")
+    rng = np.random.default_rng(0)
+    for i in range(48):
+        (work / "images" / f"c{i % 3}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(work / "images" / f"c{i % 3}" / f"{i}.png")
+    erw("precompute", "--source", "images", "--out", "shards", "--resolution", "32", "--codec", "identity",
+        "--no-progress", cwd=work)
+    # Another seed than the runs below: other initial weights, so "starts from it" is visible in the weights.
+    erw("train", *COMMON, "seed=7", "train.steps=6", "train.ckpt_every=6", "train.out=published", cwd=work)
+    return work, ckpt.load_checkpoint(str(work / "published"))
+
+
+def test_continue_starts_from_the_published_weights_ema_and_moments(published):
+    work, start = published
+    run = erw("train", *COMMON, "train.steps=2", "train.ckpt_every=2", "train.out=continued",
+              "--init-from", start.uri, cwd=work)
+    assert f"continue from {start.uri} (phase 2 step 6" in run.stdout
+    assert "train: " in run.stdout and "steps 0->2" in run.stdout  # a new run of train.steps steps
+    end = ckpt.load_checkpoint(str(work / "continued"))
+    assert end.step == 2 and end.meta["init_from"] == start.uri  # the run records what it started from
+    # AdamW's per-parameter step counts continue from the published run's: the moments were restored.
+    steps = {int(s["step"]) for s in end.train_state["optimizer"]["state"].values()}
+    assert steps == {6 + 2}
+    assert end.train_state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(3.0e-4)  # this run's lr
+
+    # Two steps from the published weights stay close to them; a fresh start is far away.
+    fresh = erw("train", *COMMON, "train.steps=2", "train.ckpt_every=2", "train.out=fresh", cwd=work)
+    assert "continue from" not in fresh.stdout
+    scratch = ckpt.load_checkpoint(str(work / "fresh"))
+
+    def distance(a, b):
+        return sum(float((a[k].float() - b[k].float()).norm()) for k in a)
+
+    assert distance(end.ema_state, start.ema_state) * 10 < distance(scratch.ema_state, start.ema_state)
+
+
+def test_continue_refuses_another_model(published):
+    work, start = published
+    bad = erw("train", *COMMON, "model.hidden_size=32", "train.steps=2", "train.out=bad", "--init-from", start.uri,
+              cwd=work, check=False)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "cannot continue from" in bad.stderr and "model.hidden_size: 64 in the checkpoint, 32 now" in bad.stderr
