@@ -32,12 +32,16 @@ def plan(
     train_nodes: int,
     launch: dict,
     run_id: str,
-) -> NamedTuple("Plan", [("Output", List[dict]), ("refresh_latents", str), ("refresh_warmup", str)]):
+    retrain_mode: str,
+    registry: str,
+) -> NamedTuple("Plan", [("Output", List[dict]), ("refresh_latents", str), ("refresh_warmup", str),
+                         ("start_from", str)]):
     """Output: one work item per precompute worker {"dataset", "cache", "worker_index", "num_workers", "refresh"} (named
     Output because kfp.local resolves ParallelFor items only from an output of that name:
     kfp/local/orchestrator/enhanced_dag_orchestrator.py, _run_parallel_for_task);
     refresh_latents / refresh_warmup: the cache-key token of those steps (a new one, this run's id,
-    when their results are gone: they must run)."""
+    when their results are gone: they must run); start_from: continue mode's published checkpoint
+    ("" in scratch mode)."""
     import hashlib
     from collections import namedtuple
 
@@ -75,5 +79,18 @@ def plan(
     # The token rides in each work item: the item is the precompute step's cache key.
     work = [{"dataset": dataset, "cache": encoding.cache, "worker_index": i, "num_workers": n, "refresh": refresh_latents}
             for i in range(n)]
-    out = namedtuple("Plan", ["Output", "refresh_latents", "refresh_warmup"])
-    return out(work, refresh_latents, refresh_warmup)
+    # Continue mode: phase 2 starts from the published model (the warmup step then only passes it on).
+    start_from = ""
+    if retrain_mode == "continue":
+        from erw.registry import open_registry
+
+        published = open_registry(registry or storage.join(workspace, "registry.json")).published()
+        if published is None:
+            print("retrain_mode=continue but nothing is published yet: this run trains from scratch", flush=True)
+        else:
+            start_from = published["checkpoint"]
+            if not storage.exists(storage.join(start_from, "meta.json")):
+                raise SystemExit(f"the published model {start_from} is missing: restore it, or run retrain_mode=scratch")
+            print(f"continue mode: phase 2 starts from the published model {start_from}", flush=True)
+    out = namedtuple("Plan", ["Output", "refresh_latents", "refresh_warmup", "start_from"])
+    return out(work, refresh_latents, refresh_warmup, start_from)

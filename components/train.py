@@ -28,9 +28,13 @@ def train(
     node_selector: dict,
     tolerations: list,
     run_id: str,
+    start_from: str,
+    continue_steps: int,
     checkpoint: Output[Model],
 ) -> str:
-    """Returns the final checkpoint's URI; `checkpoint` is a small JSON pointer to it."""
+    """Returns the final checkpoint's URI; `checkpoint` is a small JSON pointer to it. start_from
+    (continue mode, from the plan step): `warmup` is that published phase-2 checkpoint, and the run
+    trains continue_steps steps from it."""
     from erw import storage
 
     # Before any GPU is asked for: the cached steps' results must still exist (see the plan step).
@@ -44,7 +48,8 @@ def train(
     spec = launch_spec(launch, "train", nodes, image, s3_secret, node_selector, tolerations, run_id)
     out = storage.join(workspace, "train", run_id)
     erw_args = [
-        "train", "--config", config, *overrides, f"data.shards={dataset}", f"train.out={out}",
+        "train", "--config", config, *overrides, *([f"train.steps={continue_steps}"] if start_from else []),
+        f"data.shards={dataset}", f"train.out={out}",
         f"metrics.port={spec.get('metrics_port', 0)}", "--init-from", warmup, "--resume", "auto",
     ]
     return run_training_job(spec, erw_args, out, checkpoint)

@@ -30,13 +30,19 @@ def warmup(
     node_selector: dict,
     tolerations: list,
     refresh: str,
+    start_from: str,
     checkpoint: Output[Model],
 ) -> str:
     """Returns the final checkpoint's URI; `checkpoint` is a small JSON pointer to it. `refresh` is
-    only part of the cache key: the plan step sets it when the cached checkpoint is gone."""
+    only part of the cache key: the plan step sets it when the cached checkpoint is gone.
+    `start_from` (continue mode): returned as is, nothing is trained."""
     import os
 
     from erw.config import load_config
+
+    if start_from:  # continue mode (see the plan step): no warmup, phase 2 starts from this checkpoint
+        print(f"continue mode: no warmup, phase 2 starts from {start_from}", flush=True)
+        return publish_checkpoint(start_from, "train", checkpoint)
 
     # The run id comes from the pod's label, not an input: as an input it would change the cache key.
     spec = launch_spec(launch, "warmup", nodes, image, s3_secret, node_selector, tolerations,

@@ -14,6 +14,7 @@ from kfp import dsl, kubernetes
 from kfp.dsl import HTML, Artifact, Dataset, Markdown, Metrics, Model
 
 from components.evaluate import evaluate
+from components.gc import gc
 from components.merge import merge
 from components.plan import plan
 from components.precompute import precompute
@@ -90,11 +91,14 @@ def erw_pipeline(
     gpu_tolerations: list = D.gpu_tolerations,
     s3_secret: str = D.s3_secret,
     launch: dict = D.launch,
+    retrain_mode: str = D.retrain_mode,
+    continue_steps: int = D.continue_steps,
+    keep_runs: int = D.keep_runs,
 ) -> Outputs:
     planned = plan(
         config=config, overrides=overrides, source=source, workspace=workspace,
         precompute_workers=precompute_workers, warmup_nodes=warmup_nodes, train_nodes=train_nodes, launch=launch,
-        run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+        run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, retrain_mode=retrain_mode, registry=registry,
     ).set_caching_options(False)  # listing the source is how new data is noticed; it checks the cache's data
     _step(planned, "plan", "Plan: validate, fingerprint source, check cached data", "1", "4G", 2, image, s3_secret)
 
@@ -114,13 +118,15 @@ def erw_pipeline(
         config=config, overrides=overrides, workspace=workspace, launch=launch, image=image, s3_secret=s3_secret,
         node_selector=gpu_node_selector, tolerations=gpu_tolerations,
     )
-    warm = warmup(dataset=dataset, nodes=warmup_nodes, refresh=planned.outputs["refresh_warmup"], **job)
+    warm = warmup(dataset=dataset, nodes=warmup_nodes, refresh=planned.outputs["refresh_warmup"],
+                  start_from=planned.outputs["start_from"], **job)
     warm.set_caching_options(True)
     _step(warm, "warmup", "Warmup (ERW phase 1, torchrun job)", "1", "2G", 1, image, s3_secret)
 
     trained = train(
         dataset=dataset, warmup=warm.outputs["Output"], nodes=train_nodes,
-        run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, **job,
+        run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, start_from=planned.outputs["start_from"],
+        continue_steps=continue_steps, **job,
     ).set_caching_options(False)
     _step(trained, "train", "Train (ERW phase 2, torchrun job)", "1", "2G", 1, image, s3_secret)
 
@@ -137,6 +143,9 @@ def erw_pipeline(
         workspace=workspace, registry=registry, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
     ).set_caching_options(False)
     _step(gate, "promote", "Promote if better", "1", "1G", 3, image, s3_secret)
+
+    retention = gc(workspace=workspace, registry=registry, keep_runs=keep_runs).after(gate).set_caching_options(False)
+    _step(retention, "gc", "Retention: delete old runs and unused latents", "1", "2G", 2, image, s3_secret)
 
     return Outputs(
         dataset=merged.outputs["manifest"],

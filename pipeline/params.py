@@ -25,6 +25,7 @@ LABEL_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?$")
 LABEL_PREFIX = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$")
 LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?)?$")
 TOLERATION_OPERATORS = ("Exists", "Equal")
+RETRAIN_MODES = ("scratch", "continue")
 
 # Training-job settings the pipeline sets itself, from the parameter named, not from `launch`.
 SET_BY_PIPELINE = {
@@ -69,6 +70,11 @@ class PipelineArgs:
     workspace: str = "s3://erw-runs/imagenet256-sit-xl2"  # latents, checkpoints, samples, registry
     registry: str = ""  # published-model registry file; empty: <workspace>/registry.json
     precompute_workers: int = 8  # parallel VAE-encoding pods, one GPU each
+    # scratch: ERW warmup then phase 2 from it | continue: phase 2 from the published model for
+    # continue_steps steps on the current data, no warmup (a first run with nothing published: scratch)
+    retrain_mode: str = "scratch"
+    continue_steps: int = 20_000
+    keep_runs: int = 3  # retention at the end of every run (erw gc): finished runs kept besides the lineage
     warmup_nodes: int = 1
     train_nodes: int = 4
     # Placement of every GPU pod (precompute, evaluate, the training jobs). The label the NVIDIA GPU
@@ -167,9 +173,11 @@ def problems(v: dict[str, Any]) -> list[str]:
             out.append(f"{name} must be a {kind}, got {v[name]!r}")
     if out:
         return out
-    for name in ("precompute_workers", "warmup_nodes", "train_nodes"):
+    for name in ("precompute_workers", "warmup_nodes", "train_nodes", "continue_steps", "keep_runs"):
         if v[name] < 1:
             out.append(f"{name} must be at least 1, got {v[name]}")
+    if v["retrain_mode"] not in RETRAIN_MODES:
+        out.append(f"retrain_mode must be one of {', '.join(RETRAIN_MODES)}, got {v['retrain_mode']!r}")
     launch = _launch_problems(v)
     out += launch
     out += _uri_problems(v)

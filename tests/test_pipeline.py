@@ -16,7 +16,7 @@ from pipeline.compile import PIPELINE_YAML, compile_pipeline
 from pipeline.params import REPO, PipelineParamError, defaults, parse_cli_arguments, resolve
 from pipeline.submit import check_cron, schedule, submit
 
-STEPS = ("plan", "precompute", "merge", "warmup", "train", "evaluate", "promote")
+STEPS = ("plan", "precompute", "merge", "warmup", "train", "evaluate", "promote", "gc")
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +42,10 @@ def test_dag_edges_and_fan_out(compiled):
     assert after[loop] == {"plan"}
     assert after["merge"] == {loop, "plan"}  # plan: the refresh token (a stale cache entry)
     assert after["warmup"] == {"merge", "plan"}
-    assert after["train"] == {"merge", "warmup"}
+    assert after["train"] == {"merge", "warmup", "plan"}  # plan: continue mode's published model
     assert after["evaluate"] == {"train", "merge"}  # merge: the training data is the default reference
     assert after["promote"] == {"train", "evaluate"}
+    assert after["gc"] == {"promote"}  # retention runs last
     # One precompute pod per work item that plan returns; merge collects every worker's output.
     assert tasks[loop]["parameterIterator"]["items"]["inputParameter"].endswith("plan-Output")
     assert "precompute" in spec["components"][tasks[loop]["componentRef"]["name"]]["dag"]["tasks"]
@@ -127,7 +128,7 @@ def test_the_launch_settings_are_one_parameter(compiled):
     inputs = {step: set(spec["components"][f"comp-{step}"]["inputDefinitions"]["parameters"]) for step in ("warmup", "train")}
     group = {"launch", "nodes", "image", "s3_secret", "node_selector", "tolerations"}
     assert group <= inputs["warmup"] and group <= inputs["train"]
-    assert inputs["train"] - inputs["warmup"] == {"warmup", "run_id"}
+    assert inputs["train"] - inputs["warmup"] == {"warmup", "run_id", "continue_steps"}
     from erw.launch import LaunchSpec
 
     assert LaunchSpec.from_dict(defaults()["launch"]).max_restarts == 3
@@ -158,6 +159,8 @@ CLUSTER = {"image": "registry.example/erw:1"}  # the one required argument of a 
         ({"gpu_node_selector": {"pool": "a100 x"}}, "is not a label value"),
         ({"gpu_node_selector": {"bad key!": "a"}}, "is not a label key"),
         ({"train_nodes": "4"}, "train_nodes must be a int"),
+        ({"retrain_mode": "resume"}, "retrain_mode must be one of scratch, continue, got 'resume'"),
+        ({"keep_runs": 0}, "keep_runs must be at least 1, got 0"),
     ],
 )
 def test_bad_arguments_fail_before_anything_runs(arguments, message):
