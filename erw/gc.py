@@ -12,8 +12,9 @@ What is kept:
   its dataset, and (continue mode) the published models it was trained from, recursively;
 - every run that wrote anything within --grace-hours: it may be running (not counted in N);
 - the warmups and datasets that a kept run or the published lineage used (from each run's
-  newest checkpoint's meta.json: data.shards and init_from); a run whose meta.json does not
-  say which warmup it used keeps every warmup;
+  newest checkpoint's meta.json: data.shards and init_from), and the runs that kept runs
+  continued from (continue mode); a run whose meta.json does not say which warmup it used
+  keeps every warmup;
 - in latents/: the kept datasets' manifests and the unit shards (+ done markers) they list,
   the units that an unfinished dataset (dataset.json, no manifest.json yet) lists, every
   settings claim (precompute.json), and every file younger than --grace-hours.
@@ -75,11 +76,14 @@ def plan_gc(workspace: str, registry: str = "", keep_runs: int = DEFAULT_KEEP_RU
     published = _published_lineage(workspace, registry)
     kept = set(by_age[:keep_runs]) | active
     kept |= {r for r in runs if any(_inside(storage.join(workspace, "train", r), uri) for uri in published["checkpoints"])}
-    plan.kept_runs = sorted(kept, key=lambda r: newest[r], reverse=True)
 
-    # What the kept runs used, from their newest checkpoint's meta.json.
+    # What the kept runs used, from their newest checkpoint's meta.json; a run that a kept run
+    # continued from (continue mode) is kept too, and so on up the chain.
     datasets, warmups, unknown_warmup = set(published["datasets"]), set(published["warmups"]), False
-    for run in kept:
+    todo, seen = sorted(kept), set()
+    while todo:
+        run = todo.pop()
+        seen.add(run)
         meta = _newest_meta(storage.join(workspace, "train", run), [f for f in files["train"] if f.path.startswith(run + "/")])
         if meta is None:
             continue  # no committed checkpoint yet: it uses nothing that is not also recent, or nothing at all
@@ -90,6 +94,10 @@ def plan_gc(workspace: str, registry: str = "", keep_runs: int = DEFAULT_KEEP_RU
             unknown_warmup = True
         elif meta["init_from"]:
             warmups.add(meta["init_from"])
+            parents = {r for r in runs if _inside(storage.join(workspace, "train", r), meta["init_from"])}
+            kept |= parents
+            todo += sorted(parents - seen - set(todo))
+    plan.kept_runs = sorted(kept, key=lambda r: newest[r], reverse=True)
     if unknown_warmup:
         plan.notes.append("a kept run's checkpoint does not record its warmup (init_from): every warmup is kept")
 

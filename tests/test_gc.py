@@ -73,11 +73,13 @@ def test_retention_keeps_what_is_referenced_and_dry_run_matches_apply(tmp_path, 
     d_c = dataset("c")
 
     warm = {w: checkpoint(ws / "warmup" / w, 5, d_a, "", phase="warmup") for w in ("w1", "w2", "w3")}
-    runs = {"r1": (d_a, warm["w1"]), "r2": (d_b, warm["w1"]), "r3": (d_b, warm["w2"]), "r4": (d_c, warm["w2"])}
+    # r4 continued from r0's model (continue mode): r0 stays as long as r4 does.
+    runs = {"r0": (d_a, warm["w1"]), "r1": (d_a, warm["w1"]), "r2": (d_b, warm["w1"]), "r3": (d_b, warm["w2"]),
+            "r4": (d_c, "r0")}
     finals = {}
     for run, (data, init) in runs.items():
         for step in (10, 20):
-            finals[run] = checkpoint(ws / "train" / run, step, data, init)
+            finals[run] = checkpoint(ws / "train" / run, step, data, finals.get(init, init))
         storage.write_bytes(str(ws / "eval" / run / "metrics.json"), json.dumps({"fid": 10.0}).encode())
     promote_if_better(finals["r1"], str(ws / "eval" / "r1" / "metrics.json"), str(ws / "registry.json"), run_id="r1")
 
@@ -95,8 +97,9 @@ def test_retention_keeps_what_is_referenced_and_dry_run_matches_apply(tmp_path, 
     assert applied == listed
     assert before - every_file(ws) == set(listed)  # exactly what the dry run listed
 
-    # Kept: r4 (newest), r1 (published), r3 (running); the warmups they used; their datasets' shards.
-    for run in ("r1", "r3", "r4"):
+    # Kept: r4 (newest), r0 (r4 continued from it), r1 (published), r3 (running); the warmups they
+    # used; their datasets' shards.
+    for run in ("r0", "r1", "r3", "r4"):
         assert Path(finals[run], "meta.json").exists() and (ws / "eval" / run / "metrics.json").exists()
     assert not (ws / "train" / "r2").exists() and not (ws / "eval" / "r2").exists()
     assert Path(warm["w1"], "meta.json").exists() and Path(warm["w2"], "meta.json").exists()

@@ -404,6 +404,38 @@ def test_run_local_writes_to_a_local_s3_endpoint(s3_bucket, tmp_path, monkeypatc
     assert json.loads(storage.read_bytes(f"{workspace}/registry.json"))["current"]["checkpoint"] == model
 
 
+@pytest.mark.slow
+def test_run_local_continue_mode_starts_from_the_published_model(tmp_path, monkeypatch, digits_evaluator):
+    """A scratch run publishes; a continue run trains from that model without a warmup, records it,
+    the gate decides against it, and the final gc step keeps the published lineage."""
+    from erw.training import checkpoint as ckpt
+    from pipeline.local import run_local
+
+    workspace = tmp_path / "pipeline"
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    short = [
+        "warmup.steps=10", "warmup.ckpt_every=10", "train.steps=10", "train.ckpt_every=10",
+        "sample.num_samples=40", "sample.steps=5", "sample.batch_size=20", f"eval.feature_network={digits_evaluator}",
+    ]
+    first = run_local({"workspace": str(workspace), "overrides": short}, use_cache=False, local_dir=tmp_path / "k1")
+    published = first.outputs["model"].metadata["uri"]
+    assert json.loads((workspace / "registry.json").read_text())["current"]["checkpoint"] == published
+
+    second = run_local({"workspace": str(workspace), "overrides": short, "retrain_mode": "continue",
+                        "continue_steps": 4}, use_cache=False, local_dir=tmp_path / "k2")
+    model = second.outputs["model"].metadata["uri"]
+    continued = ckpt.load_checkpoint(model, with_train_state=False)
+    assert continued.step == 4 and continued.meta["init_from"] == published  # started from, and recorded
+    assert len(list((workspace / "warmup").glob("*"))) == 1  # no second warmup
+    registry = json.loads((workspace / "registry.json").read_text())
+    decided = [e["checkpoint"] for e in registry["history"]]
+    assert decided[0] == published and (model in decided) == (registry["current"]["checkpoint"] == model)
+    if model in decided:
+        assert registry["current"]["lineage"]["started_from"] == published
+    assert Path(published, "meta.json").exists()  # gc ran last and kept the lineage
+
+
 # ---------------------------------------------------------------------------------------------
 # The KFP server's version, read from a real HTTP endpoint.
 
