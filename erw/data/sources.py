@@ -165,7 +165,7 @@ def _list_parents(tars: list[str]) -> dict[str, storage.FileInfo]:
     for parent in sorted({t.rsplit("/", 1)[0] for t in tars}):
         for f in storage.list_files(parent):
             if "/" not in f.path:
-                found[storage.join(parent, f.path)] = f
+                found[f"{parent}/{f.path}"] = f  # the form the pattern expanded to, not a normalised path
     return found
 
 
