@@ -193,3 +193,19 @@ def test_sigterm_removes_the_partial_shard_and_sigkill_leftovers_go_next_start(t
     rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr
     assert not any(p.exists() for p in leftovers)
+
+
+def test_the_evaluation_reads_a_dataset_that_shares_a_unit_store(s3_bucket):
+    """Image sets (references, fit-encoder/evaluator inputs) resolve the manifest's relative
+    shard names the way the loader does, on S3 too ("../" is not part of an S3 key)."""
+    from erw.data.image_sets import open_image_set
+
+    source, cache, out = f"{s3_bucket}/images", f"{s3_bucket}/latents/identity-16px", f"{s3_bucket}/datasets/v1"
+    files = {f"{c}/{i:03d}.png": 10 * k + i for k, c in enumerate(CLASSES) for i in range(4)}
+    for name, seed in files.items():
+        storage.write_bytes(storage.join(source, name), png(seed))
+    run_worker(job(source, out, cache, image_format="png"), progress=False)
+    images, labels = zip(*open_image_set(out).batches(64))
+    assert sum(len(x) for x in images) == len(files)
+    got = sorted(x.permute(1, 2, 0).numpy().tobytes() for batch in images for x in batch)
+    assert got == expected_crops(source, list(files))

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from erw import storage
-from erw.data.shards import IMAGE_MEMBERS, MANIFEST, decode_crop, read_tar_samples
+from erw.data.shards import IMAGE_MEMBERS, MANIFEST, decode_crop, read_tar_samples, resolve_uri
 from erw.errors import ErwError
 
 Batch = tuple[Tensor, Tensor]  # uint8 images [B, 3, H, W], int64 labels [B]
@@ -62,7 +62,7 @@ class ImageSet:
 
     def _shards(self) -> Iterator[Batch]:
         for shard in self.manifest["shards"]:
-            for sample in read_tar_samples(storage.join(self.uri, shard["name"])):
+            for sample in read_tar_samples(resolve_uri(self.uri, shard["name"])):
                 image_format = next((f for f, member in IMAGE_MEMBERS.items() if member in sample), None)
                 if image_format is None:
                     raise ImageSetError(
