@@ -109,7 +109,8 @@ class DataConfig:
     codec: Codec = "sd-vae-ft-ema"
     codec_weights: str = ""  # diffusers AutoencoderKL directory, local or s3://; empty = hub
     num_workers: int = 4
-    shuffle_buffer: int = 2000
+    shuffle_buffer: int = 2000  # samples held per partition (a rank reads global batch / world size of them)
+    max_bad_samples: int = 100  # per loader worker: bad samples dropped and named before training stops
 
     @property
     def latent_channels(self) -> int:

@@ -162,11 +162,166 @@ def test_manifest_must_match_the_config(shards):
         build_loader(config(shards, codec="sd-vae-ft-ema"), 4, 0, 1, seed=0, with_images=False)
 
 
-def test_resume_with_another_setup_is_refused(shards):
+def test_resume_with_another_global_batch_seed_or_buffer_is_refused(shards):
     state = build_loader(config(shards), 4, 0, 2, seed=0, with_images=False).state_dict()
-    loader = build_loader(config(shards), 4, 0, 4, seed=0, with_images=False)
-    with pytest.raises(DatasetError, match="world_size: 2 then, 4 now"):
-        loader.load_state_dict(state)
+    with pytest.raises(DatasetError, match=r"the global batch \(batch_size of the phase\): 8 then, 16 now"):
+        build_loader(config(shards), 4, 0, 4, seed=0, with_images=False).load_state_dict(state)
+    with pytest.raises(DatasetError, match="seed: 0 then, 1 now"):
+        build_loader(config(shards), 4, 0, 2, seed=1, with_images=False).load_state_dict(state)
+    with pytest.raises(DatasetError, match="data.shuffle_buffer: 10 then, 11 now"):
+        build_loader(config(shards, shuffle_buffer=11), 4, 0, 2, seed=0, with_images=False).load_state_dict(state)
+    with pytest.raises(DatasetError, match="older erw"):
+        build_loader(config(shards), 4, 0, 2, seed=0, with_images=False).load_state_dict({"version": 1, "batches": 3})
+
+
+def _global_rounds(shards: str, world: int, micro: int, rounds: int, workers: int, state=None):
+    """(state after `state` rounds or None, the global batches): every rank's micro-batches of a
+    round laid end to end in rank order, as one dict of tensors per round."""
+    loaders = [build_loader(config(shards, num_workers=workers), micro, rank, world, seed=5, with_images=True,
+                            global_batch=8) for rank in range(world)]
+    if state is not None:
+        for loader in loaders:
+            loader.load_state_dict(state)
+    per_round = 8 // (world * micro)
+    iterators = [iter(loader) for loader in loaders]
+    out = []
+    for _ in range(rounds):
+        parts = [next(it) for it in iterators for _ in range(per_round)]
+        out.append({k: torch.cat([p[k] for p in parts]) for k in parts[0]})
+    return loaders[0].state_dict(), out
+
+
+@pytest.mark.parametrize("world, new_world, workers, new_workers", [(2, 1, 1, 2), (1, 2, 2, 1), (4, 2, 1, 1)])
+def test_elastic_resume_continues_the_global_sample_order(shards, world, new_world, workers, new_workers):
+    """Checkpointed after 5 rounds on `world` ranks, resumed on `new_world`: rounds 5..11 hold the
+    same samples, in the same places of the global batch, with the same latents."""
+    _, uninterrupted = _global_rounds(shards, world, 8 // world, 12, workers)
+    state, _ = _global_rounds(shards, world, 8 // world, 5, workers)
+    assert state["rounds"] == 5
+    micro = 8 // new_world // 2 if new_world == 1 else 8 // new_world  # 1 rank: 2 micro-batches (grad_accum)
+    _, resumed = _global_rounds(shards, new_world, micro, 7, new_workers, state=state)
+    for want, have in zip(uninterrupted[5:], resumed):
+        assert want.keys() == have.keys()
+        for key in want:
+            assert torch.equal(want[key], have[key]), key
+    seen = Counter(zip(*(torch.cat([r[k] for r in uninterrupted[:5] + resumed]).tolist() for k in ("epoch", "index"))))
+    assert set(seen.values()) == {1}  # no sample of an epoch seen twice
+    assert {i for e, i in seen if e == 0} == set(range(NUM_IMAGES))  # nor skipped: 12 rounds of 8 > one epoch
+
+
+def _rewrite(shards: str, to: Path, shard: str, change) -> str:
+    """A copy of the dataset where change(key, members) -> members rewrote one shard (its manifest
+    entry updated, so only the content is wrong)."""
+    import hashlib
+    import json
+
+    from erw.data.shards import ShardWriter, read_tar_samples
+
+    shutil.copytree(shards, to)
+    samples = list(read_tar_samples(str(to / shard)))
+    writer = ShardWriter(to / shard)
+    for sample in samples:
+        members = {k: v for k, v in sample.items() if not k.startswith("__")}
+        writer.write(sample["__key__"], change(sample["__key__"], members))
+    count, digest, size = writer.close()
+    manifest = json.loads((to / "manifest.json").read_text())
+    for entry in manifest["shards"]:
+        if entry["name"] == shard:
+            entry.update(count=count, sha256=digest, bytes=size)
+    (to / "manifest.json").write_text(json.dumps(manifest))
+    assert hashlib.sha256((to / shard).read_bytes()).hexdigest() == digest
+    return str(to)
+
+
+def _set_manifest(dataset: str, shard: str, **fields) -> None:
+    import json
+
+    path = Path(dataset, "manifest.json")
+    manifest = json.loads(path.read_text())
+    for entry in manifest["shards"]:
+        if entry["name"] == shard:
+            entry.update(fields)
+    path.write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_shard_that_does_not_match_its_sha256_is_named(shards, tmp_path, num_workers):
+    altered = tmp_path / "altered"
+    shutil.copytree(shards, altered)
+    _set_manifest(str(altered), "shard-000003.tar", sha256="0" * 64)
+    loader = build_loader(config(str(altered), num_workers=num_workers), 4, 0, 1, seed=0, with_images=False)
+    with pytest.raises(DatasetError, match=r"shard-000003.tar does not match its manifest entry") as caught:
+        take(loader, 40)  # past one epoch: every shard was read whole once
+    assert "\n" not in str(caught.value)
+
+
+def test_altered_latent_bytes_are_caught_by_the_checksum(shards, tmp_path):
+    def flip(key, members):
+        data = bytearray(members["latent.npy"])
+        data[-1] ^= 0x01  # a finite change: the tar stays valid, same size
+        return {**members, "latent.npy": bytes(data)}
+
+    altered = _rewrite(shards, tmp_path / "altered", "shard-000002.tar", flip)
+    entry_sha = __import__("json").loads(Path(shards, "manifest.json").read_text())["shards"][2]["sha256"]
+    _set_manifest(altered, "shard-000002.tar", sha256=entry_sha)  # the manifest of the sound shard
+    loader = build_loader(config(altered, num_workers=0), 4, 0, 1, seed=0, with_images=False)
+    with pytest.raises(DatasetError, match="shard-000002.tar does not match its manifest entry"):
+        take(loader, 40)
+
+
+def test_a_truncated_or_missing_shard_is_refused_before_compute(shards, tmp_path):
+    cut = tmp_path / "cut"
+    shutil.copytree(shards, cut)
+    data = (cut / "shard-000004.tar").read_bytes()
+    (cut / "shard-000004.tar").write_bytes(data[: len(data) // 2])
+    (cut / "shard-000006.tar").unlink()
+    with pytest.raises(DatasetError, match=r"shard-000004.tar has \d+ bytes, the manifest says \d+\n  - shard-000006.tar is missing"):
+        build_loader(config(str(cut)), 4, 0, 1, seed=0, with_images=False)
+
+
+def test_a_corrupt_tar_is_named_in_one_line(shards, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(shards, bad)
+    size = (bad / "shard-000001.tar").stat().st_size
+    (bad / "shard-000001.tar").write_bytes(np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8).tobytes())
+    loader = build_loader(config(str(bad), num_workers=2), 4, 0, 1, seed=0, with_images=False)
+    with pytest.raises(DatasetError, match="shard-000001.tar is not a readable tar shard") as caught:
+        take(loader, 40)
+    assert "\n" not in str(caught.value) and "Traceback" not in str(caught.value)
+
+
+def test_model_with_fewer_classes_than_the_data_is_refused(shards):
+    with pytest.raises(DatasetError, match="model.num_classes=2 but the shards hold 3 classes"):
+        build_loader(config(shards), 4, 0, 1, seed=0, with_images=False, num_classes=2)
+    build_loader(config(shards), 4, 0, 1, seed=0, with_images=False, num_classes=5)  # spare classes are fine
+
+
+def _bad_samples(key, members):
+    if key.endswith("_000001"):
+        return {**members, "cls": b"42"}
+    if key.endswith("_000003"):
+        return {**members, "latent.npy": npy_bytes(np.zeros((6, 8, 8), np.float16))}
+    if key.endswith("_000005"):
+        return {**members, "latent.npy": b"not an npy file"}
+    return members
+
+
+def test_bad_samples_are_dropped_named_and_counted(shards, tmp_path, capfd):
+    bad = _rewrite(shards, tmp_path / "bad", "shard-000000.tar", _bad_samples)
+    loader = build_loader(config(bad, num_workers=0, max_bad_samples=3), 4, 0, 1, seed=0, with_images=True)
+    batches = take(loader, 15)  # one epoch: 60 samples
+    indices = torch.cat([b["index"] for b in batches]).tolist()
+    assert sorted(indices) == sorted(set(range(NUM_IMAGES)) - {1, 3, 5})
+    err = capfd.readouterr().err
+    assert "shard-000000.tar:000000_000001: label 42 outside [0, 3) (1 of data.max_bad_samples=3" in err or \
+        "label 42 outside [0, 3)" in err
+    assert "latent moments of shape [6, 8, 8], the manifest says [6, 16, 16]" in err
+    assert "unreadable member" in err
+
+    strict = build_loader(config(bad, num_workers=2, max_bad_samples=0), 4, 0, 1, seed=0, with_images=True)
+    with pytest.raises(DatasetError, match=r"shard-000000.tar:000000_00000[135]: .*more than data.max_bad_samples=0") as caught:
+        take(strict, 15)
+    assert "\n" not in str(caught.value)
 
 
 @pytest.mark.slow
@@ -191,7 +346,7 @@ def test_warmup_then_train_read_shards_from_s3(digits_folder, s3_bucket, capsys)
     assert cli.main(["train", "--config", demo, *tiny, "--init-from", f"{s3_bucket}/run/warmup"]) == 0
     assert "train finished at step 2" in capsys.readouterr().out
     saved = ckpt.load_checkpoint(ckpt.latest_checkpoint(f"{s3_bucket}/run/train"))
-    assert saved.train_state["data"]["batches"] == 2 and saved.train_state["data"]["num_samples"] == 40
+    assert saved.train_state["data"]["rounds"] == 2 and saved.train_state["data"]["num_samples"] == 40
 
 
 def _upload(shards: str, remote: str) -> None:

@@ -238,3 +238,25 @@ def test_conditional_write_is_a_compare_and_swap(root):
     assert storage.write_if(uri, b"third", version)
     assert not storage.write_if(uri, b"stale", version), "a replaced version must be refused"
     assert storage.read_versioned(uri)[0] == b"third"
+
+
+DEMO = os.path.join(os.path.dirname(__file__), "..", "configs", "demo.yaml")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--config", DEMO, "train.out=s3:/my-bucket/run1/train"],
+     "erw train: error: train.out='s3:/my-bucket/run1/train' is not an S3 URI (write it 's3://my-bucket/run1/train')"),
+    (["warmup", "--config", DEMO, "warmup.out=s3://"], "erw warmup: error: warmup.out='s3://' names no bucket"),
+    (["train", "--config", DEMO, "train.out=s3://no-such-bucket-x/run"],
+     "erw train: error: train.out=s3://no-such-bucket-x/run cannot be written: cannot write"),
+    (["precompute", "--source", "x", "--out", "s3:/b-x/y", "--codec", "identity"],
+     "erw precompute: error: --out='s3:/b-x/y' is not an S3 URI"),
+    (["sample", "--ckpt", "x", "--out", "S3://b-x/y"], "erw sample: error: --out='S3://b-x/y' is not an S3 URI"),
+])
+def test_outputs_are_checked_before_any_compute(argv, message, s3_endpoint, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(message) and captured.err.count("\n") == 1
+    assert captured.out == ""  # nothing started: no model built, no data read
+    assert list(tmp_path.iterdir()) == []  # and no local folder named "s3:"

@@ -59,9 +59,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _precompute(args: argparse.Namespace) -> int:
+    from erw import storage
     from erw.data import precompute
     from erw.telemetry import push_metrics
 
+    storage.check_writable(args.out, "--out")  # credentials, bucket, URI: before any encoding
     if args.merge:
         precompute.merge(args.out, args.num_workers if args.num_workers > 1 else None)
         return 0

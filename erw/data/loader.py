@@ -1,28 +1,40 @@
 """The shard loader: latent shards (local or s3://) -> an endless stream of training batches.
 
-Every epoch is a deterministic function of (seed, epoch), so a position is one number:
+The order of the samples is a function of (dataset, seed, global batch G, shuffle buffer) alone,
+not of the number of ranks or workers, so a run can resume on another number of ranks:
 
-- the shards of the manifest are permuted with (seed, epoch) and their samples laid end to
-  end; the sequence is cut into world_size x num_workers contiguous, equal (+-1) ranges, one
-  per *slot* (a DataLoader worker of a rank). Each sample is read by exactly one slot per
-  epoch, and a slot opens only the shards that overlap its range;
-- a slot emits its range through a shuffle buffer whose order is drawn from
-  (seed, epoch, slot) over sample positions alone, before any data is read;
-- each slot batches its own stream; the DataLoader takes batches from its workers round
-  robin, so batch j of a rank came from worker j mod W;
+- every epoch, the shards of the manifest are permuted with (seed, epoch) and their samples
+  laid end to end; the sequence is cut into G contiguous, equal (+-1) *partitions*;
+- a partition emits its range through a shuffle buffer of data.shuffle_buffer samples whose
+  order is drawn from (seed, epoch, partition) over sample positions alone, before any data is
+  read; it flows on into its range of the next epoch, forever;
+- optimizer step k (a *round*) takes sample k of every partition: G samples, partition p at
+  position p of the global batch. Rank r of W takes partitions [r G/W, (r+1) G/W), split in
+  order into grad_accum micro-batches;
 - the latent is drawn from the stored moments with noise seeded by (seed, epoch, sample).
 
-So the state is the number of batches handed out. On resume each worker recomputes its
-position, skips the shards it had finished without opening them, and rebuilds its shuffle
-buffer by reading only what it still has to emit: the resumed loader yields exactly the
-batches the uninterrupted one would have. Batches flow across epoch boundaries (the stream
-never ends), so every rank always has a next batch.
+So the state is one number, the rounds handed out. The guarantee, like MosaicML Streaming's
+"elastic determinism": a run checkpointed after round k on W ranks and resumed on W' ranks
+(any W' that divides G; any data.num_workers, any grad_accum) trains from round k on on
+exactly the samples, latents and per-step sample sets of the uninterrupted run: no sample of
+an epoch is seen twice or skipped. What changes the order (another G, seed, shuffle buffer or
+dataset) is refused on resume, naming the setting. On resume each partition skips what it had
+emitted without opening finished shards, and rebuilds its buffer by reading only what it still
+has to emit. A rank reads its G/W partitions with data.num_workers DataLoader workers (at most
+one per partition), each holding up to data.shuffle_buffer samples per partition.
+
+Data problems are found before compute where the manifest allows it (class count, latent
+shape, every shard's size), while streaming otherwise: every shard read to its end is hashed
+and compared with the manifest's sha256; a sample with a label out of range, a latent of the
+wrong shape or an unreadable member is dropped from its micro-batch and named on stderr, up to
+data.max_bad_samples per worker, after which training stops with a DatasetError.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import signal
+import sys
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -30,25 +42,25 @@ import numpy as np
 import torch
 
 from erw import storage
-from erw.data.shards import IMAGE_MEMBERS, MANIFEST, decode_crop, load_npy, read_tar_samples, resolve_uri
-from erw.errors import ErwError
 from erw.data.codec import LatentNorm
+from erw.data.shards import (
+    IMAGE_MEMBERS, MANIFEST, DatasetError, decode_crop, load_npy, read_tar_samples, resolve_uri,
+)
+from erw.errors import ErwError
 
 SUPPORTED_FORMAT_VERSIONS = (1,)
-STATE_VERSION = 1
-
-
-class DatasetError(ErwError):
-    """The shards cannot be used as configured; the message says why and how to fix it."""
+STATE_VERSION = 2
+__all__ = ["DatasetError", "ShardLoader", "build_loader", "read_manifest", "check_manifest"]
 
 
 # ---------------------------------------------------------------------------------------------
-# The manifest.
+# The manifest and the checks made before any compute.
 
 
 def read_manifest(shards: str) -> dict[str, Any]:
     if not shards:
         raise DatasetError("data.shards is empty: set data.shards=URI, the --out of `erw precompute`")
+    storage.check_uri(shards, "data.shards")
     try:
         manifest = json.loads(storage.read_bytes(storage.join(shards, MANIFEST)))
     except storage.ObjectNotFound:
@@ -66,7 +78,7 @@ def read_manifest(shards: str) -> dict[str, Any]:
     return manifest
 
 
-def check_manifest(manifest: dict[str, Any], data_cfg: Any) -> None:
+def check_manifest(manifest: dict[str, Any], data_cfg: Any, num_classes: int | None = None) -> None:
     """Refuse shards that do not match the config the model is built from."""
     codec = manifest["codec"]
     problems = []
@@ -79,10 +91,40 @@ def check_manifest(manifest: dict[str, Any], data_cfg: Any) -> None:
         expected = [data_cfg.latent_channels, data_cfg.latent_size, data_cfg.latent_size]
         if shape != expected:
             problems.append(f"the model expects latents {expected} but the shards hold {shape}")
+    if num_classes is not None and manifest["num_classes"] > num_classes:
+        problems.append(
+            f"model.num_classes={num_classes} but the shards hold {manifest['num_classes']} classes: labels "
+            f"{num_classes} and up would train as the classifier-free-guidance null class or fail. "
+            f"Set model.num_classes={manifest['num_classes']}"
+        )
     if problems:
         raise DatasetError(
             f"the shards at {data_cfg.shards} do not match the config:\n  - " + "\n  - ".join(problems)
-            + "\nSet data.* to match them, or precompute shards for this config"
+            + "\nSet the config to match them, or precompute shards for this config"
+        )
+
+
+def check_shard_sizes(shards: str, manifest: dict[str, Any]) -> None:
+    """One listing per folder of shards: every shard the manifest names is there with its size
+    (a truncated, missing or replaced shard is refused before compute; content is checked while
+    streaming)."""
+    folders: dict[str, dict[str, int]] = {}
+    problems = []
+    for shard in manifest["shards"]:
+        uri = resolve_uri(shards, shard["name"])
+        folder, _, name = uri.rpartition("/")
+        if folder not in folders:
+            folders[folder] = {f.path: f.size for f in storage.list_files(folder) if "/" not in f.path}
+        size = folders[folder].get(name)
+        if size is None:
+            problems.append(f"{shard['name']} is missing")
+        elif size != shard["bytes"]:
+            problems.append(f"{shard['name']} has {size} bytes, the manifest says {shard['bytes']}")
+    if problems:
+        shown = problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else [])
+        raise DatasetError(
+            f"the shards at {shards} do not match their {MANIFEST}:\n  - " + "\n  - ".join(shown)
+            + "\nThe dataset was changed or partly rewritten: precompute it again (or restore the shards)"
         )
 
 
@@ -95,22 +137,24 @@ class Plan:
     shard_uris: tuple[str, ...]
     counts: tuple[int, ...]
     seed: int
-    num_slots: int  # world_size x workers per rank
+    num_partitions: int  # the global batch
     shuffle_buffer: int
+    sha256: tuple[str | None, ...] = ()  # per shard, from the manifest: checked when read whole
+    sizes: tuple[int, ...] = ()
 
     @property
     def num_samples(self) -> int:
         return sum(self.counts)
 
-    def slot_range(self, slot: int) -> tuple[int, int]:
-        """[start, stop) of this slot in the epoch's concatenated sample sequence."""
-        n, s = self.num_samples, self.num_slots
-        return slot * n // s, (slot + 1) * n // s
+    def partition_range(self, partition: int) -> tuple[int, int]:
+        """[start, stop) of this partition in the epoch's concatenated sample sequence."""
+        n, s = self.num_samples, self.num_partitions
+        return partition * n // s, (partition + 1) * n // s
 
-    def pieces(self, epoch: int, slot: int) -> list[tuple[int, int, int]]:
-        """(shard, first, stop) sample ranges this slot reads in this epoch, in reading order."""
+    def pieces(self, epoch: int, partition: int) -> list[tuple[int, int, int]]:
+        """(shard, first, stop) sample ranges this partition reads in this epoch, in reading order."""
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.counts))
-        start, stop = self.slot_range(slot)
+        start, stop = self.partition_range(partition)
         pieces, position = [], 0
         for shard in order.tolist():
             count = self.counts[shard]
@@ -120,9 +164,9 @@ class Plan:
             position += count
         return pieces
 
-    def order(self, epoch: int, slot: int) -> np.ndarray:
-        start, stop = self.slot_range(slot)
-        return buffered_order(stop - start, self.shuffle_buffer, np.random.default_rng([self.seed, epoch, slot, 1]))
+    def order(self, epoch: int, partition: int) -> np.ndarray:
+        start, stop = self.partition_range(partition)
+        return buffered_order(stop - start, self.shuffle_buffer, np.random.default_rng([self.seed, epoch, partition, 1]))
 
 
 def buffered_order(n: int, buffer: int, rng: np.random.Generator) -> np.ndarray:
@@ -147,23 +191,23 @@ def buffered_order(n: int, buffer: int, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
-def slot_samples(plan: Plan, slot: int, start: int) -> Iterator[tuple[int, int, dict]]:
-    """(epoch, sample id, raw sample) of one slot, forever, from its `start`-th sample on."""
-    begin, stop = plan.slot_range(slot)
+def partition_samples(plan: Plan, partition: int, start: int) -> Iterator[tuple[int, int, dict]]:
+    """(epoch, sample id, raw sample) of one partition, forever, from its `start`-th sample on."""
+    begin, stop = plan.partition_range(partition)
     epoch, offset = divmod(start, stop - begin)
     while True:
-        yield from _epoch_samples(plan, epoch, slot, offset)
+        yield from _epoch_samples(plan, epoch, partition, offset)
         epoch, offset = epoch + 1, 0
 
 
-def _epoch_samples(plan: Plan, epoch: int, slot: int, offset: int) -> Iterator[tuple[int, int, dict]]:
-    order = plan.order(epoch, slot)
+def _epoch_samples(plan: Plan, epoch: int, partition: int, offset: int) -> Iterator[tuple[int, int, dict]]:
+    order = plan.order(epoch, partition)
     if offset >= len(order):
         return
     emitted = set(order[:offset].tolist())  # already handed out before a resume
     first = int(order[offset:].min())  # arrivals before it were all emitted: do not read them
     held: dict[int, tuple[int, dict]] = {}
-    with contextlib.closing(_arrivals(plan, plan.pieces(epoch, slot), first)) as arrivals:
+    with contextlib.closing(_arrivals(plan, plan.pieces(epoch, partition), first)) as arrivals:
         for want in order[offset:].tolist():
             while want not in held:
                 position, sample_id, sample = next(arrivals)
@@ -171,10 +215,16 @@ def _epoch_samples(plan: Plan, epoch: int, slot: int, offset: int) -> Iterator[t
                     held[position] = (sample_id, sample)
             sample_id, sample = held.pop(want)
             yield epoch, sample_id, sample
+        for _ in arrivals:  # nothing is left; this lets the last shard finish its checksum
+            pass
 
 
 def _arrivals(plan: Plan, pieces: list[tuple[int, int, int]], first: int) -> Iterator[tuple[int, int, dict]]:
-    """(position in the slot's range, sample id, raw sample) in reading order, from `first` on."""
+    """(position in the partition's range, sample id, raw sample) in reading order, from `first` on.
+
+    A tar streams from its first byte, so the partition whose piece ends at the end of a shard
+    reads all of it: that one checks the shard against the manifest's sha256.
+    """
     shard_starts = np.concatenate([[0], np.cumsum(plan.counts)[:-1]])
     position = 0
     for shard, lo, hi in pieces:
@@ -182,23 +232,32 @@ def _arrivals(plan: Plan, pieces: list[tuple[int, int, int]], first: int) -> Ite
             position += hi - lo
             continue
         begin = lo + max(0, first - position)
+        whole = hi == plan.counts[shard] and bool(plan.sha256) and plan.sha256[shard] is not None
+        expect = (plan.sha256[shard], plan.sizes[shard]) if whole else (None, None)
         index = -1
-        with contextlib.closing(read_tar_samples(plan.shard_uris[shard])) as samples:
+        with contextlib.closing(read_tar_samples(plan.shard_uris[shard], *expect)) as samples:
             for index, sample in enumerate(samples):
+                if index >= hi:
+                    break  # a shard with more samples than the manifest says; reported below
                 if index >= begin:
                     yield position + index - lo, int(shard_starts[shard]) + index, sample
-                if index + 1 >= hi:
+                if index + 1 >= hi and not whole:
                     break
-        if index < hi - 1:
+        if index + 1 != hi:
             raise DatasetError(
-                f"{plan.shard_uris[shard]} holds {index + 1} samples but the manifest says {plan.counts[shard]}: "
-                "the shard was changed or truncated; precompute the dataset again"
+                f"{plan.shard_uris[shard]} holds {'more than ' if index >= hi else ''}{min(index + 1, hi)} samples "
+                f"but the manifest says {plan.counts[shard]}: the shard was changed or truncated; "
+                "precompute the dataset again"
             )
         position += hi - lo
 
 
 # ---------------------------------------------------------------------------------------------
-# Decoding and batching, inside the DataLoader workers.
+# Decoding and checking samples, inside the DataLoader workers.
+
+
+class BadSample(ValueError):
+    """One sample cannot be used; it is dropped and counted."""
 
 
 @dataclass(frozen=True)
@@ -207,19 +266,46 @@ class Decoding:
     norm: LatentNorm
     image_format: str | None  # of the stored crop; None: do not decode it
     with_features: bool
+    latent_shape: tuple[int, ...] | None = None  # of the stored moments, from the manifest
+    num_classes: int | None = None
+    image_size: int | None = None
+    feat_shape: tuple[int, ...] | None = None
 
 
 def decode_sample(epoch: int, sample_id: int, sample: dict, how: Decoding) -> dict[str, Any]:
-    moments = load_npy(sample["latent.npy"]).astype(np.float32)
+    """The training sample; raises BadSample for a member that is missing, unreadable, of the
+    wrong shape, not finite, or a label out of range."""
+    try:
+        moments = load_npy(sample["latent.npy"]).astype(np.float32)
+        label = int(sample["cls"])
+        image = (
+            decode_crop(sample[IMAGE_MEMBERS[how.image_format]], how.image_format)
+            if how.image_format is not None else None
+        )
+        feat = load_npy(sample["feat.npy"]).astype(np.float32) if how.with_features else None
+    except KeyError as err:
+        raise BadSample(f"no {err.args[0]!r} member") from None
+    except (ValueError, OSError, EOFError) as err:
+        raise BadSample(f"unreadable member ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+    if how.latent_shape is not None and tuple(moments.shape) != how.latent_shape:
+        raise BadSample(f"latent moments of shape {list(moments.shape)}, the manifest says {list(how.latent_shape)}")
+    if not np.isfinite(moments).all():
+        raise BadSample("latent holds NaN or Inf")
+    if how.num_classes is not None and not 0 <= label < how.num_classes:
+        raise BadSample(f"label {label} outside [0, {how.num_classes})")
+    if image is not None and how.image_size is not None and image.shape != (how.image_size, how.image_size, 3):
+        raise BadSample(f"image of shape {list(image.shape)}, expected [{how.image_size}, {how.image_size}, 3]")
+    if feat is not None and how.feat_shape is not None and tuple(feat.shape) != how.feat_shape:
+        raise BadSample(f"features of shape {list(feat.shape)}, the manifest says {list(how.feat_shape)}")
     mean, std = np.split(moments, 2, axis=0)
     if std.any():  # identity codec: std is 0 and the latent is the mean
         noise = np.random.default_rng([how.seed, epoch, sample_id]).standard_normal(mean.shape, dtype=np.float32)
         mean = mean + std * noise
-    out = {"latent": mean, "label": int(sample["cls"]), "index": sample_id, "epoch": epoch}
-    if how.image_format is not None:
-        out["image"] = decode_crop(sample[IMAGE_MEMBERS[how.image_format]], how.image_format).transpose(2, 0, 1)
-    if how.with_features:
-        out["feat"] = load_npy(sample["feat.npy"]).astype(np.float32)
+    out = {"latent": mean, "label": label, "index": sample_id, "epoch": epoch}
+    if image is not None:
+        out["image"] = image.transpose(2, 0, 1)
+    if feat is not None:
+        out["feat"] = feat
     return out
 
 
@@ -236,35 +322,53 @@ def collate(items: list[dict[str, Any]], norm: LatentNorm) -> dict[str, torch.Te
     return batch
 
 
-class RankBatches(torch.utils.data.IterableDataset):
-    """One rank's batches; each DataLoader worker produces those of its slot."""
-
-    def __init__(self, plan: Plan, how: Decoding, rank: int, workers: int, batch_size: int, start_batches: int):
-        super().__init__()
-        self.plan, self.how, self.rank, self.workers = plan, how, rank, workers
-        self.batch_size, self.start_batches = batch_size, start_batches
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        info = torch.utils.data.get_worker_info()
-        worker = info.id if info is not None else 0
-        # The DataLoader asks worker 0 first on every (re)start: after n batches the next one
-        # is due from the worker that made batch n in the original run, so rotate the roles.
-        role = (worker + self.start_batches) % self.workers
-        done = (self.start_batches - role + self.workers - 1) // self.workers  # batches this role made
-        samples = slot_samples(self.plan, self.rank * self.workers + role, done * self.batch_size)
-        try:
-            while True:
-                items = [decode_sample(*next(samples), self.how) for _ in range(self.batch_size)]
-                yield collate(items, self.how.norm)
-        except ErwError as err:
-            # Handed to the main process as a value: raised in a worker it would reach the user
-            # wrapped in the worker's whole traceback instead of its one clear line.
-            yield WorkerFailure(err)
-
-
 @dataclass(frozen=True)
 class WorkerFailure:
+    """An ErwError of a worker, handed to the main process as a value: raised in the worker it
+    would reach the user wrapped in the worker's whole traceback instead of its one line."""
+
     error: ErwError
+
+
+class RankPartitions(torch.utils.data.IterableDataset):
+    """One rank's partitions. Worker v of n reads partitions v, v+n, ... of the rank and yields,
+    per round, one chunk: {"round", "partition" [k], and the collated samples of its partitions}."""
+
+    def __init__(self, plan: Plan, how: Decoding, partitions: range, start_round: int, max_bad_samples: int):
+        super().__init__()
+        self.plan, self.how, self.partitions = plan, how, partitions
+        self.start_round, self.max_bad_samples = start_round, max_bad_samples
+
+    def __iter__(self) -> Iterator[dict[str, Any] | WorkerFailure]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        mine = list(self.partitions[worker::workers])
+        streams = [partition_samples(self.plan, p, self.start_round) for p in mine]
+        bad = 0
+        try:
+            for round_ in range(self.start_round, sys.maxsize):
+                items, kept = [], []
+                for partition, stream in zip(mine, streams):
+                    epoch, sample_id, raw = next(stream)
+                    try:
+                        items.append(decode_sample(epoch, sample_id, raw, self.how))
+                        kept.append(partition)
+                    except BadSample as err:
+                        bad += 1
+                        where = f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}"
+                        if bad > self.max_bad_samples:
+                            raise DatasetError(
+                                f"{where}: {err}; that is {bad} bad samples in one loader worker, more than "
+                                f"data.max_bad_samples={self.max_bad_samples} (each was named on stderr). Fix or "
+                                "precompute the dataset again, or raise data.max_bad_samples"
+                            ) from None
+                        print(f"data: dropped {where}: {err} ({bad} of data.max_bad_samples="
+                              f"{self.max_bad_samples} in this worker)", file=sys.stderr, flush=True)
+                chunk: dict[str, Any] = collate(items, self.how.norm) if items else {}
+                chunk.update(round=round_, partition=torch.tensor(kept, dtype=torch.int64))
+                yield chunk
+        except ErwError as err:
+            yield WorkerFailure(err)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,88 +382,157 @@ def _ignore_termination(_worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-class ShardLoader:
-    """Iterates forever over epochs; state_dict()/load_state_dict() resume exactly.
+# What each field of the loader state is called in the config, for the refusal message.
+_STATE_SETTINGS = {
+    "global_batch": "the global batch (batch_size of the phase)",
+    "seed": "seed",
+    "shuffle_buffer": "data.shuffle_buffer",
+    "dataset": "the dataset (data.shards: its content fingerprint)",
+    "num_samples": "the dataset (data.shards: its number of samples)",
+}
 
-    Every rank hands out the same number of batches, so the state of rank 0 resumes all ranks.
-    """
+
+class ShardLoader:
+    """Iterates forever; state_dict()/load_state_dict() resume exactly, on any world size that
+    divides the global batch. Every rank hands out the same number of batches, so the state of
+    rank 0 resumes all ranks."""
 
     def __init__(
         self, shards: str, manifest: dict[str, Any], batch_size: int, rank: int, world_size: int, seed: int,
-        num_workers: int, shuffle_buffer: int, with_images: bool,
+        num_workers: int, shuffle_buffer: int, with_images: bool, global_batch: int | None = None,
+        num_classes: int | None = None, max_bad_samples: int = 0,
     ):
         self.manifest = manifest
-        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
-        self.num_workers = num_workers
-        self.workers = max(1, num_workers)  # slots per rank; 0 workers = one slot in this process
-        counts = tuple(s["count"] for s in manifest["shards"])
-        self.plan = Plan(
-            tuple(resolve_uri(shards, s["name"]) for s in manifest["shards"]), counts, seed,
-            world_size * self.workers, max(1, shuffle_buffer),
-        )
-        if self.plan.num_samples < self.plan.num_slots:
+        self.global_batch = global_batch or batch_size * world_size
+        if self.global_batch % world_size or (self.global_batch // world_size) % batch_size:
             raise DatasetError(
-                f"{shards} holds {self.plan.num_samples} samples, fewer than the {self.plan.num_slots} readers "
-                f"({world_size} ranks x {self.workers} workers): lower data.num_workers"
+                f"the global batch {self.global_batch} does not split into {world_size} ranks x micro-batches of "
+                f"{batch_size}: make batch_size a multiple of world size x grad_accum"
+            )
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        per_rank = self.global_batch // world_size
+        self.partitions = range(rank * per_rank, (rank + 1) * per_rank)
+        self.micro_per_round = per_rank // batch_size
+        self.workers = min(num_workers, per_rank)  # at most one worker per partition; 0: in this process
+        self.max_bad_samples = max_bad_samples
+        self.plan = Plan(
+            tuple(resolve_uri(shards, s["name"]) for s in manifest["shards"]),
+            tuple(s["count"] for s in manifest["shards"]), seed, self.global_batch, max(1, shuffle_buffer),
+            sha256=tuple(s.get("sha256") for s in manifest["shards"]),
+            sizes=tuple(s.get("bytes", 0) for s in manifest["shards"]),
+        )
+        if self.plan.num_samples < self.global_batch:
+            raise DatasetError(
+                f"{shards} holds {self.plan.num_samples} samples, fewer than the global batch {self.global_batch}"
             )
         cached_features = manifest["store"] == "features"
+        feat_shape = manifest.get("feat_shape")
         self.how = Decoding(
             seed=seed, norm=LatentNorm.from_manifest(manifest),
             image_format=manifest["image_format"] if with_images and not cached_features else None,
             with_features=with_images and cached_features,
+            latent_shape=tuple(manifest["latent_shape"]),
+            num_classes=manifest["num_classes"],  # the model's may be larger (checked before)
+            image_size=manifest["resolution"], feat_shape=tuple(feat_shape) if feat_shape else None,
         )
-        self.batches = 0
+        self.batches = 0  # micro-batches handed out
+
+    @property
+    def rounds(self) -> int:
+        return self.batches // self.micro_per_round
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        dataset = RankBatches(self.plan, self.how, self.rank, self.workers, self.batch_size, self.batches)
-        if self.num_workers == 0:
-            batches: Any = iter(dataset)
+        if self.batches % self.micro_per_round:
+            raise DatasetError("the loader can only restart at a step boundary")
+        dataset = RankPartitions(self.plan, self.how, self.partitions, self.rounds, self.max_bad_samples)
+        if self.workers == 0:
+            chunks: Any = iter(dataset)
         else:
-            batches = iter(torch.utils.data.DataLoader(
-                dataset, batch_size=None, num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
-                prefetch_factor=4, worker_init_fn=_ignore_termination,
+            chunks = iter(torch.utils.data.DataLoader(
+                dataset, batch_size=None, num_workers=self.workers, prefetch_factor=4,
+                worker_init_fn=_ignore_termination,
+                generator=torch.Generator(),  # never draw the workers' base seed from the global RNG
             ))
-        for batch in batches:
-            if isinstance(batch, WorkerFailure):
-                raise batch.error
-            self.batches += 1
-            yield batch
+        per_round = max(1, self.workers)
+        first = self.partitions.start
+        while True:
+            got = [next(chunks) for _ in range(per_round)]
+            for chunk in got:
+                if isinstance(chunk, WorkerFailure):
+                    raise chunk.error
+                if chunk["round"] != self.rounds:
+                    raise RuntimeError(f"loader workers out of step: round {chunk['round']}, expected {self.rounds}")
+            filled = [c for c in got if len(c["partition"])]
+            partition = torch.cat([c["partition"] for c in got])
+            order = torch.argsort(partition)
+            partition = partition[order]
+            merged = {k: torch.cat([c[k] for c in filled])[order] for k in filled[0] if k not in ("round", "partition")} if filled else {}
+            for micro in range(self.micro_per_round):
+                lo = first + micro * self.batch_size
+                keep = (partition >= lo) & (partition < lo + self.batch_size)
+                if not bool(keep.any()):
+                    raise DatasetError(
+                        f"every sample of a micro-batch (partitions {lo}..{lo + self.batch_size - 1}, round "
+                        f"{self.rounds}) was bad (named on stderr): fix or precompute the dataset again"
+                    )
+                batch = {k: v[keep] for k, v in merged.items()}
+                if torch.cuda.is_available():
+                    batch = {k: v.pin_memory() for k, v in batch.items()}
+                self.batches += 1
+                yield batch
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "version": STATE_VERSION, "batches": self.batches, "batch_size": self.batch_size,
-            "world_size": self.world_size, "workers": self.workers, "seed": self.plan.seed,
-            "shuffle_buffer": self.plan.shuffle_buffer, "dataset": self.manifest["source"]["content_sha256"],
-            "num_samples": self.plan.num_samples,
+            "version": STATE_VERSION, "rounds": self.rounds, "global_batch": self.global_batch,
+            "seed": self.plan.seed, "shuffle_buffer": self.plan.shuffle_buffer,
+            "dataset": self.manifest["source"]["content_sha256"], "num_samples": self.plan.num_samples,
+            # informative only: resuming on another world size or worker count is exact
+            "world_size": self.world_size, "num_workers": self.workers,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise DatasetError(
+                f"the checkpoint's data position was saved by an older erw (loader state version "
+                f"{state.get('version')!r}, this one reads {STATE_VERSION}), whose sample order depended on the "
+                "world size and worker count: it cannot be continued exactly. Start a new run (or use the older erw)"
+            )
         mine = self.state_dict()
-        differ = [f"{k}: {state.get(k)!r} then, {mine[k]!r} now" for k in mine if k != "batches" and state.get(k) != mine[k]]
+        differ = {
+            _STATE_SETTINGS[k]: f"{state.get(k)!r} then, {mine[k]!r} now"
+            for k in _STATE_SETTINGS if state.get(k) != mine[k]
+        }
         if differ:
             raise DatasetError(
-                "cannot resume the data position exactly, the loader is set up differently:\n  - "
-                + "\n  - ".join(differ)
-                + "\nResume with the same dataset, world size, batch size, data.num_workers and seed"
+                "cannot resume the data position exactly, a setting that fixes the sample order changed:\n  - "
+                + "\n  - ".join(f"{name}: {change}" for name, change in differ.items())
+                + "\nSet it back to continue this run (the world size, data.num_workers and grad_accum may change), "
+                "or start a new run in a new out"
             )
-        self.batches = int(state["batches"])
+        self.batches = int(state["rounds"]) * self.micro_per_round
 
 
 def build_loader(
-    data_cfg: Any, batch_size: int, rank: int, world_size: int, seed: int, with_images: bool
+    data_cfg: Any, batch_size: int, rank: int, world_size: int, seed: int, with_images: bool,
+    global_batch: int | None = None, num_classes: int | None = None,
 ) -> ShardLoader:
-    """The loader of `data_cfg.shards` for one rank, after checking the manifest against data_cfg.
+    """The loader of `data_cfg.shards` for one rank, after checking the manifest against data_cfg
+    (and num_classes, the model's) and the shards' sizes against the manifest.
 
-    Batches: "latent" float32 [B, C, h, w] in model space, "label" int64 [B], "index" and
-    "epoch" int64 [B] (the sample's position in the manifest's shard order, and the epoch it
-    was drawn in), and with_images: "image" uint8 [B, 3, R, R], or "feat" float32 [B, T, D]
-    when the shards cache encoder tokens instead of images.
+    batch_size is the micro-batch of one rank; global_batch (default batch_size x world_size)
+    is the samples per optimizer step over all ranks. Batches: "latent" float32 [B, C, h, w] in
+    model space, "label" int64 [B], "index" and "epoch" int64 [B] (the sample's position in the
+    manifest's shard order, and the epoch it was drawn in), and with_images: "image" uint8
+    [B, 3, R, R], or "feat" float32 [B, T, D] when the shards cache encoder tokens instead of
+    images. B is batch_size less the bad samples dropped (none in a sound dataset).
     """
     if batch_size < 1:
         raise DatasetError(f"per-rank batch size must be at least 1, got {batch_size}")
     manifest = read_manifest(data_cfg.shards)
-    check_manifest(manifest, data_cfg)
+    check_manifest(manifest, data_cfg, num_classes)
+    check_shard_sizes(data_cfg.shards, manifest)
     return ShardLoader(
         data_cfg.shards, manifest, batch_size, rank, world_size, seed, data_cfg.num_workers,
-        data_cfg.shuffle_buffer, with_images,
+        data_cfg.shuffle_buffer, with_images, global_batch=global_batch, num_classes=num_classes,
+        max_bad_samples=getattr(data_cfg, "max_bad_samples", 0),
     )

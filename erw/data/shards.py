@@ -20,8 +20,13 @@ from typing import Iterator
 import numpy as np
 
 from erw import faults, storage
+from erw.errors import ErwError
 
 MANIFEST = "manifest.json"
+
+
+class DatasetError(ErwError):
+    """The shards cannot be used as configured; the message says why and how to fix it."""
 
 
 def shard_name(index: int) -> str:
@@ -117,15 +122,50 @@ class ShardWriter:
         return self.count, digest.hexdigest(), self.path.stat().st_size
 
 
-def read_tar_samples(uri: str) -> Iterator[dict]:
+def read_tar_samples(uri: str, sha256: str | None = None, size: int | None = None) -> Iterator[dict]:
     """Stream the samples of one tar (local or s3://) as WebDataset dicts: {"__key__", suffix: bytes}.
 
-    The stream is opened here and closed when the iteration ends or is abandoned.
+    The stream is opened here and closed when the iteration ends or is abandoned. With sha256
+    (and size), the bytes are hashed as they are read; an iteration that runs to the end
+    reads the rest of the file and raises DatasetError if it is not the shard the manifest
+    lists. A tar that cannot be parsed raises DatasetError naming the shard.
     """
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
     with faults.shard_stream(uri, storage.open_read(uri)) as stream:
-        yield from group_by_keys(tar_file_expander([{"url": uri, "stream": stream}]))
+        reader = _HashingReader(stream) if sha256 else stream
+        try:
+            yield from group_by_keys(tar_file_expander([{"url": uri, "stream": reader}]))
+        except (tarfile.TarError, EOFError, ValueError) as err:
+            raise DatasetError(
+                f"{uri} is not a readable tar shard ({str(err).splitlines()[0]}): it is corrupt or truncated; "
+                "precompute the dataset again (or restore the shard)"
+            ) from None
+        if sha256:
+            reader.drain()
+            if reader.size != size or reader.digest.hexdigest() != sha256:
+                raise DatasetError(
+                    f"{uri} does not match its manifest entry ({reader.size} bytes, sha256 "
+                    f"{reader.digest.hexdigest()[:12]}..., the manifest says {size} bytes, {sha256[:12]}...): "
+                    "the shard was changed or corrupted; precompute the dataset again (or restore the shard)"
+                )
+
+
+class _HashingReader:
+    """A read-only stream that hashes every byte read through it."""
+
+    def __init__(self, stream):
+        self.stream, self.digest, self.size = stream, hashlib.sha256(), 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.stream.read(n)
+        self.digest.update(data)
+        self.size += len(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
 
 
 def _gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **_: object):

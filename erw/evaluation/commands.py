@@ -68,8 +68,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _sample(args: argparse.Namespace) -> int:
+    from erw import storage
     from erw.evaluation.generate import SampleRequest, run_sampling
 
+    storage.check_writable(args.out, "--out")  # credentials, bucket, URI: before any sampling
     overrides = {
         "num_samples": args.num_samples, "mode": args.mode, "solver": args.solver, "steps": args.steps,
         "cfg_scale": args.cfg_scale, "guidance_low": args.guidance_low, "guidance_high": args.guidance_high,

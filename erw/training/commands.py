@@ -47,6 +47,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from erw.config import load_config, validate
     from erw.data.codec import LatentNorm
+    from erw import storage
     from erw.data.loader import build_loader
     from erw.telemetry import TrainingMetrics
     from erw.tracking import run_logger
@@ -57,6 +58,7 @@ def _run(args: argparse.Namespace) -> int:
     phase = args.phase
     cfg = load_config(args.config, args.overrides)
     validate(cfg, world_size=world_size_from_env(), phase=phase)  # before any process group or GPU work
+    storage.check_writable(getattr(cfg, phase).out, f"{phase}.out")  # credentials, bucket, URI: before compute
     cfg.run_id = run_id_for(cfg.run_id)
     d = init_distributed()
     try:
@@ -64,7 +66,8 @@ def _run(args: argparse.Namespace) -> int:
         aligns = cfg.encoder.name != "none" and (phase == "warmup" or cfg.objective.resolved_align_coeff(cfg.model) > 0)
         encoder = load_encoder(cfg.encoder, cfg.data.resolution, d.device) if aligns else None
         micro_batch = p.batch_size // (d.world_size * p.grad_accum)
-        batches = build_loader(cfg.data, micro_batch, d.rank, d.world_size, cfg.seed, with_images=aligns)
+        batches = build_loader(cfg.data, micro_batch, d.rank, d.world_size, cfg.seed, with_images=aligns,
+                               global_batch=p.batch_size, num_classes=cfg.model.num_classes)
         metrics = TrainingMetrics(
             cfg.metrics.port, cfg.run_id, phase, d.rank, d.local_rank, checkpoint_every=p.ckpt_every
         )
