@@ -112,9 +112,7 @@ def test_raw_crops_load_like_png_crops(shards, tmp_path):
 
 def test_loader_reads_shards_from_s3(shards, s3_bucket):
     remote = f"{s3_bucket}/datasets/tiny"
-    for file in Path(shards).rglob("*"):
-        if file.is_file():
-            storage.upload_file(file, f"{remote}/{file.relative_to(shards).as_posix()}")
+    _upload(shards, remote)
     local = take(build_loader(config(shards), 4, 0, 1, seed=1, with_images=True), 4)
     over_s3 = take(build_loader(config(remote), 4, 0, 1, seed=1, with_images=True), 4)
     for a, b in zip(local, over_s3):
@@ -210,9 +208,8 @@ def test_elastic_resume_continues_the_global_sample_order(shards, world, new_wor
 
 
 def _rewrite(shards: str, to: Path, shard: str, change) -> str:
-    """A copy of the dataset where change(key, members) -> members rewrote one shard (its manifest
-    entry updated, so only the content is wrong)."""
-    import hashlib
+    """A copy of the dataset where change(position, members) -> members rewrote one shard (its
+    manifest entry updated, so only the content is wrong)."""
     import json
 
     from erw.data.shards import ShardWriter, read_tar_samples
@@ -220,16 +217,11 @@ def _rewrite(shards: str, to: Path, shard: str, change) -> str:
     shutil.copytree(shards, to)
     samples = list(read_tar_samples(str(to / shard)))
     writer = ShardWriter(to / shard)
-    for sample in samples:
+    for position, sample in enumerate(samples):
         members = {k: v for k, v in sample.items() if not k.startswith("__")}
-        writer.write(sample["__key__"], change(sample["__key__"], members))
+        writer.write(sample["__key__"], change(position, members))
     count, digest, size = writer.close()
-    manifest = json.loads((to / "manifest.json").read_text())
-    for entry in manifest["shards"]:
-        if entry["name"] == shard:
-            entry.update(count=count, sha256=digest, bytes=size)
-    (to / "manifest.json").write_text(json.dumps(manifest))
-    assert hashlib.sha256((to / shard).read_bytes()).hexdigest() == digest
+    _set_manifest(str(to), shard, count=count, sha256=digest, bytes=size)
     return str(to)
 
 
@@ -248,44 +240,49 @@ def _set_manifest(dataset: str, shard: str, **fields) -> None:
 def test_a_shard_that_does_not_match_its_sha256_is_named(shards, tmp_path, num_workers):
     altered = tmp_path / "altered"
     shutil.copytree(shards, altered)
-    _set_manifest(str(altered), "shard-000003.tar", sha256="0" * 64)
+    name = _entry(shards, 3)["name"]
+    _set_manifest(str(altered), name, sha256="0" * 64)
     loader = build_loader(config(str(altered), num_workers=num_workers), 4, 0, 1, seed=0, with_images=False)
-    with pytest.raises(DatasetError, match=r"shard-000003.tar does not match its manifest entry") as caught:
+    with pytest.raises(DatasetError, match=f"{name} does not match its manifest entry") as caught:
         take(loader, 40)  # past one epoch: every shard was read whole once
     assert "\n" not in str(caught.value)
 
 
 def test_altered_latent_bytes_are_caught_by_the_checksum(shards, tmp_path):
-    def flip(key, members):
+    def flip(position, members):
         data = bytearray(members["latent.npy"])
         data[-1] ^= 0x01  # a finite change: the tar stays valid, same size
         return {**members, "latent.npy": bytes(data)}
 
-    altered = _rewrite(shards, tmp_path / "altered", "shard-000002.tar", flip)
-    entry_sha = __import__("json").loads(Path(shards, "manifest.json").read_text())["shards"][2]["sha256"]
-    _set_manifest(altered, "shard-000002.tar", sha256=entry_sha)  # the manifest of the sound shard
+    sound = _entry(shards, 2)
+    altered = _rewrite(shards, tmp_path / "altered", sound["name"], flip)
+    _set_manifest(altered, sound["name"], sha256=sound["sha256"])  # the manifest of the sound shard
     loader = build_loader(config(altered, num_workers=0), 4, 0, 1, seed=0, with_images=False)
-    with pytest.raises(DatasetError, match="shard-000002.tar does not match its manifest entry"):
+    with pytest.raises(DatasetError, match=f"{sound['name']} does not match its manifest entry"):
         take(loader, 40)
 
 
 def test_a_truncated_or_missing_shard_is_refused_before_compute(shards, tmp_path):
     cut = tmp_path / "cut"
     shutil.copytree(shards, cut)
-    data = (cut / "shard-000004.tar").read_bytes()
-    (cut / "shard-000004.tar").write_bytes(data[: len(data) // 2])
-    (cut / "shard-000006.tar").unlink()
-    with pytest.raises(DatasetError, match=r"shard-000004.tar has \d+ bytes, the manifest says \d+\n  - shard-000006.tar is missing"):
+    short, gone = _entry(shards, 4)["name"], _entry(shards, 6)["name"]
+    data = (cut / short).read_bytes()
+    (cut / short).write_bytes(data[: len(data) // 2])
+    (cut / gone).unlink()
+    with pytest.raises(DatasetError) as caught:
         build_loader(config(str(cut)), 4, 0, 1, seed=0, with_images=False)
+    assert f"{short} has {len(data) // 2} bytes, the manifest says {len(data)}" in str(caught.value)
+    assert f"{gone} is missing" in str(caught.value)
 
 
 def test_a_corrupt_tar_is_named_in_one_line(shards, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(shards, bad)
-    size = (bad / "shard-000001.tar").stat().st_size
-    (bad / "shard-000001.tar").write_bytes(np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8).tobytes())
+    name = _entry(shards, 1)["name"]
+    size = (bad / name).stat().st_size
+    (bad / name).write_bytes(np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8).tobytes())
     loader = build_loader(config(str(bad), num_workers=2), 4, 0, 1, seed=0, with_images=False)
-    with pytest.raises(DatasetError, match="shard-000001.tar is not a readable tar shard") as caught:
+    with pytest.raises(DatasetError, match=f"{name} is not a readable tar shard") as caught:
         take(loader, 40)
     assert "\n" not in str(caught.value) and "Traceback" not in str(caught.value)
 
@@ -296,30 +293,31 @@ def test_model_with_fewer_classes_than_the_data_is_refused(shards):
     build_loader(config(shards), 4, 0, 1, seed=0, with_images=False, num_classes=5)  # spare classes are fine
 
 
-def _bad_samples(key, members):
-    if key.endswith("_000001"):
+def _bad_samples(position, members):
+    if position == 1:
         return {**members, "cls": b"42"}
-    if key.endswith("_000003"):
+    if position == 3:
         return {**members, "latent.npy": npy_bytes(np.zeros((6, 8, 8), np.float16))}
-    if key.endswith("_000005"):
+    if position == 5:
         return {**members, "latent.npy": b"not an npy file"}
     return members
 
 
 def test_bad_samples_are_dropped_named_and_counted(shards, tmp_path, capfd):
-    bad = _rewrite(shards, tmp_path / "bad", "shard-000000.tar", _bad_samples)
+    name = _entry(shards, 0)["name"]  # samples 0.. of the dataset
+    bad = _rewrite(shards, tmp_path / "bad", name, _bad_samples)
     loader = build_loader(config(bad, num_workers=0, max_bad_samples=3), 4, 0, 1, seed=0, with_images=True)
     batches = take(loader, 15)  # one epoch: 60 samples
     indices = torch.cat([b["index"] for b in batches]).tolist()
     assert sorted(indices) == sorted(set(range(NUM_IMAGES)) - {1, 3, 5})
     err = capfd.readouterr().err
-    assert "shard-000000.tar:000000_000001: label 42 outside [0, 3) (1 of data.max_bad_samples=3" in err or \
-        "label 42 outside [0, 3)" in err
+    assert f"{name}:" in err and "label 42 outside [0, 3) (" in err
+    assert "(3 of data.max_bad_samples=3 in this worker)" in err
     assert "latent moments of shape [6, 8, 8], the manifest says [6, 16, 16]" in err
     assert "unreadable member" in err
 
     strict = build_loader(config(bad, num_workers=2, max_bad_samples=0), 4, 0, 1, seed=0, with_images=True)
-    with pytest.raises(DatasetError, match=r"shard-000000.tar:000000_00000[135]: .*more than data.max_bad_samples=0") as caught:
+    with pytest.raises(DatasetError, match=f"{name}:.*: .*more than data.max_bad_samples=0") as caught:
         take(strict, 15)
     assert "\n" not in str(caught.value)
 
@@ -353,6 +351,13 @@ def _upload(shards: str, remote: str) -> None:
     for file in Path(shards).rglob("*"):
         if file.is_file():
             storage.upload_file(file, f"{remote}/{file.relative_to(shards).as_posix()}")
+
+
+def _entry(dataset: str, i: int) -> dict:
+    """The manifest entry of the i-th shard (name relative to the dataset, count, sha256, bytes)."""
+    import json
+
+    return json.loads(Path(dataset, "manifest.json").read_text())["shards"][i]
 
 
 def test_loader_rides_out_an_s3_outage(shards, s3_bucket, s3_proxy, monkeypatch):

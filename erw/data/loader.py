@@ -455,31 +455,39 @@ class ShardLoader:
             ))
         per_round = max(1, self.workers)
         first = self.partitions.start
-        while True:
-            got = [next(chunks) for _ in range(per_round)]
-            for chunk in got:
-                if isinstance(chunk, WorkerFailure):
-                    raise chunk.error
-                if chunk["round"] != self.rounds:
-                    raise RuntimeError(f"loader workers out of step: round {chunk['round']}, expected {self.rounds}")
-            filled = [c for c in got if len(c["partition"])]
-            partition = torch.cat([c["partition"] for c in got])
-            order = torch.argsort(partition)
-            partition = partition[order]
-            merged = {k: torch.cat([c[k] for c in filled])[order] for k in filled[0] if k not in ("round", "partition")} if filled else {}
-            for micro in range(self.micro_per_round):
-                lo = first + micro * self.batch_size
-                keep = (partition >= lo) & (partition < lo + self.batch_size)
-                if not bool(keep.any()):
-                    raise DatasetError(
-                        f"every sample of a micro-batch (partitions {lo}..{lo + self.batch_size - 1}, round "
-                        f"{self.rounds}) was bad (named on stderr): fix or precompute the dataset again"
-                    )
-                batch = {k: v[keep] for k, v in merged.items()}
-                if torch.cuda.is_available():
-                    batch = {k: v.pin_memory() for k, v in batch.items()}
-                self.batches += 1
-                yield batch
+        try:
+            while True:
+                got = [next(chunks) for _ in range(per_round)]
+                for chunk in got:
+                    if isinstance(chunk, WorkerFailure):
+                        raise chunk.error
+                    if chunk["round"] != self.rounds:
+                        raise RuntimeError(f"loader workers out of step: round {chunk['round']}, expected {self.rounds}")
+                filled = [c for c in got if len(c["partition"])]
+                partition = torch.cat([c["partition"] for c in got])
+                order = torch.argsort(partition)
+                partition = partition[order]
+                keys = [k for k in (filled[0] if filled else {}) if k not in ("round", "partition")]
+                merged = {k: torch.cat([c[k] for c in filled])[order] for k in keys}
+                for micro in range(self.micro_per_round):
+                    lo = first + micro * self.batch_size
+                    keep = (partition >= lo) & (partition < lo + self.batch_size)
+                    if not bool(keep.any()):
+                        raise DatasetError(
+                            f"every sample of a micro-batch (partitions {lo}..{lo + self.batch_size - 1}, round "
+                            f"{self.rounds}) was bad (named on stderr): fix or precompute the dataset again"
+                        )
+                    batch = {k: v[keep] for k, v in merged.items()}
+                    if torch.cuda.is_available():
+                        batch = {k: v.pin_memory() for k, v in batch.items()}
+                    self.batches += 1
+                    yield batch
+        finally:
+            # Stop the workers now, also when an error leaves this frame alive in a traceback:
+            # they ignore SIGTERM, so an exiting interpreter would otherwise wait for them forever.
+            shutdown = getattr(chunks, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
 
     def state_dict(self) -> dict[str, Any]:
         return {
