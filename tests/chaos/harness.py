@@ -64,7 +64,7 @@ def first_shard(shards: Path) -> str:
     seed = load_config(ROOT / "configs/demo.yaml").seed
     manifest = read_manifest(str(shards))
     loader = ShardLoader(str(shards), manifest, 32, 0, 1, seed, 1, 64, with_images=False)
-    return manifest["shards"][loader.plan.pieces(0, 0)[0][0]]["name"]
+    return manifest["shards"][loader.plan.pieces(0, 0)[0][0]]["name"].rsplit("/", 1)[-1]  # ERW_FAULT_CORRUPT_SHARD takes a file name
 
 
 def train_command(shards: str, out: str, *, ranks: int = 2, steps: int = STEPS, restarts: int | None = None,

@@ -150,15 +150,7 @@ def test_s3_faults_during_training_are_ridden_out(chaos_shards, uninterrupted, s
     assert identical(ckpt.step_uri(f"{s3_bucket}/out", STEPS), uninterrupted.final)[0]
 
 
-# Found by this test (main at 363ee48): the DatasetError, or tarfile's raw ReadError, is raised inside the
-# loader's generator; at exit multiprocessing joins the DataLoader worker, which ignores SIGTERM: the
-# process prints the error and then hangs (the D1 path the trainer's close() does not cover). The data
-# helper's D8 branch (1fbf6b4) was checked to exit 2 in both modes; drop this mark when it lands.
-LOADER_ERROR_HANGS = pytest.mark.xfail(strict=True, reason="a loader error leaves the DataLoader worker joined forever")
-
-
-@pytest.mark.parametrize("mode", [pytest.param("truncate", marks=LOADER_ERROR_HANGS),
-                                  pytest.param("flip", marks=LOADER_ERROR_HANGS)])
+@pytest.mark.parametrize("mode", ["truncate", "flip"])
 def test_a_corrupt_shard_is_reported_not_a_hang(chaos_shards, tmp_path, mode):
     """A shard that reads short or as garbage halfway: the run stops with one line that names it
     (exit 2), instead of a traceback, a hang, or training on garbage."""
