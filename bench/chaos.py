@@ -161,10 +161,10 @@ class Matrix:
         reported = outcome.status == 2 and name in last and "Traceback" not in outcome.output
         verdict = ("stopped with one clear line (exit 2), by design" if reported
                    else f"NOT reported cleanly (exit {outcome.status}{', hang' if outcome.status == 124 else ''})")
-        return Row(f"shard {mode}d halfway ({name})", "first shard read, 1 process", f"no: {verdict}")
+        return Row(f"shard {'truncated' if mode == 'truncate' else 'flipped'} halfway ({name})", "first shard read, 1 process", f"no: {verdict}")
 
     def kill_points(self, out: str, label: str, points: int) -> list[Row]:
-        folder = self.fresh(f"points-{label}")
+        folder = self.fresh(f"points-{label.replace(' ', '-')}")
         report = folder / "report.json"
         proc = subprocess.run(
             [sys.executable, str(ROOT / "tests/chaos/killpoints.py"), "--shards", str(self.shards), "--out", out,
@@ -175,8 +175,11 @@ class Matrix:
             return [Row(f"checkpoint writer killed ({label})", "-", f"driver failed: {proc.stderr[-300:]}")]
         data = json.loads(report.read_text())
         rows = []
+        unkilled = [p["budget"] for p in data if p["status"] == 0]
+        if unkilled:  # a budget past the bytes this run wrote: no fault happened, nothing to judge
+            rows.append(Row(f"checkpoint writer ({label})", f"budgets {', '.join(unkilled)} B", "not injected"))
         for kind, picked in (("SIGKILL", [p for p in data if p["status"] == -9]),
-                             ("full disk (ENOSPC)", [p for p in data if p["status"] != -9])):
+                             ("full disk (ENOSPC)", [p for p in data if p["budget"].endswith(":raise")])):
             if not picked:
                 continue
             good = [p for p in picked if p["resume_auto_loads"] == max(p["committed"], default=None)
