@@ -3,7 +3,8 @@
     python bench/checkpoint_throughput.py [--config PRESET] [key=value ...] [--arch SiT-S/2]
                                           [--segment 8] [--rounds 3] [--out DIR]
 
-Runs the trainer's step (erw.training.step.train_step) and its checkpoint writer
+Runs the trainer's step (erw.training.step.train_step, fp32 on the CPU, the preset's precision with
+--device cuda) and its checkpoint writer
 (erw.training.async_checkpoint.CheckpointWriter) on this machine, in segments of --segment steps:
 
     none    no checkpoint
@@ -29,6 +30,7 @@ import torch
 from erw.config import load_config, validate
 from erw.models.encoders import ENCODERS
 from erw.training.async_checkpoint import CheckpointWriter
+from erw.training.distributed import Dist
 from erw.training.step import TrainState, train_step
 from erw.training.trainer import build_model, build_objective
 
@@ -44,26 +46,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--segment", type=int, default=8, help="steps per timed segment (one checkpoint each)")
     parser.add_argument("--rounds", type=int, default=3, help="segments per variant")
     parser.add_argument("--out", default="", help="where checkpoints go (default: a temporary folder)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the state is staged from it to CPU memory)")
     args = parser.parse_args(argv)
     cfg = validate(load_config(args.config, [
-        f"model.arch={args.arch}", "model.align_depth=8", "train.precision=fp32", f"train.batch_size={args.batch}",
-        *args.overrides,
+        f"model.arch={args.arch}", "model.align_depth=8", f"train.batch_size={args.batch}",
+        *([] if args.device.startswith("cuda") else ["train.precision=fp32"]), *args.overrides,
     ]))
+    device = torch.device(args.device)
     p = cfg.train
     spec = ENCODERS[cfg.encoder.name]
     torch.manual_seed(0)
-    state = TrainState.create(build_model(cfg, "train", spec.dim), p, torch.device("cpu"))
+    state = TrainState.create(build_model(cfg, "train", spec.dim).to(device), p, device)
     objective = build_objective(cfg, "train", 0)
     size, channels, micro = cfg.data.latent_size, cfg.data.latent_channels, args.batch // p.grad_accum
     item = {
-        "latent": torch.randn(micro, channels, size, size),
-        "label": torch.randint(0, cfg.model.num_classes, (micro,)),
-        "feat": torch.randn(micro, spec.num_tokens(cfg.data.resolution), spec.dim),
+        "latent": torch.randn(micro, channels, size, size, device=device),
+        "label": torch.randint(0, cfg.model.num_classes, (micro,), device=device),
+        "feat": torch.randn(micro, spec.num_tokens(cfg.data.resolution), spec.dim, device=device),
     }
     batches = iter(lambda: item, None)
+    one_process = Dist(rank=0, local_rank=0, world_size=1, device=device)
 
     def step() -> None:
-        train_step(state, batches, objective, p, seed=cfg.seed, encoder=torch.nn.Identity())
+        train_step(state, batches, objective, p, seed=cfg.seed, dist_state=one_process, encoder=torch.nn.Identity())
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     with tempfile.TemporaryDirectory() as scratch:
         out = args.out or scratch
@@ -95,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     step_seconds = median["none"] / args.segment
     cost = {variant: median[variant] - median["none"] for variant in ("sync", "async")}
     print(
-        f"checkpoint cost, CPU, {torch.get_num_threads()} threads, {args.arch} fp32 batch {args.batch}: "
+        f"checkpoint cost, {device}, {torch.get_num_threads()} threads, {args.arch} {p.precision} batch {args.batch}: "
         f"{checkpoint_bytes / 2**20:.0f} MiB per checkpoint, one write {write_seconds:.2f}s, one step "
         f"{step_seconds:.3f}s; median of {args.rounds} segments of {args.segment} steps"
     )
