@@ -44,6 +44,7 @@ PUSHED_METRICS: dict[str, str] = {
     "erw_eval_fid": "Frechet Inception Distance of the samples against the reference (lower is better).",
     "erw_eval_sfid": "Spatial FID of the samples against the reference (lower is better).",
     "erw_eval_inception_score": "Inception Score of the samples (higher is better).",
+    "erw_eval_class_accuracy": "Share of samples the evaluator classifies as the class they were generated for.",
     "erw_eval_precision": "Improved precision of the samples against the reference.",
     "erw_eval_recall": "Improved recall of the samples against the reference.",
     "erw_eval_samples": "Number of samples the evaluation used.",

@@ -6,6 +6,8 @@ import json
 
 from erw.config import OdeSolver, Precision, SamplerMode, choices
 
+METRICS = ("fid", "sfid", "inception_score", "class_accuracy", "precision", "recall")  # scores of metrics.json
+
 
 def _classes(text: str) -> list[int]:
     try:
@@ -94,10 +96,10 @@ def _evaluate(args: argparse.Namespace) -> int:
         num_samples=args.num_samples, reference_limit=args.reference_limit, reference_cache=args.reference_cache,
         grid_rows=args.grid_rows, grid_per_class=args.grid_per_class,
     ))
-    pushed = {f"erw_eval_{k}": result[k] for k in ("fid", "sfid", "inception_score", "precision", "recall") if result[k] is not None}
+    pushed = {f"erw_eval_{k}": result[k] for k in METRICS if result[k] is not None}
     run_id = args.run_id or (result.get("sampling") or {}).get("run_id") or ""
     push_metrics(args.pushgateway, "erw-evaluate", run_id, pushed | {
         "erw_eval_samples": result["num_samples"], "erw_eval_seconds": result["seconds"],
     })
-    print(json.dumps({k: result[k] for k in ("fid", "sfid", "inception_score", "precision", "recall", "num_samples")}))
+    print(json.dumps({k: result[k] for k in (*METRICS, "num_samples")}))
     return 0

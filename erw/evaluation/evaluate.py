@@ -69,14 +69,16 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
     )
 
     grid = GridCollector(opts.grid_rows, opts.grid_per_class)
+    sample_labels: list[torch.Tensor] = []
 
     def sample_batches():
         for images, labels in samples.batches(opts.batch_size, opts.num_samples):
             grid.add(images, labels)
+            sample_labels.append(labels)
             yield images
 
     features = extract_features(network, sample_batches(), device)
-    result = compute_metrics(features, reference, network, device)
+    result = compute_metrics(features, reference, network, device, torch.cat(sample_labels).numpy())
     result |= {
         "samples": opts.samples, "reference": opts.reference, "seconds": round(time.time() - started, 1),
         "reference_sha256": statistics_sha256(reference), "sampling": _sampling_info(samples.manifest),
@@ -85,7 +87,11 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
     return result
 
 
-def compute_metrics(features: Features, reference: Reference, network: FeatureNetwork, device: torch.device) -> dict[str, Any]:
+def compute_metrics(
+    features: Features, reference: Reference, network: FeatureNetwork, device: torch.device,
+    labels: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """labels: the class each sample was generated for (-1: unknown), for the class accuracy."""
     n, dim = features.pool.shape
     if dim != reference.pool.mu.shape[0]:
         raise ReferenceError(
@@ -109,6 +115,9 @@ def compute_metrics(features: Features, reference: Reference, network: FeatureNe
         if splits < IS_SPLITS:
             notes.append(f"Inception Score over {splits} splits (fewer samples than {IS_SPLITS})")
         result["inception_score"] = inception_score(features.logits, splits)
+    result["class_accuracy"] = class_accuracy(features, network, labels)
+    if result["class_accuracy"] is None and network.classifies_labels:
+        notes.append("no class accuracy: the samples do not record the class they were generated for")
     result["precision"] = result["recall"] = None
     if reference.activations is not None and min(n, len(reference.activations)) > PR_NEIGHBOURS:
         result["precision"], result["recall"] = precision_recall(reference.activations, features.pool, PR_NEIGHBOURS, device=device)
@@ -128,6 +137,16 @@ def statistics_sha256(reference: Reference) -> str:
             digest.update(np.ascontiguousarray(gaussian.mu, dtype=np.float64).tobytes())
             digest.update(np.ascontiguousarray(gaussian.sigma, dtype=np.float64).tobytes())
     return digest.hexdigest()
+
+
+def class_accuracy(features: Features, network: FeatureNetwork, labels: np.ndarray | None) -> float | None:
+    """The share of samples the network classifies as the class they were generated for; None
+    unless the network classifies the dataset's own labels and every sample has a label in range."""
+    if not network.classifies_labels or features.logits is None or labels is None:
+        return None
+    if len(labels) != len(features.logits) or labels.min() < 0 or labels.max() >= features.logits.shape[1]:
+        return None
+    return float((features.logits.argmax(axis=1) == labels).mean())
 
 
 def _sampling_info(manifest: dict[str, Any] | None) -> dict[str, Any] | None:

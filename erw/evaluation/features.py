@@ -30,6 +30,9 @@ class FeatureNetwork(Protocol):
     identity: str  # name plus a weights fingerprint: statistics are only comparable within one
     has_logits: bool
     has_spatial: bool
+    # Its logits index the dataset's own class ids (a classifier trained on them, as `erw
+    # fit-evaluator` makes), so "classified as the class asked for" is defined. Not Inception's.
+    classifies_labels: bool
 
     def __call__(self, images: Tensor) -> dict[str, Tensor]: ...
 
@@ -45,6 +48,7 @@ class ExportedFeatureNetwork(nn.Module):
         self.name = "custom"
         self.identity = f"custom:{fingerprint[:16]}"
         self.has_logits = has_logits
+        self.classifies_labels = has_logits
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> dict[str, Tensor]:

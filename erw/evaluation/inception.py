@@ -44,6 +44,7 @@ class InceptionFeatures(nn.Module):
 
     name = "inception-v3-tf"
     has_logits = has_spatial = True
+    classifies_labels = False  # ImageNet's 1008 Inception classes, not the dataset's ids
     pool_dim = POOL_DIM
 
     def __init__(self, state_dict: dict[str, Tensor], fingerprint: str):

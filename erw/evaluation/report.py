@@ -9,6 +9,7 @@ METRIC_LABELS = {  # key in metrics.json -> (label, direction)
     "fid": ("FID", "lower is better"),
     "sfid": ("sFID", "lower is better"),
     "inception_score": ("Inception Score", "higher is better"),
+    "class_accuracy": ("Class accuracy", "share classified as the class asked for; higher is better"),
     "precision": ("Precision", "higher is better"),
     "recall": ("Recall", "higher is better"),
 }

@@ -24,6 +24,8 @@ def _fit_arguments(p: argparse.ArgumentParser, seed: int) -> None:
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate (cosine decay to 0)")
     p.add_argument("--seed", type=int, default=seed, help="weights, split, batch order and augmentation")
     p.add_argument("--val-fraction", type=float, default=0.2, help="held out to report accuracy")
+    p.add_argument("--max-shift", type=int, default=2,
+                   help="random translations of up to this many pixels (augmentation); 1 at 16px, 2 at 32px")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
 
 
@@ -59,7 +61,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _settings(args: argparse.Namespace):
     from erw.models.small_nets import FitSettings
 
-    return FitSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, val_fraction=args.val_fraction)
+    return FitSettings(
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, val_fraction=args.val_fraction,
+        max_shift=args.max_shift,
+    )
 
 
 def _read(args: argparse.Namespace):
