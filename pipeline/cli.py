@@ -50,6 +50,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     lr.add_argument("--config", default=None, help="config preset (default configs/demo.yaml)")
     lr.add_argument("--no-cache", action="store_true", help="execute every step, even those with cached results")
+    lr.add_argument("--verbose", action="store_true",
+                    help="also show the steps' full output (kfp.local's executor dumps, artifact listings), "
+                    "which otherwise goes only to the log file whose path is printed")
     lr.add_argument("arguments", nargs="*", metavar="NAME=VALUE", help=ARGUMENTS_HELP)
     lr.set_defaults(func=_run_local)
 
@@ -120,7 +123,7 @@ def _run_local(args: argparse.Namespace) -> int:
     arguments = _arguments(args)
     if args.config:
         arguments["config"] = args.config
-    print(run_local(arguments, use_cache=not args.no_cache).summary())
+    print(run_local(arguments, use_cache=not args.no_cache, verbose=args.verbose).summary())
     return 0
 
 

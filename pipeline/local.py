@@ -7,17 +7,17 @@ a second run reuses the latents and the warmup checkpoint, as a cluster run woul
 """
 from __future__ import annotations
 
+import json
 import logging
-import re
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.console import CACHE_HIT, log_file, step_console
 from pipeline.params import DEMO, DEMO_INPUTS, REPO, defaults, resolve
 
-CACHE_HIT = re.compile(r"Task (\S+) cache hit")
 
 
 @dataclass
@@ -25,18 +25,32 @@ class LocalRun:
     seconds: float
     outputs: dict[str, Any]
     cached: list[str] = field(default_factory=list)  # tasks served from the cache
+    log: str = ""  # the steps' full output
+
+    def scores(self) -> dict[str, Any]:
+        """metrics.json of the evaluation (local or s3://)."""
+        from erw import storage
+
+        return json.loads(storage.read_bytes(self.outputs["evaluation"].metadata["metrics"]))
 
     def summary(self) -> str:
         model, evaluation = self.outputs["model"], self.outputs["evaluation"]
-        scores = ", ".join(f"{k} {v:.4g}" for k, v in sorted(self.outputs["metrics"].metadata.items()))
+        scores = self.scores()
+        shown = [f"FID {scores['fid']:.2f}"]
+        if scores.get("class_accuracy") is not None:
+            shown.append(f"class accuracy {100 * scores['class_accuracy']:.1f}% (samples the evaluator "
+                         "classifies as the class asked for)")
+        shown += [f"{k} {scores[k]:.3g}" for k in ("inception_score", "precision", "recall") if scores.get(k) is not None]
         verdict = Path(self.outputs["promotion"].path).read_text().splitlines()[0].lstrip("# ")
         lines = [
             f"pipeline finished in {self.seconds / 60:.1f} min",
+            f"  scores       {', '.join(shown)}",
             f"  checkpoint   {model.metadata['uri']}  (step {int(model.metadata['step'])})",
-            f"  metrics      {evaluation.metadata['metrics']}  ({scores})",
+            f"  metrics      {evaluation.metadata['metrics']}",
             f"  sample grid  {evaluation.metadata['grid']}  (report: {self.outputs['report'].path})",
             f"  promotion    {verdict}: {self.outputs['promotion'].path}",
             f"  from cache   {', '.join(self.cached) if self.cached else 'nothing (first run, or --no-cache)'}",
+            f"  full log     {self.log}",
         ]
         return "\n".join(lines)
 
@@ -54,18 +68,30 @@ def local_arguments(arguments: dict[str, Any]) -> dict[str, Any]:
     return args
 
 
-def run_local(arguments: dict[str, Any], use_cache: bool = True, local_dir: str | Path | None = None) -> LocalRun:
+def run_local(
+    arguments: dict[str, Any], use_cache: bool = True, local_dir: str | Path | None = None, verbose: bool = False,
+) -> LocalRun:
     """Run the DAG; kfp.local keeps task outputs and its cache in `local_dir` (default: the
-    workspace when it is local, else runs/kfp-local)."""
+    workspace when it is local, else runs/kfp-local). The screen shows one line per step and the
+    progress of training and sampling; the steps' full output goes to a log file under
+    `local_dir`/logs (and to the screen too when `verbose`)."""
+    args = local_arguments(arguments)
+    if local_dir is None:
+        local_dir = args["workspace"] if "://" not in args["workspace"] else REPO / "runs" / "kfp-local"
+    log = log_file(local_dir)
+    with step_console(log, verbose):
+        run = _run_dag(args, use_cache, local_dir)
+    run.log = str(log)
+    return run
+
+
+def _run_dag(args: dict[str, Any], use_cache: bool, local_dir: str | Path) -> LocalRun:
     from kfp import local
 
     from pipeline.dag import erw_pipeline
 
-    args = local_arguments(arguments)
     if args["config"] == str(REPO / DEMO["config"]):
         _make_demo_inputs()
-    if local_dir is None:
-        local_dir = args["workspace"] if "://" not in args["workspace"] else REPO / "runs" / "kfp-local"
     local.init(
         runner=local.SubprocessRunner(use_venv=False),  # this environment already has erw and kfp
         pipeline_root=str(Path(local_dir, "kfp-outputs")),

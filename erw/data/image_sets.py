@@ -88,7 +88,7 @@ class ImageSet:
                     except BadImage:
                         continue  # the precompute job reports these; evaluation just skips them
                     label = raw.label if raw.label is not None else -1
-                    yield torch.from_numpy(pixels).permute(2, 0, 1)[None], torch.tensor([label])
+                    yield torch.from_numpy(pixels.copy()).permute(2, 0, 1)[None], torch.tensor([label])
 
 
 def _rebatch(stream: Iterator[Batch], batch_size: int, limit: int | None) -> Iterator[Batch]:

@@ -39,7 +39,7 @@ class EvalOptions:
     num_samples: int | None = None  # None = all
     reference_limit: int = 50_000
     reference_cache: str = ""
-    grid_rows: int = 8
+    grid_rows: int = 10  # all of a 10-class dataset (the digits)
     grid_per_class: int = 8
 
 
