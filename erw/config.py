@@ -35,6 +35,9 @@ AlignSchedule = Literal["decay", "constant"]  # decay: c0 * 2^(-(s - W) / half_l
 Precision = Literal["fp32", "bf16", "fp16"]
 SamplerMode = Literal["sde", "ode"]
 OdeSolver = Literal["euler", "heun"]
+# trapezoid: the corrector on every step, guided by its own time; repa: REPA's samplers.py (no
+# corrector on the last step, the corrector guided iff the predictor's time is in the interval).
+HeunConvention = Literal["trapezoid", "repa"]
 Codec = Literal["identity", "sd-vae-ft-ema", "sd-vae-ft-mse"]  # identity stores pixels in [-1, 1]
 
 
@@ -176,6 +179,7 @@ class PhaseConfig:
 class SampleConfig:
     mode: SamplerMode = "sde"
     solver: OdeSolver = "euler"  # used by mode ode
+    heun_convention: HeunConvention = "trapezoid"  # repa: to compare FIDs with REPA's published sampler
     steps: int = 250
     cfg_scale: float = 1.0
     guidance_low: float = 0.0

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from erw.errors import ErwError
-from erw.config import InterpolantPath, OdeSolver, SamplerMode, choices
+from erw.config import HeunConvention, InterpolantPath, OdeSolver, SamplerMode, choices
 from erw.objectives import path_coefficients
 
 # (x [B, ...], t [B], y [B]) -> velocity shaped like x.
@@ -34,6 +34,7 @@ NoiseFn = Callable[[], Tensor]
 
 SDE_LAST_T = 0.04  # the SDE stops here and takes one deterministic mean step to t = 0 (SiT/REPA)
 MODES, SOLVERS, PATHS = choices(SamplerMode), choices(OdeSolver), choices(InterpolantPath)
+HEUN_CONVENTIONS = choices(HeunConvention)
 
 
 class SamplingError(ErwError):
@@ -61,10 +62,13 @@ class Guidance:
 NO_GUIDANCE = Guidance()
 
 
-def guided_velocity(velocity: VelocityFn, x: Tensor, t: float, y: Tensor, guidance: Guidance) -> Tensor:
-    """The (possibly guided) velocity at one time; both branches share one batched forward."""
+def guided_velocity(
+    velocity: VelocityFn, x: Tensor, t: float, y: Tensor, guidance: Guidance, guided_at: float | None = None,
+) -> Tensor:
+    """The (possibly guided) velocity at time t; both branches share one batched forward. Whether
+    to guide is decided at `guided_at` (default: t itself)."""
     times = torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device)
-    if not guidance.active(t):
+    if not guidance.active(t if guided_at is None else guided_at):
         return velocity(x, times, y)
     null = torch.full_like(y, guidance.null_class)
     v_cond, v_uncond = velocity(torch.cat([x, x]), torch.cat([times, times]), torch.cat([y, null])).chunk(2)
@@ -125,18 +129,27 @@ def ode(
     steps: int = 50,
     solver: str = "heun",
     guidance: Guidance = NO_GUIDANCE,
+    heun_convention: HeunConvention = "trapezoid",
 ) -> Tensor:
     """Probability-flow ODE from t = 1 to t = 0 on a uniform grid of `steps` intervals.
 
-    Euler uses `steps` velocity evaluations, Heun (trapezoidal predictor-corrector) 2 * steps.
+    Euler uses `steps` velocity evaluations. Heun (trapezoidal predictor-corrector) comes in two
+    conventions, which give different FIDs at few steps or with a guidance interval:
+
+    trapezoid  a corrector on every step (2 * steps evaluations, the last one at t = 0), guided
+               when its own time t_next lies in the guidance interval;
+    repa       REPA's samplers.py (`euler_sampler(heun=True)`): the last step is a plain Euler step
+               (2 * steps - 1 evaluations: the model is never asked for t = 0), and the corrector
+               is guided when the predictor's time t lies in the interval.
     """
+    repa = heun_convention == "repa"
     times = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).tolist()
     x = noise()
-    for t, t_next in zip(times[:-1], times[1:]):
+    for i, (t, t_next) in enumerate(zip(times[:-1], times[1:])):
         dt = t_next - t
         v = guided_velocity(velocity, x, t, y, guidance)
-        if solver == "heun":
-            v_next = guided_velocity(velocity, x + v * dt, t_next, y, guidance)
+        if solver == "heun" and not (repa and i == steps - 1):
+            v_next = guided_velocity(velocity, x + v * dt, t_next, y, guidance, guided_at=t if repa else t_next)
             v = 0.5 * (v + v_next)
         x = x + v * dt
     return x
@@ -152,6 +165,7 @@ def sample(
     solver: OdeSolver = "euler",
     path: InterpolantPath = "linear",
     guidance: Guidance = NO_GUIDANCE,
+    heun_convention: HeunConvention = "trapezoid",
 ) -> Tensor:
     """Draw one batch of samples (float64, shaped like noise()) for labels y."""
     if mode not in MODES:
@@ -160,11 +174,13 @@ def sample(
         raise SamplingError(f"ODE solver {solver!r} is not one of {', '.join(SOLVERS)}")
     if path not in PATHS:
         raise SamplingError(f"interpolant path {path!r} is not one of {', '.join(PATHS)}")
+    if heun_convention not in HEUN_CONVENTIONS:
+        raise SamplingError(f"Heun convention {heun_convention!r} is not one of {', '.join(HEUN_CONVENTIONS)}")
     if steps < 1:
         raise SamplingError(f"the number of sampling steps must be at least 1, got {steps}")
     if mode == "sde":
         return euler_maruyama(velocity, noise, y, steps=steps, path=path, guidance=guidance)
-    return ode(velocity, noise, y, steps=steps, solver=solver, guidance=guidance)
+    return ode(velocity, noise, y, steps=steps, solver=solver, guidance=guidance, heun_convention=heun_convention)
 
 
 def model_velocity(model: torch.nn.Module, autocast_dtype: torch.dtype | None = None) -> VelocityFn:

@@ -256,3 +256,77 @@ def test_samples_do_not_depend_on_the_batch_size():
 def test_another_seed_gives_other_samples():
     a, b = _run_ranks(_job(seed=1, num_samples=2), 1), _run_ranks(_job(seed=2, num_samples=2), 1)
     assert not torch.equal(a[0][1], b[0][1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Heun conventions: ours (trapezoid) and REPA's, for like-for-like FIDs.
+
+
+def _repa_heun_reference(velocity, x1, y, steps, scale, low, high, null):
+    """REPA's Euler-Heun ODE sampler (samplers.py, euler_sampler with heun=True), written here from
+    its equations: on the grid t_i = 1 - i / N,
+        d_i  = v_g(x_i, t_i),  x_{i+1} = x_i + (t_{i+1} - t_i) d_i                       (predictor)
+        for i < N - 1:  d'_i = v_g'(x_{i+1}, t_{i+1}),  x_{i+1} = x_i + (t_{i+1} - t_i)(d_i + d'_i) / 2
+    where v_g mixes v(., ., null) + s (v(., ., y) - v(., ., null)) when scale > 1 and t_i lies in
+    [low, high], and the corrector's v_g' is guided by that same test on t_i (not t_{i+1})."""
+    t_grid = [1.0 - i / steps for i in range(steps + 1)]
+    guided = lambda x, t, t_test: (  # noqa: E731
+        velocity(x, torch.full((len(x),), t, dtype=x.dtype), torch.full_like(y, null))
+        + scale * (velocity(x, torch.full((len(x),), t, dtype=x.dtype), y)
+                   - velocity(x, torch.full((len(x),), t, dtype=x.dtype), torch.full_like(y, null)))
+        if scale > 1 and low <= t_test <= high else velocity(x, torch.full((len(x),), t, dtype=x.dtype), y)
+    )
+    x = x1
+    for i in range(steps):
+        t, t_next = t_grid[i], t_grid[i + 1]
+        d = guided(x, t, t)
+        x_pred = x + (t_next - t) * d
+        if i < steps - 1:
+            d_prime = guided(x_pred, t_next, t)
+            x = x + (t_next - t) * (0.5 * d + 0.5 * d_prime)
+        else:
+            x = x_pred
+    return x
+
+
+def _two_class_gaussian_velocity():
+    """Exact velocities of two Gaussian classes and their mixture as the null class: guidance changes the path."""
+    means = torch.stack([MEAN, -MEAN, torch.zeros(3, dtype=torch.float64)])
+    return gaussian_velocity("linear", class_means=means)
+
+
+@pytest.mark.parametrize("interval", [(0.0, 1.0), (0.3, 0.65), (0.0, 0.7)])
+def test_repa_heun_convention_matches_repas_sampler(interval):
+    low, high = interval
+    steps, scale, null = 10, 2.5, 2
+    velocity = _two_class_gaussian_velocity()
+    y = torch.tensor([0, 1, 0, 1])
+    x1 = torch.randn(4, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    guidance = Guidance(scale=scale, low=low, high=high, null_class=null)
+    ours = sample(velocity, lambda: x1.clone(), y, mode="ode", steps=steps, solver="heun", guidance=guidance,
+                  heun_convention="repa")
+    reference = _repa_heun_reference(velocity, x1.clone(), y, steps, scale, low, high, null)
+    torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-12)
+    trapezoid = sample(velocity, lambda: x1.clone(), y, mode="ode", steps=steps, solver="heun", guidance=guidance)
+    assert (ours - trapezoid).abs().max() > 1e-4  # the conventions differ where this test looks
+
+
+def test_heun_conventions_differ_in_the_last_step_and_the_correctors_guidance():
+    steps, low, high = 4, 0.3, 0.55  # grid 1, .75, .5, .25, 0: t = 0.5 is inside, the corrector's 0.25 is not
+    calls: dict[str, list[tuple[float, list[int]]]] = {"trapezoid": [], "repa": []}
+    zeros = lambda: torch.zeros(2, 3, dtype=torch.float64)  # noqa: E731
+    guidance = Guidance(scale=3.0, low=low, high=high, null_class=NULL)
+    for convention, seen in calls.items():
+        sample(_class_velocity(seen), zeros, torch.tensor([0, 2]), mode="ode", steps=steps, solver="heun",
+               guidance=guidance, heun_convention=convention)
+    guided = lambda seen: [t for t, labels in seen if NULL in labels]  # noqa: E731
+    assert [t for t, _ in calls["trapezoid"]] == [1.0, 0.75, 0.75, 0.5, 0.5, 0.25, 0.25, 0.0]
+    assert [t for t, _ in calls["repa"]] == [1.0, 0.75, 0.75, 0.5, 0.5, 0.25, 0.25]  # no corrector on the last step
+    assert guided(calls["trapezoid"]) == [0.5, 0.5]  # the corrector at 0.5 (from 0.75) is guided by its own time
+    assert guided(calls["repa"]) == [0.5, 0.25]  # the predictor at 0.5 is inside, so its corrector at 0.25 is guided
+
+
+def test_unknown_heun_convention_is_refused():
+    with pytest.raises(SamplingError, match="Heun convention"):
+        sample(gaussian_velocity("linear"), fixed_noise(2), _labels(2), mode="ode", steps=4, solver="heun",
+               heun_convention="edm")

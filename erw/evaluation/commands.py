@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from erw.config import OdeSolver, Precision, SamplerMode, choices
+from erw.config import HeunConvention, OdeSolver, Precision, SamplerMode, choices
 
 METRICS = ("fid", "sfid", "inception_score", "class_accuracy", "precision", "recall")  # scores of metrics.json
 
@@ -29,6 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-samples", type=int, help="total images over all ranks (50000 for FID-50K)")
     p.add_argument("--mode", choices=choices(SamplerMode), help="Euler-Maruyama SDE or probability-flow ODE")
     p.add_argument("--solver", choices=choices(OdeSolver), help="ODE solver (--mode ode)")
+    p.add_argument("--heun-convention", choices=choices(HeunConvention),
+                   help="trapezoid: a corrector on every step; repa: REPA's samplers.py (no corrector on the last "
+                        "step, the corrector guided by the predictor's time), to compare FIDs with REPA's")
     p.add_argument("--steps", type=int, help="SDE: velocity evaluations (250 in REPA); ODE: steps (Heun: 2 evaluations each)")
     p.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale; 1 = off")
     p.add_argument("--guidance-low", type=float, help="guidance applies for t in [low, high] (t = 1 is noise)")
@@ -62,7 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="where to cache statistics of a reference dataset (default: inside the reference)")
     e.add_argument("--batch-size", type=int, default=64, help="images per feature-network forward")
     e.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    e.add_argument("--grid-rows", type=int, default=8, help="classes shown in grid.png, one row each")
+    e.add_argument("--grid-rows", type=int, default=10, help="classes shown in grid.png, one row each")
     e.add_argument("--grid-per-class", type=int, default=8, help="images per grid row")
     e.add_argument("--pushgateway", default="", help="host:port of a Prometheus Pushgateway for the metrics")
     e.add_argument("--run-id", default="", help="run label of the pushed metrics (default: the samples' run)")
@@ -75,7 +78,7 @@ def _sample(args: argparse.Namespace) -> int:
 
     storage.check_writable(args.out, "--out")  # credentials, bucket, URI: before any sampling
     overrides = {
-        "num_samples": args.num_samples, "mode": args.mode, "solver": args.solver, "steps": args.steps,
+        "num_samples": args.num_samples, "mode": args.mode, "solver": args.solver, "heun_convention": args.heun_convention, "steps": args.steps,
         "cfg_scale": args.cfg_scale, "guidance_low": args.guidance_low, "guidance_high": args.guidance_high,
         "batch_size": args.batch_size, "use_ema": False if args.raw_weights else None,
     }

@@ -68,6 +68,7 @@ class SampleJob:
         s = self.settings
         return {
             "num_samples": s.num_samples, "batch_size": s.batch_size, "mode": s.mode, "solver": s.solver,
+            "heun_convention": s.heun_convention,
             "steps": s.steps, "cfg_scale": s.cfg_scale, "guidance_low": s.guidance_low,
             "guidance_high": s.guidance_high, "use_ema": s.use_ema, "seed": self.seed, "path": self.path,
             "classes": list(self.classes),
@@ -98,7 +99,10 @@ def generate_batch(job: SampleJob, velocity: VelocityFn, batch: int, device: tor
     labels = job.labels(indices).to(device)
     noise = PerSampleNoise(job.seed, indices, job.latent_shape, device)
     s = job.settings
-    latents = sample(velocity, noise, labels, mode=s.mode, steps=s.steps, solver=s.solver, path=job.path, guidance=job.guidance)
+    latents = sample(
+        velocity, noise, labels, mode=s.mode, steps=s.steps, solver=s.solver, path=job.path, guidance=job.guidance,
+        heun_convention=s.heun_convention,
+    )
     return indices, labels.cpu(), latents
 
 
