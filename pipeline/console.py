@@ -64,7 +64,8 @@ class StepConsole(io.TextIOBase):
         self.partial = ""
         self.started: dict[str, list[float]] = collections.defaultdict(list)  # running tasks (parallel ones share a name)
         self.task: str | None = None  # the latest task started: key lines are credited to it
-        self.key: dict[str, str] = {}
+        # Key lines per task name, oldest first; parallel tasks of one name each take one.
+        self.keys: dict[str, list[str]] = collections.defaultdict(list)
         self.recent: collections.deque[str] = collections.deque(maxlen=FAILURE_LINES)
         self.done = 0
 
@@ -98,7 +99,6 @@ class StepConsole(io.TextIOBase):
         if started := TASK_STARTED.search(line):
             self.task = started.group(1)
             self.started[self.task].append(time.monotonic())
-            self.key[self.task] = ""
         elif finished := TASK_FINISHED.search(line):
             self._finished(finished.group(1), finished.group(2))
         elif hit := CACHE_HIT.search(line):
@@ -108,19 +108,23 @@ class StepConsole(io.TextIOBase):
             text = line[progress.start():]
             self._show("      " + (_trainer_line(text) if "|" in text else text))
             if "|" in text and self.task:  # a training step's last log line sums it up
-                self.key[self.task] = _trainer_line(text)
+                self.keys[self.task].append(_trainer_line(text))
         elif key := KEY_LINES.search(line):
             if self.task:
-                self.key[self.task] = _key_summary(line[key.start():])
+                self.keys[self.task].append(_key_summary(line[key.start():]))
             else:  # outside the DAG: creating the demo's inputs
                 self._show(line[key.start():])
 
     def _finished(self, task: str, status: str) -> None:
-        starts = self.started[task]
+        starts, keys = self.started[task], self.keys[task]
         seconds = time.monotonic() - starts.pop(0) if starts else 0.0
+        # The first of several parallel tasks takes the oldest key line; the last one, the latest.
+        key = (keys.pop(0) if starts else keys[-1]) if keys else ""
+        if not starts:
+            keys.clear()
         self.done += 1
         if status.upper() == "SUCCESS":
-            self._show(f"[{self.done}] {task:<16} {seconds:6.1f}s  {self.key.get(task, '')}".rstrip())
+            self._show(f"[{self.done}] {task:<16} {seconds:6.1f}s  {key}".rstrip())
         else:
             self._show(f"[{self.done}] {task:<16} {seconds:6.1f}s  FAILED; the last lines before it:")
             for line in self.recent:

@@ -11,7 +11,9 @@ from erw.training import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-TINY = ["model.depth=4", "model.hidden_size=64", "model.num_heads=2", "model.projector_dim=32", "data.num_workers=1"]
+# The demo's shipped encoder by absolute path: these commands run in a temporary directory.
+TINY = ["model.depth=4", "model.hidden_size=64", "model.num_heads=2", "model.projector_dim=32", "data.num_workers=1",
+        f"encoder.weights={ROOT / 'configs' / 'digits-encoder.safetensors'}"]
 
 
 def erw(*args, cwd, torchrun=False, check=True):
@@ -29,7 +31,7 @@ def erw(*args, cwd, torchrun=False, check=True):
 def shards(tmp_path_factory):
     work = tmp_path_factory.mktemp("digits")
     erw("data", "digits", "--out", "digits", cwd=work)
-    erw("precompute", "--source", "digits", "--out", "shards", "--resolution", "32", "--codec", "identity",
+    erw("precompute", "--source", "digits", "--out", "shards", "--resolution", "16", "--codec", "identity",
         "--shard-size", "500", "--no-progress", cwd=work)
     erw("precompute", "--merge", "--out", "shards", cwd=work)
     return work / "shards"
@@ -39,7 +41,7 @@ def test_warmup_then_train_under_torchrun(shards, tmp_path):
     common = ["--config", str(ROOT / "configs/demo.yaml"), f"data.shards={shards}", *TINY]
     warm = erw("warmup", *common, "warmup.steps=4", "warmup.ckpt_every=2", "warmup.log_every=2",
                "warmup.out=out/warmup", cwd=tmp_path, torchrun=True)
-    assert "2 rank(s) x 16 samples" in warm.stdout and "warmup finished at step 4" in warm.stdout
+    assert "2 rank(s) x 4 samples" in warm.stdout and "warmup finished at step 4" in warm.stdout
     assert [s for s, _ in ckpt.list_checkpoints(str(tmp_path / "out/warmup"))] == [2, 4]
 
     train = erw("train", *common, "train.steps=2", "train.ckpt_every=2", "train.log_every=1",

@@ -184,7 +184,7 @@ def digit_shards(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("digits")
     for args in (
         ["data", "digits", "--out", "digits"],
-        ["precompute", "--source", "digits", "--out", "shards", "--resolution", "32", "--codec", "identity",
+        ["precompute", "--source", "digits", "--out", "shards", "--resolution", "16", "--codec", "identity",
          "--shard-size", "500", "--no-progress"],
         ["precompute", "--merge", "--out", "shards"],
     ):

@@ -315,6 +315,10 @@ def test_promote_cli(tmp_path, capsys):
 # The whole DAG on this machine.
 
 
+# The demo's shipped alignment target by absolute path: these runs start in a temporary directory.
+DEMO_ENCODER = Path(__file__).resolve().parents[1] / "configs" / "digits-encoder.safetensors"
+
+
 @pytest.fixture(scope="module")
 def digits_evaluator(tmp_path_factory):
     """A quickly trained digits classifier as the FID feature network: no Inception download offline."""
@@ -324,13 +328,18 @@ def digits_evaluator(tmp_path_factory):
     from erw.evaluation.small_evaluator import fit_evaluator, save_evaluator
     from erw.models.small_nets import FitSettings
 
+    from erw.config import load_config
+    from pipeline.params import DEMO, REPO
+
+    resolution = load_config(REPO / DEMO["config"]).data.resolution  # the demo's samples are this size
     images, labels = digit_images()
+    pixels = torch.nn.functional.interpolate(torch.from_numpy(images).permute(0, 3, 1, 2).float(), size=resolution, mode="area")
     net, _ = fit_evaluator(
-        torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels),
+        pixels.round().to(torch.uint8).contiguous(), torch.from_numpy(labels),
         FitSettings(steps=40, batch_size=64), log=lambda _: None,
     )
     path = tmp_path_factory.mktemp("evaluator") / "digits-evaluator.pt2"
-    save_evaluator(net, str(path), images.shape[1])
+    save_evaluator(net, str(path), resolution)
     return path
 
 
@@ -347,6 +356,7 @@ def test_run_local_end_to_end_then_from_cache(tmp_path, monkeypatch, digits_eval
     short = [
         "warmup.steps=20", "warmup.ckpt_every=10", "train.steps=20", "train.ckpt_every=10",
         "sample.num_samples=40", "sample.steps=10", "sample.batch_size=20", f"eval.feature_network={digits_evaluator}",
+        f"encoder.weights={DEMO_ENCODER}",
     ]
     arguments = {"workspace": str(workspace), "overrides": short}
     with backend.enforce():
@@ -393,6 +403,7 @@ def test_run_local_writes_to_a_local_s3_endpoint(s3_bucket, tmp_path, monkeypatc
     overrides = [
         "warmup.steps=10", "warmup.ckpt_every=10", "train.steps=10", "train.ckpt_every=10",
         "sample.num_samples=20", "sample.steps=5", "sample.batch_size=20", f"eval.feature_network={digits_evaluator}",
+        f"encoder.weights={DEMO_ENCODER}",
     ]
     with backend.enforce():
         run = run_local({"workspace": workspace, "overrides": overrides}, use_cache=False, local_dir=tmp_path / "kfp")

@@ -60,6 +60,7 @@ def tiny_config(tmp_path, *overrides):
         [
             "model.depth=4", "model.hidden_size=64", "model.num_heads=2", "model.projector_dim=32",
             "model.l2r_depth=2", "model.align_depth=3", "encoder.dim=null",
+            "model.arch=SiT-S/4", "data.resolution=32",  # the 32x32 Batches below: 64 tokens
             f"warmup.out={tmp_path}/warmup", f"train.out={tmp_path}/train",
             "warmup.batch_size=8", "train.batch_size=8", "warmup.log_every=1", "train.log_every=1",
             *overrides,
@@ -163,7 +164,7 @@ def test_benchmarks_time_the_trainers_own_step(monkeypatch):
         if name == "gpu_check":
             assert module.main(["--cpu", "--batch", "2", "--steps", "1", "--warmup-steps", "1", "--modes", "eager", *tiny]) == 0
         else:
-            cfg = load_config(CONFIGS / "demo.yaml", [*tiny, "encoder.name=dinov2-vit-s", "train.batch_size=2"])
+            cfg = load_config(CONFIGS / "demo.yaml", [*tiny, "encoder.name=dinov2-vit-s", "encoder.weights=random", "train.batch_size=2"])
             module.make_step(cfg, "train", 2)()
     assert len(calls) >= 5 and all(p.grad_clip == 0.5 for p in calls)  # the preset's settings, overrides included
 
