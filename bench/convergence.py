@@ -1,9 +1,10 @@
 """Plain SiT vs SiT + REPA vs SiT + REPA + ERW at small scale: how fast each reaches a sample quality.
 
-    nice -n 5 .venv/bin/python bench/convergence.py          # default size: about 25 minutes on 2 CPU cores
-    .venv/bin/python bench/convergence.py --full             # 4x the steps, 2x the batch, 5 seeds, 5x the samples
-    .venv/bin/python bench/convergence.py --tiny --out DIR --results FILE   # seconds (the test)
-    .venv/bin/python bench/convergence.py --no-train         # redo analyses, picture, markdown from DIR
+    nice -n 5 .venv/bin/python -m bench.convergence          # default size: about 25 minutes on 2 CPU cores
+    .venv/bin/python -m bench.convergence --full             # 4x the steps, 2x the batch, 5 seeds, 5x the samples
+    .venv/bin/python -m bench.convergence --tiny --out DIR --results FILE   # seconds (the test)
+    .venv/bin/python -m bench.convergence --no-train         # redo analyses, picture, markdown from DIR
+    .venv/bin/python -m bench.convergence --images faces.npz --resolution 32 --patch 4   # other labelled images
 
 The three methods share the model (a 6-block SiT with 2x2-pixel patches on the digits at 16x16,
 identity codec), the data order, the batch, the optimiser and the budget of optimizer steps. ERW
@@ -13,6 +14,8 @@ alignment weight; REPA aligns with a constant weight from scratch. Training is d
 project's trainer (erw.training.trainer.run), evaluation on the EMA weights every `eval_every`
 steps: Fréchet distance (FD) in the features of a separately trained evaluator network between
 generated digits and all real digits, and the evaluator's class accuracy on generated digits.
+With --images, the same study runs on another small labelled dataset: the encoder and the evaluator
+are trained on it (cached under a hash of its content), at --resolution with --patch-pixel tokens.
 
 Reported per method, as mean +- standard deviation over seeds: steps and FLOPs to reach target
 FDs (default: what plain SiT reaches after 1/2, 3/4 and all of the budget), FD and accuracy at the
@@ -26,46 +29,32 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from results_md import machine, write_section  # noqa: E402
-from smallscale import (  # noqa: E402
-    RESOLUTION, Curve, Digits, Evaluator, Size, Task, block_features, conditioning_strength, encoder_kwargs,
-    ensure_small_nets, evaluation_step, final_model, main_methods, mean_std, probe_accuracy, steps_to_target,
-    train_all,
+from bench.results_md import machine, write_section
+from bench.smallscale import (
+    Curve, DataError, Evaluator, LabelledImages, Size, Task, add_study_arguments, block_features,
+    conditioning_strength, data_flags, encoder_kwargs, ensure_small_nets, evaluation_step, final_model, main_methods,
+    mean_std, probe_accuracy, size_name, steps_to_target, study_size, train_all,
 )
+from erw.models.encoders import load_encoder
 
-from erw.models.encoders import load_encoder  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-SIZES = {
-    "tiny": Size(budget=4, eval_every=2, warmup=2, batch=8, seeds=(0, 1, 2), num_samples=20, sample_steps=2,
-                 depth=3, hidden=32, heads=2, projector_dim=32, align_depth=2, l2r_depth=1,
-                 encoder_steps=5, evaluator_steps=5, encoder_depth=1, num_digits=300),
-    # Batch 8: at this scale progress is counted in optimizer steps (the class embedding and the
-    # attention take thousands of steps to matter), so many small steps beat fewer large ones.
-    "default": Size(budget=3200, eval_every=400, warmup=800, batch=8, seeds=(0, 1, 2), num_samples=200, sample_steps=8),
-    "full": Size(budget=12800, eval_every=800, warmup=3200, batch=16, seeds=(0, 1, 2, 3, 4), num_samples=1000,
-                 sample_steps=16, encoder_steps=1500, evaluator_steps=1500),
-}
 PROBE_TIMES = (0.0, 0.5)
 
 
-def size_name(args: argparse.Namespace) -> str:
-    return "tiny" if args.tiny else "full" if args.full else "default"
-
-
-def reproduce_command(args: argparse.Namespace) -> str:
+def reproduce_command(args: argparse.Namespace, size: Size) -> str:
     flag = {"tiny": " --tiny", "full": " --full", "default": ""}[size_name(args)]
     target = f" --target {args.target}" if args.target is not None else ""
-    return f"nice -n 5 .venv/bin/python bench/convergence.py{flag}{target}"
+    return f"nice -n 5 .venv/bin/python -m bench.convergence{flag}{data_flags(size)}{target}"
+
+
+def data_words(size: Size) -> tuple[str, str]:
+    """How the report names the images and their labels: the digits, or the --images set."""
+    return ("digits", "digit") if not size.images else (f"images of {size.images}", "class")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,7 +160,7 @@ def speedups(reach: list[dict]) -> list[str]:
     return out
 
 
-def plot(curves: list[Curve], targets: list[Target], floor: float, png: Path) -> None:
+def plot(curves: list[Curve], targets: list[Target], floor: float, size: Size, png: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -200,7 +189,7 @@ def plot(curves: list[Curve], targets: list[Target], floor: float, png: Path) ->
     axes[2].set_xlabel("optimizer steps (ERW: warmup included)")
     axes[2].set_ylabel("class accuracy of samples (%)")
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"digits {RESOLUTION}x{RESOLUTION}, mean ± std over {len({c.seed for c in curves})} seeds")
+    fig.suptitle(f"{data_words(size)[0]} {size.resolution}x{size.resolution}, mean ± std over {len({c.seed for c in curves})} seeds")
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)
@@ -211,30 +200,30 @@ def plot(curves: list[Curve], targets: list[Target], floor: float, png: Path) ->
 # Where the representation lives.
 
 
-def analyse_models(report: dict, digits: Digits) -> None:
+def analyse_models(report: dict, data: LabelledImages) -> None:
     """Per-block linear probes and conditioning strength of the first seed's final EMA models."""
     seed = report["curves"][0]["seed"]
     probes, conditioning = {}, {}
     for curve in (c for c in report["curves"] if c["seed"] == seed):
         cfg, model = final_model(curve["final_checkpoint"])
         probes[curve["method"]] = {
-            f"{t:g}": [probe_accuracy(f, digits.labels) for f in block_features(model, cfg.objective.path, digits, t)]
+            f"{t:g}": [probe_accuracy(f, data.labels) for f in block_features(model, cfg.objective.path, data, t)]
             for t in PROBE_TIMES
         }
         conditioning[curve["method"]] = conditioning_strength(model)
     report["probes"], report["conditioning"] = probes, conditioning
 
 
-def reference_probes(digits: Digits, encoder_file: str) -> dict[str, float]:
+def reference_probes(data: LabelledImages, encoder_file: str, resolution: int) -> dict[str, float]:
     """The same probe on raw pixels and on the encoder's mean token: what the numbers mean."""
     from erw.config import EncoderConfig
 
-    encoder = load_encoder(EncoderConfig("timm-file", weights=encoder_file), RESOLUTION)
+    encoder = load_encoder(EncoderConfig("timm-file", weights=encoder_file), resolution)
     with torch.no_grad():
-        tokens = torch.cat([encoder(digits.images[i:i + 500]).mean(dim=1) for i in range(0, len(digits.images), 500)])
+        tokens = torch.cat([encoder(data.images[i:i + 500]).mean(dim=1) for i in range(0, len(data.images), 500)])
     return {
-        "pixels": probe_accuracy(digits.images.flatten(1).float().numpy(), digits.labels),
-        "encoder": probe_accuracy(tokens.numpy(), digits.labels),
+        "pixels": probe_accuracy(data.images.flatten(1).float().numpy(), data.labels),
+        "encoder": probe_accuracy(tokens.numpy(), data.labels),
     }
 
 
@@ -265,25 +254,28 @@ def markdown(report: dict, png_name: str) -> str:
     curves = [Curve(**c) for c in report["curves"]]
     targets = report_targets(report)
     reach, ends = summarize(curves, targets)
+    images, label = data_words(size)
+    real = "digits" if not size.images else "images"
+    count = report.get("num_images", size.num_digits or 1797)
     return "\n".join([
         f"## Convergence: plain SiT vs SiT+REPA vs SiT+REPA+ERW ({report['size_name']} size)",
         "",
         f"Reproduce: `{report['command']}` — this run: {report['seconds'] / 60:.0f} min on {report['machine']}.",
         "",
-        f"Setup (identical for the three methods unless said): {size.num_digits or 1797} digits at {RESOLUTION}x{RESOLUTION} (identity "
+        f"Setup (identical for the three methods unless said): {count} {images} at {size.resolution}x{size.resolution} (identity "
         f"codec: the model denoises pixels), SiT with {size.depth} blocks, width {size.hidden}, {size.heads} heads, "
-        f"{size.patch}x{size.patch}-pixel patches ({(RESOLUTION // size.patch) ** 2} tokens), batch {size.batch}, AdamW lr "
+        f"{size.patch}x{size.patch}-pixel patches ({(size.resolution // size.patch) ** 2} tokens), batch {size.batch}, AdamW lr "
         f"{size.lr:g}, EMA {size.ema_decay}, fp32, budget {size.budget} optimizer steps, seeds "
         f"{', '.join(map(str, size.seeds))}. REPA: projector after block {size.align_depth}, constant weight c0 = 1 "
         f"from step 0. ERW: {size.warmup} warmup steps of the budget train blocks 1-{size.l2r_depth} to match the "
         f"encoder on clean images, then {size.budget - size.warmup} steps of the full model initialised from them, "
         f"weight c0 * 2^(-(s - W) / {half_life}). Encoder: a {kw['depth']}-block ViT (width {kw['embed_dim']}, "
-        f"{kw['patch_size']}x{kw['patch_size']}-pixel patches) trained supervised on the digit labels (a linear "
+        f"{kw['patch_size']}x{kw['patch_size']}-pixel patches) trained supervised on the {label} labels (a linear "
         f"classifier on its mean patch token), {100 * enc['val_accuracy']:.1f}% held-out accuracy; its tokens of the "
         f"dataset are computed once (their FLOPs are counted). Evaluator: a CNN (other architecture, seed and split), "
         f"{100 * ev['val_accuracy']:.1f}% held-out accuracy; FD between {size.num_samples} class-balanced samples (Heun "
-        f"ODE, {size.sample_steps} steps, no guidance, the same noise for every model) and all real digits in its "
-        f"{report['evaluator_dim']}-d penultimate features. {size.num_samples} real digits score FD "
+        f"ODE, {size.sample_steps} steps, no guidance, the same noise for every model) and all real {real} in its "
+        f"{report['evaluator_dim']}-d penultimate features. {size.num_samples} real {real} score FD "
         f"{report['floor']:.2f} (the floor).",
         "",
         "Targets: " + "; ".join(f"FD ≤ {t.fd:.2f} ({t.source})" for t in targets) + ". Steps and FLOPs to a target "
@@ -311,8 +303,8 @@ def markdown(report: dict, png_name: str) -> str:
         "",
         "### Where the representation lives: linear probe per block",
         "",
-        "Held-out accuracy (30% of the digits) of a linear probe (ridge classifier on standardised features) on each "
-        "block's mean token of the first seed's final EMA model, on digits noised to time t, given the null class "
+        f"Held-out accuracy (30% of the {real}) of a linear probe (ridge classifier on standardised features) on each "
+        f"block's mean token of the first seed's final EMA model, on {real} noised to time t, given the null class "
         "label (the class label would hand the probe the answer).",
         "",
         probe_table(report["probes"], report["reference_probes"]),
@@ -334,16 +326,19 @@ def run_study(args: argparse.Namespace, size: Size) -> dict:
     started = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    digits = Digits.load(size.num_digits)
-    nets = ensure_small_nets(Path(args.cache), digits, size, print)
-    evaluator = Evaluator(nets.evaluator_file, digits, size.num_samples)
-    print(f"real digits: FD floor {evaluator.floor:.2f} with {size.num_samples} samples")
+    data = LabelledImages.load(size)
+    size = dataclasses.replace(size, num_classes=data.num_classes)
+    nets = ensure_small_nets(Path(args.cache), data, size, print)
+    evaluator = Evaluator(nets.evaluator_file, data, size.num_samples)
+    print(f"{len(data.labels)} {data.name} images, {data.num_classes} classes: FD floor {evaluator.floor:.2f} "
+          f"with {size.num_samples} samples")
 
     tasks = [Task(m, seed, out / f"{m.name}-seed{seed}") for seed in size.seeds for m in main_methods(size)]
     curves = train_all(tasks, size, nets, args.jobs, args.threads)
 
     return {
-        "size_name": size_name(args), "command": reproduce_command(args), "machine": machine(),
+        "size_name": size_name(args), "command": reproduce_command(args, size), "machine": machine(),
+        "num_images": len(data.labels), "data_fingerprint": data.fingerprint(),
         "size": dataclasses.asdict(size), "given_target": args.target,
         "floor": evaluator.floor, "evaluator_dim": evaluator.dim, "small_nets": nets.reports,
         "curves": [dataclasses.asdict(c) for c in curves],
@@ -375,23 +370,17 @@ def phase2_table(curves: list[Curve], size: Size) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--tiny", action="store_true", help="a few steps of a tiny model: checks the whole path")
-    group.add_argument("--full", action="store_true", help="4x the steps at twice the batch, 5 seeds, 1000 samples")
-    parser.add_argument("--out", default="runs/bench/convergence", help="run directory (checkpoints, logs, json)")
-    parser.add_argument("--cache", default="runs/bench/cache", help="where the small encoder and evaluator are kept")
-    parser.add_argument("--results", default=str(ROOT / "docs" / "results.md"), help="markdown file to update")
+    add_study_arguments(
+        parser, out="runs/bench/convergence", tiny="a few steps of a tiny model: checks the whole path",
+        full="4x the steps at twice the batch, 5 seeds, 1000 samples",
+        no_train="reuse DIR/convergence.json and its runs' final checkpoints: redo the analyses it lacks, "
+                 "the picture and the markdown",
+    )
     parser.add_argument("--target", type=float,
                         help="one target FD (default: plain SiT's mean FD after 1/2, 3/4 and all of the budget)")
-    parser.add_argument("--jobs", type=int, default=2, help="runs trained at once, one process each")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads per run; 1 avoids the stalls of several threads on a shared machine")
-    parser.add_argument("--no-train", action="store_true",
-                        help="reuse DIR/convergence.json and its runs' final checkpoints: redo the analyses it lacks, "
-                             "the picture and the markdown")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    size = SIZES[size_name(args)]
+    size = study_size(args)
     if size.problems():
         parser.error("; ".join(size.problems()))
 
@@ -401,19 +390,21 @@ def main() -> None:
             parser.error(f"--no-train: {report_file} does not exist; run the study first")
         report = json.loads(report_file.read_text())
         report["given_target"] = args.target
-        for stale in ("rows", "target", "target_source"):  # written by older versions; derived at render time now
-            report.pop(stale, None)
     else:
-        report = run_study(args, size)
+        try:
+            report = run_study(args, size)
+        except DataError as err:
+            parser.error(str(err))
     if not {"probes", "conditioning", "reference_probes"} <= set(report):
-        digits = Digits.load(size.num_digits)
-        analyse_models(report, digits)
-        report["reference_probes"] = reference_probes(digits, report["encoder_file"])
+        size = Size.from_json(report["size"])
+        data = LabelledImages.load(size)
+        analyse_models(report, data)
+        report["reference_probes"] = reference_probes(data, report["encoder_file"], size.resolution)
     report_file.write_text(json.dumps(report, indent=2))
     curves = [Curve(**c) for c in report["curves"]]
     png = results.parent / "convergence.png"
     targets = report_targets(report)
-    plot(curves, targets, report["floor"], png)
+    plot(curves, targets, report["floor"], Size.from_json(report["size"]), png)
     write_section(results, "convergence", markdown(report, png.name))
     reach, ends = summarize(curves, targets)
     print(reach_table(reach), end_table(ends), *speedups(reach), sep="\n")

@@ -1,6 +1,6 @@
 """Data-plane throughput, as ratios measured side by side in one run.
 
-    python bench/loader_throughput.py [--samples 512] [--resolution 256] [--workers 2] [--batch-size 32]
+    python -m bench.loader_throughput [--samples 512] [--resolution 256] [--workers 2] [--batch-size 32]
 
 1. Precompute images/s of `erw precompute` (CPU) on a synthetic ImageFolder of photo-like
    JPEGs (5:4, so the ADM crop resizes), with the identity codec and with a small

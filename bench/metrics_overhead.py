@@ -1,6 +1,6 @@
 """Cost of the Prometheus exporter on training step time, measured side by side in one run.
 
-    python bench/metrics_overhead.py [--steps 600] [--switch-every 1] [--scrape-every 1.0]
+    python -m bench.metrics_overhead [--steps 600] [--switch-every 1] [--scrape-every 1.0]
 
 One run of the real training loop (erw.training.trainer.run) on a small SiT on CPU (the demo
 preset shrunk to depth 4, width 64: a short step makes any per-step cost show). The exporter is

@@ -11,6 +11,8 @@ import platform
 import re
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "docs" / "results.md"
 HEADER = "# Results\n\nMeasured by the scripts in `bench/`; each section names the command that reproduces it.\n"
 ORDER = ("convergence", "sweeps", "throughput")  # where a new section goes relative to the others
 

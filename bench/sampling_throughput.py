@@ -1,6 +1,6 @@
 """Sampling throughput of SiT-S/2 on CPU: SDE vs ODE, with and without guidance, as ratios.
 
-    python bench/sampling_throughput.py [--steps 4] [--batch-size 4] [--repeats 3] [--threads 0]
+    python -m bench.sampling_throughput [--steps 4] [--batch-size 4] [--repeats 3] [--threads 0]
 
 Runs the code path of `erw sample` (erw.evaluation.generate.generate_batch: per-sample noise
 generators, float64 sampler state, the SiT forward in fp32) on a random-weight SiT-S/2 over

@@ -1,6 +1,7 @@
-"""Machinery shared by the small-scale studies (convergence.py, sweeps.py) on the digits.
+"""Machinery shared by the small-scale studies (convergence.py, sweeps.py): the digits by default,
+or any small labelled image set given with --images.
 
-- the digits in memory (1,797 images at 16x16, 10 classes) as an endless, resumable batch source
+- the images in memory (the digits: 1,797 images at 16x16, 10 classes) as an endless, resumable batch source
   with the identity codec: latents are pixels in [-1, 1], and the encoder's tokens are computed
   once for every image, as `erw precompute --codec identity --store features` would store them;
 - the small encoder (alignment target) and the separate evaluator, trained once and reused
@@ -14,6 +15,7 @@
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import json
@@ -27,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from bench.results_md import RESULTS
 from erw.config import Config, config_from_dict
 from erw.evaluation.features import load_feature_network
 from erw.evaluation.generate import PerSampleNoise
@@ -46,7 +49,7 @@ CPU = Dist(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 # The digits are 8x8 scans: 16x16 keeps all they hold. At 32x32 with 4x4-pixel patches (the same
 # 64 tokens) each token of the width-64 model must carry 48 noisy pixel values, and plain SiT sat
 # at FD 35.6 after 2,000 steps, against 12.5 at 16x16 with 2x2 patches (same FLOPs, measured).
-RESOLUTION, NUM_CLASSES = 16, 10
+DIGITS_RESOLUTION, DIGITS_PATCH = 16, 2
 SAMPLE_SEED = 1234  # every method and evaluation point samples from the same noise: paired comparisons
 PROBE_SPLIT_SEED = 2  # train/test split of the linear probes (the small nets use seeds 0 and 1)
 
@@ -57,7 +60,9 @@ PROBE_SPLIT_SEED = 2  # train/test split of the linear probes (the small nets us
 
 @dataclass(frozen=True)
 class Size:
-    """Everything that scales with the --tiny / default / --full switch."""
+    """Everything a study's runs share: the data, the model and the budget (the budget and the
+    model scale with the --tiny / default / --full switch; the data comes from --images,
+    --resolution and --patch)."""
 
     budget: int  # optimizer steps per run, ERW warmup included
     eval_every: int
@@ -67,8 +72,8 @@ class Size:
     num_samples: int  # generated images per evaluation point
     sample_steps: int  # Heun ODE steps (2 velocity evaluations each)
     # Pixel space: the width must well exceed a patch's 3 * patch**2 values, or the tokens cannot
-    # carry the noise the velocity target contains (see RESOLUTION).
-    patch: int = 2
+    # carry the noise the velocity target contains (see DIGITS_RESOLUTION).
+    patch: int = DIGITS_PATCH
     depth: int = 6
     hidden: int = 64
     heads: int = 4
@@ -80,7 +85,10 @@ class Size:
     encoder_steps: int = 600
     evaluator_steps: int = 600
     encoder_depth: int = 4
-    num_digits: int = 0  # the first n digits only (0 = all 1,797): --tiny
+    num_digits: int = 0  # the first n images only (0 = all): --tiny
+    images: str = ""  # the dataset (--images); "" = the bundled digits
+    resolution: int = DIGITS_RESOLUTION
+    num_classes: int = 10  # set from the data's labels
 
     @classmethod
     def from_json(cls, fields: dict) -> "Size":
@@ -93,6 +101,8 @@ class Size:
             out.append(f"budget {self.budget} and warmup {self.warmup} must be multiples of eval_every {self.eval_every}")
         if not 0 < self.warmup < self.budget:
             out.append(f"warmup {self.warmup} must be inside the budget {self.budget}")
+        if self.resolution % self.patch:
+            out.append(f"--resolution {self.resolution} is not a multiple of --patch {self.patch}")
         return out
 
 
@@ -104,6 +114,58 @@ class Method:
     align: bool  # aligns to the encoder (REPA) in phase 2
     warmup: int = 0  # ERW warmup steps (0 = none), counted in the budget
     overrides: tuple[str, ...] = ()
+
+
+SIZES = {
+    "tiny": Size(budget=4, eval_every=2, warmup=2, batch=8, seeds=(0, 1, 2), num_samples=20, sample_steps=2,
+                 depth=3, hidden=32, heads=2, projector_dim=32, align_depth=2, l2r_depth=1,
+                 encoder_steps=5, evaluator_steps=5, encoder_depth=1, num_digits=300),
+    # Batch 8: at this scale progress is counted in optimizer steps (the class embedding and the
+    # attention take thousands of steps to matter), so many small steps beat fewer large ones.
+    "default": Size(budget=3200, eval_every=400, warmup=800, batch=8, seeds=(0, 1, 2), num_samples=200, sample_steps=8),
+    "full": Size(budget=12800, eval_every=800, warmup=3200, batch=16, seeds=(0, 1, 2, 3, 4), num_samples=1000,
+                 sample_steps=16, encoder_steps=1500, evaluator_steps=1500),
+}
+
+
+def size_name(args: argparse.Namespace) -> str:
+    return "tiny" if args.tiny else "full" if args.full else "default"
+
+
+def add_study_arguments(parser: argparse.ArgumentParser, out: str, tiny: str, full: str, no_train: str) -> None:
+    """The flags the studies share; `out` is the default run directory, the rest are help texts."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--tiny", action="store_true", help=tiny)
+    group.add_argument("--full", action="store_true", help=full)
+    parser.add_argument("--out", default=out, help="run directory (checkpoints, logs, json)")
+    parser.add_argument("--cache", default="runs/bench/cache", help="where the small encoder and evaluator are kept")
+    parser.add_argument("--results", default=str(RESULTS), help="markdown file to update")
+    parser.add_argument("--jobs", type=int, default=2, help="runs trained at once, one process each")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads per run; 1 avoids the stalls of several threads on a shared machine")
+    parser.add_argument("--no-train", action="store_true", help=no_train)
+    data = parser.add_argument_group("data (default: the bundled digits at 16x16 with 2x2-pixel patches)")
+    data.add_argument("--images", default="",
+                      help="labelled images: an ImageFolder (one sub-folder per class), erw shards stored with images, "
+                           "or an .npz with `images` uint8 [N, H, W, 3] and `labels`; the encoder and the evaluator "
+                           "are trained on them (cached by content hash)")
+    data.add_argument("--resolution", type=int, default=DIGITS_RESOLUTION, help="images are resized to this side")
+    data.add_argument("--patch", type=int, default=DIGITS_PATCH, help="pixels per token side, of the SiT and the encoder")
+
+
+def study_size(args: argparse.Namespace) -> Size:
+    """The size named by --tiny/--full with the data of --images, --resolution and --patch."""
+    return dataclasses.replace(SIZES[size_name(args)], images=args.images, resolution=args.resolution, patch=args.patch)
+
+
+def data_flags(size: Size) -> str:
+    """The command-line flags that give `size`'s data (empty for the digits' defaults)."""
+    flags = f" --images {size.images}" if size.images else ""
+    if size.resolution != DIGITS_RESOLUTION:
+        flags += f" --resolution {size.resolution}"
+    if size.patch != DIGITS_PATCH:
+        flags += f" --patch {size.patch}"
+    return flags
 
 
 def main_methods(size: Size) -> list[Method]:
@@ -129,11 +191,11 @@ def study_config(size: Size, method: Method, seed: int, run_dir: Path, encoder_f
         "run_id": f"{method.name}-seed{seed}", "seed": seed,
         "model": {
             "arch": f"SiT-S/{size.patch}", "depth": size.depth, "hidden_size": size.hidden, "num_heads": size.heads,
-            "num_classes": NUM_CLASSES, "projector_dim": size.projector_dim, "align_depth": size.align_depth,
+            "num_classes": size.num_classes, "projector_dim": size.projector_dim, "align_depth": size.align_depth,
             "l2r_depth": size.l2r_depth,
         },
         "encoder": {"name": CUSTOM, "weights": encoder_file} if method.align else {"name": "none"},
-        "data": {"resolution": RESOLUTION, "codec": "identity"},
+        "data": {"resolution": size.resolution, "codec": "identity"},
         "warmup": {**phase, "steps": max(method.warmup, 1), "out": str(run_dir / "warmup")},
         "train": {**phase, "steps": size.budget - method.warmup, "out": str(run_dir / "train")},
     }
@@ -144,35 +206,88 @@ def study_config(size: Size, method: Method, seed: int, run_dir: Path, encoder_f
 # Data.
 
 
+class DataError(ValueError):
+    """--images that the studies cannot use; the message says why."""
+
+
 @dataclass(frozen=True)
-class Digits:
-    images: Tensor  # uint8 [N, 3, RESOLUTION, RESOLUTION]
-    labels: Tensor  # int64 [N]
+class LabelledImages:
+    images: Tensor  # uint8 [N, 3, R, R]
+    labels: Tensor  # int64 [N], classes 0..K-1
+    name: str  # "digits", or the --images file or folder name
 
     @classmethod
-    def load(cls, limit: int = 0) -> "Digits":
-        """All digits, or the first `limit` (the dataset cycles through the classes), at RESOLUTION."""
-        from erw.data.digits import digit_images
+    def load(cls, size: Size) -> "LabelledImages":
+        """The images of `size` (--images, or the digits) at its resolution; the first
+        `size.num_digits` only when set (the digits cycle through the classes)."""
+        if size.images:
+            images, labels = _read_images(size.images, size.resolution)
+            name = Path(size.images.rstrip("/")).stem
+        else:
+            from erw.data.digits import digit_images
 
-        images, labels = digit_images()
-        if limit:
-            images, labels = images[:limit], labels[:limit]
-        pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float()
-        pixels = torch.nn.functional.interpolate(pixels, size=RESOLUTION, mode="area")
-        return cls(pixels.round().clamp(0, 255).to(torch.uint8).contiguous(), torch.from_numpy(labels))
+            pixels, classes = digit_images()
+            images, labels, name = torch.from_numpy(pixels).permute(0, 3, 1, 2), torch.from_numpy(classes), "digits"
+        if size.num_digits:
+            images, labels = images[:size.num_digits], labels[:size.num_digits]
+        if images.shape[-1] != size.resolution:
+            pixels = torch.nn.functional.interpolate(images.float(), size=size.resolution, mode="area")
+            images = pixels.round().clamp(0, 255).to(torch.uint8)
+        data = cls(images.contiguous(), labels.long(), name)
+        problems = data.problems()
+        if problems:
+            raise DataError(f"{size.images or 'the digits'}: " + "; ".join(problems))
+        return data
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.labels.max()) + 1
+
+    def fingerprint(self) -> str:
+        """A hash of the pixels and labels: the small networks are cached under it."""
+        digest = hashlib.sha256(self.images.numpy().tobytes())
+        digest.update(self.labels.numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    def problems(self) -> list[str]:
+        if len(self.labels) < 20 or self.labels.min() < 0:
+            return [f"{len(self.labels)} images with labels from {int(self.labels.min())}: the study needs at least 20, "
+                    "each with a class label"]
+        missing = sorted(set(range(self.num_classes)) - set(self.labels.tolist()))
+        return [f"no images of class(es) {missing}: labels must be 0..K-1, each with images"] if missing else []
 
 
-class DigitBatches:
+def _read_images(uri: str, resolution: int) -> tuple[Tensor, Tensor]:
+    """uint8 [N, 3, H, W] and labels from an .npz (`images` NHWC and `labels`), an ImageFolder, or
+    erw shards stored with images (ADM centre crop to `resolution` for image folders)."""
+    if uri.endswith(".npz"):
+        arrays = np.load(uri)
+        if not {"images", "labels"} <= set(arrays.files):
+            raise DataError(f"{uri} holds {', '.join(arrays.files)}: expected `images` (uint8 [N, H, W, 3]) and `labels`")
+        images = arrays["images"]
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or images.shape[1] != images.shape[2]:
+            raise DataError(f"{uri}: `images` is {images.dtype} {images.shape}, expected square uint8 [N, H, W, 3]")
+        return torch.from_numpy(images).permute(0, 3, 1, 2), torch.from_numpy(arrays["labels"].astype(np.int64))
+    from erw.data.image_sets import ImageSetError, open_image_set
+
+    try:
+        images, labels = zip(*open_image_set(uri).batches(256, resolution=resolution))
+    except ImageSetError as err:
+        raise DataError(str(err)) from None
+    return torch.cat(images), torch.cat(labels)
+
+
+class ImageBatches:
     """Endless batches {"latent", "label", and "feat" (encoder tokens) when features are given}:
     epochs are permutations drawn from (seed, epoch); the position (batches handed out) is all
     the state a resume needs."""
 
-    def __init__(self, digits: Digits, batch_size: int, seed: int, features: Tensor | None = None):
-        self.digits, self.batch_size, self.seed, self.position = digits, batch_size, seed, 0
+    def __init__(self, data: LabelledImages, batch_size: int, seed: int, features: Tensor | None = None):
+        self.data, self.batch_size, self.seed, self.position = data, batch_size, seed, 0
         self.features = features
 
     def _index(self, stream_positions: range) -> Tensor:
-        n = len(self.digits.labels)
+        n = len(self.data.labels)
         out, cached = [], {}
         for i in stream_positions:
             epoch = i // n
@@ -186,7 +301,7 @@ class DigitBatches:
             start = self.position * self.batch_size
             index = self._index(range(start, start + self.batch_size))
             self.position += 1
-            batch = {"latent": to_unit_range(self.digits.images[index]), "label": self.digits.labels[index]}
+            batch = {"latent": to_unit_range(self.data.images[index]), "label": self.data.labels[index]}
             if self.features is not None:
                 batch["feat"] = self.features[index]
             yield batch
@@ -203,14 +318,18 @@ class DigitBatches:
 
 
 def encoder_kwargs(size: Size) -> dict:
-    """The digits encoder: the token grid of the SiT studied here (one token per patch)."""
-    return small_nets.encoder_kwargs(RESOLUTION, patch_size=size.patch, depth=size.encoder_depth)
+    """The encoder: the token grid of the SiT studied here (one token per patch)."""
+    return small_nets.encoder_kwargs(size.resolution, patch_size=size.patch, depth=size.encoder_depth)
+
+
+def _key(*parts) -> str:
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:10]
 
 
 def untrained_encoder(cache: Path, size: Size) -> str:
     """The encoder's architecture with its initial weights: the control for encoder quality."""
     kwargs = encoder_kwargs(size)
-    file = cache / f"digits-encoder-untrained-depth{size.encoder_depth}.safetensors"
+    file = cache / f"encoder-untrained-{_key(kwargs, small_nets.ENCODER_TIMM_NAME)}.safetensors"
     if not file.exists():
         torch.manual_seed(0)
         small_nets.save_encoder(small_nets.build_encoder(kwargs), kwargs, str(file))
@@ -224,36 +343,36 @@ class SmallNets:
     reports: dict[str, dict]
 
 
-def ensure_small_nets(cache: Path, digits: Digits, size: Size, log: Callable[[str], None]) -> SmallNets:
-    """Train the encoder and the evaluator unless files for the same settings are in `cache`."""
+def ensure_small_nets(cache: Path, data: LabelledImages, size: Size, log: Callable[[str], None]) -> SmallNets:
+    """Train the encoder and the evaluator unless files for the same data and settings are in `cache`."""
     cache.mkdir(parents=True, exist_ok=True)
     # Shifts of up to one pixel at 16x16: half a pixel of the 8x8 scans, as 2 pixels at 32x32.
-    shift = max(1, RESOLUTION // 16)
+    shift = max(1, size.resolution // 16)
     # lr 3e-3: at 1e-3 the 600-step encoder underfits (85.8% held out, below a linear probe on the
     # pixels); at 3e-3 it reaches 95.8% (measured, batch 128).
     encoder_settings = small_nets.FitSettings(steps=size.encoder_steps, seed=0, max_shift=shift, lr=3e-3)
     evaluator_settings = small_nets.FitSettings(steps=size.evaluator_steps, seed=1, max_shift=shift)
     kwargs = encoder_kwargs(size)
 
-    def key(*parts) -> str:
-        return hashlib.sha256(repr(parts).encode()).hexdigest()[:10]
-
-    # The architecture is part of the key: a changed network is retrained, never silently reused.
-    encoder_file = cache / f"digits-encoder-{key(encoder_settings, kwargs, small_nets.ENCODER_TIMM_NAME)}.safetensors"
-    evaluator_arch = repr(small_evaluator.DigitEvaluator(NUM_CLASSES))  # exported for one input size: part of the key
-    evaluator_file = cache / f"digits-evaluator-{key(evaluator_settings, evaluator_arch, RESOLUTION)}.pt2"
+    # The data (by content) and the architecture are part of the key: a changed dataset or network
+    # is retrained, never silently reused.
+    content = data.fingerprint()
+    encoder_key = _key(encoder_settings, kwargs, small_nets.ENCODER_TIMM_NAME, content)
+    encoder_file = cache / f"{data.name}-encoder-{encoder_key}.safetensors"
+    evaluator_arch = repr(small_evaluator.DigitEvaluator(data.num_classes))  # exported for one input size: part of the key
+    evaluator_file = cache / f"{data.name}-evaluator-{_key(evaluator_settings, evaluator_arch, size.resolution, content)}.pt2"
     reports_file = cache / "small-nets.json"
     reports = json.loads(reports_file.read_text()) if reports_file.exists() else {}
     if not encoder_file.exists() or encoder_file.name not in reports:
-        log(f"training the digits encoder -> {encoder_file}")
-        vit, report = small_nets.fit_encoder(digits.images, digits.labels, encoder_settings, kwargs, log=lambda _: None)
+        log(f"training the encoder -> {encoder_file}")
+        vit, report = small_nets.fit_encoder(data.images, data.labels, encoder_settings, kwargs, log=lambda _: None)
         small_nets.save_encoder(vit, kwargs, str(encoder_file))
         reports[encoder_file.name] = dataclasses.asdict(report)
         log(f"encoder: {report.describe()}")
     if not evaluator_file.exists() or evaluator_file.name not in reports:
         log(f"training the evaluator -> {evaluator_file}")
-        net, report = small_evaluator.fit_evaluator(digits.images, digits.labels, evaluator_settings, log=lambda _: None)
-        small_evaluator.save_evaluator(net, str(evaluator_file), RESOLUTION)
+        net, report = small_evaluator.fit_evaluator(data.images, data.labels, evaluator_settings, log=lambda _: None)
+        small_evaluator.save_evaluator(net, str(evaluator_file), size.resolution)
         reports[evaluator_file.name] = dataclasses.asdict(report)
         log(f"evaluator: {report.describe()}")
     reports_file.write_text(json.dumps(reports, indent=2))
@@ -264,13 +383,13 @@ def ensure_small_nets(cache: Path, digits: Digits, size: Size, log: Callable[[st
 
 
 class Evaluator:
-    """Fréchet distance to the real digits in the evaluator's features, and the class accuracy
+    """Fréchet distance to the real images in the evaluator's features, and the class accuracy
     of generated images for their conditioning label. The network is the exported program,
     loaded as `erw evaluate --feature-network` loads it."""
 
-    def __init__(self, uri: str, digits: Digits, num_samples: int):
+    def __init__(self, uri: str, data: LabelledImages, num_samples: int):
         self.network = load_feature_network(uri)
-        real = self._features(digits.images)[0]
+        real = self._features(data.images)[0]
         self.reference = Gaussian.fit(real)
         self.dim = real.shape[1]
         # The distance a perfect generator gets with this many samples: the floor of the curves.
@@ -297,13 +416,13 @@ class Evaluator:
 # Cost.
 
 
-def encoder_flops(encoder: torch.nn.Module) -> float:
+def encoder_flops(encoder: torch.nn.Module, resolution: int) -> float:
     """Forward FLOPs of the encoder per image, counted by torch's FLOP counter."""
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
     with counter:
-        encoder(torch.zeros(1, 3, RESOLUTION, RESOLUTION, dtype=torch.uint8))
+        encoder(torch.zeros(1, 3, resolution, resolution, dtype=torch.uint8))
     return float(counter.get_total_flops())
 
 
@@ -317,11 +436,11 @@ _FEATURES: dict[tuple[str, int], Tensor] = {}
 
 
 @torch.no_grad()
-def encoder_features(encoder_file: str, encoder: torch.nn.Module, digits: Digits) -> Tensor:
-    """The encoder's tokens of every digit (`--store features`), computed once per encoder file."""
-    key = (encoder_file, len(digits.labels))
+def encoder_features(encoder_file: str, encoder: torch.nn.Module, data: LabelledImages) -> Tensor:
+    """The encoder's tokens of every image (`--store features`), computed once per encoder file."""
+    key = (encoder_file, len(data.labels))
     if key not in _FEATURES:
-        _FEATURES[key] = torch.cat([encoder(digits.images[i:i + 500]) for i in range(0, len(digits.images), 500)])
+        _FEATURES[key] = torch.cat([encoder(data.images[i:i + 500]) for i in range(0, len(data.images), 500)])
     return _FEATURES[key]
 
 
@@ -348,14 +467,14 @@ def ema_model(cfg: Config, ema_state: dict[str, Tensor], encoder_dim: int | None
 @torch.no_grad()
 def generate(model: torch.nn.Module, size: Size) -> tuple[Tensor, Tensor]:
     """Class-balanced samples: Heun ODE, no guidance, fixed noise."""
-    labels = torch.arange(size.num_samples) % NUM_CLASSES
-    noise = PerSampleNoise(SAMPLE_SEED, range(size.num_samples), (3, RESOLUTION, RESOLUTION), "cpu")
+    labels = torch.arange(size.num_samples) % size.num_classes
+    noise = PerSampleNoise(SAMPLE_SEED, range(size.num_samples), (3, size.resolution, size.resolution), "cpu")
     latents = sample(model_velocity(model), noise, labels, mode="ode", steps=size.sample_steps, solver="heun")
     return to_uint8(latents), labels  # identity codec: model space is pixels in [-1, 1]
 
 
 def train_and_evaluate(
-    method: Method, size: Size, seed: int, run_dir: Path, digits: Digits, nets: SmallNets, evaluator: Evaluator,
+    method: Method, size: Size, seed: int, run_dir: Path, data: LabelledImages, nets: SmallNets, evaluator: Evaluator,
     log: Callable[[str], None],
 ) -> Curve:
     """Train one method for the whole budget, scoring the EMA model every eval_every steps."""
@@ -367,21 +486,21 @@ def train_and_evaluate(
         trainer_log.write(message + "\n")
 
     cfg = study_config(size, method, seed, run_dir, nets.encoder_file)
-    encoder = load_encoder(cfg.encoder, RESOLUTION) if method.align else None
+    encoder = load_encoder(cfg.encoder, size.resolution) if method.align else None
     encoder_dim = encoder.dim if encoder is not None else None
-    features = encoder_features(cfg.encoder.weights, encoder, digits) if encoder is not None else None
+    features = encoder_features(cfg.encoder.weights, encoder, data) if encoder is not None else None
     # Aligned methods pay once for the encoder's tokens of the dataset, then nothing per step.
-    feature_flops = len(digits.labels) * encoder_flops(encoder) if encoder is not None else 0.0
+    feature_flops = len(data.labels) * encoder_flops(encoder, size.resolution) if encoder is not None else 0.0
     full_step = step_flops(cfg, "train", encoder_dim)
     curve = Curve(method.name, seed)
     started = time.perf_counter()
     init_from = None
     if method.warmup:
-        warm = run(cfg, "warmup", DigitBatches(digits, size.batch, seed, features), CPU, encoder=encoder, log=quiet)
+        warm = run(cfg, "warmup", ImageBatches(data, size.batch, seed, features), CPU, encoder=encoder, log=quiet)
         init_from = warm.checkpoint
     curve.seconds = time.perf_counter() - started  # training time only; evaluation is not counted
     warmup_flops = method.warmup * step_flops(cfg, "warmup", encoder_dim) if method.warmup else 0.0
-    batches = DigitBatches(digits, size.batch, seed, features)
+    batches = ImageBatches(data, size.batch, seed, features)
     for end in range(size.eval_every, cfg.train.steps + 1, size.eval_every):
         segment = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=end))
         started = time.perf_counter()
@@ -432,14 +551,14 @@ def _die_with_parent() -> None:
 def _start_worker(threads: int, size: Size, nets: SmallNets) -> None:
     _die_with_parent()
     torch.set_num_threads(threads)
-    digits = Digits.load(size.num_digits)
-    _WORKER.update(size=size, nets=nets, digits=digits, evaluator=Evaluator(nets.evaluator_file, digits, size.num_samples))
+    data = LabelledImages.load(size)
+    _WORKER.update(size=size, nets=nets, data=data, evaluator=Evaluator(nets.evaluator_file, data, size.num_samples))
 
 
 def _run_task(task: Task) -> Curve:
     w = _WORKER
     log = lambda message: print(message, flush=True)  # noqa: E731
-    return train_and_evaluate(task.method, w["size"], task.seed, task.run_dir, w["digits"], w["nets"], w["evaluator"], log)
+    return train_and_evaluate(task.method, w["size"], task.seed, task.run_dir, w["data"], w["nets"], w["evaluator"], log)
 
 
 def train_all(tasks: list[Task], size: Size, nets: SmallNets, jobs: int, threads: int) -> list[Curve]:
@@ -495,23 +614,23 @@ def final_model(checkpoint: str) -> tuple[Config, torch.nn.Module]:
     """The config and the EMA model of a run's checkpoint."""
     saved = ckpt.load_checkpoint(checkpoint, with_train_state=False)
     cfg = saved.config()
-    encoder_dim = load_encoder(cfg.encoder, RESOLUTION).dim if cfg.encoder.name != "none" else None
+    encoder_dim = load_encoder(cfg.encoder, cfg.data.resolution).dim if cfg.encoder.name != "none" else None
     return cfg, ema_model(cfg, saved.ema_state, encoder_dim)
 
 
 @torch.no_grad()
-def block_features(model: torch.nn.Module, path: str, digits: Digits, t: float) -> list[np.ndarray]:
-    """Mean-pooled hidden state after every block for all digits noised to time t, with the
+def block_features(model: torch.nn.Module, path: str, data: LabelledImages, t: float) -> list[np.ndarray]:
+    """Mean-pooled hidden state after every block for all images noised to time t, with the
     null class as the label (a class-conditional model would otherwise be handed the answer)."""
     captured: list[list[Tensor]] = [[] for _ in model.blocks]
     hooks = [
         block.register_forward_hook(lambda _m, _i, out, i=i: captured[i].append(out.mean(dim=1)))
         for i, block in enumerate(model.blocks)
     ]
-    noise = torch.randn(digits.images.shape, generator=torch.Generator().manual_seed(PROBE_SPLIT_SEED))
-    times = torch.full((len(digits.labels),), t)
-    x_t, _ = interpolate(path, to_unit_range(digits.images), noise, times)
-    null = torch.full_like(digits.labels, NUM_CLASSES)
+    noise = torch.randn(data.images.shape, generator=torch.Generator().manual_seed(PROBE_SPLIT_SEED))
+    times = torch.full((len(data.labels),), t)
+    x_t, _ = interpolate(path, to_unit_range(data.images), noise, times)
+    null = torch.full_like(data.labels, model.y_embedder.num_classes)
     for i in range(0, len(x_t), 500):
         model(x_t[i:i + 500], times[i:i + 500], null[i:i + 500])
     for hook in hooks:
@@ -524,7 +643,7 @@ def conditioning_strength(model: torch.nn.Module) -> dict[str, float]:
     """The class label and the time enter the adaLN conditioning as a sum of two embeddings:
     how far apart the class embeddings are (mean distance to their centre) against the size of
     the timestep embedding (mean norm over t in [0, 1]) says how much the label can steer."""
-    classes = model.y_embedder.embedding_table.weight[:NUM_CLASSES]
+    classes = model.y_embedder.embedding_table.weight[:model.y_embedder.num_classes]
     spread = (classes - classes.mean(dim=0)).norm(dim=1).mean()
     time_norm = model.t_embedder(torch.linspace(0, 1, 11)).norm(dim=1).mean()
     return {"class_spread": float(spread), "time_norm": float(time_norm)}

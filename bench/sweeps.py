@@ -1,9 +1,9 @@
 """What ERW's result depends on, at the convergence study's scale: one setting at a time.
 
-    nice -n 5 .venv/bin/python bench/sweeps.py              # default size, seed 0
-    .venv/bin/python bench/sweeps.py --tiny --out DIR --results FILE
-    .venv/bin/python bench/sweeps.py --only l2r_depth,warmup
-    .venv/bin/python bench/sweeps.py --no-train          # redo the markdown from DIR/sweeps.json
+    nice -n 5 .venv/bin/python -m bench.sweeps              # default size, seed 0
+    .venv/bin/python -m bench.sweeps --tiny --out DIR --results FILE
+    .venv/bin/python -m bench.sweeps --only l2r_depth,warmup
+    .venv/bin/python -m bench.sweeps --no-train          # redo the markdown from DIR/sweeps.json
 
 Around the default SiT+REPA+ERW of bench/convergence.py (same model, data, batch, budget):
 
@@ -24,19 +24,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from convergence import ROOT, SIZES, size_name  # noqa: E402
-from results_md import machine, write_section  # noqa: E402
-from smallscale import (  # noqa: E402
-    Curve, Digits, Method, Size, Task, ensure_small_nets, evaluation_step, main_methods, steps_to_target, train_all,
-    untrained_encoder,
+from bench.results_md import machine, write_section
+from bench.smallscale import (
+    Curve, DataError, LabelledImages, Method, Size, Task, add_study_arguments, data_flags, ensure_small_nets,
+    evaluation_step, main_methods, size_name, steps_to_target, study_size, train_all, untrained_encoder,
 )
 
 KNOBS = ("l2r_depth", "warmup", "c0", "schedule", "encoder")
@@ -78,7 +74,7 @@ def reference_curves(path: Path, size: Size, seed: int) -> dict[str, Curve] | No
     if not path.exists():
         return None
     report = json.loads(path.read_text())
-    if report["size"] != json.loads(json.dumps(dataclasses.asdict(size))):
+    if Size.from_json(report["size"]) != size:
         return None
     curves = {c["method"]: Curve(**c) for c in report["curves"] if c["seed"] == seed}
     return curves if len(curves) == len(main_methods(size)) else None
@@ -106,12 +102,12 @@ def render(report: dict) -> str:
     # Mid-curve, where the methods differ most: plain SiT's FD after 3/4 of the budget (this seed).
     target_step = evaluation_step(size, 0.75)
     target = next(p["fd"] for p in references["SiT"].points if p["step"] >= target_step)
-    flag = {"tiny": " --tiny", "full": " --full"}.get(report.get("size_name", "default"), "")
+    flag = {"tiny": " --tiny", "full": " --full"}.get(report.get("size_name", "default"), "") + data_flags(size)
     took = f" — this run: {report['minutes']:.0f} min on {report['machine']}" if "minutes" in report else ""
     lines = [
         f"## Sweeps around SiT+REPA+ERW ({report.get('size_name', 'default')} size, seed {report['seed']})",
         "",
-        f"Reproduce: `nice -n 5 .venv/bin/python bench/sweeps.py{flag}`{took}.",
+        f"Reproduce: `nice -n 5 .venv/bin/python -m bench.sweeps{flag}`{took}.",
         "",
         f"Same setup as the convergence study; one knob changed at a time, one seed (read the differences against "
         f"the convergence study's spread over seeds). Target: FD ≤ {target:.2f} (plain SiT's FD at step "
@@ -130,19 +126,14 @@ def render(report: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--tiny", action="store_true", help="one value per knob on a tiny model: checks the path")
-    group.add_argument("--full", action="store_true", help="the --full size of bench/convergence.py")
+    add_study_arguments(
+        parser, out="runs/bench/sweeps", tiny="one value per knob on a tiny model: checks the path",
+        full="the --full size of the convergence study", no_train="redo the markdown from DIR/sweeps.json",
+    )
     parser.add_argument("--only", default=",".join(KNOBS), help=f"comma-separated knobs from {', '.join(KNOBS)}")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="runs/bench/sweeps", help="run directory (checkpoints, logs, json)")
-    parser.add_argument("--cache", default="runs/bench/cache", help="where the small encoder and evaluator are kept")
-    parser.add_argument("--results", default=str(ROOT / "docs" / "results.md"), help="markdown file to update")
-    parser.add_argument("--jobs", type=int, default=2, help="runs trained at once, one process each")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per run (see bench/convergence.py)")
     parser.add_argument("--references", default="runs/bench/convergence/convergence.json",
                         help="convergence study results whose runs of --seed serve as the default points")
-    parser.add_argument("--no-train", action="store_true", help="redo the markdown from DIR/sweeps.json")
     args = parser.parse_args()
     knobs = [k for k in args.only.split(",") if k]
     unknown = sorted(set(knobs) - set(KNOBS))
@@ -150,7 +141,9 @@ def main() -> None:
         parser.error(f"unknown knob(s) {', '.join(unknown)}: choose from {', '.join(KNOBS)}")
     torch.set_num_threads(args.threads)
 
-    size = SIZES[size_name(args)]
+    size = study_size(args)
+    if size.problems():
+        parser.error("; ".join(size.problems()))
     out = Path(args.out)
     report_file = out / "sweeps.json"
     if args.no_train:
@@ -158,7 +151,10 @@ def main() -> None:
             parser.error(f"--no-train: {report_file} does not exist; run the sweeps first")
         report = json.loads(report_file.read_text())
     else:
-        report = run_sweeps(args, size, knobs)
+        try:
+            report = run_sweeps(args, size, knobs)
+        except DataError as err:
+            parser.error(str(err))
         out.mkdir(parents=True, exist_ok=True)
         report_file.write_text(json.dumps(report, indent=2))
     section = render(report)
@@ -170,8 +166,9 @@ def main() -> None:
 def run_sweeps(args: argparse.Namespace, size: Size, knobs: list[str]) -> dict:
     started = time.perf_counter()
     out = Path(args.out)
-    digits = Digits.load(size.num_digits)
-    nets = ensure_small_nets(Path(args.cache), digits, size, print)
+    data = LabelledImages.load(size)
+    size = dataclasses.replace(size, num_classes=data.num_classes)
+    nets = ensure_small_nets(Path(args.cache), data, size, print)
     points = sweep_points(size, untrained_encoder(Path(args.cache), size), args.tiny)
     labelled = [(k, value, method) for k in knobs for value, method in points[k]]
     tasks = [Task(method, args.seed, out / f"{k}-{value}-{method.name}") for k, value, method in labelled]

@@ -1,26 +1,26 @@
 """The benchmark report scripts: the convergence study end to end at --tiny size, its bookkeeping,
 the results page sections and the GPU check's refusal and table."""
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-
-import gpu_check  # noqa: E402
-from results_md import write_section  # noqa: E402
-from smallscale import DigitBatches, Digits, steps_to_target  # noqa: E402
+from bench import gpu_check
+from bench.results_md import ROOT, write_section
+from bench.smallscale import SIZES, DataError, ImageBatches, LabelledImages, Size, steps_to_target
 
 
+@pytest.mark.bench
 def test_convergence_tiny_end_to_end(tmp_path):
     results = tmp_path / "docs" / "results.md"
     done = subprocess.run(
-        [sys.executable, "bench/convergence.py", "--tiny", "--out", str(tmp_path / "runs"),
+        [sys.executable, "-m", "bench.convergence", "--tiny", "--out", str(tmp_path / "runs"),
          "--cache", str(tmp_path / "cache"), "--results", str(results)],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
@@ -44,7 +44,7 @@ def test_convergence_tiny_end_to_end(tmp_path):
     assert all(p["fd"] >= 0 and 0 <= p["accuracy"] <= 1 for c in curves for p in c["points"])
 
     text = results.read_text()
-    assert "<!-- BEGIN convergence -->" in text and "bench/convergence.py --tiny" in text
+    assert "<!-- BEGIN convergence -->" in text and "python -m bench.convergence --tiny" in text
     for method in ("| SiT |", "| SiT+REPA |", "| SiT+REPA+ERW |"):
         assert method in text
     assert "linear probe per block" in text and "How much the class label can steer" in text
@@ -57,7 +57,7 @@ def test_convergence_tiny_end_to_end(tmp_path):
     # A sweep reuses the study's runs of its seed as the reference points and trains only its own.
     common = ["--tiny", "--cache", str(tmp_path / "cache"), "--results", str(results), "--out", str(tmp_path / "sweeps")]
     done = subprocess.run(
-        [sys.executable, "bench/sweeps.py", *common, "--only", "l2r_depth", "--references", str(tmp_path / "runs" / "convergence.json")],
+        [sys.executable, "-m", "bench.sweeps", *common, "--only", "l2r_depth", "--references", str(tmp_path / "runs" / "convergence.json")],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -69,10 +69,10 @@ def test_convergence_tiny_end_to_end(tmp_path):
 
     # Both pages can be redone from their json without training.
     (tmp_path / "runs" / "SiT-seed0").rename(tmp_path / "moved")  # the rendering must not need the curves' runs
-    for script in ("convergence.py", "sweeps.py"):
-        out = tmp_path / ("runs" if script == "convergence.py" else "sweeps")
+    for study in ("convergence", "sweeps"):
+        out = tmp_path / ("runs" if study == "convergence" else "sweeps")
         done = subprocess.run(
-            [sys.executable, f"bench/{script}", *common[:-2], "--out", str(out), "--no-train"],
+            [sys.executable, "-m", f"bench.{study}", *common[:-2], "--out", str(out), "--no-train"],
             cwd=ROOT, capture_output=True, text=True, timeout=120,
         )
         assert done.returncode == 0, done.stderr[-3000:]
@@ -86,15 +86,16 @@ def test_steps_to_target_interpolates_the_crossing():
     assert steps_to_target(points, 1.0) is None
 
 
-def test_digit_batches_resume_where_they_stopped():
-    digits = Digits(torch.arange(50, dtype=torch.uint8).view(50, 1, 1, 1).expand(50, 3, 4, 4).contiguous(), torch.arange(50) % 10)
-    straight = iter(DigitBatches(digits, 8, seed=3))
+def test_image_batches_resume_where_they_stopped():
+    images = torch.arange(50, dtype=torch.uint8).view(50, 1, 1, 1).expand(50, 3, 4, 4).contiguous()
+    digits = LabelledImages(images, torch.arange(50) % 10, "digits")
+    straight = iter(ImageBatches(digits, 8, seed=3))
     batches = [next(straight)["label"] for _ in range(10)]  # crosses an epoch boundary (50 images)
-    first = DigitBatches(digits, 8, seed=3)
+    first = ImageBatches(digits, 8, seed=3)
     it = iter(first)
     for _ in range(4):
         next(it)
-    resumed = DigitBatches(digits, 8, seed=3)
+    resumed = ImageBatches(digits, 8, seed=3)
     resumed.load_state_dict(first.state_dict())
     it = iter(resumed)
     assert all(torch.equal(next(it)["label"], b) for b in batches[4:])
@@ -152,8 +153,7 @@ def test_gpu_check_runs_its_measurements_on_cpu(capsys):
 
 
 def test_sweep_points_change_one_setting_at_a_time():
-    from convergence import SIZES
-    from sweeps import sweep_points
+    from bench.sweeps import sweep_points
 
     size = SIZES["default"]
     points = sweep_points(size, "untrained.safetensors", tiny=False)
@@ -169,19 +169,88 @@ def test_sweep_points_change_one_setting_at_a_time():
 
 
 def test_run_all_reports_each_benchmark_with_its_state():
-    import run_all
+    from bench import run_all
 
     outcomes = [
-        run_all.Outcome("step_throughput", "python bench/step_throughput.py --no-compile", 0, 12.0, "SiT-S/2 0.39x"),
-        run_all.Outcome("loader_throughput", "python bench/loader_throughput.py", -1, 1800.0, "timed out after 1800 s"),
-        run_all.Outcome("metrics_overhead", "python bench/metrics_overhead.py", 3, 5.0, "Traceback ..."),
+        run_all.Outcome("step_throughput", "python -m bench.step_throughput --no-compile", 0, 12.0, "SiT-S/2 0.39x"),
+        run_all.Outcome("loader_throughput", "python -m bench.loader_throughput", -1, 1800.0, "timed out after 1800 s"),
+        run_all.Outcome("metrics_overhead", "python -m bench.metrics_overhead", 3, 5.0, "Traceback ..."),
     ]
-    text = run_all.section(outcomes, ["sampling_throughput"])
-    assert "### step_throughput (ok, 12 s)" in text and "`python bench/step_throughput.py --no-compile`" in text
+    text = run_all.section(outcomes)
+    assert "### step_throughput (ok, 12 s)" in text and "`python -m bench.step_throughput --no-compile`" in text
     assert "### loader_throughput (TIMED OUT, 1800 s)" in text
     assert "### metrics_overhead (FAILED (exit 3), 5 s)" in text
-    assert "Not present in bench/ at this run: sampling_throughput." in text
     # Every benchmark it names exists, and its arguments are ones the script accepts.
     for name, arguments in run_all.BENCHMARKS.items():
         script = ROOT / "bench" / f"{name}.py"
         assert all(a in script.read_text() for a in arguments), (name, arguments)
+
+
+# ---------------------------------------------------------------------------------------------
+# The study on another dataset (--images): a tiny one made here, of three shapes.
+
+
+def _shapes(n_per_class: int = 30, side: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Bright squares, crosses and rings on dark noise, at random offsets: uint8 [N, side, side, 3], labels 0-2."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:side, :side]
+    images, labels = [], []
+    for label in range(3):
+        for _ in range(n_per_class):
+            cy, cx = rng.integers(5, side - 5, size=2)
+            if label == 0:
+                mask = (abs(yy - cy) <= 3) & (abs(xx - cx) <= 3)
+            elif label == 1:
+                mask = ((abs(yy - cy) <= 4) & (abs(xx - cx) <= 1)) | ((abs(xx - cx) <= 4) & (abs(yy - cy) <= 1))
+            else:
+                mask = abs(np.hypot(yy - cy, xx - cx) - 3.5) <= 1.0
+            pixels = rng.integers(0, 40, size=(side, side, 3)) + 200 * mask[..., None]
+            images.append(pixels.clip(0, 255).astype(np.uint8))
+            labels.append(label)
+    return np.stack(images), np.array(labels)
+
+
+def test_other_images_load_from_npz_folder_and_shards_alike(tmp_path):
+    from PIL import Image
+
+    images, labels = _shapes()
+    np.savez(tmp_path / "shapes.npz", images=images, labels=labels)
+    for i, (pixels, label) in enumerate(zip(images, labels)):
+        (tmp_path / "folder" / f"c{label}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(tmp_path / "folder" / f"c{label}" / f"{i:03d}.png")
+    size = Size.from_json({**dataclasses.asdict(SIZES["tiny"]), "num_digits": 0})
+    from_npz = LabelledImages.load(dataclasses.replace(size, images=str(tmp_path / "shapes.npz")))
+    from_folder = LabelledImages.load(dataclasses.replace(size, images=str(tmp_path / "folder")))
+    assert from_npz.images.shape == (90, 3, 16, 16) and from_npz.num_classes == 3 and from_npz.name == "shapes"
+    assert sorted(from_folder.labels.tolist()) == sorted(from_npz.labels.tolist())
+    # Resized to --resolution; the content hash (the small networks' cache key) follows the pixels.
+    smaller = LabelledImages.load(dataclasses.replace(size, images=str(tmp_path / "shapes.npz"), resolution=8))
+    assert smaller.images.shape[-1] == 8 and smaller.fingerprint() != from_npz.fingerprint()
+    np.savez(tmp_path / "unlabelled.npz", arr_0=images)
+    with pytest.raises(DataError, match="expected `images`"):
+        LabelledImages.load(dataclasses.replace(size, images=str(tmp_path / "unlabelled.npz")))
+    np.savez(tmp_path / "gap.npz", images=images, labels=np.where(labels == 1, 2, labels))
+    with pytest.raises(DataError, match=r"no images of class\(es\) \[1\]"):
+        LabelledImages.load(dataclasses.replace(size, images=str(tmp_path / "gap.npz")))
+
+
+@pytest.mark.bench
+def test_convergence_tiny_on_another_dataset(tmp_path):
+    images, labels = _shapes()
+    np.savez(tmp_path / "shapes.npz", images=images, labels=labels)
+    results = tmp_path / "results.md"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.convergence", "--tiny", "--images", str(tmp_path / "shapes.npz"),
+         "--resolution", "8", "--patch", "2", "--out", str(tmp_path / "runs"), "--cache", str(tmp_path / "cache"),
+         "--results", str(results)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "runs" / "convergence.json").read_text())
+    assert report["size"]["num_classes"] == 3 and report["size"]["resolution"] == 8 and report["num_images"] == 90
+    assert report["command"].endswith(f"--tiny --images {tmp_path / 'shapes.npz'} --resolution 8")
+    # The encoder and the evaluator were trained on these images, cached under their content hash.
+    assert [p.name.split("-")[:2] for p in (tmp_path / "cache").glob("shapes-*")] != []
+    assert {p.name.split("-")[1] for p in (tmp_path / "cache").glob("shapes-*")} == {"encoder", "evaluator"}
+    text = results.read_text()
+    assert f"90 images of {tmp_path / 'shapes.npz'} at 8x8" in text and "(16 tokens)" in text
