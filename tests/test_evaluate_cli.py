@@ -135,6 +135,7 @@ def test_sample_then_evaluate_with_a_feature_network(samples, feature_network, t
     assert 0.0 <= metrics["precision"] <= 1.0 and 0.0 <= metrics["recall"] <= 1.0
     assert metrics["num_samples"] == 12 and metrics["num_reference"] == 20
     assert metrics["sampling"]["step"] == 7 and metrics["feature_network"].startswith("custom:")
+    assert 0.0 <= metrics["class_accuracy"] <= 1.0  # the feature network classifies the samples' own labels
     grid = np.asarray(Image.open(out / "grid.png"))
     pad = 2
     assert grid.shape == (NUM_CLASSES * (RESOLUTION + pad) + pad, 4 * (RESOLUTION + pad) + pad, 3)
@@ -165,6 +166,7 @@ def test_evaluate_with_inception_features(samples, inception_weights, tmp_path, 
     assert metrics["num_samples"] == 8 and metrics["feature_network"].startswith("inception-v3-tf:")
     for key in ("fid", "sfid", "inception_score", "precision", "recall"):
         assert metrics[key] is not None and np.isfinite(metrics[key]), key
+    assert metrics["class_accuracy"] is None  # Inception's classes are not the dataset's
     assert metrics["fid"] > 0 and metrics["sfid"] > 0
 
 
@@ -287,3 +289,19 @@ def test_sample_and_evaluate_through_s3(checkpoint, feature_network, s3_bucket, 
     metrics = json.loads(storage.read_bytes(f"{s3_bucket}/eval/metrics.json"))
     assert metrics["num_samples"] == 4 and metrics["fid"] == pytest.approx(0.0, abs=1e-6)
     assert storage.exists(f"{s3_bucket}/eval/grid.png") and storage.exists(f"{s3_bucket}/eval/summary.html")
+
+
+def test_class_accuracy_counts_samples_classified_as_the_class_asked_for():
+    from erw.evaluation.evaluate import class_accuracy
+    from erw.evaluation.features import Features
+
+    class Classifier:
+        classifies_labels = True
+
+    logits = np.eye(3)[[0, 1, 2, 2]]  # argmax 0, 1, 2, 2
+    features = Features(pool=np.zeros((4, 2)), logits=logits, spatial=None)
+    assert class_accuracy(features, Classifier(), np.array([0, 1, 2, 0])) == 0.75
+    assert class_accuracy(features, Classifier(), np.array([0, 1, 2, -1])) is None  # an unlabelled sample
+    assert class_accuracy(features, Classifier(), np.array([0, 1, 2, 3])) is None  # a class the network lacks
+    Classifier.classifies_labels = False
+    assert class_accuracy(features, Classifier(), np.array([0, 1, 2, 0])) is None

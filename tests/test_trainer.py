@@ -61,6 +61,7 @@ def tiny_config(tmp_path, *overrides):
             "model.depth=4", "model.hidden_size=64", "model.num_heads=2", "model.projector_dim=32",
             "model.l2r_depth=2", "model.align_depth=3", "encoder.dim=null",
             "model.arch=SiT-S/4", "data.resolution=32",  # the 32x32 Batches below: 64 tokens
+            "encoder.name=dinov2-vit-s", "encoder.weights=random",  # the tests pass TinyEncoder; this names it
             f"warmup.out={tmp_path}/warmup", f"train.out={tmp_path}/train",
             "warmup.batch_size=8", "train.batch_size=8", "warmup.log_every=1", "train.log_every=1",
             *overrides,
