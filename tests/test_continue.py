@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from erw.training import checkpoint as ckpt
+from erw.config import load_config
 from test_cli_training import ROOT, TINY, erw
 
 COMMON = ["--config", str(ROOT / "configs/demo.yaml"), "data.shards=shards", *TINY, "encoder.name=none",
@@ -22,7 +23,7 @@ def published(tmp_path_factory):
     for i in range(48):
         (work / "images" / f"c{i % 3}").mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(work / "images" / f"c{i % 3}" / f"{i}.png")
-    erw("precompute", "--source", "images", "--out", "shards", "--resolution", "32", "--codec", "identity",
+    erw("precompute", "--source", "images", "--out", "shards", "--resolution", "16", "--codec", "identity",
         "--no-progress", cwd=work)
     # Another seed than the runs below: other initial weights, so "starts from it" is visible in the weights.
     erw("train", *COMMON, "seed=7", "train.steps=6", "train.ckpt_every=6", "train.out=published", cwd=work)
@@ -40,7 +41,8 @@ def test_continue_starts_from_the_published_weights_ema_and_moments(published):
     # AdamW's per-parameter step counts continue from the published run's: the moments were restored.
     steps = {int(s["step"]) for s in end.train_state["optimizer"]["state"].values()}
     assert steps == {6 + 2}
-    assert end.train_state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(3.0e-4)  # this run's lr
+    demo_lr = load_config(ROOT / "configs/demo.yaml").train.lr
+    assert end.train_state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(demo_lr)  # this run's lr
 
     # Two steps from the published weights stay close to them; a fresh start is far away.
     fresh = erw("train", *COMMON, "train.steps=2", "train.ckpt_every=2", "train.out=fresh", cwd=work)
