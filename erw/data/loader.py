@@ -478,6 +478,7 @@ class ShardLoader:
                             f"{self.rounds}) was bad (named on stderr): fix or precompute the dataset again"
                         )
                     batch = {k: v[keep] for k, v in merged.items()}
+                    batch["position"] = partition[keep]  # the place in the global batch, 0..G-1
                     if torch.cuda.is_available():
                         batch = {k: v.pin_memory() for k, v in batch.items()}
                     self.batches += 1
@@ -532,7 +533,10 @@ def build_loader(
     model space, "label" int64 [B], "index" and "epoch" int64 [B] (the sample's position in the
     manifest's shard order, and the epoch it was drawn in), and with_images: "image" uint8
     [B, 3, R, R], or "feat" float32 [B, T, D] when the shards cache encoder tokens instead of
-    images. B is batch_size less the bad samples dropped (none in a sound dataset).
+    images. B is batch_size less the bad samples dropped (none in a sound dataset). "position"
+    int64 [B] is each sample's place in the step's global batch (0..G-1, independent of the
+    world size): per-sample random draws seeded from (seed, step, position) would make the
+    losses of an elastic resume match too.
     """
     if batch_size < 1:
         raise DatasetError(f"per-rank batch size must be at least 1, got {batch_size}")
