@@ -8,6 +8,8 @@ from harness import STEPS, read_trace, run, train_command
 
 from erw import faults
 
+pytestmark = pytest.mark.chaos
+
 
 def global_steps(trace: dict[int, list[dict]]) -> list[list[int]]:
     """The sample ids of each step's global batch: every rank's batch of the step, in rank order."""
