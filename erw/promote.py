@@ -27,12 +27,13 @@ from erw.registry import Decision, Verdict, open_registry
 
 # Metrics a gate may use, and whether lower is better.
 LOWER_IS_BETTER = {"fid": True, "sfid": True, "inception_score": False, "precision": False, "recall": False}
-# The smallest improvement that publishes, in metric units. FID of one model evaluated with
-# different sampling seeds spreads by about DEFAULT_MARGIN / 3 at the demo's 1,000 samples
-# (docs/results.md, bench/fid_noise.py); the difference of two such evaluations has sqrt(2)
+# The smallest improvement that publishes, in metric units. FID of one model moves between
+# evaluations with different sampling seeds; the difference of two such evaluations has sqrt(2)
 # times that spread, so a margin of 3 standard deviations of one FID keeps a noise-only
-# "improvement" from publishing in well over 95% of retrainings. It scales as 1/sqrt(samples):
-# measure it at your sample count with bench/fid_noise.py and pass --margin.
+# "improvement" from publishing in about 98% of comparisons (one-sided normal). The spread
+# shrinks about as 1/sqrt(samples) and depends on the model and evaluator: measure it at your
+# sample count with bench/fid_noise.py and pass --margin. 0.5 is a default, not a measurement
+# for your model: the demo's measurement is in README.md (erw promote).
 DEFAULT_MARGIN = 0.5
 # What must agree between two evaluations for their metrics to be comparable: name -> getter.
 SAMPLER_FIELDS = {
@@ -168,8 +169,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="registry JSON file, local or s3://, or mlflow:MODEL_NAME (MLflow at $MLFLOW_TRACKING_URI)")
     p.add_argument("--metric", default="fid", choices=sorted(LOWER_IS_BETTER))
     p.add_argument("--margin", type=float, default=DEFAULT_MARGIN,
-                   help=f"publish only when better by more than this, in metric units (default {DEFAULT_MARGIN}: "
-                        "about 3 standard deviations of FID's sampling noise at 1,000 samples)")
+                   help=f"publish only when better by more than this, in metric units (default {DEFAULT_MARGIN}); "
+                        "measure FID's sampling noise at your sample count with bench/fid_noise.py")
     p.add_argument("--run-id", default="", help="recorded with the entry")
     p.add_argument("--pushgateway", default="", help="host:port of a Prometheus Pushgateway for the decision")
     p.set_defaults(func=_run)
