@@ -1,12 +1,15 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   create .venv, install, run the whole pipeline on the bundled digits
-#   make test   create .venv, install, run the test suite (slow tests excluded; see README), then
-#               the chaos suite (tests/chaos/, fault injection) as its own step
+#   make test   create .venv, install, then the named steps CI runs, in order:
+#                 lint        ruff (rules chosen in pyproject.toml)
+#                 test-fast   the default pytest run: the developer loop (slow, chaos, bench excluded)
+#                 test-slow   whole DAG runs (disk and S3 pipeline roots), multi-process jobs
+#                 test-chaos  fault injection (tests/chaos/): killed ranks, broken writes, S3 faults
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-slow system-deps clean
+.PHONY: demo test lint test-fast test-slow test-chaos system-deps clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,12 +27,19 @@ system-deps:
 demo: $(BIN)/.installed
 	$(BIN)/erw pipeline run-local --config configs/demo.yaml
 
-test: $(BIN)/.installed system-deps
+test: lint test-fast test-slow test-chaos
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check .
+
+test-fast: $(BIN)/.installed system-deps
 	$(BIN)/pytest
-	$(BIN)/pytest -m chaos
 
 test-slow: $(BIN)/.installed system-deps
 	$(BIN)/pytest -m slow
+
+test-chaos: $(BIN)/.installed system-deps
+	$(BIN)/pytest -m chaos
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -76,7 +76,7 @@ def main() -> None:
 
     def one_generator_per_batch() -> None:
         generator = torch.Generator().manual_seed(0)
-        noise = lambda: torch.randn((args.batch_size, *LATENT_SHAPE), generator=generator, dtype=torch.float64)  # noqa: E731
+        noise = lambda: torch.randn((args.batch_size, *LATENT_SHAPE), generator=generator, dtype=torch.float64)
         labels = torch.arange(args.batch_size)
         sample(velocity, noise, labels, mode="sde", steps=args.steps)
 

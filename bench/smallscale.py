@@ -557,7 +557,7 @@ def _start_worker(threads: int, size: Size, nets: SmallNets) -> None:
 
 def _run_task(task: Task) -> Curve:
     w = _WORKER
-    log = lambda message: print(message, flush=True)  # noqa: E731
+    log = lambda message: print(message, flush=True)
     return train_and_evaluate(task.method, w["size"], task.seed, task.run_dir, w["data"], w["nets"], w["evaluator"], log)
 
 

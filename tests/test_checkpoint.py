@@ -1,4 +1,8 @@
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -113,10 +117,6 @@ def test_latest_verified_skips_corrupt_checkpoints_and_says_why(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Asynchronous checkpoints (erw/training/async_checkpoint.py) through the real training loop.
 
-import os  # noqa: E402
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
 

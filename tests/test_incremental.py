@@ -143,7 +143,7 @@ def test_workers_with_other_settings_race_and_exactly_one_wins(where, tmp_path, 
         cache = storage.join(root, f"cache{trial}")
         start = threading.Barrier(4)
 
-        def claim(resolution: int) -> str:
+        def claim(resolution: int, cache: str = cache, start: threading.Barrier = start) -> str:
             settings = job("unused", cache, cache, resolution=resolution).settings()
             start.wait()
             try:

@@ -210,7 +210,6 @@ def test_elastic_resume_continues_the_global_sample_order(shards, world, new_wor
 def _rewrite(shards: str, to: Path, shard: str, change) -> str:
     """A copy of the dataset where change(position, members) -> members rewrote one shard (its
     manifest entry updated, so only the content is wrong)."""
-    import json
 
     from erw.data.shards import ShardWriter, read_tar_samples
 

@@ -218,7 +218,7 @@ def test_torchrun_training_is_scraped_with_run_phase_rank_labels(prometheus_stac
             )
         except AssertionError:
             os.killpg(process.pid, signal.SIGKILL)  # torchrun, its ranks and their loader workers
-            raise AssertionError(f"no metrics from the run; its output:\n{process.communicate()[0][-4000:]}")
+            raise AssertionError(f"no metrics from the run; its output:\n{process.communicate()[0][-4000:]}") from None
         assert sorted(s["metric"]["rank"] for s in steps) == ["0", "1"]
         loss = prometheus_stack.query(f'erw_loss{{run_id="{run_id}", phase="train", term="loss"}}')
         assert sorted(s["metric"]["rank"] for s in loss) == ["0", "1"]

@@ -15,7 +15,6 @@ import pytest
 
 pytest.importorskip("mlflow")
 
-from erw import storage  # noqa: E402
 from erw.promote import PromoteError, promote_if_better  # noqa: E402
 from erw.registry import open_registry  # noqa: E402
 from prometheus import free_port  # noqa: E402

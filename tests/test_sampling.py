@@ -104,7 +104,10 @@ def test_ode_converges_to_the_exact_transport_and_heun_needs_fewer_steps():
     grid = [4, 8, 16, 32, 64, 128, 256]
     euler = {k: _ode_error("euler", k) for k in grid}
     heun = {k: _ode_error("heun", k) for k in grid}
-    first_within = lambda errors: min(k for k, e in errors.items() if e < tolerance)
+
+    def first_within(errors: dict[int, float]) -> int:
+        return min(k for k, e in errors.items() if e < tolerance)
+
     assert first_within(heun) < first_within(euler)
     # Even at equal cost (Heun spends two evaluations per step) Heun is far more accurate.
     assert heun[16] < 0.1 * euler[32]
@@ -141,7 +144,10 @@ def _class_velocity(calls: list[tuple[float, list[int]]]):
 def test_guidance_is_applied_exactly_inside_the_interval(mode):
     scale, low, high, steps = 4.0, 0.3, 0.7, 10
     calls: list[tuple[float, list[int]]] = []
-    zeros = lambda: torch.zeros(2, 3, dtype=torch.float64)
+
+    def zeros() -> torch.Tensor:
+        return torch.zeros(2, 3, dtype=torch.float64)
+
     y = torch.tensor([0, 2])
     guidance = Guidance(scale=scale, low=low, high=high, null_class=NULL)
     x0 = sample(_class_velocity(calls), zeros, y, mode=mode, steps=steps, solver="euler", guidance=guidance)
@@ -221,7 +227,7 @@ def _run_ranks(job, world_size):
     velocity = model_velocity(_tiny_sit())
     found = {}
     for rank in range(world_size):
-        for batch, indices, labels, images in generate_slice(job, velocity, to_uint8, rank, world_size, "cpu"):
+        for _batch, indices, labels, images in generate_slice(job, velocity, to_uint8, rank, world_size, "cpu"):
             for i, label, image in zip(indices, labels.tolist(), images):
                 assert i not in found, f"sample {i} generated twice"
                 found[i] = (label, image)
@@ -270,7 +276,7 @@ def _repa_heun_reference(velocity, x1, y, steps, scale, low, high, null):
     where v_g mixes v(., ., null) + s (v(., ., y) - v(., ., null)) when scale > 1 and t_i lies in
     [low, high], and the corrector's v_g' is guided by that same test on t_i (not t_{i+1})."""
     t_grid = [1.0 - i / steps for i in range(steps + 1)]
-    guided = lambda x, t, t_test: (  # noqa: E731
+    guided = lambda x, t, t_test: (
         velocity(x, torch.full((len(x),), t, dtype=x.dtype), torch.full_like(y, null))
         + scale * (velocity(x, torch.full((len(x),), t, dtype=x.dtype), y)
                    - velocity(x, torch.full((len(x),), t, dtype=x.dtype), torch.full_like(y, null)))
@@ -314,12 +320,12 @@ def test_repa_heun_convention_matches_repas_sampler(interval):
 def test_heun_conventions_differ_in_the_last_step_and_the_correctors_guidance():
     steps, low, high = 4, 0.3, 0.55  # grid 1, .75, .5, .25, 0: t = 0.5 is inside, the corrector's 0.25 is not
     calls: dict[str, list[tuple[float, list[int]]]] = {"trapezoid": [], "repa": []}
-    zeros = lambda: torch.zeros(2, 3, dtype=torch.float64)  # noqa: E731
+    zeros = lambda: torch.zeros(2, 3, dtype=torch.float64)
     guidance = Guidance(scale=3.0, low=low, high=high, null_class=NULL)
     for convention, seen in calls.items():
         sample(_class_velocity(seen), zeros, torch.tensor([0, 2]), mode="ode", steps=steps, solver="heun",
                guidance=guidance, heun_convention=convention)
-    guided = lambda seen: [t for t, labels in seen if NULL in labels]  # noqa: E731
+    guided = lambda seen: [t for t, labels in seen if NULL in labels]
     assert [t for t, _ in calls["trapezoid"]] == [1.0, 0.75, 0.75, 0.5, 0.5, 0.25, 0.25, 0.0]
     assert [t for t, _ in calls["repa"]] == [1.0, 0.75, 0.75, 0.5, 0.5, 0.25, 0.25]  # no corrector on the last step
     assert guided(calls["trapezoid"]) == [0.5, 0.5]  # the corrector at 0.5 (from 0.75) is guided by its own time

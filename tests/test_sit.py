@@ -68,7 +68,7 @@ def test_known_parameter_counts():
         xl = build_sit("SiT-XL/2")
         b = build_sit("SiT-B/2")
         xl_repa = build_sit("SiT-XL/2", encoder_dims=[768])
-    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    count = lambda m: sum(p.numel() for p in m.parameters())
     assert count(xl) == 675_129_632 - 18_448
     assert abs(count(b) - 130.5e6) < 0.05e6
     assert count(xl_repa) - count(xl) == (1152 * 2048 + 2048) + (2048 * 2048 + 2048) + (2048 * 768 + 768)
@@ -171,7 +171,7 @@ def test_block_modulation_order():
         block.adaLN_modulation[1].weight.zero_()  # the chunks are then the bias alone
     shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = block.adaLN_modulation[1].bias.detach().chunk(6)
     x, c = torch.randn(2, 16, 32), torch.randn(2, 32)
-    norm = lambda v: torch.nn.functional.layer_norm(v, (32,), eps=1e-6)  # noqa: E731
+    norm = lambda v: torch.nn.functional.layer_norm(v, (32,), eps=1e-6)
     h = x + gate_a * block.attn(norm(x) * (1 + scale_a) + shift_a)
     expected = h + gate_m * block.mlp(norm(h) * (1 + scale_m) + shift_m)
     torch.testing.assert_close(block(x, c, None), expected)
@@ -237,7 +237,7 @@ def test_label_dropout_only_in_training_and_null_class_accepted():
     embedder, table = model.y_embedder, model.y_embedder.embedding_table.weight
     labels = torch.arange(10).repeat(50)
     null = table[10]
-    is_null = lambda out: (out == null).all(dim=1)  # noqa: E731
+    is_null = lambda out: (out == null).all(dim=1)
     assert is_null(embedder.eval()(labels)).sum() == 0
     dropped = is_null(embedder.train()(labels)).float().mean()
     assert 0.4 < dropped < 0.6

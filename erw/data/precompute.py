@@ -296,7 +296,7 @@ def encode_unit(
                 feats = encoder(pixels).half().cpu()
             feat_shape = list(feats.shape[1:])
 
-        def members(j: int) -> dict[str, bytes]:
+        def members(j: int, good=good, moments=moments, feats=feats) -> dict[str, bytes]:
             _, raw, crop = good[j]
             out = {"cls": str(raw.label).encode(), "latent.npy": npy_bytes(moments[j].numpy())}
             if feats is not None:

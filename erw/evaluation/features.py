@@ -75,7 +75,7 @@ def load_feature_network(uri: str, device: str | torch.device = "cpu") -> Export
         raise FeatureNetworkError(f"cannot read the feature network {uri}: {err}") from None
     try:
         program = torch.export.load(io.BytesIO(data))
-    except Exception as err:  # noqa: BLE001  (zip, serialisation and version errors)
+    except Exception as err:  # broad on purpose (zip, serialisation and version errors)
         raise FeatureNetworkError(
             f"{uri} is not a torch.export program (.pt2): {err}. Save the network with "
             "erw.evaluation.features.save_feature_network(module, uri, resolution)"

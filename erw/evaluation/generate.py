@@ -221,7 +221,7 @@ def run_sampling(request: SampleRequest, log: Callable[[str], None] = print) -> 
         velocity = model_velocity(model, AUTOCAST[request.precision])
         started = time.perf_counter()
         made = 0
-        done = lambda batch: sample_store.batch_done(request.out, batch)  # noqa: E731
+        done = lambda batch: sample_store.batch_done(request.out, batch)
         for batch, indices, labels, images in generate_slice(job, velocity, codec.decode, d.rank, d.world_size, d.device, done):
             sample_store.write_shard(request.out, batch, indices, labels, images)
             made += len(indices)

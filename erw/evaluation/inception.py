@@ -100,7 +100,7 @@ def read_state_dict(uri: str) -> tuple[dict[str, Tensor], str]:
 
             return load(data), digest
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001  (pickle, zip and safetensors raise many types)
+    except Exception as err:  # broad on purpose (pickle, zip and safetensors raise many types)
         raise FeatureNetworkError(f"{uri} is not a state dict in .pth or .safetensors form: {err}") from None
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise FeatureNetworkError(f"{uri} holds a {type(state).__name__}, not a state dict of tensors")

@@ -36,6 +36,8 @@ from erw.training.continuation import continue_from, is_phase2_checkpoint
 from erw.training.handoff import init_from_warmup, lineage
 from erw.training.step import TrainState, any_rank, init_seed, train_step
 
+NO_METRICS = NoMetrics()  # stateless: one instance serves every run without an exporter
+
 
 class TrainingDiverged(ErwError):
     pass
@@ -140,7 +142,7 @@ def run(
     init_from: str | None = None,
     resume: str | None = None,
     log: Callable[[str], None] = print,
-    metrics: Any = NoMetrics(),
+    metrics: Any = NO_METRICS,
     on_log: Callable[[dict[str, Any]], None] | None = None,
     latent_norm: LatentNorm | None = None,
 ) -> RunResult:
@@ -288,7 +290,7 @@ def run(
         if not preempted and d.is_main and writer.in_flight:  # a crash: the snapshot in flight is still good
             try:
                 writer.wait()
-            except Exception as err:  # noqa: BLE001 - the crash in progress is the error to report
+            except Exception as err:  # broad on purpose: the crash in progress is the error to report
                 say(f"{phase}: the checkpoint write in progress failed too: {err}")
         # Shut the batch source down (its DataLoader workers ignore SIGTERM): an exception's
         # traceback keeps this frame alive, and with it the workers, so the process would never exit.
