@@ -5,18 +5,19 @@
 #                 test-fast   the default pytest run: the developer loop (slow, chaos, bench excluded)
 #                 test-slow   whole DAG runs (disk and S3 pipeline roots), multi-process jobs
 #                 test-chaos  fault injection (tests/chaos/): killed ranks, broken writes, S3 faults
+#                 test-study  the proof study end to end at its tiny size (bench/, needs the bench extra)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint test-fast test-slow test-chaos system-deps clean
+.PHONY: demo test lint test-fast test-slow test-chaos test-study system-deps clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# The CUDA build of torch runs on CPU too; pinned so pip never pulls another multi-GB wheel.
 	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	touch $@
 
 # Real Prometheus, Pushgateway and promtool for the observability tests (Debian packages).
@@ -27,7 +28,7 @@ system-deps:
 demo: $(BIN)/.installed
 	$(BIN)/erw pipeline run-local --config configs/demo.yaml
 
-test: lint test-fast test-slow test-chaos
+test: lint test-fast test-slow test-chaos test-study
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
@@ -40,6 +41,9 @@ test-slow: $(BIN)/.installed system-deps
 
 test-chaos: $(BIN)/.installed system-deps
 	$(BIN)/pytest -m chaos
+
+test-study: $(BIN)/.installed
+	$(BIN)/pytest -m bench
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
