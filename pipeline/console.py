@@ -27,7 +27,7 @@ CACHE_HIT = re.compile(r"Task (\S+) cache hit")
 PROGRESS = re.compile(r"\b(?:warmup|train) step \d+/\d+|\bbatch \d+/\d+:|^step \d+/\d+ loss")
 # The line that sums a step up, by what it starts with (after any torchrun/TorchX prefix).
 KEY_LINES = re.compile(
-    r"(source \S+: listing|worker \d+/\d+: wrote|merged \d+ shards|wrote \d+ samples"
+    r"(source \S+: |worker \d+/\d+: (?:wrote|encoded)|merged \d+ shards|wrote \d+ samples"
     r"|\{\"fid\"|(?:not )?promoted /|evaluator accuracy|encoder accuracy|creating \S+: erw)",
     re.IGNORECASE,
 )
