@@ -32,8 +32,8 @@ LOWER_IS_BETTER = {"fid": True, "sfid": True, "inception_score": False, "precisi
 # times that spread, so a margin of 3 standard deviations of one FID keeps a noise-only
 # "improvement" from publishing in about 98% of comparisons (one-sided normal). The spread
 # shrinks about as 1/sqrt(samples) and depends on the model and evaluator: measure it at your
-# sample count with bench/fid_noise.py and pass --margin. 0.5 is a default, not a measurement
-# for your model: the demo's measurement is in README.md (erw promote).
+# sample count with bench/fid_noise.py and pass --margin. 0.5 is a default, not a measurement:
+# the demo's spread has not been measured yet (bench/fid_noise.py on the demo model).
 DEFAULT_MARGIN = 0.5
 # What must agree between two evaluations for their metrics to be comparable: name -> getter.
 SAMPLER_FIELDS = {
