@@ -162,7 +162,9 @@ class PhaseConfig:
     rope_from_warmup: bool = True
     ckpt_every: int = 10_000
     keep_last: int = 3  # newest committed checkpoints kept; older ones are deleted
-    async_checkpoint: bool = True  # write checkpoints in the background while training continues
+    # Write checkpoints in the background while training continues. None = on for CUDA, off on a
+    # CPU, where the write competes with the step for the cores (bench/checkpoint_throughput.py).
+    async_checkpoint: bool | None = None
     # After SIGTERM: the seconds a preemption checkpoint may take, counted from the signal. Keep it
     # below the time the platform waits before SIGKILL (Kubernetes terminationGracePeriodSeconds,
     # 30 s by default; torchrun's TORCH_ELASTIC_SHUTDOWN_TIMEOUT, also 30 s).
@@ -173,6 +175,9 @@ class PhaseConfig:
 
     def use_fused_optimizer(self, device_type: str) -> bool:
         return device_type == "cuda" if self.fused_optimizer is None else self.fused_optimizer
+
+    def use_async_checkpoint(self, device_type: str) -> bool:
+        return device_type == "cuda" if self.async_checkpoint is None else self.async_checkpoint
 
 
 @dataclass

@@ -203,7 +203,7 @@ class SignalAt:
 
 def test_sigterm_writes_what_fits_in_the_grace_period_and_says_so(tmp_path):
     said = []
-    result = _train(tmp_path / "fits", "train.steps=100", batches=SignalAt(3), log=said.append)
+    result = _train(tmp_path / "fits", "train.steps=100", "train.async_checkpoint=true", batches=SignalAt(3), log=said.append)
     assert result.preempted and result.step == 3 and result.checkpoint.endswith("step-00000003")
     assert any("checkpointed step 3 in" in line and "grace period 25s" in line for line in said)
     # No time left: the last write took longer than the 0 s that remain, so none is started.

@@ -191,7 +191,7 @@ def run(
     )
 
     writer = CheckpointWriter(  # rank 0 writes; the state is replicated
-        p.out, p.keep_last, asynchronous=p.async_checkpoint, log=say, on_done=metrics.observe_checkpoint
+        p.out, p.keep_last, asynchronous=p.use_async_checkpoint(d.device.type), log=say, on_done=metrics.observe_checkpoint
     )
     # init_from: what this run started from (erw gc keeps it while the run is kept)
     extra_meta = {"warmup_steps": state.warmup_steps, "lineage": run_lineage, "init_from": init_from or ""}
