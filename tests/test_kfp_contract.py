@@ -133,6 +133,7 @@ def _encoding_pipeline(config: str, source: str, workspace: str):
         planned = plan(
             config=config, overrides=[], source=source, workspace=workspace, precompute_workers=2,
             warmup_nodes=1, train_nodes=1, launch=DEMO["launch"], run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+            retrain_mode="scratch", registry="",
         ).set_caching_options(False)
         with dsl.ParallelFor(planned.outputs["Output"]) as work:
             encoded = precompute(work=work, config=config, overrides=[], source=source)
@@ -200,10 +201,10 @@ def test_plan_hands_out_a_new_refresh_token_only_for_what_is_gone(tmp_path, few_
     def planned(run_id):
         return plan.python_func(
             config=config, overrides=[], source=few_digits, workspace=workspace, precompute_workers=2, warmup_nodes=1,
-            train_nodes=1, launch=DEMO["launch"], run_id=run_id,
+            train_nodes=1, launch=DEMO["launch"], run_id=run_id, retrain_mode="scratch", registry="",
         )
 
-    work, latents, warm = planned("run-1")
+    work, latents, warm, _ = planned("run-1")
     assert (latents, warm) == ("run-1", "run-1") and [w["refresh"] for w in work] == ["run-1", "run-1"]
     dataset = work[0]["dataset"]
     Path(dataset).mkdir(parents=True)
@@ -212,13 +213,13 @@ def test_plan_hands_out_a_new_refresh_token_only_for_what_is_gone(tmp_path, few_
     unfinished = Path(warmup_location(config, [], dataset, workspace)) / "step-00000010"
     unfinished.mkdir(parents=True)
     (unfinished / "meta.json").write_text("{}")
-    assert planned("run-2")[1:] == ("run-1", "run-2")  # a checkpoint, but not the last one
+    assert planned("run-2")[1:3] == ("run-1", "run-2")  # a checkpoint, but not the last one
     finished = unfinished.with_name(f"step-{steps:08d}")
     finished.mkdir()
     (finished / "meta.json").write_text("{}")  # run-2 finished the warmup
-    assert planned("run-3")[1:] == ("run-1", "run-2")
+    assert planned("run-3")[1:3] == ("run-1", "run-2")
     shutil.rmtree(dataset)
-    assert planned("run-4")[1:] == ("run-4", "run-2")
+    assert planned("run-4")[1:3] == ("run-4", "run-2")
 
 
 def test_precompute_pushes_to_the_pushgateway_the_config_names(prometheus_stack, tmp_path, few_digits, monkeypatch):
@@ -232,9 +233,9 @@ def test_precompute_pushes_to_the_pushgateway_the_config_names(prometheus_stack,
 
     monkeypatch.setenv("ERW_RUN_ID", "run-f3")
     config, overrides = str(REPO / "configs/demo.yaml"), [f"metrics.pushgateway={prometheus_stack.pushgateway}"]
-    (work,), _, _ = plan.python_func(
+    (work,), _, _, _ = plan.python_func(
         config=config, overrides=overrides, source=few_digits, workspace=str(tmp_path / "ws"), precompute_workers=1,
-        warmup_nodes=1, train_nodes=1, launch=DEMO["launch"], run_id="run-f3",
+        warmup_nodes=1, train_nodes=1, launch=DEMO["launch"], run_id="run-f3", retrain_mode="scratch", registry="",
     )
     precompute.python_func(work=work, config=config, overrides=overrides, source=few_digits)
     exposed = urllib.request.urlopen(f"http://{prometheus_stack.pushgateway}/metrics", timeout=10).read().decode()
