@@ -23,10 +23,9 @@ import math
 from typing import Any
 
 from erw.errors import ErwError
+from erw.evaluation.comparison import LOWER_IS_BETTER, comparison_problems
 from erw.registry import Decision, Verdict, open_registry
 
-# Metrics a gate may use, and whether lower is better.
-LOWER_IS_BETTER = {"fid": True, "sfid": True, "inception_score": False, "precision": False, "recall": False}
 # The smallest improvement that publishes, in metric units. FID of one model moves between
 # evaluations with different sampling seeds; the difference of two such evaluations has sqrt(2)
 # times that spread, so a margin of 3 standard deviations of one FID keeps a noise-only
@@ -35,39 +34,10 @@ LOWER_IS_BETTER = {"fid": True, "sfid": True, "inception_score": False, "precisi
 # sample count with bench/fid_noise.py and pass --margin. 0.5 is a default, not a measurement:
 # the demo's spread has not been measured yet (bench/fid_noise.py on the demo model).
 DEFAULT_MARGIN = 0.5
-# What must agree between two evaluations for their metrics to be comparable: name -> getter.
-SAMPLER_FIELDS = {
-    "sampler mode": "mode", "ODE solver": "solver", "sampling steps": "steps", "CFG scale": "cfg_scale",
-    "CFG interval start": "guidance_low", "CFG interval end": "guidance_high", "EMA weights": "use_ema",
-    "sampled classes": "classes",
-}
 
 
 class PromoteError(ErwError):
     """The candidate or the registry cannot be used, or the two are not comparable; the message says why."""
-
-
-def evaluation_settings(metrics: dict[str, Any]) -> dict[str, Any]:
-    """The settings an evaluation was made with, by the name the gate reports them under."""
-    sampler = ((metrics.get("sampling") or {}).get("settings")) or {}
-    return {
-        "reference statistics": metrics.get("reference_sha256"),
-        "number of samples": metrics.get("num_samples"),
-        "evaluator network": metrics.get("feature_network"),
-        **{name: sampler.get(key) for name, key in SAMPLER_FIELDS.items()},
-    }
-
-
-def comparison_problems(candidate: dict[str, Any], published: dict[str, Any]) -> list[str]:
-    mine, theirs = evaluation_settings(candidate), evaluation_settings(published)
-    problems = []
-    for name in mine:
-        if mine[name] is None or theirs[name] is None:
-            which = "candidate's" if mine[name] is None else "published model's"
-            problems.append(f"{name}: not recorded in the {which} metrics.json (evaluate it again with this erw)")
-        elif mine[name] != theirs[name]:
-            problems.append(f"{name}: {_short(mine[name])} for the candidate, {_short(theirs[name])} for the published model")
-    return problems
 
 
 def judge(candidate: dict[str, Any], metric: str, margin: float):
@@ -134,11 +104,6 @@ def lineage(checkpoint: str, metrics: dict[str, Any]) -> dict[str, Any]:
         "warmup_out": config.get("warmup", {}).get("out"), "started_from": meta.get("init_from") or None,
         "step": meta.get("step"),
     }
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _read_json(uri: str, what: str) -> dict[str, Any]:

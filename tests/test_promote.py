@@ -12,7 +12,8 @@ import pytest
 
 from erw import storage
 from erw.cli import main
-from erw.promote import PromoteError, evaluation_settings, promote_if_better
+from erw.evaluation.comparison import evaluation_settings
+from erw.promote import PromoteError, promote_if_better
 from erw.registry import open_registry
 from test_evaluate_cli import checkpoint, feature_network  # noqa: F401  (fixtures: a tiny model, a feature net)
 

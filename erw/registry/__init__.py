@@ -48,7 +48,7 @@ class Decision:
         return f"{verdict}{retry} {self.candidate['checkpoint']}: {self.reason}"
 
     def markdown(self) -> str:
-        from erw.promote import LOWER_IS_BETTER
+        from erw.evaluation.comparison import LOWER_IS_BETTER
 
         rows = [("candidate", self.candidate)] + ([("published before", self.previous)] if self.previous else [])
         names = [k for k in LOWER_IS_BETTER if any(k in e["metrics"] for _, e in rows)]

@@ -124,7 +124,7 @@ class MlflowRegistry:
                                                 description=f"erw run {candidate.get('run_id', '')}")
 
     def _log_evaluation(self, candidate: dict[str, Any]) -> str:
-        from erw.promote import evaluation_settings
+        from erw.evaluation.comparison import evaluation_settings
 
         experiment = self.client.get_experiment_by_name(EXPERIMENT)
         experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(EXPERIMENT)
