@@ -382,11 +382,22 @@ def problems(cfg: Config, world_size: int = 1, phase: str | None = None) -> list
     phases = [phase] if phase else ["warmup", "train"]
     for name in phases:
         out += _phase_problems(name, getattr(cfg, name), world_size)
-    sample = cfg.sample
-    if not 0.0 <= sample.guidance_low <= sample.guidance_high <= 1.0:
-        out.append(f"sample guidance interval [{sample.guidance_low}, {sample.guidance_high}] must lie inside [0, 1]")
+    out += sample_problems(cfg.sample)
     if cfg.metrics.port < 0 or cfg.metrics.port > 65535:
         out.append(f"metrics.port={cfg.metrics.port} is not a TCP port (0 turns the exporter off)")
+    return out
+
+
+def sample_problems(sample: SampleConfig) -> list[str]:
+    """The sampler settings' problems; `erw sample` checks its command-line overrides with it too."""
+    out = []
+    for key in ("steps", "num_samples", "batch_size"):
+        if getattr(sample, key) < 1:
+            out.append(f"sample.{key} must be at least 1, got {getattr(sample, key)}")
+    if sample.cfg_scale < 0:
+        out.append(f"sample.cfg_scale must be >= 0 (1 = no guidance), got {sample.cfg_scale}")
+    if not 0.0 <= sample.guidance_low <= sample.guidance_high <= 1.0:
+        out.append(f"sample guidance interval [{sample.guidance_low}, {sample.guidance_high}] must lie inside [0, 1]")
     return out
 
 

@@ -116,13 +116,26 @@ def check_writable(uri: str, setting: str) -> None:
     and deleted (credentials, bucket, endpoint, permissions, a read-only disk)."""
     check_uri(uri, setting)
     probe = join(uri, f".erw-write-check-{uuid.uuid4().hex[:12]}")
+    created = None if is_s3(uri) else _first_missing(Path(uri))
     try:
         write_bytes(probe, b"erw write check")
         delete(probe)
+        if created is not None:  # leave no trace: a refused command must not create its output folder
+            shutil.rmtree(created, ignore_errors=True)
     except StorageError as err:
         raise StorageError(f"{setting}={uri} cannot be written: {err}") from None
     except OSError as err:
         raise StorageError(f"{setting}={uri} cannot be written: {err.strerror or err}") from None
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of path that does not exist yet (None when path exists)."""
+    missing = None
+    for folder in [path, *path.absolute().parents]:
+        if folder.exists():
+            return missing
+        missing = folder
+    return missing
 
 
 def retry_seconds() -> float:

@@ -171,7 +171,10 @@ def test_well_formed_locations_pass(tmp_path):
 
 def test_check_writable(s3_bucket, tmp_path, monkeypatch):
     storage.check_writable(str(tmp_path / "new" / "dir"), "train.out")
-    assert list((tmp_path / "new" / "dir").iterdir()) == []  # the probe is gone
+    assert not (tmp_path / "new").exists()  # neither the probe nor the folders made for it are left
+    (tmp_path / "used").mkdir()
+    storage.check_writable(str(tmp_path / "used"), "train.out")
+    assert list((tmp_path / "used").iterdir()) == []
     storage.check_writable(f"{s3_bucket}/runs/x", "train.out")
     assert storage.list_files(s3_bucket) == []
     (tmp_path / "file").write_text("not a directory")

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from erw.config import Config, SampleConfig
+from erw.config import Config, SampleConfig, sample_problems
 from erw import storage
 from erw.errors import ErwError
 from erw.evaluation import sample_store
@@ -129,25 +129,10 @@ def with_overrides(settings: SampleConfig, **overrides: Any) -> SampleConfig:
     return dataclasses.replace(settings, **{k: v for k, v in overrides.items() if v is not None})
 
 
-def settings_problems(s: SampleConfig) -> list[str]:
-    out = []
-    if s.steps < 1:
-        out.append(f"--steps must be at least 1, got {s.steps}")
-    if s.num_samples < 1:
-        out.append(f"--num-samples must be at least 1, got {s.num_samples}")
-    if s.batch_size < 1:
-        out.append(f"--batch-size must be at least 1, got {s.batch_size}")
-    if s.cfg_scale < 0:
-        out.append(f"--cfg-scale must be >= 0 (1 = no guidance), got {s.cfg_scale}")
-    if not 0.0 <= s.guidance_low <= s.guidance_high <= 1.0:
-        out.append(f"the guidance interval [{s.guidance_low}, {s.guidance_high}] must satisfy 0 <= low <= high <= 1")
-    return out
-
-
 def plan_job(cfg: Config, settings: SampleConfig, classes: list[int] | None, seed: int) -> SampleJob:
     """Check a request against the checkpoint's config (every problem in one message) and plan it."""
     num_classes = cfg.model.num_classes
-    problems = settings_problems(settings)
+    problems = sample_problems(settings)
     chosen = tuple(classes) if classes else tuple(range(num_classes))
     outside = [c for c in chosen if not 0 <= c < num_classes]
     if outside:
