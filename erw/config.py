@@ -46,6 +46,12 @@ def choices(literal: Any) -> tuple[str, ...]:
     return typing.get_args(literal)
 
 
+def closest(value: Any, known: Any) -> str | None:
+    """The known name a mistyped one most likely meant (for "did you mean" hints), or None."""
+    found = difflib.get_close_matches(str(value), [str(k) for k in known], n=1)
+    return found[0] if found else None
+
+
 class ConfigError(ErwError):
     """A configuration that cannot work. The message lists every problem, one per line."""
 
@@ -235,8 +241,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     if origin is Literal:
         allowed = typing.get_args(annotation)
         if value not in allowed:
-            close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            close = closest(value, allowed)
+            hint = f" (did you mean {close!r}?)" if close else ""
             raise ConfigError(f"{where}={value!r} is not one of {', '.join(map(str, allowed))}{hint}")
         return value
     if origin in (typing.Union, types.UnionType):
@@ -274,8 +280,8 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     for key, value in data.items():
         path = f"{where}.{key}" if where else key
         if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(names)})"
+            close = closest(key, names)
+            hint = f" (did you mean {close!r}?)" if close else f" (known: {', '.join(names)})"
             found.append(f"unknown config key {path!r}{hint}")
             continue
         hint = hints[key]
@@ -409,8 +415,8 @@ def _encoder_problems(cfg: Config, phase: str | None) -> list[str]:
         return []
     spec = ENCODERS.get(enc.name)
     if spec is None:
-        close = difflib.get_close_matches(enc.name, list(ENCODERS), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        close = closest(enc.name, ENCODERS)
+        hint = f" (did you mean {close!r}?)" if close else ""
         return [f"encoder.name={enc.name!r} is not a known encoder{hint}; known: {', '.join(sorted(ENCODERS))}, none"]
     if enc.dim is not None and spec.dim is not None and enc.dim != spec.dim:
         return [f"encoder.dim={enc.dim} does not match {enc.name}, whose tokens are {spec.dim}-dimensional"]

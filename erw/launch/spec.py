@@ -7,7 +7,6 @@ exist once.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import re
 import typing
@@ -15,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from erw.config import closest
 from erw.errors import ErwError
 
 Scheduler = Literal["local_cwd", "kubernetes"]
@@ -76,8 +76,8 @@ class LaunchSpec:
         errors, values = [], {}
         for key, value in data.items():
             if key not in names:
-                close = difflib.get_close_matches(key, names, n=1)
-                hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(names)}"
+                close = closest(key, names)
+                hint = f"did you mean {close!r}?" if close else f"known keys: {', '.join(names)}"
                 errors.append(f"unknown launch spec key {key!r} ({hint})")
                 continue
             try:
@@ -226,8 +226,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     if origin is Literal:
         allowed = typing.get_args(annotation)
         if value not in allowed:
-            close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            close = closest(value, allowed)
+            hint = f" (did you mean {close!r}?)" if close else ""
             raise LaunchError(f"{key}: must be one of {', '.join(allowed)}, got {value!r}{hint}")
         return value
     if origin is dict:
