@@ -52,6 +52,15 @@ def closest(value: Any, known: Any) -> str | None:
     return found[0] if found else None
 
 
+def literal_mismatch(value: Any, literal: Any) -> tuple[str, str] | None:
+    """None when value is one of the Literal's values, else (the allowed values, a did-you-mean hint)."""
+    allowed = typing.get_args(literal)
+    if value in allowed:
+        return None
+    close = closest(value, allowed)
+    return ", ".join(map(str, allowed)), f" (did you mean {close!r}?)" if close else ""
+
+
 class ConfigError(ErwError):
     """A configuration that cannot work. The message lists every problem, one per line."""
 
@@ -239,11 +248,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     """Convert a YAML value to the annotated field type, or raise ConfigError naming the key."""
     origin = typing.get_origin(annotation)
     if origin is Literal:
-        allowed = typing.get_args(annotation)
-        if value not in allowed:
-            close = closest(value, allowed)
-            hint = f" (did you mean {close!r}?)" if close else ""
-            raise ConfigError(f"{where}={value!r} is not one of {', '.join(map(str, allowed))}{hint}")
+        if mismatch := literal_mismatch(value, annotation):
+            raise ConfigError(f"{where}={value!r} is not one of {mismatch[0]}{mismatch[1]}")
         return value
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]

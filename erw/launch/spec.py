@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from erw.config import closest
+from erw.config import closest, literal_mismatch
 from erw.errors import ErwError
 
 Scheduler = Literal["local_cwd", "kubernetes"]
@@ -224,11 +224,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     """JSON value -> the field's type; anything else is refused (no silent str(5) or int('4'))."""
     origin = typing.get_origin(annotation)
     if origin is Literal:
-        allowed = typing.get_args(annotation)
-        if value not in allowed:
-            close = closest(value, allowed)
-            hint = f" (did you mean {close!r}?)" if close else ""
-            raise LaunchError(f"{key}: must be one of {', '.join(allowed)}, got {value!r}{hint}")
+        if mismatch := literal_mismatch(value, annotation):
+            raise LaunchError(f"{key}: must be one of {mismatch[0]}, got {value!r}{mismatch[1]}")
         return value
     if origin is dict:
         if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
