@@ -128,7 +128,7 @@ def test_push_rejects_unknown_metric_names():
 
 
 class NanBatches:
-    """Tiny 32x32 batches; the ones at `nan_at` (and every one from `nan_from`) hold a NaN."""
+    """Tiny 16x16 batches (the demo config's resolution); the ones at `nan_at` (and every one from `nan_from`) hold a NaN."""
 
     def __init__(self, nan_at: set[int], nan_from: int):
         self.nan_at, self.nan_from = nan_at, nan_from
@@ -138,7 +138,7 @@ class NanBatches:
 
         for position in itertools.count():
             g = torch.Generator().manual_seed(position)
-            latent = torch.randn(4, 3, 32, 32, generator=g)
+            latent = torch.randn(4, 3, 16, 16, generator=g)
             if position in self.nan_at or position >= self.nan_from:
                 latent[0, 0, 0, 0] = float("nan")
             yield {"latent": latent, "label": torch.randint(0, 10, (4,), generator=g)}
