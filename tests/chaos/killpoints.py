@@ -68,12 +68,13 @@ def child(argv: list[str], env: dict[str, str], log: Path) -> int:
 def budgets(sizes: list[list[int]], points: int) -> list[str]:
     """Byte budgets over the first two checkpoints, from the sizes of their files in the
     uninterrupted run: each file's first, middle and last byte (for meta.json, whose length varies
-    by a few bytes from run to run with its timestamps, its 64th-last byte), evenly thinned to
+    from run to run with its timestamps and the output location it records, a byte in its last
+    quarter: the reference run writes to a local folder, the killed runs maybe to S3), evenly thinned to
     points - 2, plus two full-disk failures."""
     found, offset = [], 0
     for checkpoint in sizes:
         for name, size in zip(FILES, checkpoint):
-            found += [offset, offset + size // 2, offset + size - (64 if name == ckpt.META else 1)]
+            found += [offset, offset + size // 2, offset + size - (max(64, size // 4) if name == ckpt.META else 1)]
             offset += size
     found = sorted(set(found))
     if points - 2 < len(found):
