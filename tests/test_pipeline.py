@@ -428,6 +428,7 @@ def test_run_local_continue_mode_starts_from_the_published_model(tmp_path, monke
     short = [
         "warmup.steps=10", "warmup.ckpt_every=10", "train.steps=10", "train.ckpt_every=10",
         "sample.num_samples=40", "sample.steps=5", "sample.batch_size=20", f"eval.feature_network={digits_evaluator}",
+        f"encoder.weights={DEMO_ENCODER}",  # the preset's path is relative to the repository
     ]
     first = run_local({"workspace": str(workspace), "overrides": short}, use_cache=False, local_dir=tmp_path / "k1")
     published = first.outputs["model"].metadata["uri"]
