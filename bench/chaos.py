@@ -38,7 +38,7 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests/chaos")]
 
 from harness import (  # noqa: E402
     STEPS, Outcome, compare_samples, effective, first_shard, free_port, identical, make_shards, read_trace, run,
-    steps_lost, train_command,
+    schedule_s3_blips, steps_lost, train_command,
 )
 
 from erw import faults, storage  # noqa: E402
@@ -135,14 +135,7 @@ class Matrix:
             if path.is_file():
                 storage.write_bytes(f"s3://{bucket}/shards/{path.relative_to(self.shards).as_posix()}", path.read_bytes())
         with FaultProxy(endpoint) as proxy:
-            proxy.fail(4, status=503, code="SlowDown")
-            proxy.fail(2, status=500, code="InternalError")
-            proxy.reset(3)
-            proxy.stall(1, after=4096)
-
-            def on_line(line: str) -> None:
-                if line.startswith("train step 3/"):
-                    proxy.outage(5)
+            on_line = schedule_s3_blips(proxy)
 
             env = {**self.trace(folder), "AWS_ENDPOINT_URL": proxy.url, "ERW_S3_RETRY_SECONDS": "30",
                    "ERW_S3_STALL_SECONDS": "2"}

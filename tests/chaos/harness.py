@@ -131,6 +131,22 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: f
     return Outcome(124 if hung.is_set() else status, "".join(lines), time.monotonic() - started)
 
 
+def schedule_s3_blips(proxy) -> Callable[[str], None]:
+    """The S3 faults of the chaos matrix, on a tests/s3proxy.py FaultProxy: 5xx and SlowDown,
+    connection resets and a stalled read from the start, then a 5 s outage once step 3 is logged
+    (the step-4 checkpoint is written into it). Returns the run's on_line callback."""
+    proxy.fail(4, status=503, code="SlowDown")
+    proxy.fail(2, status=500, code="InternalError")
+    proxy.reset(3)
+    proxy.stall(1, after=4096)
+
+    def on_line(line: str) -> None:
+        if line.startswith("train step 3/"):
+            proxy.outage(5)
+
+    return on_line
+
+
 def identical(a: str, b: str) -> tuple[bool, float]:
     """(model and EMA weights equal tensor by tensor, the largest absolute difference)."""
     x, y = ckpt.load_checkpoint(a), ckpt.load_checkpoint(b)

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from harness import (
-    STEPS, compare_samples, effective, first_shard, identical, read_trace, run, steps_lost, train_command,
+    STEPS, compare_samples, effective, first_shard, identical, read_trace, run, schedule_s3_blips, steps_lost,
+    train_command,
 )
 
 from erw import faults, storage
@@ -132,14 +133,7 @@ def test_s3_faults_during_training_are_ridden_out(chaos_shards, uninterrupted, s
     monkeypatch.setenv("ERW_S3_STALL_SECONDS", "2")
     s3_proxy.clear()
     _upload(chaos_shards, f"{s3_bucket}/shards")
-    s3_proxy.fail(4, status=503, code="SlowDown")
-    s3_proxy.fail(2, status=500, code="InternalError")
-    s3_proxy.reset(3)
-    s3_proxy.stall(1, after=4096)
-
-    def on_line(line: str) -> None:
-        if line.startswith("train step 3/"):
-            s3_proxy.outage(5)  # the endpoint restarts: the step-4 checkpoint is written into it
+    on_line = schedule_s3_blips(s3_proxy)
 
     outcome = run(train_command(f"{s3_bucket}/shards", f"{s3_bucket}/out"), tmp_path, on_line=on_line)
     injected = dict(s3_proxy.injected)
