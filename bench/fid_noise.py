@@ -1,6 +1,6 @@
 """FID's sampling noise: one checkpoint, sampled with K different seeds, each evaluated the same way.
 
-    python bench/fid_noise.py --ckpt CKPT --reference REF --feature-network NET [--seeds 5] [--num-samples N]
+    python -m bench.fid_noise --ckpt CKPT --reference REF --feature-network NET [--seeds 5] [--num-samples N]
 
 Prints each FID, their mean and standard deviation, and the promote margin that this noise
 suggests: 3 standard deviations of one FID (the difference of two evaluations of equal models
@@ -28,7 +28,7 @@ def run(argv: list[str]) -> None:
 def fid_noise(ckpt: str, reference: str, network: str, seeds: int, num_samples: int | None) -> list[float]:
     fids = []
     with tempfile.TemporaryDirectory() as tmp:
-        for seed in range(1, seeds + 1):
+        for seed in range(seeds):  # seed 0 is the one the pipeline samples with
             samples, out = Path(tmp, f"s{seed}"), Path(tmp, f"e{seed}")
             extra = ["--num-samples", str(num_samples)] if num_samples else []
             run(["sample", "--ckpt", ckpt, "--out", str(samples), "--seed", str(seed), *extra])

@@ -3,7 +3,7 @@ or any small labelled image set given with --images.
 
 - the images in memory (the digits: 1,797 images at 16x16, 10 classes) as an endless, resumable batch source
   with the identity codec: latents are pixels in [-1, 1], and the encoder's tokens are computed
-  once for every image, as `erw precompute --codec identity --store features` would store them;
+  once for every image, as `erw precompute data.codec=identity precompute.store=features` would store them;
 - the small encoder (alignment target) and the separate evaluator, trained once and reused
   from the cache directory while their settings are unchanged;
 - one run of a method through the project's own trainer (erw.training.trainer.run): trained in

@@ -23,7 +23,7 @@ def merge(parts: List[str], refresh: str, manifest: Output[Dataset]) -> str:
     uri = parts[0]
     if any(p != uri for p in parts):
         raise ValueError(f"precompute workers wrote to different locations: {sorted(set(parts))}")
-    run_erw(["precompute", "--merge", "--out", uri, "--num-workers", len(parts)])
+    run_erw(["precompute", "--merge", "--num-workers", len(parts), f"data.shards={uri}"])
     data = storage.read_bytes(storage.join(uri, "manifest.json"))
     with open(manifest.path, "wb") as f:
         f.write(data)

@@ -53,10 +53,8 @@ def plan(
     procs_per_node = int(launch.get("procs_per_node", 1))  # a Struct number: 8.0
     validate(cfg, warmup_nodes * procs_per_node, "warmup")
     validate(cfg, train_nodes * procs_per_node, "train")
-    d = cfg.data
     # Names, sizes and ETags only, no image read: which units of the source are already encoded.
-    encoding = plan_in_workspace(workspace, PrecomputeJob(
-        source=source, out="", resolution=d.resolution, codec=d.codec, codec_weights=d.codec_weights))
+    encoding = plan_in_workspace(workspace, PrecomputeJob.from_config(cfg))
     dataset = encoding.dataset
     print(f"source {source}: {encoding.summary()}; the dataset is {dataset}", flush=True)
 

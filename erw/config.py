@@ -39,6 +39,9 @@ OdeSolver = Literal["euler", "heun"]
 # corrector on the last step, the corrector guided iff the predictor's time is in the interval).
 HeunConvention = Literal["trapezoid", "repa"]
 Codec = Literal["identity", "sd-vae-ft-ema", "sd-vae-ft-mse"]  # identity stores pixels in [-1, 1]
+LatentNormMode = Literal["scale", "channel"]  # latent * scaling factor | per-channel (latent - mean) / std
+ShardStore = Literal["images", "features"]  # beside the latents: the centre crop | cached encoder tokens
+ImageFormat = Literal["png", "jpg", "npy"]  # the stored crop: lossless | quality 95, smallest | raw pixels
 
 
 def choices(literal: Any) -> tuple[str, ...]:
@@ -144,6 +147,19 @@ class DataConfig:
 
 
 @dataclass
+class PrecomputeConfig:
+    """How `erw precompute` encodes data.source into data.shards, besides data's resolution and codec."""
+
+    cache: str = ""  # the store of encoded units for these settings, shared by datasets; empty = data.shards
+    latent_norm: LatentNormMode = "scale"
+    store: ShardStore = "images"  # features: encoder.name's tokens, for training without the encoder
+    image_format: ImageFormat = "png"  # npy: no decoding in the loader, largest
+    batch_size: int = 64  # images per codec (and encoder) call
+    shard_size: int = 1000  # images per shard of an ImageFolder source
+    device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
+
+
+@dataclass
 class ObjectiveConfig:
     path: InterpolantPath = "linear"
     time_sampling: TimeSampling = "uniform"
@@ -229,6 +245,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    precompute: PrecomputeConfig = field(default_factory=PrecomputeConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     warmup: PhaseConfig = field(default_factory=PhaseConfig)
     train: PhaseConfig = field(default_factory=PhaseConfig)

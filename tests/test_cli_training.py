@@ -31,9 +31,9 @@ def erw(*args, cwd, torchrun=False, check=True):
 def shards(tmp_path_factory):
     work = tmp_path_factory.mktemp("digits")
     erw("data", "digits", "--out", "digits", cwd=work)
-    erw("precompute", "--source", "digits", "--out", "shards", "--resolution", "16", "--codec", "identity",
-        "--shard-size", "500", "--no-progress", cwd=work)
-    erw("precompute", "--merge", "--out", "shards", cwd=work)
+    erw("precompute", "--no-progress", "data.source=digits", "data.shards=shards", "data.resolution=16",
+        "data.codec=identity", "precompute.shard_size=500", cwd=work)
+    erw("precompute", "--merge", "data.shards=shards", cwd=work)
     return work / "shards"
 
 

@@ -104,5 +104,5 @@ def test_clear_errors(tmp_path, monkeypatch):
         raise OSError("We couldn't connect to 'https://huggingface.co'")
 
     monkeypatch.setattr(AutoencoderKL, "from_pretrained", offline)
-    with pytest.raises(CodecError, match="stabilityai/sd-vae-ft-ema.*--codec-weights"):
+    with pytest.raises(CodecError, match="stabilityai/sd-vae-ft-ema.*data.codec_weights"):
         vae.load_autoencoder("sd-vae-ft-ema")

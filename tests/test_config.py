@@ -101,10 +101,12 @@ def test_problems_found_while_reading_are_reported_together():
 
 
 def test_the_codec_names_are_the_codecs_that_exist():
-    from erw.config import Codec, choices
+    from erw.config import Codec, ImageFormat, choices
     from erw.data.codec import CODECS
+    from erw.data.shards import IMAGE_MEMBERS
 
     assert set(choices(Codec)) == set(CODECS)
+    assert set(choices(ImageFormat)) == set(IMAGE_MEMBERS)
 
 
 def test_all_problems_are_reported_together():

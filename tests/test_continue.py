@@ -22,8 +22,8 @@ def published(tmp_path_factory):
     for i in range(48):
         (work / "images" / f"c{i % 3}").mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(work / "images" / f"c{i % 3}" / f"{i}.png")
-    erw("precompute", "--source", "images", "--out", "shards", "--resolution", "16", "--codec", "identity",
-        "--no-progress", cwd=work)
+    erw("precompute", "--no-progress", "data.source=images", "data.shards=shards", "data.resolution=16",
+        "data.codec=identity", cwd=work)
     # Another seed than the runs below: other initial weights, so "starts from it" is visible in the weights.
     erw("train", *COMMON, "seed=7", "train.steps=6", "train.ckpt_every=6", "train.out=published", cwd=work)
     return work, ckpt.load_checkpoint(str(work / "published"))

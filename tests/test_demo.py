@@ -44,9 +44,9 @@ def test_demo_settings_at_reduced_length_generate_the_digit_asked_for(tmp_path):
     digits, shards, evaluator = tmp_path / "digits", tmp_path / "shards", tmp_path / "evaluator.pt2"
     res = str(cfg.data.resolution)
     assert erw(["data", "digits", "--out", str(digits)]) == 0
-    assert erw(["precompute", "--source", str(digits), "--out", str(shards), "--resolution", res,
-                "--codec", "identity", "--no-progress"]) == 0
-    assert erw(["precompute", "--merge", "--out", str(shards)]) == 0
+    assert erw(["precompute", "--config", str(DEMO), "--no-progress", f"data.source={digits}",
+                f"data.shards={shards}"]) == 0
+    assert erw(["precompute", "--merge", f"data.shards={shards}"]) == 0
     assert erw(["fit-evaluator", "--images", str(digits), "--out", str(evaluator), "--resolution", res,
                 "--max-shift", "1", "--steps", "200"]) == 0
     shorter = [

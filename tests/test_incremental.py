@@ -166,9 +166,9 @@ def test_sigterm_removes_the_partial_shard_and_sigkill_leftovers_go_next_start(t
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     env = {**os.environ, "TMPDIR": str(tmp), "PYTHONPATH": str(Path(__file__).parents[1])}
-    command = [sys.executable, "-m", "erw.cli", "precompute", "--source", digits_folder, "--out",
-               str(tmp_path / "out"), "--resolution", "32", "--codec", "identity", "--shard-size", "300",
-               "--batch-size", "8", "--no-progress"]
+    command = [sys.executable, "-m", "erw.cli", "precompute", "--no-progress", f"data.source={digits_folder}",
+               f"data.shards={tmp_path / 'out'}", "data.resolution=32", "data.codec=identity",
+               "precompute.shard_size=300", "precompute.batch_size=8"]
 
     def start_and_wait_for_a_partial_shard() -> subprocess.Popen:
         process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

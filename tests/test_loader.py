@@ -330,8 +330,8 @@ def test_warmup_then_train_read_shards_from_s3(digits_folder, s3_bucket, capsys)
     source, out = f"{s3_bucket}/digits", f"{s3_bucket}/shards"
     for path in sorted(Path(digits_folder).glob("*/*.png"))[::45]:  # 40 real digits
         storage.upload_file(path, f"{source}/{path.parent.name}/{path.name}")
-    assert cli.main(["precompute", "--source", source, "--out", out, "--resolution", "16", "--codec", "identity",
-                     "--shard-size", "16", "--no-progress"]) == 0
+    assert cli.main(["precompute", "--no-progress", f"data.source={source}", f"data.shards={out}",
+                     "data.resolution=16", "data.codec=identity", "precompute.shard_size=16"]) == 0
     tiny = [
         "model.depth=4", "model.hidden_size=64", "model.num_heads=2", "model.projector_dim=32",
         "model.l2r_depth=2", "model.align_depth=3", f"data.shards={out}", "data.num_workers=2",

@@ -184,9 +184,9 @@ def digit_shards(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("digits")
     for args in (
         ["data", "digits", "--out", "digits"],
-        ["precompute", "--source", "digits", "--out", "shards", "--resolution", "16", "--codec", "identity",
-         "--shard-size", "500", "--no-progress"],
-        ["precompute", "--merge", "--out", "shards"],
+        ["precompute", "--no-progress", "data.source=digits", "data.shards=shards", "data.resolution=16",
+         "data.codec=identity", "precompute.shard_size=500"],
+        ["precompute", "--merge", "data.shards=shards"],
     ):
         subprocess.run([str(BIN / "erw"), *args], cwd=work, check=True, capture_output=True, timeout=300)
     return work / "shards"
@@ -252,9 +252,9 @@ def test_precompute_and_promote_push_their_results(prometheus_stack, tmp_path):
             Image.new("RGB", (16, 16), (40 * i, 80, 120)).save(tmp_path / "images" / cls / f"{i}.png")
     (tmp_path / "images" / "a" / "broken.png").write_bytes(b"not an image")
     gateway = prometheus_stack.pushgateway
-    assert main(["precompute", "--source", str(tmp_path / "images"), "--out", str(tmp_path / "shards"),
-                 "--resolution", "16", "--codec", "identity", "--no-progress",
-                 "--pushgateway", gateway, "--run-id", "batch-push"]) == 0
+    assert main(["precompute", "--no-progress", "--pushgateway", gateway, "--run-id", "batch-push",
+                 f"data.source={tmp_path / 'images'}", f"data.shards={tmp_path / 'shards'}", "data.resolution=16",
+                 "data.codec=identity"]) == 0
     (tmp_path / "metrics.json").write_text(json.dumps({"fid": 12.5}))
     assert main(["promote", "--checkpoint", "ckpt", "--metrics", str(tmp_path / "metrics.json"),
                  "--registry", str(tmp_path / "registry.json"), "--run-id", "batch-push",

@@ -106,8 +106,8 @@ def test_training_runs_log_params_and_loss_curves(mlflow_server, tmp_path):
     for i in range(48):
         (images / f"c{i % 3}").mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype="uint8")).save(images / f"c{i % 3}" / f"{i}.png")
-    erw("precompute", "--source", str(images), "--out", "shards", "--resolution", "16", "--codec", "identity",
-        "--no-progress", cwd=tmp_path)
+    erw("precompute", "--no-progress", f"data.source={images}", "data.shards=shards", "data.resolution=16",
+        "data.codec=identity", cwd=tmp_path)
     erw("train", "--config", str(ROOT / "configs/demo.yaml"), "data.shards=shards", *TINY, "run_id=mlflow-test",
         "encoder.name=none", "train.steps=4", "train.ckpt_every=4", "train.log_every=2", "train.out=out", cwd=tmp_path)
 

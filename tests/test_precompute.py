@@ -234,13 +234,13 @@ def test_bad_sources_and_options_give_one_clear_message(tmp_path):
 
 def test_cli_fan_out_and_merge(tmp_path, capsys, digits_folder):
     out = str(tmp_path / "shards")
-    common = ["precompute", "--source", digits_folder, "--out", out, "--resolution", "32", "--codec", "identity",
-              "--num-workers", "2", "--shard-size", "500", "--no-progress"]
-    assert cli.main([*common, "--worker-index", "1"]) == 0
-    assert cli.main(["precompute", "--merge", "--out", out, "--num-workers", "2"]) == 2
+    settings = [f"data.source={digits_folder}", f"data.shards={out}", "data.resolution=32", "data.codec=identity",
+                "precompute.shard_size=500"]
+    assert cli.main(["precompute", "--num-workers", "2", "--worker-index", "1", "--no-progress", *settings]) == 0
+    assert cli.main(["precompute", "--merge", "--num-workers", "2", f"data.shards={out}"]) == 2
     assert "rerun --worker-index 0 of 2" in capsys.readouterr().err
-    assert cli.main([*common, "--worker-index", "0"]) == 0
-    assert cli.main(["precompute", "--merge", "--out", out, "--num-workers", "2"]) == 0
+    assert cli.main(["precompute", "--num-workers", "2", "--worker-index", "0", "--no-progress", *settings]) == 0
+    assert cli.main(["precompute", "--merge", "--num-workers", "2", f"data.shards={out}"]) == 0
     manifest = json.loads(Path(out, "manifest.json").read_text())
     assert manifest["num_samples"] == 1797 and manifest["class_names"] == [str(d) for d in range(10)]
     assert sum(s["count"] for s in manifest["shards"]) == 1797 and all(s["count"] <= 1500 for s in manifest["shards"])
@@ -255,3 +255,27 @@ def test_digits_dataset(digits_folder):
     assert image.size == (32, 32) and image.mode == "RGB"
     pixels = np.asarray(image)
     assert pixels.min() < 64 and pixels.max() > 192  # ink on paper, not a blank square
+
+
+def test_cli_reads_the_training_config_and_its_overrides(tmp_path, capsys, digits_folder):
+    """One config for precompute and training: the demo preset's resolution and codec, the
+    precompute section from overrides, and the plan step's job built the same way."""
+    from erw.config import load_config
+
+    demo = str(Path(__file__).parents[1] / "configs" / "demo.yaml")
+    out = tmp_path / "shards"
+    settings = [f"data.source={digits_folder}", f"data.shards={out}", "precompute.image_format=npy",
+                "precompute.shard_size=900"]
+    assert cli.main(["precompute", "--config", demo, "--no-progress", *settings]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (manifest["resolution"], manifest["codec"]["name"], manifest["num_samples"]) == (16, "identity", 1797)
+    members = {name for shard in out.glob("units/*.tar") for name in tarfile.open(shard).getnames()}
+    assert any(m.endswith(".image.npy") for m in members) and not any(m.endswith(".png") for m in members)
+    job = PrecomputeJob.from_config(load_config(demo, settings))
+    assert (job.resolution, job.codec, job.image_format, job.shard_size, job.out) == (16, "identity", "npy", 900, str(out))
+
+    assert cli.main(["precompute", "--config", demo, *settings[:2], "precompute.store=feature"]) == 2
+    err = capsys.readouterr().err
+    assert "precompute.store='feature'" in err and "did you mean 'features'" in err
+    assert cli.main(["precompute", "--merge"]) == 2
+    assert "data.shards is empty" in capsys.readouterr().err

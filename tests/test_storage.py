@@ -224,8 +224,8 @@ def test_unreachable_endpoint_message(s3_endpoint, monkeypatch):
 
 
 def test_cli_prints_one_line_for_an_unreadable_source(s3_endpoint, tmp_path, capsys):
-    code = cli.main(["precompute", "--source", "s3://no-such-bucket/images", "--out", str(tmp_path / "out"),
-                     "--codec", "identity", "--no-progress"])
+    code = cli.main(["precompute", "--no-progress", "data.source=s3://no-such-bucket/images",
+                     f"data.shards={tmp_path / 'out'}", "data.codec=identity"])
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert err.count("\n") == 0 and "Traceback" not in err
@@ -252,8 +252,8 @@ DEMO = os.path.join(os.path.dirname(__file__), "..", "configs", "demo.yaml")
     (["warmup", "--config", DEMO, "warmup.out=s3://"], "erw warmup: error: warmup.out='s3://' names no bucket"),
     (["train", "--config", DEMO, "train.out=s3://no-such-bucket-x/run"],
      "erw train: error: train.out=s3://no-such-bucket-x/run cannot be written: cannot write"),
-    (["precompute", "--source", "x", "--out", "s3:/b-x/y", "--codec", "identity"],
-     "erw precompute: error: --out='s3:/b-x/y' is not an S3 URI"),
+    (["precompute", "data.source=x", "data.shards=s3:/b-x/y", "data.codec=identity"],
+     "erw precompute: error: data.shards='s3:/b-x/y' is not an S3 URI"),
     (["sample", "--ckpt", "x", "--out", "S3://b-x/y"], "erw sample: error: --out='S3://b-x/y' is not an S3 URI"),
 ])
 def test_outputs_are_checked_before_any_compute(argv, message, s3_endpoint, tmp_path, monkeypatch, capsys):

@@ -7,7 +7,7 @@ model-space latents back to uint8 images. Two codecs:
 
 - a diffusers AutoencoderKL (sd-vae-ft-ema / sd-vae-ft-mse: 4 channels, 8x downsampling,
   model space = latent * 0.18215, or per-channel (latent - mean) / std when the dataset was
-  precomputed with --latent-norm channel);
+  precomputed with precompute.latent_norm=channel);
 - `identity`: pixels scaled to [-1, 1], 3 channels, no downsampling, std 0 (sampling is a
   no-op), for tiny datasets and tests.
 """
@@ -26,7 +26,6 @@ from erw.errors import ErwError
 
 HUB_IDS = {"sd-vae-ft-ema": "stabilityai/sd-vae-ft-ema", "sd-vae-ft-mse": "stabilityai/sd-vae-ft-mse"}
 CODECS = ("identity", *HUB_IDS)  # = the values of erw.config.Codec (a test holds them equal)
-NORMALIZATIONS = ("scale", "channel")
 
 
 class CodecError(ErwError):
@@ -193,7 +192,7 @@ def load_autoencoder(name: str, weights: str = "") -> nn.Module:
         raise CodecError(
             f"cannot fetch {HUB_IDS[name]} from the Hugging Face hub ({err.__class__.__name__}). Without a "
             "network, save it once (AutoencoderKL.from_pretrained(...).save_pretrained(DIR)) and pass "
-            "--codec-weights DIR or s3://bucket/prefix (data.codec_weights)"
+            "data.codec_weights=DIR or s3://bucket/prefix"
         ) from None
 
 

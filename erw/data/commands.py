@@ -16,37 +16,21 @@ def register(sub: argparse._SubParsersAction) -> None:
             "unchanged since an earlier run under the same settings is reused, not encoded again."
         ),
     )
-    p.add_argument("--source", default="", help="ImageFolder (one folder per class) or .tar shards of jpg|png + cls")
-    p.add_argument("--out", required=True, help="the dataset: directory or s3://bucket/prefix (data.shards)")
-    p.add_argument("--cache", default="", metavar="URI",
-                   help="store of encoded units for these settings, shared by datasets (default: --out); "
-                        "a rerun or another dataset reuses every unit already encoded there")
-    p.add_argument("--resolution", type=int, default=256, help="side of the ADM centre crop (default 256)")
-    p.add_argument("--codec", default="sd-vae-ft-ema", help="identity | sd-vae-ft-ema | sd-vae-ft-mse")
-    p.add_argument("--codec-weights", default="", metavar="URI",
-                   help="diffusers AutoencoderKL directory, local or s3://; empty = Hugging Face hub")
-    p.add_argument("--latent-norm", default="scale", choices=("scale", "channel"),
-                   help="model space: latent * scaling factor (default) or per-channel (latent - mean) / std")
+    p.add_argument("--config", help="YAML preset: data.source, data.shards, data.resolution, data.codec[_weights] "
+                                     "and the precompute section (default: the built-in defaults)")
     p.add_argument("--worker-index", type=int, default=0, help="this worker's index, 0..n-1")
     p.add_argument("--num-workers", type=int, default=1,
                    help="workers of the fan-out (a lone worker also writes manifest.json); with --merge, "
                         "names the workers to rerun when shards are missing")
-    p.add_argument("--store", default="images", choices=("images", "features"),
-                   help="keep the centre crop (online encoder targets) or cached encoder tokens")
-    p.add_argument("--image-format", default="png", choices=("png", "jpg", "npy"),
-                   help="stored crop: png (lossless, default), jpg (quality 95, smallest), npy (raw pixels: "
-                        "no decoding in the loader, largest)")
-    p.add_argument("--encoder", default="", help="--store features: encoder registry name, e.g. dinov2-vit-b")
-    p.add_argument("--encoder-weights", default="", metavar="URI", help="--store features: encoder weights")
-    p.add_argument("--batch-size", type=int, default=64, help="images per encoder call")
-    p.add_argument("--shard-size", type=int, default=1000, help="images per shard (ImageFolder sources)")
-    p.add_argument("--device", default="auto", help="auto (cuda when available) | cpu | cuda | cuda:N")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (summary lines only)")
     p.add_argument("--merge", action="store_true", help="check every shard is done and write manifest.json")
     p.add_argument("--dry-run", action="store_true",
                    help="list the source and the store only: print how many units would be reused and encoded")
-    p.add_argument("--pushgateway", default="", help="host:port of a Prometheus Pushgateway for this worker's results")
+    p.add_argument("--pushgateway", help="host:port of a Prometheus Pushgateway for this worker's results "
+                                         "(default: the config's metrics.pushgateway)")
     p.add_argument("--run-id", default="", help="run label of the pushed metrics (default: $ERW_RUN_ID)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="dotted overrides, e.g. data.source=s3://data/images data.shards=s3://data/latents")
     p.set_defaults(func=_precompute)
 
     data = sub.add_parser("data", help="demo datasets")
@@ -60,25 +44,25 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _precompute(args: argparse.Namespace) -> int:
     from erw import storage
+    from erw.config import load_config
     from erw.data import precompute
     from erw.telemetry import push_metrics
 
-    storage.check_writable(args.out, "--out")  # credentials, bucket, URI: before any encoding
+    cfg = load_config(args.config, args.overrides)
+    shards = cfg.data.shards
+    if not shards:
+        raise precompute.PrecomputeError("data.shards is empty: set data.shards=URI, where the latent shards go")
+    storage.check_writable(shards, "data.shards")  # credentials, bucket, URI: before any encoding
     if args.merge:
-        precompute.merge(args.out, args.num_workers if args.num_workers > 1 else None)
+        precompute.merge(shards, args.num_workers if args.num_workers > 1 else None)
         return 0
-    job = precompute.PrecomputeJob(
-        source=args.source, out=args.out, cache=args.cache, resolution=args.resolution, codec=args.codec,
-        codec_weights=args.codec_weights, worker_index=args.worker_index, num_workers=args.num_workers,
-        store=args.store, image_format=args.image_format, latent_norm=args.latent_norm,
-        batch_size=args.batch_size, shard_size=args.shard_size, encoder=args.encoder,
-        encoder_weights=args.encoder_weights, device=args.device,
-    )
+    job = precompute.PrecomputeJob.from_config(cfg, args.worker_index, args.num_workers)
     if args.dry_run:
         print(precompute.plan_precompute(job).summary())
         return 0
     report = precompute.run_worker(job, progress=not args.no_progress)
-    push_metrics(args.pushgateway, "erw-precompute", args.run_id or os.environ.get("ERW_RUN_ID", ""), {
+    gateway = cfg.metrics.pushgateway if args.pushgateway is None else args.pushgateway
+    push_metrics(gateway, "erw-precompute", args.run_id or os.environ.get("ERW_RUN_ID", ""), {
         "erw_precompute_units_reused_total": report.shards_skipped,
         "erw_precompute_units_encoded_total": report.shards_written,
         "erw_precompute_images_total": report.images,

@@ -59,14 +59,14 @@ __all__ = ["DatasetError", "ShardLoader", "build_loader", "read_manifest", "chec
 
 def read_manifest(shards: str) -> dict[str, Any]:
     if not shards:
-        raise DatasetError("data.shards is empty: set data.shards=URI, the --out of `erw precompute`")
+        raise DatasetError("data.shards is empty: set data.shards=URI, where `erw precompute` wrote the latents")
     storage.check_uri(shards, "data.shards")
     try:
         manifest = json.loads(storage.read_bytes(storage.join(shards, MANIFEST)))
     except storage.ObjectNotFound:
         raise DatasetError(
             f"{shards} has no {MANIFEST}: the dataset is incomplete (precompute still running, failed, "
-            f"or never merged). Finish it with `erw precompute --merge --out {shards}`"
+            f"or never merged). Finish it with `erw precompute --merge data.shards={shards}`"
         ) from None
     except json.JSONDecodeError as err:
         raise DatasetError(f"{storage.join(shards, MANIFEST)} is not valid JSON: {err}") from None

@@ -1,14 +1,14 @@
 """`erw precompute`: images -> latent moments (+ class, + crop or encoder features) in shards, incrementally.
 
-Two locations (the same one unless --cache is given):
+Two locations (the same one unless precompute.cache is set):
 
-    --cache URI: the unit store of one set of encoding settings, shared by every dataset
+    precompute.cache: the unit store of one set of encoding settings, shared by every dataset
         precompute.json        the settings claim, created once and atomically (If-None-Match on
                                S3, a hard link locally); a worker with other settings is refused
         units/KEY.tar          the latent shard of one source unit, named by its content key
         units/KEY.json         its done marker, written after the shard: count, sha256, failures,
                                labels, latent statistics, and the hash of the settings claim
-    --out URI: one dataset, what data.shards points to
+    data.shards: one dataset
         dataset.json           the source's current units (listing, classes, unit keys)
         manifest.json          written last (by a lone worker or --merge): the current units'
                                shards, reused and new, with their sha256; a prefix without it
@@ -51,14 +51,15 @@ from erw import storage
 from erw.data.shards import IMAGE_MEMBERS, MANIFEST, ShardWriter, encode_crop, npy_bytes, relative_uri, resolve_uri
 from erw.data.sources import BadImage, RawSample, Source, Unit, decode_image, open_source, ordered_map
 from erw.errors import ErwError
-from erw.data.codec import CODECS, NORMALIZATIONS, LatentCodec, build_codec
+from erw.config import (Codec, Config, DataConfig, ImageFormat, LatentNormMode, PrecomputeConfig, ShardStore,
+                        literal_mismatch)
+from erw.data.codec import LatentCodec, build_codec
 
 FORMAT_VERSION = 1
 T = TypeVar("T")
 SETTINGS = "precompute.json"
 DATASET = "dataset.json"
 UNITS = "units"
-STORES = ("images", "features")
 TEMP_PREFIX = "erw-precompute-"
 
 
@@ -66,25 +67,43 @@ class PrecomputeError(ErwError):
     """The precompute cannot run or cannot be merged; the message says why."""
 
 
+_DATA, _ENCODING = DataConfig(), PrecomputeConfig()  # the settings' defaults, written once in erw.config
+
+
 @dataclass
 class PrecomputeJob:
+    """One worker's job. `erw precompute` builds it from a config (`from_config`); its defaults are
+    the config's, so code that builds one directly (tests, benchmarks) encodes the same way."""
+
     source: str
     out: str
-    cache: str = ""  # the unit store for these settings, shared between datasets; empty = out
-    resolution: int = 256
-    codec: str = "sd-vae-ft-ema"
-    codec_weights: str = ""
+    cache: str = _ENCODING.cache  # the unit store for these settings, shared between datasets; empty = out
+    resolution: int = _DATA.resolution
+    codec: Codec = _DATA.codec
+    codec_weights: str = _DATA.codec_weights
     worker_index: int = 0
     num_workers: int = 1
-    store: str = "images"  # images: keep the crop (for online encoder targets) | features: encoder tokens
-    image_format: str = "png"  # png | jpg (lossy, smallest) | npy (raw pixels, no decoding in the loader)
-    latent_norm: str = "scale"  # scale: latent * scaling_factor | channel: per-channel (latent - mean) / std
-    batch_size: int = 64
-    shard_size: int = 1000
-    encoder: str = ""  # --store features: the encoder registry name
+    store: ShardStore = _ENCODING.store
+    image_format: ImageFormat = _ENCODING.image_format
+    latent_norm: LatentNormMode = _ENCODING.latent_norm
+    batch_size: int = _ENCODING.batch_size
+    shard_size: int = _ENCODING.shard_size
+    encoder: str = ""  # store features: the encoder registry name
     encoder_weights: str = ""
-    device: str = "auto"
+    device: str = _ENCODING.device
     io_threads: int = 16
+
+    @classmethod
+    def from_config(cls, cfg: Config, worker_index: int = 0, num_workers: int = 1) -> PrecomputeJob:
+        d, p = cfg.data, cfg.precompute
+        features = p.store == "features"
+        return cls(
+            source=d.source, out=d.shards, cache=p.cache, resolution=d.resolution, codec=d.codec,
+            codec_weights=d.codec_weights, worker_index=worker_index, num_workers=num_workers, store=p.store,
+            image_format=p.image_format, latent_norm=p.latent_norm, batch_size=p.batch_size,
+            shard_size=p.shard_size, encoder=cfg.encoder.name if features else "",
+            encoder_weights=cfg.encoder.weights if features else "", device=p.device,
+        )
 
     @property
     def cache_uri(self) -> str:
@@ -101,25 +120,23 @@ class PrecomputeJob:
         }
 
     def problems(self) -> list[str]:
+        """What the config's coercion cannot see: a job built in code, and the ranges."""
         out = []
         if not self.out:
-            out.append("--out is required: where the shards go (a directory or s3://bucket/prefix)")
+            out.append("data.shards is required: where the shards go (a directory or s3://bucket/prefix)")
         if self.resolution < 8:
-            out.append(f"--resolution {self.resolution} is too small")
-        if self.codec not in CODECS:
-            out.append(f"--codec {self.codec!r} is not one of {', '.join(CODECS)}")
+            out.append(f"data.resolution={self.resolution} is too small")
+        for key, value, literal in (("data.codec", self.codec, Codec), ("precompute.store", self.store, ShardStore),
+                                    ("precompute.image_format", self.image_format, ImageFormat),
+                                    ("precompute.latent_norm", self.latent_norm, LatentNormMode)):
+            if mismatch := literal_mismatch(value, literal):
+                out.append(f"{key}={value!r} is not one of {mismatch[0]}{mismatch[1]}")
         if not 0 <= self.worker_index < self.num_workers:
             out.append(f"--worker-index {self.worker_index} must be in [0, --num-workers {self.num_workers})")
-        if self.store not in STORES:
-            out.append(f"--store {self.store!r} must be one of {', '.join(STORES)}")
         if self.store == "features" and not self.encoder:
-            out.append("--store features needs --encoder NAME (the encoder whose tokens are cached)")
-        if self.image_format not in IMAGE_MEMBERS:
-            out.append(f"--image-format {self.image_format!r} must be one of {', '.join(IMAGE_MEMBERS)}")
-        if self.latent_norm not in NORMALIZATIONS:
-            out.append(f"--latent-norm {self.latent_norm!r} must be one of {', '.join(NORMALIZATIONS)}")
+            out.append("precompute.store=features needs encoder.name (the encoder whose tokens are cached)")
         if self.batch_size < 1 or self.shard_size < 1:
-            out.append("--batch-size and --shard-size must be at least 1")
+            out.append("precompute.batch_size and precompute.shard_size must be at least 1")
         return out
 
 
@@ -232,7 +249,7 @@ def _encode_units(
     codec = build_codec(job.codec, job.codec_weights, device=device)
     encoder = _load_encoder(job, device) if job.store == "features" else None
     if job.resolution % codec.downsample:
-        raise PrecomputeError(f"--resolution {job.resolution} is not a multiple of the codec's downsampling {codec.downsample}")
+        raise PrecomputeError(f"data.resolution={job.resolution} is not a multiple of the codec's downsampling {codec.downsample}")
 
     from tqdm import tqdm
 

@@ -49,9 +49,9 @@ def make_shards(work: Path) -> Path:
     """The digits as 16-px (the demo preset's) identity-codec shards of 500 samples (4 shards, 1,797 samples)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for args in (["data", "digits", "--out", "digits"],
-                 ["precompute", "--source", "digits", "--out", "shards", "--resolution", "16", "--codec", "identity",
-                  "--shard-size", "500", "--no-progress"],
-                 ["precompute", "--merge", "--out", "shards"]):
+                 ["precompute", "--no-progress", "data.source=digits", "data.shards=shards", "data.resolution=16",
+                  "data.codec=identity", "precompute.shard_size=500"],
+                 ["precompute", "--merge", "data.shards=shards"]):
         subprocess.run([str(BIN / "erw"), *args], cwd=work, env=env, check=True, capture_output=True, timeout=600)
     return work / "shards"
 
