@@ -1,4 +1,6 @@
 """Publish the new model only when it beats the published one (by FID, on the registry file)."""
+from typing import List
+
 from kfp import dsl
 from kfp.dsl import Markdown, Output
 
@@ -9,15 +11,20 @@ from components import IMAGE
 def promote(
     checkpoint: str,
     evaluation: str,
+    config: str,
+    overrides: List[str],
     workspace: str,
     registry: str,
     run_id: str,
     summary: Output[Markdown],
 ) -> bool:
-    """`checkpoint`: the trained checkpoint's URI; `evaluation`: the folder holding its metrics.json."""
+    """`checkpoint`: the trained checkpoint's URI; `evaluation`: the folder holding its metrics.json.
+    With overrides=[metrics.pushgateway=HOST:PORT] the decision is pushed there (the dashboard's promote row)."""
     from erw import storage
-    from erw.promote import promote_if_better
+    from erw.config import load_config
+    from erw.promote import promote_if_better, push_decision
 
+    gateway = load_config(config, overrides).metrics.pushgateway  # a bad config fails before the registry changes
     decision = promote_if_better(
         checkpoint=checkpoint,
         metrics_uri=storage.join(evaluation, "metrics.json"),
@@ -25,6 +32,7 @@ def promote(
         run_id=run_id,
     )
     print(decision.message, flush=True)
+    push_decision(gateway, run_id, decision)
     with open(summary.path, "w") as f:
         f.write(decision.markdown())
     return decision.promoted

@@ -141,16 +141,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run)
 
 
-def _run(args: argparse.Namespace) -> int:
+def push_decision(gateway: str, run_id: str, decision: Decision) -> None:
+    """Push the gate's decision to a Pushgateway (host:port; '' = off): the dashboard's promote row.
+
+    The `erw promote` command and the pipeline's promote step both push through here. The FIDs go
+    with the decision when the gate judged by FID; the decision alone otherwise.
+    """
     from erw.telemetry import push_metrics
 
+    values = {"erw_promote_decision": 1.0 if decision.promoted else 0.0}
+    if decision.candidate["metric"] == "fid":
+        values["erw_promote_candidate_fid"] = decision.candidate["metrics"]["fid"]
+        values["erw_promote_current_fid"] = decision.previous["metrics"]["fid"] if decision.previous else float("nan")
+    push_metrics(gateway, "erw-promote", run_id, values)
+
+
+def _run(args: argparse.Namespace) -> int:
     decision = promote_if_better(args.checkpoint, args.metrics, args.registry, args.run_id, args.metric, args.margin)
     print(decision.message)
-    if args.metric == "fid":
-        current = decision.previous["metrics"]["fid"] if decision.previous else float("nan")
-        push_metrics(args.pushgateway, "erw-promote", args.run_id, {
-            "erw_promote_decision": 1.0 if decision.promoted else 0.0,
-            "erw_promote_candidate_fid": decision.candidate["metrics"]["fid"],
-            "erw_promote_current_fid": current,
-        })
+    push_decision(args.pushgateway, args.run_id, decision)
     return 0

@@ -139,7 +139,7 @@ def erw_pipeline(
     _on_gpu_pool(scored, gpu_node_selector, gpu_tolerations)
 
     gate = promote(
-        checkpoint=trained.outputs["Output"], evaluation=scored.outputs["Output"],
+        checkpoint=trained.outputs["Output"], evaluation=scored.outputs["Output"], config=config, overrides=overrides,
         workspace=workspace, registry=registry, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
     ).set_caching_options(False)
     _step(gate, "promote", "Promote if better", "1", "1G", 3, image, s3_secret)

@@ -162,7 +162,9 @@ def start_stack(workdir: Path) -> Iterator[PrometheusStack]:
     try:
         processes.append(
             _start(
-                [pushgateway, f"--web.listen-address={gateway}"],
+                # In memory only: Debian's build persists to /var/lib/prometheus/pushgateway.data by default,
+                # which would hand every later test session (and every checkout on the machine) earlier pushes.
+                [pushgateway, f"--web.listen-address={gateway}", "--persistence.file="],
                 f"http://{gateway}/-/ready",
                 workdir / "pushgateway.log",
             )
