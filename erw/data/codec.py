@@ -61,13 +61,6 @@ class LatentNorm:
         return z / self._view(self.scale, z) + self._view(self.shift, z)
 
 
-def sample_latent(moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """mean + std * noise from [.., 2C, h, w] moments, in float32."""
-    mean, std = moments.float().chunk(2, dim=-3)
-    noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-    return mean + std * noise
-
-
 def to_unit_range(images: torch.Tensor) -> torch.Tensor:
     """uint8 [N,3,H,W] -> float32 in [-1, 1]."""
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
