@@ -19,20 +19,22 @@ def promote(
     summary: Output[Markdown],
 ) -> bool:
     """`checkpoint`: the trained checkpoint's URI; `evaluation`: the folder holding its metrics.json.
-    With overrides=[metrics.pushgateway=HOST:PORT] the decision is pushed there (the dashboard's promote row)."""
+    The margin is the config's promote.margin. With overrides=[metrics.pushgateway=HOST:PORT] the
+    decision is pushed there (the dashboard's promote row)."""
     from erw import storage
     from erw.config import load_config
     from erw.promote import promote_if_better, push_decision
 
-    gateway = load_config(config, overrides).metrics.pushgateway  # a bad config fails before the registry changes
+    cfg = load_config(config, overrides)  # a bad config fails before the registry changes
     decision = promote_if_better(
         checkpoint=checkpoint,
         metrics_uri=storage.join(evaluation, "metrics.json"),
         registry_uri=registry or storage.join(workspace, "registry.json"),
         run_id=run_id,
+        margin=cfg.promote.margin,
     )
     print(decision.message, flush=True)
-    push_decision(gateway, run_id, decision)
+    push_decision(cfg.metrics.pushgateway, run_id, decision)
     with open(summary.path, "w") as f:
         f.write(decision.markdown())
     return decision.promoted

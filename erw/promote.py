@@ -22,18 +22,18 @@ import json
 import math
 from typing import Any
 
+from erw.config import PromoteConfig
 from erw.errors import ErwError
 from erw.evaluation.comparison import LOWER_IS_BETTER, comparison_problems
 from erw.registry import Decision, Verdict, open_registry
 
-# The smallest improvement that publishes, in metric units. FID of one model moves between
-# evaluations with different sampling seeds; the difference of two such evaluations has sqrt(2)
-# times that spread, so a margin of 3 standard deviations of one FID keeps a noise-only
-# "improvement" from publishing in about 98% of comparisons (one-sided normal). The spread
-# shrinks about as 1/sqrt(samples) and depends on the model and evaluator: measure it at your
-# sample count with bench/fid_noise.py and pass --margin. 0.5 is a default, not a measurement:
-# the demo's spread has not been measured yet (bench/fid_noise.py on the demo model).
-DEFAULT_MARGIN = 0.5
+# The smallest improvement that publishes, in metric units (promote.margin in the config). FID of
+# one model moves between evaluations with different sampling seeds; the difference of two such
+# evaluations has sqrt(2) times that spread, so a margin of 3 standard deviations of one FID keeps
+# a noise-only "improvement" from publishing in about 98% of comparisons (one-sided normal). The
+# default is that margin measured on the demo model (erw.config.PromoteConfig); the spread depends
+# on the model, the evaluator and the sample count: measure yours with bench/fid_noise.py.
+DEFAULT_MARGIN = PromoteConfig.margin
 
 
 class PromoteError(ErwError):

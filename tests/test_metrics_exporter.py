@@ -282,20 +282,21 @@ def test_pipeline_promote_step_pushes_its_decision(prometheus_stack, tmp_path, m
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"), raise_on_error=True)
     config, overrides = str(REPO / "configs/demo.yaml"), [f"metrics.pushgateway={prometheus_stack.pushgateway}"]
 
-    def step(run_id: str, fid: float) -> bool:
+    def step(run_id: str, fid: float, *settings: str) -> bool:
         evaluation = tmp_path / "eval" / run_id
         evaluation.mkdir(parents=True)
         (evaluation / "metrics.json").write_text(json.dumps(metrics(fid)))
         task = promote(checkpoint=f"/train/{run_id}/step-00000100", evaluation=str(evaluation), config=config,
-                       overrides=overrides, workspace=str(tmp_path / "ws"), registry="", run_id=run_id)
+                       overrides=[*overrides, *settings], workspace=str(tmp_path / "ws"), registry="", run_id=run_id)
         return task.outputs["Output"]
 
     assert step("promote-first", 20.0) is True  # an empty registry: published
-    assert step("promote-second", 19.9) is False  # better, but by less than the default margin
+    assert step("promote-second", 19.95) is False  # better, but by less than the default margin
+    assert step("promote-third", 19.95, "promote.margin=0.01") is True  # the config's margin is the gate's
     first = prometheus_stack.wait_for('erw_promote_decision{run_id="promote-first"}')
     assert one_value(first) == 1 and first[0]["metric"]["job"] == "erw-promote"
     assert one_value(prometheus_stack.query('erw_promote_candidate_fid{run_id="promote-first"}')) == 20.0
     assert math.isnan(one_value(prometheus_stack.query('erw_promote_current_fid{run_id="promote-first"}')))
     assert one_value(prometheus_stack.wait_for('erw_promote_decision{run_id="promote-second"}')) == 0
-    assert one_value(prometheus_stack.query('erw_promote_candidate_fid{run_id="promote-second"}')) == 19.9
+    assert one_value(prometheus_stack.query('erw_promote_candidate_fid{run_id="promote-second"}')) == 19.95
     assert one_value(prometheus_stack.query('erw_promote_current_fid{run_id="promote-second"}')) == 20.0
