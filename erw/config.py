@@ -196,10 +196,11 @@ class PhaseConfig:
     # Write checkpoints in the background while training continues. None = on for CUDA, off on a
     # CPU, where the write competes with the step for the cores (bench/checkpoint_throughput.py).
     async_checkpoint: bool | None = None
-    # After SIGTERM: the seconds a preemption checkpoint may take, counted from the signal. Keep it
-    # below the time the platform waits before SIGKILL (Kubernetes terminationGracePeriodSeconds,
-    # 30 s by default; torchrun's TORCH_ELASTIC_SHUTDOWN_TIMEOUT, also 30 s).
-    grace_period_s: float = 25.0
+    # After SIGTERM: the seconds a preemption checkpoint may take, counted from the signal. None =
+    # what `erw torchrun` grants its workers (its shutdown timeout minus a margin; `erw launch` sets
+    # that from the pod's grace period), else 25 s (plain torchrun and Kubernetes wait 30 s).
+    # A value set here must stay below the time the platform waits before SIGKILL.
+    grace_period_s: float | None = None
     log_every: int = 100
     max_nonfinite: int = 10  # stop after this many non-finite losses in a row
     out: str = ""  # checkpoint directory, local or s3://
@@ -483,7 +484,7 @@ def _phase_problems(name: str, phase: PhaseConfig, world_size: int) -> list[str]
         out.append(f"{name}.log_every must be at least 1, got {phase.log_every}")
     if phase.max_nonfinite < 1:
         out.append(f"{name}.max_nonfinite must be at least 1, got {phase.max_nonfinite}")
-    if phase.grace_period_s < 0:
+    if phase.grace_period_s is not None and phase.grace_period_s < 0:
         out.append(f"{name}.grace_period_s must be >= 0, got {phase.grace_period_s}")
     if name == "warmup" and not phase.rope_from_warmup:
         out.append("warmup.rope_from_warmup applies to the hand-off into phase 2: set train.rope_from_warmup instead")

@@ -104,10 +104,12 @@ def test_preemption_under_torchrun_exits_143(shards, tmp_path):
     launcher = ["--nproc-per-node", "2", "--no-python"]
     status, output = terminate_at_step([str(BIN / "torchrun"), *launcher, *endless_training(shards, "plain")], tmp_path)
     assert status == 1 and "train preempted at step" in output, output  # torchrun's own behaviour, the fault
-    status, output = terminate_at_step([str(BIN / "erw"), "torchrun", *launcher, *endless_training(shards, "erw")],
-                                       tmp_path)
+    status, output = terminate_at_step([str(BIN / "erw"), "torchrun", "--shutdown-timeout", "40", *launcher,
+                                        *endless_training(shards, "erw")], tmp_path)
     assert status == 143, output
     assert "train preempted at step" in output and "erw torchrun: preempted" in output
+    # train.grace_period_s unset: the rank took what erw torchrun granted (40 s less 5 s to exit)
+    assert "(grace period 35s from the signal)" in output, output
     assert ckpt.load_checkpoint(str(tmp_path / "erw")).step >= 2
 
 

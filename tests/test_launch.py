@@ -165,6 +165,11 @@ def test_flags_spec_and_volcano_job_match_the_job_before_the_spec(monkeypatch):
             container["securityContext"] = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
             # a torchrun restarted in place re-forms its group (erw.training.elastic.RESTART_SAFE_ENV)
             container["env"].insert(0, {"name": "TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "value": "1"})
+            # `erw torchrun` (exit 143 on preemption), TorchX's arguments unchanged, and torchrun waits
+            # the 600 s grace period less 10 s for itself before SIGKILLing its workers
+            shell, flag, line = container["command"]
+            assert line.startswith("torchrun --rdzv_backend c10d ")
+            container["command"] = [shell, flag, "exec erw torchrun --shutdown-timeout 590 " + line.removeprefix("torchrun ")]
     assert job == expected
 
 
@@ -181,6 +186,7 @@ def test_volcano_job_has_the_requested_topology_resources_and_placement():
         (container,) = pod["spec"]["containers"]
         assert container["image"] == "registry.example.com/erw:0.1.0"
         command = " ".join(container["command"])
+        assert command.startswith("bash -c exec erw torchrun --shutdown-timeout 890 --rdzv_backend c10d ")  # grace 900
         assert "--nnodes 2 --nproc_per_node 8" in command
         assert "-m erw.cli train --config configs/imagenet256-sit-xl2.yaml --resume auto" in command
         limits, requests = container["resources"]["limits"], container["resources"]["requests"]
@@ -246,7 +252,7 @@ def test_cli_rejects_a_config_that_cannot_run_at_this_world_size(capsys):
 RANK_JOB = """
 import os, sys
 rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-print(f"hello from rank {rank} of {world}", flush=True)
+print(f"hello from rank {rank} of {world}, grace {os.environ.get('ERW_GRACE_PERIOD_S')}", flush=True)
 if sys.argv[1:] == ["fail"] and rank == 1:
     raise RuntimeError("rank 1 found no shards under s3://bucket/missing")
 """
@@ -264,7 +270,8 @@ def test_local_torchrun_job_runs_two_ranks(rank_job):
     out = io.StringIO()
     launch(rank_job, [], module="rank_job", poll_s=0.2, out=out)
     log = out.getvalue()
-    assert "hello from rank 0 of 2" in log and "hello from rank 1 of 2" in log
+    # the workers run under `erw torchrun`, told the 600 s grace period less the margins (10 s + 5 s)
+    assert "hello from rank 0 of 2, grace 585" in log and "hello from rank 1 of 2, grace 585" in log
     assert "succeeded" in log
 
 

@@ -13,7 +13,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from erw.launch.spec import LaunchSpec, label_value
-from erw.training.elastic import RESTART_SAFE_ENV
+from erw.training.elastic import RESTART_SAFE_ENV, agent_shutdown_timeout_s
 
 if TYPE_CHECKING:
     from torchx.specs import AppDef
@@ -72,7 +72,7 @@ def job_labels(spec: LaunchSpec, command: list[str]) -> dict[str, str]:
 
 
 def build_app(spec: LaunchSpec, command: list[str], module: str = "erw.cli") -> AppDef:
-    """The TorchX AppDef: torchrun of `python -m <module> <command>` on every node."""
+    """The TorchX AppDef: `erw torchrun` of `python -m <module> <command>` on every node."""
     from torchx.components.dist import torchrun
     from torchx.specs.overlays import JOIN, set_overlay
 
@@ -82,7 +82,7 @@ def build_app(spec: LaunchSpec, command: list[str], module: str = "erw.cli") -> 
     if spec.run_id:
         env["ERW_RUN_ID"] = spec.run_id
     if spec.scheduler == "local_cwd":
-        # torchrun must be this interpreter's: the caller's PATH may not include the venv.
+        # erw (for `erw torchrun`) must be this interpreter's: the caller's PATH may not include the venv.
         env["PATH"] = os.path.dirname(sys.executable)
     app = torchrun(
         *command,
@@ -98,6 +98,7 @@ def build_app(spec: LaunchSpec, command: list[str], module: str = "erw.cli") -> 
     )
     role = app.roles[0]
     role.name = ROLE
+    role.args = erw_torchrun_args(role.entrypoint, role.args, spec.grace_period_s)
     if spec.instance_type:
         role.resource.capabilities[INSTANCE_TYPE_LABEL] = spec.instance_type
     for rank in range(spec.procs_per_node if spec.metrics_port else 0):
@@ -114,6 +115,22 @@ def build_app(spec: LaunchSpec, command: list[str], module: str = "erw.cli") -> 
         ]
     set_overlay(role, "kubernetes", "V1Pod", pod)
     return app
+
+
+def erw_torchrun_args(entrypoint: str, args: list[str], grace_period_s: int) -> list[str]:
+    """TorchX's `bash -c "torchrun ..."` as `bash -c "exec erw torchrun --shutdown-timeout T ..."`.
+
+    The same arguments (TorchX's rendezvous, nnodes, nproc_per_node, tee, role; bash expands the
+    rank-0 host), but the exit status tells a preemption (143) from a failure (1), and torchrun
+    waits the pod's grace period (less a margin to exit itself) before SIGKILLing its workers
+    instead of its default 30 s. exec: the pod's SIGTERM goes to the container's first process,
+    which must be torchrun, not a shell that would wait for it.
+    """
+    shell_flag, command = args if len(args) == 2 else ("", "")
+    if entrypoint != "bash" or shell_flag != "-c" or not command.startswith("torchrun "):
+        raise AssertionError(f"TorchX's torchrun component changed: {entrypoint} {args}; erw_torchrun_args needs an update")
+    timeout = agent_shutdown_timeout_s(grace_period_s)
+    return [shell_flag, f"exec erw torchrun --shutdown-timeout {timeout} {command.removeprefix('torchrun ')}"]
 
 
 def scheduler_cfg(spec: LaunchSpec, namespace: str) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from erw.models.sit import l2r_from_config, sit_from_config
 from erw.objectives import DiffusionObjective, WarmupObjective
 from erw.telemetry import NoMetrics
 from erw.training import checkpoint as ckpt
+from erw.training import elastic
 from erw.training.async_checkpoint import CheckpointWriter
 from erw.training.distributed import Dist, all_reduce_mean, barrier
 from erw.training.continuation import continue_from, is_phase2_checkpoint
@@ -206,25 +207,27 @@ def run(
             barrier(d)
         return writer.last_committed
 
+    grace_s = elastic.grace_period_s(p.grace_period_s)
+
     def save_within_grace(signalled_at: float) -> str:
-        """The SIGTERM path: write what fits in p.grace_period_s from the signal, and say so."""
+        """The SIGTERM path: write what fits in the grace period from the signal, and say so."""
         if d.is_main:
-            deadline = signalled_at + p.grace_period_s
+            deadline = signalled_at + grace_s
             if not writer.wait(timeout=max(0.0, deadline - time.monotonic())):
-                say(f"{phase}: the checkpoint write in progress did not finish within {phase}.grace_period_s="
-                    f"{p.grace_period_s:g}s; exiting without it (it stays uncommitted, never loaded)")
+                say(f"{phase}: the checkpoint write in progress did not finish within the grace period of "
+                    f"{grace_s:g}s ({phase}.grace_period_s); exiting without it (it stays uncommitted, never loaded)")
             else:
                 left, needs = deadline - time.monotonic(), writer.last_seconds
                 if needs is not None and needs > left:
                     say(f"{phase}: no checkpoint of step {state.step}: the last write took {needs:.1f}s and {left:.1f}s "
-                        f"of {phase}.grace_period_s={p.grace_period_s:g}s are left; resume will start from "
-                        f"{writer.last_committed or 'the previous run checkpoint'}")
+                        f"of the grace period of {grace_s:g}s ({phase}.grace_period_s) are left; resume will start "
+                        f"from {writer.last_committed or 'the previous run checkpoint'}")
                 else:
                     started = time.monotonic()
                     writer.submit(state, phase=phase, config=cfg, extra_meta=extra_meta)
                     writer.wait()
                     say(f"{phase}: checkpointed step {state.step} in {time.monotonic() - started:.1f}s "
-                        f"(grace period {p.grace_period_s:g}s from the signal)")
+                        f"(grace period {grace_s:g}s from the signal)")
         barrier(d)
         return writer.last_committed
 
