@@ -207,6 +207,18 @@ def test_volcano_job_has_the_requested_topology_resources_and_placement():
         assert [ports[f"metrics-{r}"] for r in range(8)] == list(range(9400, 9408))
 
 
+def test_pods_run_erw_torchrun_with_the_shutdown_wait_of_their_grace_period():
+    from erw.launch.volcano import erw_torchrun_args
+
+    for grace, wait in ((600, 590), (45, 35), (5, 0)):
+        (container,) = dry_run(xl_spec(grace_period_s=grace), XL_COMMAND)["spec"]["tasks"][0]["template"]["spec"]["containers"]
+        assert container["command"][:2] == ["bash", "-c"]
+        assert container["command"][2].startswith(f"exec erw torchrun --shutdown-timeout {wait} --rdzv_backend c10d ")
+    # TorchX's component rendered otherwise (a TorchX upgrade): refused rather than half rewritten
+    with pytest.raises(AssertionError, match="torchrun component changed"):
+        erw_torchrun_args("python", ["-m", "torch.distributed.run"], 600)
+
+
 def test_every_pod_passes_the_restricted_pod_security_level():
     job = dry_run(xl_spec(), XL_COMMAND)
     for task in job["spec"]["tasks"]:
