@@ -14,7 +14,7 @@ once, so production runs pay one call per step and per file.
         file that crosses N is cut there and the process is SIGKILLed (kill, the default: a local
         file leaves its first bytes in a temporary file, as a real kill mid-write does; an S3
         object is never created, as a PutObject cut off is not), or OSError(ENOSPC) is raised
-        (raise: a full disk).
+        (raise: a full disk, which also leaves the first bytes in a local temporary file).
     ERW_FAULT_CORRUPT_SHARD="NAME[:flip|truncate]"
         Reading the shard whose file name is NAME (e.g. shard-000003.tar) returns its first half
         intact and then every byte inverted (flip, the default: the sample cut there is garbage, and
@@ -169,13 +169,13 @@ def _checkpoint_hook(fault: CheckpointBytes) -> Callable[[str, bytes], None]:
         written += len(data)
         if written <= fault.budget:
             return
-        if fault.mode == "raise":
-            _say(f"checkpoint write of {uri} fails after {cut} of {len(data)} bytes ({CKPT_BYTES_ENV})")
-            raise OSError(errno.ENOSPC, f"No space left on device (injected by {CKPT_BYTES_ENV})", uri)
-        if "://" not in uri:  # what a local write leaves when killed: the first bytes in its temp file
+        if "://" not in uri:  # what a local write leaves when killed or out of space: its first bytes in its temp file
             path = Path(uri)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.with_name(f".{path.name}.tmp-{os.getpid()}").write_bytes(data[:cut])
+        if fault.mode == "raise":
+            _say(f"checkpoint write of {uri} fails after {cut} of {len(data)} bytes ({CKPT_BYTES_ENV})")
+            raise OSError(errno.ENOSPC, f"No space left on device (injected by {CKPT_BYTES_ENV})", uri)
         _say(f"checkpoint writer killed after {cut} of {len(data)} bytes of {uri} ({CKPT_BYTES_ENV})")
         os.kill(os.getpid(), signal.SIGKILL)
 

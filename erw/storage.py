@@ -431,8 +431,12 @@ def write_bytes(uri: str, data: bytes) -> None:
     with _local_errors(uri, "write"):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        except BaseException:  # e.g. a full disk: leave no torn temporary file behind
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 def upload_file(local_path: str | Path, uri: str) -> None:

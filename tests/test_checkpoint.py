@@ -213,3 +213,90 @@ def test_sigterm_writes_what_fits_in_the_grace_period_and_says_so(tmp_path):
     assert result.preempted and result.checkpoint.endswith("step-00000002")
     assert any("no checkpoint of step 3" in line and "resume will start from" in line for line in said), said
     assert [s for s, _ in ckpt.list_checkpoints(str(tmp_path / "late/train"))] == [2]
+
+
+# ---------------------------------------------------------------------------------------------
+# A full disk during a checkpoint write (ERW_FAULT_CKPT_BYTES=N:raise): one clear error, no torn files.
+
+
+@pytest.fixture
+def full_disk_after(monkeypatch):
+    """full_disk_after(n): the checkpoint writer fails as a full disk once n bytes are written."""
+    from erw import faults
+
+    def arm(n: int) -> None:
+        monkeypatch.setenv(faults.CKPT_BYTES_ENV, f"{n}:raise")
+        faults.configure()
+
+    yield arm
+    monkeypatch.delenv(faults.CKPT_BYTES_ENV, raising=False)
+    faults.configure()
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_a_full_disk_during_a_checkpoint_is_one_clear_error_and_leaves_no_torn_files(tmp_path, full_disk_after,
+                                                                                    asynchronous):
+    from erw.errors import ErwError
+
+    _train(tmp_path / "sizes", "train.steps=2")
+    one = sum(f.stat().st_size for f in (tmp_path / "sizes/train/step-00000002").iterdir())
+    full_disk_after(one + 1000)  # step 2 commits; step 4 runs out of space 1000 bytes into its first file
+    flag = f"train.async_checkpoint={str(asynchronous).lower()}"
+    with pytest.raises(ErwError) as failed:  # one message for the user, not an OSError traceback
+        _train(tmp_path / "run", "train.steps=6", flag)
+    message, out = str(failed.value), tmp_path / "run/train"
+    assert f"cannot write checkpoint {out}/step-00000004: ENOSPC No space left on device" in message
+    assert f"({out}/step-00000004/model.safetensors)" in message  # the file that failed
+    assert f"Free space under {out}, or set train.out to a location with room" in message
+    assert f"The previous checkpoint {out}/step-00000002 is intact: `--resume auto` continues from it" in message
+    # The torn step-4 write (its temp file) is gone: only the committed checkpoint remains.
+    assert sorted(p.name for p in out.iterdir()) == ["step-00000002"]
+    assert not list(out.rglob(".*tmp*"))
+    # And --resume auto continues from it, to the same weights as an uninterrupted run.
+    full_disk_after(10**12)
+    resumed = _train(tmp_path / "run", "train.steps=6", flag, resume="auto")
+    straight = _train(tmp_path / "sizes", "train.steps=6", resume="auto")
+    a, b = ckpt.load_checkpoint(straight.checkpoint), ckpt.load_checkpoint(resumed.checkpoint)
+    assert resumed.step == 6 and all(torch.equal(b.model_state[k], v) for k, v in a.model_state.items())
+
+
+def test_a_real_full_disk_write_removes_its_temp_file(tmp_path, monkeypatch):
+    """storage.write_bytes itself (not the injector): the OSError of the write leaves no temp file."""
+    import errno
+    from pathlib import Path as _Path
+
+    from erw import storage
+
+    real = _Path.write_bytes
+
+    def full(self, data):
+        real(self, data[:10])  # what the disk took before it filled up
+        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+
+    monkeypatch.setattr(_Path, "write_bytes", full)
+    with pytest.raises(OSError, match="No space left"):
+        storage.write_bytes(str(tmp_path / "a/model.safetensors"), b"x" * 100)
+    assert list((tmp_path / "a").iterdir()) == []
+
+
+def test_a_full_disk_under_erw_train_exits_2_with_one_message(tmp_path, monkeypatch):
+    """The same through the command line: exit status 2, the message, no traceback."""
+    import numpy as np
+    from PIL import Image
+
+    from erw import faults
+    from test_cli_training import ROOT, TINY, erw
+
+    rng = np.random.default_rng(0)
+    for i in range(32):
+        (tmp_path / "images" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "images" / f"c{i % 2}" / f"{i}.png")
+    erw("precompute", "--source", "images", "--out", "shards", "--resolution", "16", "--codec", "identity",
+        "--no-progress", cwd=tmp_path)
+    monkeypatch.setenv(faults.CKPT_BYTES_ENV, "1000:raise")  # the first checkpoint, 1000 bytes into its first file
+    failed = erw("train", "--config", str(ROOT / "configs/demo.yaml"), "data.shards=shards", *TINY, "encoder.name=none",
+                 "data.num_workers=0", "train.steps=2", "train.ckpt_every=1", "train.out=full", cwd=tmp_path, check=False)
+    assert failed.returncode == 2 and "Traceback" not in failed.stderr, failed.stderr
+    assert "erw train: error: cannot write checkpoint full/step-00000001: ENOSPC No space left on device" in failed.stderr
+    assert "No checkpoint of this run was committed before: a rerun starts from step 0" in failed.stderr
+    assert list((tmp_path / "full").iterdir()) == []

@@ -16,6 +16,7 @@ checkpoint written before stays loadable. DCP becomes the better choice once the
 """
 from __future__ import annotations
 
+import errno
 import threading
 import time
 from typing import Any, Callable
@@ -23,8 +24,37 @@ from typing import Any, Callable
 import torch
 
 from erw.config import Config
+from erw import storage
+from erw.storage import StorageError
 from erw.training import checkpoint as ckpt
 from erw.training.step import TrainState
+
+
+class CheckpointWriteError(ckpt.CheckpointError):
+    """A checkpoint could not be written (full disk, storage down): what failed, how to fix it,
+    and which earlier checkpoint `--resume auto` will continue from."""
+
+
+def write_failure(err: BaseException, *, out: str, step: int, phase: str, previous: str) -> CheckpointWriteError:
+    """The one-message error for a failed write of checkpoint `step` under `out`."""
+    target = ckpt.step_uri(out, step)
+    if isinstance(err, OSError) and err.errno is not None:
+        code = errno.errorcode.get(err.errno, str(err.errno))
+        where = f" ({err.filename})" if err.filename else ""
+        what = f"{code} {err.strerror or err}{where}"
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            fix = f"Free space under {out}, or set {phase}.out to a location with room"
+        else:
+            fix = f"Fix the location {out}, or set {phase}.out to another one"
+    else:
+        what, fix = str(err), "Wait for the storage to come back"
+    if previous:
+        tail = (f"{fix}. The previous checkpoint {previous} is intact: `--resume auto` continues from it "
+                f"(with another {phase}.out: --resume {previous})")
+    else:
+        tail = f"{fix}. No checkpoint of this run was committed before: a rerun starts from step 0"
+    partial = "is never loaded" if storage.is_s3(out) else "was removed"  # see ckpt.save_checkpoint
+    return CheckpointWriteError(f"cannot write checkpoint {target}: {what}. The partial write {partial}. {tail}")
 
 
 def cpu_snapshot(value: Any) -> Any:
@@ -47,10 +77,12 @@ class CheckpointWriter:
     def __init__(
         self, out: str, keep_last: int, *, asynchronous: bool = True,
         log: Callable[[str], None] = print, on_done: Callable[[float, bool], None] = lambda seconds, ok: None,
+        last_committed: str = "",
     ):
         self.out, self.keep_last, self.asynchronous = out, keep_last, asynchronous
         self.log, self.on_done = log, on_done
-        self.last_committed = ""  # URI of the newest checkpoint this writer committed
+        # URI of the newest committed checkpoint of this run: this writer's last, or the one resumed from
+        self.last_committed = last_committed
         self.last_seconds: float | None = None  # duration of the last write, staging included
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -95,8 +127,10 @@ class CheckpointWriter:
     def _write(self, job: dict[str, Any], started: float) -> None:
         try:
             uri = ckpt.save_checkpoint(self.out, **job)
-            ckpt.prune_checkpoints(self.out, self.keep_last, keep=uri)
         except BaseException as err:  # handed to the training thread, which raises it
+            if isinstance(err, (OSError, StorageError)):
+                err = write_failure(err, out=self.out, step=job["step"], phase=job["phase"],
+                                    previous=self.last_committed)
             self._error = err
             self.on_done(time.perf_counter() - started, False)
             return
@@ -104,3 +138,7 @@ class CheckpointWriter:
         self.last_committed = uri
         self.on_done(self.last_seconds, True)
         self.log(f"checkpoint {uri}")
+        try:
+            ckpt.prune_checkpoints(self.out, self.keep_last, keep=uri)
+        except (OSError, StorageError) as err:  # the new checkpoint is committed: training need not stop
+            self.log(f"warning: could not delete checkpoints older than {uri} ({err}); they stay until the next prune")

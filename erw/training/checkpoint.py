@@ -12,6 +12,7 @@ the rest with `torch.load(weights_only=True)`, so nothing arbitrary is ever unpi
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -79,7 +80,8 @@ def save_checkpoint(
     train_state: dict[str, Any],
     extra_meta: dict[str, Any] | None = None,
 ) -> str:
-    """Write one checkpoint and commit it; returns its URI."""
+    """Write one checkpoint and commit it; returns its URI. A local write that fails (a full
+    disk) removes what it wrote of this step, torn temporary files included, before it raises."""
     uri = step_uri(out, step)
     if storage.exists(uri):  # a leftover of an interrupted write (or a re-save of this step)
         storage.delete_tree(uri)
@@ -90,9 +92,6 @@ def save_checkpoint(
         EMA: save_safetensors(_contiguous(ema_state)),
         STATE: state_buf.getvalue(),
     }
-    for name, data in files.items():
-        faults.checkpoint_write(storage.join(uri, name), data)
-        storage.write_bytes(storage.join(uri, name), data)
     meta = {
         "format_version": FORMAT_VERSION,
         "step": step,
@@ -102,9 +101,19 @@ def save_checkpoint(
         "files": {name: _sha256(data) for name, data in files.items()},
         **(extra_meta or {}),
     }
-    encoded = json.dumps(meta, indent=2).encode()
-    faults.checkpoint_write(storage.join(uri, META), encoded)
-    storage.write_bytes(storage.join(uri, META), encoded)
+    files[META] = json.dumps(meta, indent=2).encode()  # the commit marker: written last
+    try:
+        for name, data in files.items():
+            faults.checkpoint_write(storage.join(uri, name), data)
+            storage.write_bytes(storage.join(uri, name), data)
+    except Exception:
+        # Never committed (meta.json comes last). Locally, free the space the partial files take;
+        # on S3 (objects appear whole or not at all) a cleanup would wait out the same outage:
+        # the next save of this step or the pruning removes them.
+        if not storage.is_s3(uri):
+            with contextlib.suppress(Exception):
+                storage.delete_tree(uri)
+        raise
     return uri
 
 

@@ -30,8 +30,9 @@ from erw.models.sit import l2r_from_config, sit_from_config
 from erw.objectives import DiffusionObjective, WarmupObjective
 from erw.telemetry import NoMetrics
 from erw.training import checkpoint as ckpt
+from erw.storage import StorageError
 from erw.training import elastic
-from erw.training.async_checkpoint import CheckpointWriter
+from erw.training.async_checkpoint import CheckpointWriteError, CheckpointWriter
 from erw.training.distributed import Dist, all_reduce_mean, barrier
 from erw.training.continuation import continue_from, is_phase2_checkpoint
 from erw.training.handoff import init_from_warmup, lineage
@@ -42,6 +43,10 @@ NO_METRICS = NoMetrics()  # stateless: one instance serves every run without an 
 
 class TrainingDiverged(ErwError):
     pass
+
+
+class StorageOutage(ErwError):
+    """Storage failed mid-run beyond its retry budget; the message says which checkpoint to resume."""
 
 
 @dataclass
@@ -192,7 +197,8 @@ def run(
     )
 
     writer = CheckpointWriter(  # rank 0 writes; the state is replicated
-        p.out, p.keep_last, asynchronous=p.use_async_checkpoint(d.device.type), log=say, on_done=metrics.observe_checkpoint
+        p.out, p.keep_last, asynchronous=p.use_async_checkpoint(d.device.type), log=say,
+        on_done=metrics.observe_checkpoint, last_committed=restored.uri if restored else "",
     )
     # init_from: what this run started from (erw gc keeps it while the run is kept)
     extra_meta = {"warmup_steps": state.warmup_steps, "lineage": run_lineage, "init_from": init_from or ""}
@@ -230,6 +236,26 @@ def run(
                         f"(grace period {grace_s:g}s from the signal)")
         barrier(d)
         return writer.last_committed
+
+    def stop_on_storage_failure(err: StorageError) -> StorageOutage:
+        """Storage (the data, typically) failed beyond its retry budget between two steps: the
+        state is step state.step's, whole (the optimizer has not stepped, and the loader's position
+        counts whole steps only), so checkpoint it before exiting; say what to resume from."""
+        stopped = f"{phase} stopped at step {state.step}: {err}"
+        if not d.is_main:  # only rank 0 writes (the state is replicated); it is stopped with this rank
+            return StorageOutage(f"rank {d.rank}: {stopped}. Resume from the last committed checkpoint with "
+                                 "--resume auto once the storage is back")
+        target = ckpt.step_uri(p.out, state.step)
+        try:
+            writer.wait()  # a write in flight first (it may be this very step)
+            if writer.last_committed != target:
+                say(f"{phase}: storage failed at step {state.step}; checkpointing step {state.step} before exiting")
+                writer.submit(state, phase=phase, config=cfg, extra_meta=extra_meta)
+                writer.wait()
+        except CheckpointWriteError as failed:
+            return StorageOutage(f"{stopped}\nThe checkpoint of step {state.step} before exiting failed too: {failed}")
+        return StorageOutage(f"{stopped}\nStep {state.step} is checkpointed at {writer.last_committed}: "
+                             "`--resume auto` continues from it once the storage is back")
 
     iterator = faults.batches(iter(batches), d.rank)
     history: list[dict[str, float]] = []
@@ -289,6 +315,8 @@ def run(
                     preempted = True
                     uri = save_within_grace(preempt.raised_at or time.monotonic())
                     return RunResult(checkpoint=uri, step=step, history=history, preempted=True, handoff=handoff)
+    except StorageError as err:  # a checkpoint write's own failure is a CheckpointWriteError, not this
+        raise stop_on_storage_failure(err) from None
     finally:
         if not preempted and d.is_main and writer.in_flight:  # a crash: the snapshot in flight is still good
             try:

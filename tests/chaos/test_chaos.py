@@ -110,12 +110,16 @@ def test_killing_the_checkpoint_writer_never_leaves_a_broken_checkpoint_to_resum
     points = json.loads(report.read_text())
     assert len(points) == 20
     for point in points:
-        assert point["status"] in (-9, 1) and point["cut"], point  # killed (or failed) inside a checkpoint write
+        # killed inside a checkpoint write, or failed there as a full disk: one message, exit status 2
+        assert point["status"] in (-9, 2) and point["cut"], point
         newest = max(point["committed"], default=None)
         assert point["resume_auto_loads"] == newest and point["error"] == "", point
         assert point["loaded_equals_uninterrupted"] in (True, None), point
         assert point["resumed_status"] == 0 and point["final_identical"], point
     assert sum(p["status"] == -9 for p in points) == 18
+    for point in (p for p in points if p["budget"].endswith(":raise")):
+        log = (tmp_path / "work" / f"{points.index(point):02d}-killed.log").read_text()
+        assert point["status"] == 2 and "Traceback" not in log and "ENOSPC No space left on device" in log, log
     assert {p["cut"].split("/")[0] for p in points} == {"step-00000002", "step-00000004"}
 
 

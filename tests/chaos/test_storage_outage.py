@@ -1,0 +1,95 @@
+"""An S3 outage longer than the retry budget (ERW_S3_RETRY_SECONDS) in the middle of training: the
+run checkpoints the step it reached before it exits, and says where `--resume auto` continues.
+
+The shards are on S3 behind tests/s3proxy.py; the outage starts once step 3 is logged and lasts
+until the test clears it (the loader goes back to S3 a few steps later). A single `erw train`
+process of the chaos suite's tiny model with its DataLoader worker, and a retry budget of 2 s.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from harness import identical, run, train_command
+
+from erw import storage
+from erw.training import checkpoint as ckpt
+
+pytestmark = pytest.mark.chaos
+
+STEPS = 40
+NO_PERIODIC = ("train.ckpt_every=1000",)  # the only checkpoint before the end is the outage's
+
+
+def _upload(folder: Path, uri: str) -> None:
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            storage.write_bytes(storage.join(uri, path.relative_to(folder).as_posix()), path.read_bytes())
+
+
+def _outage_after_step_3(proxy):
+    def on_line(line: str) -> None:
+        if line.startswith("train step 3/"):
+            proxy.outage(3600)  # until the test clears it
+
+    return on_line
+
+
+def _stopped_at(output: str) -> int:
+    found = re.search(r"storage failed at step (\d+); checkpointing step \1 before exiting", output)
+    assert found, output[-3000:]
+    return int(found.group(1))
+
+
+def test_an_outage_past_the_budget_checkpoints_the_current_step_and_resume_continues_exactly(
+        chaos_shards, s3_bucket, s3_proxy, monkeypatch, tmp_path):
+    """Shards on S3, checkpoints on local disk: the step reached is checkpointed, the message names
+    it, and `--resume auto` from it ends bit-identical to an uninterrupted run."""
+    monkeypatch.setenv("ERW_S3_RETRY_SECONDS", "2")
+    _upload(chaos_shards, f"{s3_bucket}/shards")
+    s3_proxy.clear()
+    command = train_command(f"{s3_bucket}/shards", "out", ranks=1, steps=STEPS, extra=NO_PERIODIC)
+    outcome = run(command, tmp_path, on_line=_outage_after_step_3(s3_proxy))
+    injected = dict(s3_proxy.injected)
+    s3_proxy.clear()
+    assert outcome.status == 2 and "Traceback" not in outcome.output, outcome.output[-3000:]
+    assert injected.get("outage", 0) >= 1
+    step = _stopped_at(outcome.output)
+    assert 3 <= step < STEPS
+    error = outcome.output[outcome.output.index("erw train: error:"):]
+    assert f"train stopped at step {step}: cannot read {s3_bucket}/shards/" in error
+    assert "[retried for 2 s, the budget ERW_S3_RETRY_SECONDS=2" in error
+    assert f"Step {step} is checkpointed at out/step-{step:08d}: `--resume auto` continues from it" in error
+    assert [s for s, _ in ckpt.list_checkpoints(str(tmp_path / "out"))] == [step]
+
+    resumed = run(command, tmp_path)
+    assert resumed.status == 0 and resumed.resumed_at() == [step], resumed.output[-3000:]
+    reference = run(train_command(str(chaos_shards), "reference", ranks=1, steps=STEPS, extra=NO_PERIODIC), tmp_path)
+    assert reference.status == 0, reference.output[-3000:]
+    assert identical(ckpt.step_uri(str(tmp_path / "out"), STEPS), ckpt.step_uri(str(tmp_path / "reference"), STEPS))[0]
+
+
+def test_when_the_checkpoint_store_is_down_too_both_failures_are_said(chaos_shards, s3_bucket, s3_proxy, monkeypatch,
+                                                                     tmp_path):
+    """Shards and checkpoints on the same S3: the checkpoint attempt fails as well; the message
+    says both, and names the last committed checkpoint (the one this run resumed from)."""
+    monkeypatch.setenv("ERW_S3_RETRY_SECONDS", "2")
+    _upload(chaos_shards, f"{s3_bucket}/shards")
+    s3_proxy.clear()
+    out = f"{s3_bucket}/out"
+    first = run(train_command(f"{s3_bucket}/shards", out, ranks=1, steps=2), tmp_path)
+    assert first.status == 0, first.output[-3000:]
+    previous = ckpt.step_uri(out, 2)
+
+    outcome = run(train_command(f"{s3_bucket}/shards", out, ranks=1, steps=STEPS, extra=NO_PERIODIC), tmp_path,
+                  on_line=_outage_after_step_3(s3_proxy))
+    s3_proxy.clear()
+    assert outcome.status == 2 and "Traceback" not in outcome.output, outcome.output[-3000:]
+    step = _stopped_at(outcome.output)
+    error = outcome.output[outcome.output.index("erw train: error:"):]
+    assert f"train stopped at step {step}: cannot read {s3_bucket}/shards/" in error
+    assert f"The checkpoint of step {step} before exiting failed too: cannot write checkpoint {out}/step-{step:08d}" in error
+    assert f"The previous checkpoint {previous} is intact: `--resume auto` continues from it" in error
+    assert [s for s, _ in ckpt.list_checkpoints(out)] == [2]
