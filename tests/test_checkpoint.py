@@ -291,8 +291,8 @@ def test_a_full_disk_under_erw_train_exits_2_with_one_message(tmp_path, monkeypa
     for i in range(32):
         (tmp_path / "images" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "images" / f"c{i % 2}" / f"{i}.png")
-    erw("precompute", "--source", "images", "--out", "shards", "--resolution", "16", "--codec", "identity",
-        "--no-progress", cwd=tmp_path)
+    erw("precompute", "--no-progress", "data.source=images", "data.shards=shards", "data.resolution=16",
+        "data.codec=identity", cwd=tmp_path)
     monkeypatch.setenv(faults.CKPT_BYTES_ENV, "1000:raise")  # the first checkpoint, 1000 bytes into its first file
     failed = erw("train", "--config", str(ROOT / "configs/demo.yaml"), "data.shards=shards", *TINY, "encoder.name=none",
                  "data.num_workers=0", "train.steps=2", "train.ckpt_every=1", "train.out=full", cwd=tmp_path, check=False)
