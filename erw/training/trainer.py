@@ -28,9 +28,9 @@ from erw.data.codec import LatentNorm
 from erw.errors import ErwError
 from erw.models.sit import l2r_from_config, sit_from_config
 from erw.objectives import DiffusionObjective, WarmupObjective
+from erw.storage import StorageError
 from erw.telemetry import NoMetrics
 from erw.training import checkpoint as ckpt
-from erw.storage import StorageError
 from erw.training import elastic
 from erw.training.async_checkpoint import CheckpointWriteError, CheckpointWriter
 from erw.training.distributed import Dist, all_reduce_mean, barrier
