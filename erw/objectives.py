@@ -7,6 +7,10 @@ v = d(alpha_t)/dt x + d(sigma_t)/dt eps (eps - x on the linear path).
 Phase 1 (warmup): the L2R blocks see clean latents at t = 0 and are trained to reproduce the
 frozen encoder's tokens (alignment loss only). Phase 2: denoising loss plus the alignment loss
 weighted by c(s) = c0 * 2^(-(s - W) / half_life), s the global step and W the warmup length.
+
+Every random number is drawn per sample from `draws`, by stream ("time", "noise", "label_drop"):
+the trainer passes rows of tables keyed by (seed, step, position in the global batch), so they
+do not depend on the world size (erw.training.draws); without draws the global RNG is used.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from torch import Tensor
 
 from erw.config import InterpolantPath, ModelConfig, ObjectiveConfig, TimeSampling, choices
 from erw.errors import ErwError
+from erw.training.draws import GeneratorDraws, SampleDraws
 
 
 class ObjectiveError(ErwError):
@@ -46,32 +51,14 @@ def interpolate(path: InterpolantPath, x: Tensor, eps: Tensor, t: Tensor) -> tup
     return alpha * x + sigma * eps, d_alpha * x + d_sigma * eps
 
 
-def sample_time(
-    n: int,
-    kind: str = "uniform",
-    *,
-    mean: float = 0.0,
-    std: float = 1.0,
-    device: torch.device | str | None = None,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """n float32 times in (0, 1): uniform, or lognormal = sigmoid of N(mean, std) (logit-normal).
-
-    Drawn on the generator's device when one is given (a generator only feeds its own device),
-    else on `device` from the global RNG; returned on `device`."""
-    draw_on = generator.device if generator is not None else device
+def sample_time(draws: SampleDraws, kind: str = "uniform", *, mean: float = 0.0, std: float = 1.0) -> Tensor:
+    """A float32 time in (0, 1) per sample of `draws` (stream "time"): uniform, or lognormal =
+    sigmoid of N(mean, std) (logit-normal)."""
     if kind == "uniform":
-        t = torch.rand(n, device=draw_on, generator=generator)
-    elif kind == "lognormal":
-        t = torch.sigmoid(mean + std * torch.randn(n, device=draw_on, generator=generator))
-    else:
-        raise ObjectiveError(f"unknown time sampling {kind!r}: choose one of {', '.join(choices(TimeSampling))}")
-    return t.to(device) if device is not None else t
-
-
-def _randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
-    draw_on = generator.device if generator is not None else x.device
-    return torch.randn(x.shape, device=draw_on, generator=generator).to(x.device)
+        return draws.uniform("time")
+    if kind == "lognormal":
+        return torch.sigmoid(mean + std * draws.normal("time"))
+    raise ObjectiveError(f"unknown time sampling {kind!r}: choose one of {', '.join(choices(TimeSampling))}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,15 +170,14 @@ class DiffusionObjective:
         y: Tensor,
         targets: Tensor | None,
         step: int,
-        generator: torch.Generator | None = None,
+        draws: SampleDraws | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         c = self.cfg
         x = x.float()
-        t = sample_time(
-            x.shape[0], c.time_sampling, mean=c.lognormal_mean, std=c.lognormal_std, device=x.device, generator=generator
-        )
-        x_t, v = interpolate(c.path, x, _randn_like(x, generator), t)
-        pred, projected = model(x_t, t, y)
+        draws = draws if draws is not None else GeneratorDraws(x.shape[0], x.device)
+        t = sample_time(draws, c.time_sampling, mean=c.lognormal_mean, std=c.lognormal_std)
+        x_t, v = interpolate(c.path, x, draws.normal("noise", tuple(x.shape[1:])), t)
+        pred, projected = model(x_t, t, y, label_drop_draws=draws.uniform("label_drop"))
         loss_denoise = denoising_loss(pred, v)
         weight = self.align_weight(step) if targets is not None else 0.0
         if targets is None:
@@ -220,11 +206,12 @@ class WarmupObjective:
         y: Tensor,
         targets: Tensor | None,
         step: int,
-        generator: torch.Generator | None = None,
+        draws: SampleDraws | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         if targets is None:
             raise ObjectiveError("the ERW warmup needs encoder tokens as targets: configure encoder.name")
+        draws = draws if draws is not None else GeneratorDraws(x.shape[0], x.device)
         t = torch.zeros(x.shape[0], device=x.device)
-        _, projected = model(x.float(), t, y)
+        _, projected = model(x.float(), t, y, label_drop_draws=draws.uniform("label_drop"))
         loss = alignment_loss(projected, targets)
         return loss, {"loss_align": loss.detach()}

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from erw.config import ModelConfig, ObjectiveConfig
+from erw.training.draws import GeneratorDraws, StepDraws
 from erw.objectives import (
     DiffusionObjective,
     ObjectiveError,
@@ -55,7 +56,7 @@ def test_unknown_path_is_refused():
 
 def test_lognormal_time_statistics():
     g = torch.Generator().manual_seed(0)
-    t = sample_time(200_000, "lognormal", mean=-0.4, std=1.3, generator=g)
+    t = sample_time(GeneratorDraws(200_000, "cpu", g), "lognormal", mean=-0.4, std=1.3)
     assert t.dtype == torch.float32 and bool(((t > 0) & (t < 1)).all())
     logit = torch.log(t) - torch.log1p(-t)
     assert abs(logit.mean().item() - (-0.4)) < 0.02
@@ -63,9 +64,9 @@ def test_lognormal_time_statistics():
 
 
 def test_uniform_time_statistics_and_generator_reproducibility():
-    t = sample_time(200_000, "uniform", generator=torch.Generator().manual_seed(1))
+    t = sample_time(GeneratorDraws(200_000, "cpu", torch.Generator().manual_seed(1)), "uniform")
     assert abs(t.mean().item() - 0.5) < 0.005 and abs(t.var().item() - 1 / 12) < 0.002
-    again = sample_time(200_000, "uniform", generator=torch.Generator().manual_seed(1))
+    again = sample_time(GeneratorDraws(200_000, "cpu", torch.Generator().manual_seed(1)), "uniform")
     assert torch.equal(t, again)
 
 
@@ -190,7 +191,7 @@ class RecordingModel(torch.nn.Module):
         self.prediction = prediction
         self.times = []
 
-    def forward(self, x, t, y):
+    def forward(self, x, t, y, label_drop_draws=None):
         self.times.append(t.clone())
         tokens = self.proj(x.flatten(2).transpose(1, 2))
         return (self.head(x) if self.prediction else None), [tokens]
@@ -215,7 +216,7 @@ def test_zero_align_weight_gives_pure_denoising_loss():
     model = RecordingModel()
     x, y, targets = torch.randn(4, 3, 4, 4), torch.tensor([0, 1, 2, 3]), torch.randn(4, 16, 5)
     objective = DiffusionObjective(ObjectiveConfig(align_coeff=0.0), ModelConfig(arch="SiT-B/2"))
-    loss, logs = objective(model, x, y, targets, step=0, generator=torch.Generator().manual_seed(3))
+    loss, logs = objective(model, x, y, targets, step=0, draws=GeneratorDraws(4, "cpu", torch.Generator().manual_seed(3)))
     # same draws, computed by hand
     g = torch.Generator().manual_seed(3)
     t = torch.rand(4, generator=g)
@@ -236,7 +237,7 @@ def test_diffusion_objective_adds_weighted_alignment():
     model = RecordingModel()
     x, y, targets = torch.randn(2, 3, 4, 4), torch.tensor([0, 1]), torch.randn(2, 16, 5)
     objective = DiffusionObjective(ObjectiveConfig(), ModelConfig(arch="SiT-L/2"), warmup_steps=10)
-    loss, logs = objective(model, x, y, targets, step=50_000, generator=torch.Generator().manual_seed(0))
+    loss, logs = objective(model, x, y, targets, step=50_000, draws=GeneratorDraws(2, "cpu", torch.Generator().manual_seed(0)))
     assert logs["align_weight"].item() == pytest.approx(1.5)
     torch.testing.assert_close(loss.detach(), logs["loss_denoise"] + 1.5 * logs["loss_align"])
 

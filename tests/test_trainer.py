@@ -264,7 +264,7 @@ def test_xl_preset_is_the_erw_reference_run():
 
 def test_step_seeds_never_collide_across_ranks_and_steps():
     """The old seed*1000003 + rank*7919 + step gave rank r at step s the draws of rank r+1 at step s-7919."""
-    from erw.training.step import init_seed, step_seed
+    from erw.training.draws import init_seed, step_seed
 
     assert (0 * 1_000_003 + 0 * 7_919 + 7_919) == (0 * 1_000_003 + 1 * 7_919 + 0)  # the old collision
     assert step_seed(0, 0, 7_919) != step_seed(0, 1, 0)

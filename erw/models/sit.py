@@ -104,7 +104,8 @@ class TimestepEmbedder(nn.Module):
 
 class LabelEmbedder(nn.Module):
     """Class embedding. Row `num_classes` is the null class of classifier-free guidance; in training
-    mode each label is replaced by it with probability `dropout`."""
+    mode each label is replaced by it with probability `dropout`: where its draw u ~ U[0, 1) is
+    below `dropout` (draws: the trainer's, keyed per sample; None: drawn from the global RNG)."""
 
     def __init__(self, num_classes: int, hidden_size: int, dropout: float):
         super().__init__()
@@ -112,9 +113,10 @@ class LabelEmbedder(nn.Module):
         self.num_classes = num_classes
         self.dropout = dropout
 
-    def forward(self, labels: Tensor) -> Tensor:
+    def forward(self, labels: Tensor, draws: Tensor | None = None) -> Tensor:
         if self.training and self.dropout > 0:
-            drop = torch.rand(labels.shape, device=labels.device) < self.dropout
+            u = torch.rand(labels.shape, device=labels.device) if draws is None else draws
+            drop = u < self.dropout
             labels = torch.where(drop, self.num_classes, labels)
         return self.embedding_table(labels)
 
@@ -248,14 +250,17 @@ class SiT(nn.Module):
             nn.init.zeros_(linear.weight)
             nn.init.zeros_(linear.bias)
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor | None, list[Tensor]]:
+    def forward(
+        self, x: Tensor, t: Tensor, y: Tensor, label_drop_draws: Tensor | None = None
+    ) -> tuple[Tensor | None, list[Tensor]]:
         """x [N, C, H, W] input, t [N] time in [0, 1] (1 = noise), y [N] labels in [0, num_classes]
-        (num_classes = null class). Returns (prediction [N, C, H, W], or None for the L2R model,
+        (num_classes = null class), label_drop_draws [N] U[0, 1) draws of the training label drop
+        (None: from the global RNG). Returns (prediction [N, C, H, W], or None for the L2R model,
         [projected tokens [N, T, D_enc] per projector], empty without projectors)."""
         if x.shape[-2:] != (self.input_size, self.input_size):
             raise ModelError(f"SiT built for {self.input_size}x{self.input_size} inputs got {tuple(x.shape)}")
         tokens = self.x_embedder(x) + self.pos_embed
-        c = self.t_embedder(t) + self.y_embedder(y)
+        c = self.t_embedder(t) + self.y_embedder(y, label_drop_draws)
         projected: list[Tensor] = []
         for depth, block in enumerate(self.blocks, start=1):
             tokens = block(tokens, c, self.rope)

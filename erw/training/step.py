@@ -19,39 +19,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from erw.config import PhaseConfig
 from erw.errors import ErwError
 from erw.training.distributed import Dist
+from erw.training.draws import StepDraws, step_seed
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 SINGLE_PROCESS = Dist(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
-
-
-_STEP_STREAMS, _INIT_STREAM = 0, 1  # domains of the hash: per-step draws vs the initial weights
-
-
-def _hashed_seed(*words: int) -> int:
-    """A well-mixed 63-bit seed from non-negative integers (numpy's SeedSequence hash)."""
-    return int(np.random.SeedSequence(list(words)).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
-def step_seed(seed: int, rank: int, step: int) -> int:
-    """The seed of the global RNG for one step of one rank: its noise, times and label drops.
-
-    A hash, not arithmetic (the old seed*1000003 + rank*7919 + step gave rank r at step s the
-    draws of rank r+1 at step s-7919): every (seed, rank, step) gets its own stream, as
-    erw.evaluation.generate.sample_seed does per sample. A function of the three numbers alone,
-    so a resumed run draws exactly what the uninterrupted one would have."""
-    return _hashed_seed(seed, _STEP_STREAMS, rank, step)
-
-
-def init_seed(seed: int) -> int:
-    """The seed of the initial weights: the same on every rank, apart from every step's stream."""
-    return _hashed_seed(seed, _INIT_STREAM)
 
 
 @dataclass
@@ -161,13 +138,16 @@ def train_step(
     """Take one optimizer step from phase_cfg.grad_accum micro-batches of batch_iter.
 
     net is what runs the forward (the model wrapped in DDP and/or torch.compile; default the bare
-    model). The step's randomness is seeded from (seed, rank, state.step), so it is the same
-    after a resume. A non-finite loss or gradient skips the optimizer and the EMA (every rank
-    agrees: gradients are all-reduced) and leaves state.step where it was."""
+    model). The objective's per-sample draws are keyed by (seed, state.step, the sample's position
+    in the global batch: batch["position"], else laid out as the shard loader does), the global
+    RNG by (seed, rank, state.step) (erw.training.draws): a resumed run draws the same for every
+    sample, on the same or another world size. A non-finite loss or gradient skips the optimizer
+    and the EMA (every rank agrees: gradients are all-reduced) and leaves state.step where it was."""
     d, p = dist_state, phase_cfg
     net = state.model if net is None else net
     autocast_dtype = AUTOCAST_DTYPES[p.precision]
     torch.manual_seed(step_seed(seed, d.rank, state.step))
+    draws = StepDraws(seed, state.step, p.batch_size, d.device)
     data_wait = 0.0
     logs_sum: dict[str, torch.Tensor] = {}
     for i in range(p.grad_accum):
@@ -177,10 +157,11 @@ def train_step(
         x = batch["latent"].to(d.device, non_blocking=True)
         y = batch["label"].to(d.device, non_blocking=True)
         targets = alignment_targets(batch, encoder, d.device)
+        positions = batch["position"] if "position" in batch else default_positions(d, p, i, len(y))
         last = i == p.grad_accum - 1
         sync = contextlib.nullcontext() if (last or not d.enabled) else net.no_sync()
         with sync, torch.autocast(d.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            loss, logs = objective(net, x, y, targets, state.step)
+            loss, logs = objective(net, x, y, targets, state.step, draws.at(positions))
         state.scaler.scale(loss / p.grad_accum).backward()
         for key, value in {"loss": loss.detach(), **logs}.items():
             share = value.detach().float() / p.grad_accum
@@ -202,6 +183,17 @@ def train_step(
     state.update_ema(p.ema_decay)
     state.step += 1
     return StepStats(False, logs_sum, grad_norm, data_wait)
+
+
+def default_positions(d: Dist, p: PhaseConfig, micro: int, n: int) -> torch.Tensor:
+    """The global-batch positions of micro-batch `micro` of a batch source that gives none: laid
+    out as the shard loader lays them (rank r takes [rG/W, (r+1)G/W), in grad_accum slices)."""
+    size = p.batch_size // (d.world_size * p.grad_accum)
+    if n > size:
+        raise ErwError(f"a micro-batch of {n} samples, more than batch_size / (world_size * grad_accum) = {size}: "
+                       "the batch source does not match the phase's batch settings")
+    start = d.rank * (p.batch_size // d.world_size) + micro * size
+    return torch.arange(start, start + n)
 
 
 def alignment_targets(batch: dict[str, torch.Tensor], encoder, device: torch.device) -> torch.Tensor | None:

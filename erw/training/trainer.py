@@ -7,9 +7,10 @@
 
 The loop is handed an iterator of batches and a checkpoint location; it knows nothing about
 S3, shards or Kubeflow. `run` owns the loop, logging, checkpoint cadence, resumption and
-preemption; one optimizer step is erw.training.step.train_step, reseeded from a hash of
-(seed, rank, step), so a resumed run draws exactly the noise, times and label drops the
-uninterrupted run would have.
+preemption; one optimizer step is erw.training.step.train_step, whose noise, times and label
+drops are keyed by (seed, step, position in the global batch) (erw.training.draws), so a run
+resumed on the same or another number of ranks draws for every sample what the uninterrupted
+run drew.
 """
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ from erw.training.async_checkpoint import CheckpointWriteError, CheckpointWriter
 from erw.training.distributed import Dist, all_reduce_mean, barrier
 from erw.training.continuation import continue_from, is_phase2_checkpoint
 from erw.training.handoff import init_from_warmup, lineage
-from erw.training.step import TrainState, any_rank, init_seed, train_step
+from erw.training.draws import init_seed
+from erw.training.step import TrainState, any_rank, train_step
 
 NO_METRICS = NoMetrics()  # stateless: one instance serves every run without an exporter
 
