@@ -276,3 +276,20 @@ def test_step_seeds_never_collide_across_ranks_and_steps():
     a = torch.randn(8)
     torch.manual_seed(step_seed(0, 1, 0))
     assert not torch.equal(a, torch.randn(8))
+
+
+def test_resuming_a_checkpoint_with_other_draws_says_so(tmp_path, monkeypatch, capsys):
+    """A checkpoint written before the draws were keyed by position (version 1) continues, and says
+    that its noise is not what the erw that wrote it would have drawn; a current one says nothing."""
+    from erw.training import draws
+
+    monkeypatch.setattr(draws, "VERSION", 1)
+    run(tiny_config(tmp_path, "train.steps=1", "train.ckpt_every=1"), "train", Batches(), CPU, encoder=TinyEncoder())
+    monkeypatch.undo()
+    result = run(tiny_config(tmp_path, "train.steps=2", "train.ckpt_every=1"), "train", Batches(), CPU,
+                 encoder=TinyEncoder(), resume="auto")
+    assert result.step == 2
+    assert "written with draws version 1" in capsys.readouterr().out
+    run(tiny_config(tmp_path, "train.steps=3", "train.ckpt_every=1"), "train", Batches(), CPU,
+        encoder=TinyEncoder(), resume="auto")
+    assert "draws version" not in capsys.readouterr().out

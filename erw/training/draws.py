@@ -20,6 +20,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+# Recorded in every checkpoint (state.pt "draws"), so a resume can say when its draws changed.
+# 1 (none recorded): the objective drew from the (seed, rank, step) global RNG; 2: (seed, step, position).
+VERSION = 2
 _STEP_STREAMS, _INIT_STREAM, _SAMPLE_STREAMS = 0, 1, 2  # domains of the hash
 # The objective's per-sample streams; a stream's place here is part of its seed (append only).
 SAMPLE_STREAMS = ("noise", "time", "label_drop")

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from erw.config import PhaseConfig
 from erw.errors import ErwError
 from erw.training.distributed import Dist
+from erw.training import draws as sample_draws
 from erw.training.draws import StepDraws, step_seed
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -83,6 +84,7 @@ class TrainState:
             "step": self.step,
             "warmup_steps": self.warmup_steps,
             "data": self.data.state_dict() if hasattr(self.data, "state_dict") else None,
+            "draws": sample_draws.VERSION,  # how the step's random draws were keyed
         }
 
     def load(self, model_state: dict[str, torch.Tensor], ema_state: dict[str, torch.Tensor], train_state: dict[str, Any]) -> None:

@@ -37,6 +37,7 @@ from erw.training.async_checkpoint import CheckpointWriteError, CheckpointWriter
 from erw.training.distributed import Dist, all_reduce_mean, barrier
 from erw.training.continuation import continue_from, is_phase2_checkpoint
 from erw.training.handoff import init_from_warmup, lineage
+from erw.training import draws
 from erw.training.draws import init_seed
 from erw.training.step import TrainState, any_rank, train_step
 
@@ -134,6 +135,11 @@ def restore(
         raise ckpt.CheckpointError(f"cannot resume {phase} from {restored.uri}, a {restored.phase} checkpoint")
     state.load(restored.model_state, restored.ema_state, restored.train_state)
     say(f"resumed {phase} from {restored.uri} at step {state.step}")
+    written_with = restored.train_state.get("draws", 1)  # none recorded: before draws were versioned
+    if written_with != draws.VERSION:
+        say(f"note: {restored.uri} was written with draws version {written_with} (1: noise, times and label drops "
+            f"keyed by rank), this erw keys them by position in the global batch (version {draws.VERSION}): the run "
+            "continues on exactly its samples, with other noise than the erw that wrote it would have drawn")
     if state.step >= p.steps:
         say(f"warning: the resumed step {state.step} is at or past {phase}.steps={p.steps}: nothing to train "
             f"(raise {phase}.steps to continue)")
