@@ -32,13 +32,12 @@ from erw.objectives import DiffusionObjective, WarmupObjective
 from erw.storage import StorageError
 from erw.telemetry import NoMetrics
 from erw.training import checkpoint as ckpt
-from erw.training import elastic
+from erw.training import draws, elastic
 from erw.training.async_checkpoint import CheckpointWriteError, CheckpointWriter
 from erw.training.distributed import Dist, all_reduce_mean, barrier
+from erw.training.draws import init_seed
 from erw.training.continuation import continue_from, is_phase2_checkpoint
 from erw.training.handoff import init_from_warmup, lineage
-from erw.training import draws
-from erw.training.draws import init_seed
 from erw.training.step import TrainState, any_rank, train_step
 
 NO_METRICS = NoMetrics()  # stateless: one instance serves every run without an exporter
