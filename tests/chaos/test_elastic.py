@@ -43,7 +43,7 @@ def test_resume_on_another_world_size_keeps_the_global_sample_order(chaos_shards
 # Two runs with the same samples and per-sample draws differ only in float rounding: a step's
 # micro-batches are summed in another grouping and DDP all-reduces the gradients in another
 # order, and AdamW carries that into the next steps. Measured: at most 2.4e-7 absolute (2 ulp of
-# a loss near 1.6) over the 8 steps, 2 -> 1 and 1 -> 2; with the draws seeded per (seed, rank,
+# a loss near 1.6) over the 8 steps, 2 -> 1 and 1 -> 2 (2 -> 1 with grad_accum 2: 0); with the draws seeded per (seed, rank,
 # step), as before, this test fails: 0.044 (2 -> 1) and 0.038 (1 -> 2).
 LOSS_TOLERANCE = 1e-5
 
@@ -73,22 +73,24 @@ def uninterrupted_losses(chaos_shards, tracked, tmp_path_factory) -> dict[int, f
     return logged_losses(tracked, "uninterrupted")
 
 
-@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
+@pytest.mark.parametrize("before, after, accum", [(2, 1, 1), (1, 2, 1), (2, 1, 2)])
 def test_resume_on_another_world_size_continues_the_loss_curve(chaos_shards, tracked, uninterrupted_losses, tmp_path,
-                                                               before, after):
+                                                               before, after, accum):
     """Every sample's noise, time and label drop are keyed by (seed, step, position in the global
-    batch), so from the resume on the losses are the uninterrupted 2-rank run's, up to rounding."""
-    half, run_id = STEPS // 2, f"elastic-{before}-{after}"
+    batch), so from the resume on the losses are the uninterrupted 2-rank run's, up to rounding,
+    also when the resumed run splits its rank's batch into `accum` micro-batches."""
+    half, run_id = STEPS // 2, f"elastic-{before}-{after}-{accum}"
     env = {"MLFLOW_TRACKING_URI": tracked, "ERW_RUN_ID": run_id}
     first = run(train_command(str(chaos_shards), "out", ranks=before, steps=half), tmp_path, env=env)
     assert first.status == 0, first.output
-    second = run(train_command(str(chaos_shards), "out", ranks=after), tmp_path, env=env)
+    second = run(train_command(str(chaos_shards), "out", ranks=after, extra=(f"train.grad_accum={accum}",)), tmp_path,
+                 env=env)
     assert second.status == 0, second.output
     assert f"resumed train from out/step-{half:08d} at step {half}" in second.output
     got, want = logged_losses(tracked, run_id), uninterrupted_losses
     assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
     worst = max(abs(got[s] - want[s]) for s in want)
-    print(f"{before} -> {after} ranks: largest loss difference {worst:.3g} over steps 1..{STEPS}")
+    print(f"{before} -> {after} ranks, grad_accum {accum} after: largest loss difference {worst:.3g} over steps 1..{STEPS}")
     for step in range(1, STEPS + 1):  # before the resume on `before` ranks, after it on `after`
         assert abs(got[step] - want[step]) <= LOSS_TOLERANCE, (
             f"step {step}: loss {got[step]!r} after resuming on {after} rank(s), {want[step]!r} uninterrupted"
