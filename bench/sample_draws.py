@@ -2,7 +2,7 @@
 
     python -m bench.sample_draws [--global-batch 256] [--ranks 32] [--arch SiT-B/2] [--rounds 12]
 
-Since erw.training.draws, every rank draws each per-sample stream for the whole global batch G
+Since erw.draws, every rank draws each per-sample stream for the whole global batch G
 (noise G x 4x32x32, time G, label drop G) from a (seed, step, stream) generator and takes the
 rows of its samples, so that the draws do not depend on the world size. Before, a rank drew only
 its own micro-batch from its (seed, rank, step) stream. Side by side, one step at a time:
@@ -22,7 +22,7 @@ import torch
 
 from bench.step_throughput import ROOT, make_step, race
 from erw.config import load_config, validate
-from erw.training.draws import GeneratorDraws, StepDraws
+from erw.draws import GeneratorDraws, StepDraws
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ weighted by c(s) = c0 * 2^(-(s - W) / half_life), s the global step and W the wa
 
 Every random number is drawn per sample from `draws`, by stream ("time", "noise", "label_drop"):
 the trainer passes rows of tables keyed by (seed, step, position in the global batch), so they
-do not depend on the world size (erw.training.draws); without draws the global RNG is used.
+do not depend on the world size (erw.draws); without draws the global RNG is used.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from torch import Tensor
 
 from erw.config import InterpolantPath, ModelConfig, ObjectiveConfig, TimeSampling, choices
 from erw.errors import ErwError
-from erw.training.draws import GeneratorDraws, SampleDraws
+from erw.draws import GeneratorDraws, SampleDraws
 
 
 class ObjectiveError(ErwError):

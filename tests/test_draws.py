@@ -9,7 +9,7 @@ from erw.config import ModelConfig, ObjectiveConfig, PhaseConfig
 from erw.models.sit import build_sit
 from erw.objectives import DiffusionObjective
 from erw.training.distributed import Dist
-from erw.training.draws import GeneratorDraws, StepDraws
+from erw.draws import GeneratorDraws, StepDraws
 from erw.training.step import default_positions
 
 G = 8  # global batch

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from erw.config import ModelConfig, ObjectiveConfig
-from erw.training.draws import GeneratorDraws
+from erw.draws import GeneratorDraws
 from erw.objectives import (
     DiffusionObjective,
     ObjectiveError,

@@ -264,7 +264,7 @@ def test_xl_preset_is_the_erw_reference_run():
 
 def test_step_seeds_never_collide_across_ranks_and_steps():
     """The old seed*1000003 + rank*7919 + step gave rank r at step s the draws of rank r+1 at step s-7919."""
-    from erw.training.draws import init_seed, step_seed
+    from erw.draws import init_seed, step_seed
 
     assert (0 * 1_000_003 + 0 * 7_919 + 7_919) == (0 * 1_000_003 + 1 * 7_919 + 0)  # the old collision
     assert step_seed(0, 0, 7_919) != step_seed(0, 1, 0)
@@ -281,7 +281,7 @@ def test_step_seeds_never_collide_across_ranks_and_steps():
 def test_resuming_a_checkpoint_with_other_draws_says_so(tmp_path, monkeypatch, capsys):
     """A checkpoint written before the draws were keyed by position (version 1) continues, and says
     that its noise is not what the erw that wrote it would have drawn; a current one says nothing."""
-    from erw.training import draws
+    from erw import draws
 
     monkeypatch.setattr(draws, "VERSION", 1)
     run(tiny_config(tmp_path, "train.steps=1", "train.ckpt_every=1"), "train", Batches(), CPU, encoder=TinyEncoder())

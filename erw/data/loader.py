@@ -535,7 +535,7 @@ def build_loader(
     [B, 3, R, R], or "feat" float32 [B, T, D] when the shards cache encoder tokens instead of
     images. B is batch_size less the bad samples dropped (none in a sound dataset). "position"
     int64 [B] is each sample's place in the step's global batch (0..G-1, independent of the
-    world size): the trainer keys its per-sample draws by it (erw.training.draws), so the losses
+    world size): the trainer keys its per-sample draws by it (erw.draws), so the losses
     of an elastic resume match too.
     """
     if batch_size < 1:

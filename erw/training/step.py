@@ -25,8 +25,8 @@ import torch.distributed as dist
 from erw.config import PhaseConfig
 from erw.errors import ErwError
 from erw.training.distributed import Dist
-from erw.training import draws as sample_draws
-from erw.training.draws import StepDraws, step_seed
+from erw import draws as sample_draws
+from erw.draws import StepDraws, step_seed
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 SINGLE_PROCESS = Dist(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
@@ -142,7 +142,7 @@ def train_step(
     net is what runs the forward (the model wrapped in DDP and/or torch.compile; default the bare
     model). The objective's per-sample draws are keyed by (seed, state.step, the sample's position
     in the global batch: batch["position"], else laid out as the shard loader does), the global
-    RNG by (seed, rank, state.step) (erw.training.draws): a resumed run draws the same for every
+    RNG by (seed, rank, state.step) (erw.draws): a resumed run draws the same for every
     sample, on the same or another world size. A non-finite loss or gradient skips the optimizer
     and the EMA (every rank agrees: gradients are all-reduced) and leaves state.step where it was."""
     d, p = dist_state, phase_cfg

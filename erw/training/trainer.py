@@ -8,7 +8,7 @@
 The loop is handed an iterator of batches and a checkpoint location; it knows nothing about
 S3, shards or Kubeflow. `run` owns the loop, logging, checkpoint cadence, resumption and
 preemption; one optimizer step is erw.training.step.train_step, whose noise, times and label
-drops are keyed by (seed, step, position in the global batch) (erw.training.draws), so a run
+drops are keyed by (seed, step, position in the global batch) (erw.draws), so a run
 resumed on the same or another number of ranks draws for every sample what the uninterrupted
 run drew.
 """
@@ -32,10 +32,11 @@ from erw.objectives import DiffusionObjective, WarmupObjective
 from erw.storage import StorageError
 from erw.telemetry import NoMetrics
 from erw.training import checkpoint as ckpt
-from erw.training import draws, elastic
+from erw import draws
+from erw.training import elastic
 from erw.training.async_checkpoint import CheckpointWriteError, CheckpointWriter
 from erw.training.distributed import Dist, all_reduce_mean, barrier
-from erw.training.draws import init_seed
+from erw.draws import init_seed
 from erw.training.continuation import continue_from, is_phase2_checkpoint
 from erw.training.handoff import init_from_warmup, lineage
 from erw.training.step import TrainState, any_rank, train_step
