@@ -23,20 +23,19 @@ from typing import Any, Callable, Iterable
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from erw import faults
+from erw import draws, faults
 from erw.config import Config, PhaseConfig
 from erw.data.codec import LatentNorm
+from erw.draws import init_seed
 from erw.errors import ErwError
 from erw.models.sit import l2r_from_config, sit_from_config
 from erw.objectives import DiffusionObjective, WarmupObjective
 from erw.storage import StorageError
 from erw.telemetry import NoMetrics
 from erw.training import checkpoint as ckpt
-from erw import draws
 from erw.training import elastic
 from erw.training.async_checkpoint import CheckpointWriteError, CheckpointWriter
 from erw.training.distributed import Dist, all_reduce_mean, barrier
-from erw.draws import init_seed
 from erw.training.continuation import continue_from, is_phase2_checkpoint
 from erw.training.handoff import init_from_warmup, lineage
 from erw.training.step import TrainState, any_rank, train_step
