@@ -5,6 +5,7 @@
     .venv/bin/python -m bench.convergence --tiny --out DIR --results FILE   # seconds (the test)
     .venv/bin/python -m bench.convergence --no-train         # redo analyses, picture, markdown from DIR
     .venv/bin/python -m bench.convergence --images faces.npz --resolution 32 --patch 4   # other labelled images
+    nice -n 5 .venv/bin/python -m bench.convergence --depth 12 --warmup 400              # another model or budget
 
 The three methods share the model (a 6-block SiT with 2x2-pixel patches on the digits at 16x16,
 identity codec), the data order, the batch, the optimiser and the budget of optimizer steps. ERW
@@ -16,13 +17,17 @@ steps: Fréchet distance (FD) in the features of a separately trained evaluator 
 generated digits and all real digits, and the evaluator's class accuracy on generated digits.
 With --images, the same study runs on another small labelled dataset: the encoder and the evaluator
 are trained on it (cached under a hash of its content), at --resolution with --patch-pixel tokens.
+--depth, --l2r-depth, --align-depth, --warmup, --budget-scale and --seeds change the model, the
+budget and the seeds; such a study keeps its own run directory, section and picture (their names
+end with the flags, e.g. convergence-depth-12-warmup-400), so the digits study's stay as they are.
 
 Reported per method, as mean +- standard deviation over seeds: steps and FLOPs to reach target
 FDs (default: what plain SiT reaches after 1/2, 3/4 and all of the budget), FD and accuracy at the
 end, and FD by full-model steps (what the warmup buys phase 2). FLOPs are
 3x the model's forward FLOPs per trained image (erw.models.sit.flops_per_image, the warmup model
-for warmup steps) plus the encoder's forward for alignment targets. Writes DIR/convergence.json,
-the curves next to FILE (convergence.png) and the "convergence" section of FILE.
+for warmup steps) plus the encoder's forward for alignment targets; the report gives a warmup
+step's cost as a fraction of a phase-2 step. Writes DIR/convergence.json, the curves next to FILE
+(convergence.png) and the "convergence" section of FILE.
 """
 from __future__ import annotations
 
@@ -37,19 +42,24 @@ import torch
 
 from bench.results_md import machine, write_section
 from bench.smallscale import (
-    Curve, DataError, Evaluator, LabelledImages, Size, Task, add_study_arguments, block_features,
+    SIZES, Curve, DataError, Evaluator, LabelledImages, Size, Task, add_study_arguments, block_features,
     conditioning_strength, data_flags, encoder_kwargs, ensure_small_nets, evaluation_step, final_model, main_methods,
-    mean_std, probe_accuracy, size_name, steps_to_target, study_size, train_all,
+    mean_std, model_flags, probe_accuracy, size_name, steps_to_target, study_out, study_size, study_suffix, train_all,
+    warmup_step_cost,
 )
 from erw.models.encoders import load_encoder
 
 PROBE_TIMES = (0.0, 0.5)
+OUT = "runs/bench/convergence"
+# A warmup step over a full step at SiT-XL/2 (4 L2R blocks of 28, 256px latents), the paper's regime.
+XL_WARMUP_STEP_COST = 0.16
 
 
 def reproduce_command(args: argparse.Namespace, size: Size) -> str:
     flag = {"tiny": " --tiny", "full": " --full", "default": ""}[size_name(args)]
     target = f" --target {args.target}" if args.target is not None else ""
-    return f"nice -n 5 .venv/bin/python -m bench.convergence{flag}{data_flags(size)}{target}"
+    model = model_flags(size, SIZES[size_name(args)])
+    return f"nice -n 5 .venv/bin/python -m bench.convergence{flag}{data_flags(size)}{model}{target}"
 
 
 def data_words(size: Size) -> tuple[str, str]:
@@ -257,19 +267,24 @@ def markdown(report: dict, png_name: str) -> str:
     images, label = data_words(size)
     real = "digits" if not size.images else "images"
     count = report.get("num_images", size.num_digits or 1797)
+    base = SIZES[report["size_name"]]
+    flags = model_flags(size, base)
+    scale = f" ({size.budget / base.budget:g}x the {report['size_name']} size's)" if size.budget != base.budget else ""
     return "\n".join([
-        f"## Convergence: plain SiT vs SiT+REPA vs SiT+REPA+ERW ({report['size_name']} size)",
+        f"## Convergence: plain SiT vs SiT+REPA vs SiT+REPA+ERW ({report['size_name']} size{',' if flags else ''}{flags})",
         "",
         f"Reproduce: `{report['command']}` — this run: {report['seconds'] / 60:.0f} min on {report['machine']}.",
         "",
         f"Setup (identical for the three methods unless said): {count} {images} at {size.resolution}x{size.resolution} (identity "
         f"codec: the model denoises pixels), SiT with {size.depth} blocks, width {size.hidden}, {size.heads} heads, "
         f"{size.patch}x{size.patch}-pixel patches ({(size.resolution // size.patch) ** 2} tokens), batch {size.batch}, AdamW lr "
-        f"{size.lr:g}, EMA {size.ema_decay}, fp32, budget {size.budget} optimizer steps, seeds "
+        f"{size.lr:g}, EMA {size.ema_decay}, fp32, budget {size.budget} optimizer steps{scale}, seeds "
         f"{', '.join(map(str, size.seeds))}. REPA: projector after block {size.align_depth}, constant weight c0 = 1 "
         f"from step 0. ERW: {size.warmup} warmup steps of the budget train blocks 1-{size.l2r_depth} to match the "
         f"encoder on clean images, then {size.budget - size.warmup} steps of the full model initialised from them, "
-        f"weight c0 * 2^(-(s - W) / {half_life}). Encoder: a {kw['depth']}-block ViT (width {kw['embed_dim']}, "
+        f"weight c0 * 2^(-(s - W) / {half_life}); a warmup step ({size.l2r_depth} of {size.depth} blocks at t = 0 "
+        f"plus the projector) costs {warmup_step_cost(size):.2f}x the FLOPs of a REPA or ERW phase-2 step "
+        f"({XL_WARMUP_STEP_COST}x at SiT-XL/2, 4 of 28 blocks). Encoder: a {kw['depth']}-block ViT (width {kw['embed_dim']}, "
         f"{kw['patch_size']}x{kw['patch_size']}-pixel patches) trained supervised on the {label} labels (a linear "
         f"classifier on its mean patch token), {100 * enc['val_accuracy']:.1f}% held-out accuracy; its tokens of the "
         f"dataset are computed once (their FLOPs are counted). Evaluator: a CNN (other architecture, seed and split), "
@@ -324,7 +339,7 @@ def markdown(report: dict, png_name: str) -> str:
 
 def run_study(args: argparse.Namespace, size: Size) -> dict:
     started = time.perf_counter()
-    out = Path(args.out)
+    out = study_out(args, size, OUT)
     out.mkdir(parents=True, exist_ok=True)
     data = LabelledImages.load(size)
     size = dataclasses.replace(size, num_classes=data.num_classes)
@@ -332,6 +347,8 @@ def run_study(args: argparse.Namespace, size: Size) -> dict:
     evaluator = Evaluator(nets.evaluator_file, data, size.num_samples)
     print(f"{len(data.labels)} {data.name} images, {data.num_classes} classes: FD floor {evaluator.floor:.2f} "
           f"with {size.num_samples} samples")
+    print(f"SiT with {size.depth} blocks, L2R depth {size.l2r_depth}: a warmup step costs "
+          f"{warmup_step_cost(size):.2f}x the FLOPs of a phase-2 step ({XL_WARMUP_STEP_COST}x at SiT-XL/2)")
 
     tasks = [Task(m, seed, out / f"{m.name}-seed{seed}") for seed in size.seeds for m in main_methods(size)]
     curves = train_all(tasks, size, nets, args.jobs, args.threads)
@@ -371,20 +388,22 @@ def phase2_table(curves: list[Curve], size: Size) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_study_arguments(
-        parser, out="runs/bench/convergence", tiny="a few steps of a tiny model: checks the whole path",
+        parser, out=OUT, tiny="a few steps of a tiny model: checks the whole path",
         full="4x the steps at twice the batch, 5 seeds, 1000 samples",
         no_train="reuse DIR/convergence.json and its runs' final checkpoints: redo the analyses it lacks, "
                  "the picture and the markdown",
     )
     parser.add_argument("--target", type=float,
                         help="one target FD (default: plain SiT's mean FD after 1/2, 3/4 and all of the budget)")
+    parser.add_argument("--seeds", type=int, help="train seeds 0..N-1 (default: the size's, 3 or 5)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    size = study_size(args)
+    size = study_size(args, args.seeds)
     if size.problems():
         parser.error("; ".join(size.problems()))
 
-    report_file, results = Path(args.out) / "convergence.json", Path(args.results)
+    suffix = study_suffix(size, SIZES[size_name(args)])
+    report_file, results = study_out(args, size, OUT) / "convergence.json", Path(args.results)
     if args.no_train:
         if not report_file.exists():
             parser.error(f"--no-train: {report_file} does not exist; run the study first")
@@ -402,12 +421,13 @@ def main() -> None:
         report["reference_probes"] = reference_probes(data, report["encoder_file"], size.resolution)
     report_file.write_text(json.dumps(report, indent=2))
     curves = [Curve(**c) for c in report["curves"]]
-    png = results.parent / "convergence.png"
+    png = results.parent / f"convergence{suffix}.png"
     targets = report_targets(report)
     plot(curves, targets, report["floor"], Size.from_json(report["size"]), png)
-    write_section(results, "convergence", markdown(report, png.name))
+    write_section(results, f"convergence{suffix}", markdown(report, png.name))
     reach, ends = summarize(curves, targets)
     print(reach_table(reach), end_table(ends), *speedups(reach), sep="\n")
+    print(f"a warmup step costs {warmup_step_cost(Size.from_json(report['size'])):.2f}x the FLOPs of a phase-2 step")
     print(f"wrote {results}, {png} and {report_file}")
 
 

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from bench.results_md import RESULTS
 from erw.config import Config, config_from_dict
+from erw.config import problems as config_problems
 from erw.evaluation.features import load_feature_network
 from erw.evaluation.generate import PerSampleNoise
 from erw.evaluation.metrics import Gaussian, frechet_distance
@@ -103,6 +104,11 @@ class Size:
             out.append(f"warmup {self.warmup} must be inside the budget {self.budget}")
         if self.resolution % self.patch:
             out.append(f"--resolution {self.resolution} is not a multiple of --patch {self.patch}")
+        if not self.seeds:
+            out.append("--seeds must be at least 1")
+        if not out:  # the model's own rules (depths, L2R prefix, projector), before any compute
+            found = config_problems(study_config(self, main_methods(self)[2], 0, Path("."), ""))
+            out += [f"the study's model (--depth, --l2r-depth, --align-depth): {problem}" for problem in found]
         return out
 
 
@@ -137,7 +143,8 @@ def add_study_arguments(parser: argparse.ArgumentParser, out: str, tiny: str, fu
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--tiny", action="store_true", help=tiny)
     group.add_argument("--full", action="store_true", help=full)
-    parser.add_argument("--out", default=out, help="run directory (checkpoints, logs, json)")
+    parser.add_argument("--out", help=f"run directory (checkpoints, logs, json); default {out}, followed by the "
+                                       f"model flags when any is given (e.g. {out}-depth-12)")
     parser.add_argument("--cache", default="runs/bench/cache", help="where the small encoder and evaluator are kept")
     parser.add_argument("--results", default=str(RESULTS), help="markdown file to update")
     parser.add_argument("--jobs", type=int, default=2, help="runs trained at once, one process each")
@@ -151,11 +158,28 @@ def add_study_arguments(parser: argparse.ArgumentParser, out: str, tiny: str, fu
                            "are trained on them (cached by content hash)")
     data.add_argument("--resolution", type=int, default=DIGITS_RESOLUTION, help="images are resized to this side")
     data.add_argument("--patch", type=int, default=DIGITS_PATCH, help="pixels per token side, of the SiT and the encoder")
+    model = parser.add_argument_group(
+        "model and budget (default: the size's; default size: 6 blocks, L2R depth 2, projector after block 3, "
+        "warmup 800 of 3200 steps)")
+    model.add_argument("--depth", type=int, help="SiT blocks")
+    model.add_argument("--l2r-depth", type=int, help="the first blocks, trained by the ERW warmup")
+    model.add_argument("--align-depth", type=int, help="block after which REPA's and ERW's projector reads the hidden state")
+    model.add_argument("--warmup", type=int, help="ERW warmup steps, part of the budget (a multiple of the evaluation interval)")
+    # The evaluation interval and the warmup stay: a longer budget extends the curves on the same
+    # grid, and the warmup becomes a smaller share of it, as in the paper's long runs.
+    model.add_argument("--budget-scale", type=float, default=1.0,
+                       help="multiplies the budget of optimizer steps; the evaluation interval and the warmup stay")
 
 
-def study_size(args: argparse.Namespace) -> Size:
-    """The size named by --tiny/--full with the data of --images, --resolution and --patch."""
-    return dataclasses.replace(SIZES[size_name(args)], images=args.images, resolution=args.resolution, patch=args.patch)
+def study_size(args: argparse.Namespace, seeds: int | None = None) -> Size:
+    """The size named by --tiny/--full with the data of --images, --resolution and --patch, the
+    model and budget flags, and the first `seeds` seeds (None: the size's)."""
+    base = SIZES[size_name(args)]
+    model = {name: getattr(args, name) for name in MODEL_FLAGS if getattr(args, name) is not None}
+    return dataclasses.replace(
+        base, images=args.images, resolution=args.resolution, patch=args.patch, **model,
+        budget=round(base.budget * args.budget_scale), seeds=base.seeds if seeds is None else tuple(range(seeds)),
+    )
 
 
 def data_flags(size: Size) -> str:
@@ -166,6 +190,42 @@ def data_flags(size: Size) -> str:
     if size.patch != DIGITS_PATCH:
         flags += f" --patch {size.patch}"
     return flags
+
+
+MODEL_FLAGS = ("depth", "l2r_depth", "align_depth", "warmup")  # Size fields set by their own flag
+
+
+def model_flags(size: Size, base: Size) -> str:
+    """The command-line flags that give `size`'s model, budget and seeds over the named size `base`
+    (empty when they are the base's)."""
+    flags = "".join(
+        f" --{name.replace('_', '-')} {getattr(size, name)}" for name in MODEL_FLAGS if getattr(size, name) != getattr(base, name)
+    )
+    if size.budget != base.budget:
+        flags += f" --budget-scale {size.budget / base.budget:g}"
+    if size.seeds != base.seeds:
+        flags += f" --seeds {len(size.seeds)}"
+    return flags
+
+
+def study_suffix(size: Size, base: Size) -> str:
+    """What tells a study with other model flags apart in run directories, result sections and
+    pictures ("-depth-12-warmup-400"; empty for the base), so it never overwrites the base study."""
+    words = model_flags(size, base).replace("--", "").split()
+    return "-" + "-".join(words) if words else ""
+
+
+def study_out(args: argparse.Namespace, size: Size, default: str) -> Path:
+    """--out, or `default` followed by the study's suffix."""
+    return Path(args.out) if args.out else Path(default + study_suffix(size, SIZES[size_name(args)]))
+
+
+def warmup_step_cost(size: Size) -> float:
+    """FLOPs of an ERW warmup step (the first l2r_depth blocks and the projector) over a phase-2
+    step of the aligned model: what a warmup step saves grows as the L2R blocks become a smaller share."""
+    cfg = study_config(size, main_methods(size)[2], 0, Path("."), "")
+    dim = encoder_kwargs(size)["embed_dim"]
+    return step_flops(cfg, "warmup", dim) / step_flops(cfg, "train", dim)
 
 
 def main_methods(size: Size) -> list[Method]:

@@ -31,11 +31,13 @@ import torch
 
 from bench.results_md import machine, write_section
 from bench.smallscale import (
-    Curve, DataError, LabelledImages, Method, Size, Task, add_study_arguments, data_flags, ensure_small_nets,
-    evaluation_step, main_methods, size_name, steps_to_target, study_size, train_all, untrained_encoder,
+    SIZES, Curve, DataError, LabelledImages, Method, Size, Task, add_study_arguments, data_flags, ensure_small_nets,
+    evaluation_step, main_methods, model_flags, size_name, steps_to_target, study_out, study_size, study_suffix,
+    train_all, untrained_encoder,
 )
 
 KNOBS = ("l2r_depth", "warmup", "c0", "schedule", "encoder")
+OUT, CONVERGENCE_OUT = "runs/bench/sweeps", "runs/bench/convergence"
 
 
 def sweep_points(size: Size, untrained_file: str, tiny: bool) -> dict[str, list[tuple[str, Method]]]:
@@ -102,10 +104,11 @@ def render(report: dict) -> str:
     # Mid-curve, where the methods differ most: plain SiT's FD after 3/4 of the budget (this seed).
     target_step = evaluation_step(size, 0.75)
     target = next(p["fd"] for p in references["SiT"].points if p["step"] >= target_step)
-    flag = {"tiny": " --tiny", "full": " --full"}.get(report.get("size_name", "default"), "") + data_flags(size)
+    name = report.get("size_name", "default")
+    flag = {"tiny": " --tiny", "full": " --full"}.get(name, "") + data_flags(size) + model_flags(size, SIZES[name])
     took = f" — this run: {report['minutes']:.0f} min on {report['machine']}" if "minutes" in report else ""
     lines = [
-        f"## Sweeps around SiT+REPA+ERW ({report.get('size_name', 'default')} size, seed {report['seed']})",
+        f"## Sweeps around SiT+REPA+ERW ({name} size{model_flags(size, SIZES[name])}, seed {report['seed']})",
         "",
         f"Reproduce: `nice -n 5 .venv/bin/python -m bench.sweeps{flag}`{took}.",
         "",
@@ -127,13 +130,14 @@ def render(report: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_study_arguments(
-        parser, out="runs/bench/sweeps", tiny="one value per knob on a tiny model: checks the path",
+        parser, out=OUT, tiny="one value per knob on a tiny model: checks the path",
         full="the --full size of the convergence study", no_train="redo the markdown from DIR/sweeps.json",
     )
     parser.add_argument("--only", default=",".join(KNOBS), help=f"comma-separated knobs from {', '.join(KNOBS)}")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--references", default="runs/bench/convergence/convergence.json",
-                        help="convergence study results whose runs of --seed serve as the default points")
+    parser.add_argument("--references",
+                        help="convergence study results whose runs of --seed serve as the default points (default: "
+                             f"{CONVERGENCE_OUT}/convergence.json, the directory followed by the model flags like --out)")
     args = parser.parse_args()
     knobs = [k for k in args.only.split(",") if k]
     unknown = sorted(set(knobs) - set(KNOBS))
@@ -144,7 +148,7 @@ def main() -> None:
     size = study_size(args)
     if size.problems():
         parser.error("; ".join(size.problems()))
-    out = Path(args.out)
+    out = study_out(args, size, OUT)
     report_file = out / "sweeps.json"
     if args.no_train:
         if not report_file.exists():
@@ -158,23 +162,25 @@ def main() -> None:
         out.mkdir(parents=True, exist_ok=True)
         report_file.write_text(json.dumps(report, indent=2))
     section = render(report)
-    write_section(args.results, "sweeps", section)
+    write_section(args.results, "sweeps" + study_suffix(size, SIZES[size_name(args)]), section)
     print(section)
     print(f"wrote {args.results}" + ("" if args.no_train else f" and {report_file}"))
 
 
 def run_sweeps(args: argparse.Namespace, size: Size, knobs: list[str]) -> dict:
     started = time.perf_counter()
-    out = Path(args.out)
+    out = study_out(args, size, OUT)
     data = LabelledImages.load(size)
     size = dataclasses.replace(size, num_classes=data.num_classes)
     nets = ensure_small_nets(Path(args.cache), data, size, print)
     points = sweep_points(size, untrained_encoder(Path(args.cache), size), args.tiny)
     labelled = [(k, value, method) for k in knobs for value, method in points[k]]
     tasks = [Task(method, args.seed, out / f"{k}-{value}-{method.name}") for k, value, method in labelled]
-    references = reference_curves(Path(args.references), size, args.seed)
+    default_references = Path(CONVERGENCE_OUT + study_suffix(size, SIZES[size_name(args)])) / "convergence.json"
+    references_file = Path(args.references) if args.references else default_references
+    references = reference_curves(references_file, size, args.seed)
     if references:
-        print(f"default points: seed {args.seed} of {args.references}")
+        print(f"default points: seed {args.seed} of {references_file}")
     else:
         tasks += [Task(m, args.seed, out / f"reference-{m.name}") for m in main_methods(size)]
     curves = train_all(tasks, size, nets, args.jobs, args.threads)

@@ -253,3 +253,89 @@ def test_convergence_tiny_on_another_dataset(tmp_path):
     assert {p.name.split("-")[1] for p in (tmp_path / "cache").glob("shapes-*")} == {"encoder", "evaluator"}
     text = results.read_text()
     assert f"90 images of {tmp_path / 'shapes.npz'} at 8x8" in text and "(16 tokens)" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# Another model or budget (--depth, --l2r-depth, --align-depth, --warmup, --budget-scale, --seeds).
+
+
+def _study_parser():
+    import argparse
+
+    from bench.smallscale import add_study_arguments
+
+    parser = argparse.ArgumentParser()
+    add_study_arguments(parser, out="runs/bench/x", tiny="", full="", no_train="")
+    return parser
+
+
+def test_model_flags_round_trip_and_leave_the_digits_study_alone():
+    from bench.smallscale import model_flags, study_size, study_suffix, warmup_step_cost
+
+    parser = _study_parser()
+    default = study_size(parser.parse_args([]))
+    assert default == SIZES["default"] and model_flags(default, SIZES["default"]) == "" and study_suffix(default, SIZES["default"]) == ""
+    deep = study_size(parser.parse_args(["--depth", "12", "--l2r-depth", "2", "--warmup", "400", "--budget-scale", "2"]), seeds=1)
+    assert (deep.depth, deep.l2r_depth, deep.align_depth, deep.warmup, deep.budget, deep.eval_every, deep.seeds) == (
+        12, 2, 3, 400, 6400, 400, (0,))
+    flags = model_flags(deep, SIZES["default"])
+    assert flags == " --depth 12 --warmup 400 --budget-scale 2 --seeds 1"  # l2r depth 2 is the default's
+    assert study_suffix(deep, SIZES["default"]) == "-depth-12-warmup-400-budget-scale-2-seeds-1"
+    words = flags.split()
+    assert study_size(parser.parse_args(words[:-2]), seeds=int(words[-1])) == deep  # the flags give the size back
+    # The FLOPs of a warmup step follow the depth: 0.48x a full step at 6 blocks (issue 14), less at 12.
+    assert round(warmup_step_cost(default), 2) == 0.48
+    assert warmup_step_cost(deep) < 0.3
+    for bad, message in ((["--depth", "2"], "l2r_depth=2 must be at least 1 and less than the model depth 2"),
+                         (["--align-depth", "7"], "align_depth=7 is outside the model"),
+                         (["--budget-scale", "1.1"], "must be multiples of eval_every"),
+                         (["--warmup", "3200"], "must be inside the budget")):
+        assert any(message in p for p in study_size(parser.parse_args(bad)).problems()), bad
+
+
+@pytest.mark.bench
+def test_convergence_tiny_with_model_flags(tmp_path):
+    from bench.smallscale import Size, warmup_step_cost
+    from erw.training import checkpoint as ckpt
+
+    results = tmp_path / "results.md"
+    write_section(results, "convergence", "## Convergence\nthe digits study")
+    flags = ["--depth", "4", "--l2r-depth", "2", "--align-depth", "3", "--warmup", "4", "--budget-scale", "2", "--seeds", "1"]
+    done = subprocess.run(  # from another directory: the run directory's default follows the flags
+        [sys.executable, "-m", "bench.convergence", "--tiny", *flags, "--results", str(results)],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    suffix = "-depth-4-l2r-depth-2-align-depth-3-warmup-4-budget-scale-2-seeds-1"
+    report = json.loads((tmp_path / "runs" / "bench" / f"convergence{suffix}" / "convergence.json").read_text())
+    assert report["command"].endswith("bench.convergence --tiny " + " ".join(flags))
+    size = report["size"]
+    assert (size["depth"], size["l2r_depth"], size["align_depth"], size["warmup"], size["budget"], size["seeds"]) == (
+        4, 2, 3, 4, 8, [0])
+    curves = {c["method"]: c for c in report["curves"]}
+    assert sorted(curves) == ["SiT", "SiT+REPA", "SiT+REPA+ERW"] and {c["seed"] for c in report["curves"]} == {0}
+    assert [p["step"] for p in curves["SiT"]["points"]] == [2, 4, 6, 8]  # twice the budget, the same grid
+    assert [p["step"] for p in curves["SiT+REPA+ERW"]["points"]] == [6, 8]
+    # The flags reached every run's config (as its checkpoint recorded it).
+    for method, curve in curves.items():
+        cfg = ckpt.load_checkpoint(str(tmp_path / curve["final_checkpoint"]), with_train_state=False).config()
+        assert (cfg.model.depth, cfg.model.l2r_depth, cfg.model.align_depth) == (4, 2, 3), method
+        assert cfg.train.steps == (4 if method == "SiT+REPA+ERW" else 8), method
+    erw = ckpt.load_checkpoint(str(tmp_path / curves["SiT+REPA+ERW"]["final_checkpoint"]), with_train_state=False).config()
+    assert erw.objective.align_half_life == 2  # half of its phase 2
+    # The FLOPs on the curves price a warmup step at the fraction the report gives.
+    repa, warm = ({p["step"]: p["flops"] for p in curves[m]["points"]} for m in ("SiT+REPA", "SiT+REPA+ERW"))
+    full_step = (repa[4] - repa[2]) / 2
+    warmup_step = (warm[6] - repa[2]) / 4  # ERW at step 6 = REPA at step 2 + 4 warmup steps
+    cost = warmup_step_cost(Size.from_json(size))
+    assert warmup_step / full_step == pytest.approx(cost, rel=1e-9) and 0 < cost < 1
+    assert f"a warmup step costs {cost:.2f}x the FLOPs of a phase-2 step" in done.stdout
+
+    text = results.read_text()
+    assert "the digits study" in text  # the base study's section is kept
+    assert f"<!-- BEGIN convergence{suffix} -->" in text
+    assert "(tiny size, --depth 4 --l2r-depth 2 --align-depth 3 --warmup 4 --budget-scale 2 --seeds 1)" in text
+    assert "SiT with 4 blocks" in text and "budget 8 optimizer steps (2x the tiny size's), seeds 0." in text
+    assert "projector after block 3" in text and "4 warmup steps of the budget train blocks 1-2" in text
+    assert f"a warmup step (2 of 4 blocks at t = 0 plus the projector) costs {cost:.2f}x the FLOPs" in text
+    assert (tmp_path / f"convergence{suffix}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
