@@ -40,19 +40,21 @@ from pathlib import Path
 
 import torch
 
-from bench.results_md import machine, write_section
+from bench.results_md import ROOT, machine, write_section
 from bench.smallscale import (
     SIZES, Curve, DataError, Evaluator, LabelledImages, Size, Task, add_study_arguments, block_features,
     conditioning_strength, data_flags, encoder_kwargs, ensure_small_nets, evaluation_step, final_model, main_methods,
     mean_std, model_flags, probe_accuracy, size_name, steps_to_target, study_out, study_size, study_suffix, train_all,
     warmup_step_cost,
 )
-from erw.models.encoders import load_encoder
+from erw.config import load_config
+from erw.models.encoders import ENCODERS, load_encoder
+from erw.models.sit import flops_per_image
+from erw.training.trainer import build_model
 
 PROBE_TIMES = (0.0, 0.5)
 OUT = "runs/bench/convergence"
-# A warmup step over a full step at SiT-XL/2 (4 L2R blocks of 28, 256px latents), the paper's regime.
-XL_WARMUP_STEP_COST = 0.16
+XL_PRESET = ROOT / "configs" / "imagenet256-sit-xl2.yaml"  # the paper's regime
 
 
 def reproduce_command(args: argparse.Namespace, size: Size) -> str:
@@ -60,6 +62,16 @@ def reproduce_command(args: argparse.Namespace, size: Size) -> str:
     target = f" --target {args.target}" if args.target is not None else ""
     model = model_flags(size, SIZES[size_name(args)])
     return f"nice -n 5 .venv/bin/python -m bench.convergence{flag}{data_flags(size)}{model}{target}"
+
+
+def xl_warmup_step_cost() -> float:
+    """warmup_step_cost at SiT-XL/2 (the preset's L2R depth, encoder and 256px latents), counted
+    on the meta device: nothing is allocated."""
+    cfg = load_config(XL_PRESET)
+    dim = ENCODERS[cfg.encoder.name].dim
+    with torch.device("meta"):
+        warmup, full = build_model(cfg, "warmup", dim), build_model(cfg, "train", dim)
+    return flops_per_image(warmup) / flops_per_image(full)
 
 
 def data_words(size: Size) -> tuple[str, str]:
@@ -269,6 +281,7 @@ def markdown(report: dict, png_name: str) -> str:
     count = report.get("num_images", size.num_digits or 1797)
     base = SIZES[report["size_name"]]
     flags = model_flags(size, base)
+    xl = load_config(XL_PRESET)
     scale = f" ({size.budget / base.budget:g}x the {report['size_name']} size's)" if size.budget != base.budget else ""
     return "\n".join([
         f"## Convergence: plain SiT vs SiT+REPA vs SiT+REPA+ERW ({report['size_name']} size{',' if flags else ''}{flags})",
@@ -284,7 +297,8 @@ def markdown(report: dict, png_name: str) -> str:
         f"encoder on clean images, then {size.budget - size.warmup} steps of the full model initialised from them, "
         f"weight c0 * 2^(-(s - W) / {half_life}); a warmup step ({size.l2r_depth} of {size.depth} blocks at t = 0 "
         f"plus the projector) costs {warmup_step_cost(size):.2f}x the FLOPs of a REPA or ERW phase-2 step "
-        f"({XL_WARMUP_STEP_COST}x at SiT-XL/2, 4 of 28 blocks). Encoder: a {kw['depth']}-block ViT (width {kw['embed_dim']}, "
+        f"({xl_warmup_step_cost():.2f}x at SiT-XL/2, {xl.model.l2r_depth} of {xl.model.dims()[0]} blocks). "
+        f"Encoder: a {kw['depth']}-block ViT (width {kw['embed_dim']}, "
         f"{kw['patch_size']}x{kw['patch_size']}-pixel patches) trained supervised on the {label} labels (a linear "
         f"classifier on its mean patch token), {100 * enc['val_accuracy']:.1f}% held-out accuracy; its tokens of the "
         f"dataset are computed once (their FLOPs are counted). Evaluator: a CNN (other architecture, seed and split), "
@@ -348,7 +362,7 @@ def run_study(args: argparse.Namespace, size: Size) -> dict:
     print(f"{len(data.labels)} {data.name} images, {data.num_classes} classes: FD floor {evaluator.floor:.2f} "
           f"with {size.num_samples} samples")
     print(f"SiT with {size.depth} blocks, L2R depth {size.l2r_depth}: a warmup step costs "
-          f"{warmup_step_cost(size):.2f}x the FLOPs of a phase-2 step ({XL_WARMUP_STEP_COST}x at SiT-XL/2)")
+          f"{warmup_step_cost(size):.2f}x the FLOPs of a phase-2 step ({xl_warmup_step_cost():.2f}x at SiT-XL/2)")
 
     tasks = [Task(m, seed, out / f"{m.name}-seed{seed}") for seed in size.seeds for m in main_methods(size)]
     curves = train_all(tasks, size, nets, args.jobs, args.threads)

@@ -140,17 +140,27 @@ def size_name(args: argparse.Namespace) -> str:
 
 def add_study_arguments(parser: argparse.ArgumentParser, out: str, tiny: str, full: str, no_train: str) -> None:
     """The flags the studies share; `out` is the default run directory, the rest are help texts."""
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--tiny", action="store_true", help=tiny)
-    group.add_argument("--full", action="store_true", help=full)
+    add_size_arguments(parser, tiny, full)
     parser.add_argument("--out", help=f"run directory (checkpoints, logs, json); default {out}, followed by the "
                                        f"model flags when any is given (e.g. {out}-depth-12)")
     parser.add_argument("--cache", default="runs/bench/cache", help="where the small encoder and evaluator are kept")
     parser.add_argument("--results", default=str(RESULTS), help="markdown file to update")
+    add_process_arguments(parser)
+    parser.add_argument("--no-train", action="store_true", help=no_train)
+
+
+def add_process_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jobs", type=int, default=2, help="runs trained at once, one process each")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads per run; 1 avoids the stalls of several threads on a shared machine")
-    parser.add_argument("--no-train", action="store_true", help=no_train)
+
+
+def add_size_arguments(parser: argparse.ArgumentParser, tiny: str, full: str) -> None:
+    """The flags that give a study's Size (study_size): its size switch (help texts `tiny` and
+    `full`), data, model and budget."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--tiny", action="store_true", help=tiny)
+    group.add_argument("--full", action="store_true", help=full)
     data = parser.add_argument_group("data (default: the bundled digits at 16x16 with 2x2-pixel patches)")
     data.add_argument("--images", default="",
                       help="labelled images: an ImageFolder (one sub-folder per class), erw shards stored with images, "
@@ -163,8 +173,10 @@ def add_study_arguments(parser: argparse.ArgumentParser, out: str, tiny: str, fu
         "warmup 800 of 3200 steps)")
     model.add_argument("--depth", type=int, help="SiT blocks")
     model.add_argument("--l2r-depth", type=int, help="the first blocks, trained by the ERW warmup")
-    model.add_argument("--align-depth", type=int, help="block after which REPA's and ERW's projector reads the hidden state")
-    model.add_argument("--warmup", type=int, help="ERW warmup steps, part of the budget (a multiple of the evaluation interval)")
+    model.add_argument("--align-depth", type=int,
+                       help="block after which REPA's and ERW's projector reads the hidden state")
+    model.add_argument("--warmup", type=int,
+                       help="ERW warmup steps, part of the budget (a multiple of the evaluation interval)")
     # The evaluation interval and the warmup stay: a longer budget extends the curves on the same
     # grid, and the warmup becomes a smaller share of it, as in the paper's long runs.
     model.add_argument("--budget-scale", type=float, default=1.0,
@@ -198,9 +210,8 @@ MODEL_FLAGS = ("depth", "l2r_depth", "align_depth", "warmup")  # Size fields set
 def model_flags(size: Size, base: Size) -> str:
     """The command-line flags that give `size`'s model, budget and seeds over the named size `base`
     (empty when they are the base's)."""
-    flags = "".join(
-        f" --{name.replace('_', '-')} {getattr(size, name)}" for name in MODEL_FLAGS if getattr(size, name) != getattr(base, name)
-    )
+    changed = [name for name in MODEL_FLAGS if getattr(size, name) != getattr(base, name)]
+    flags = "".join(f" --{name.replace('_', '-')} {getattr(size, name)}" for name in changed)
     if size.budget != base.budget:
         flags += f" --budget-scale {size.budget / base.budget:g}"
     if size.seeds != base.seeds:

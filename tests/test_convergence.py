@@ -338,4 +338,17 @@ def test_convergence_tiny_with_model_flags(tmp_path):
     assert "SiT with 4 blocks" in text and "budget 8 optimizer steps (2x the tiny size's), seeds 0." in text
     assert "projector after block 3" in text and "4 warmup steps of the budget train blocks 1-2" in text
     assert f"a warmup step (2 of 4 blocks at t = 0 plus the projector) costs {cost:.2f}x the FLOPs" in text
+    assert "(0.16x at SiT-XL/2, 4 of 28 blocks)" in text  # the paper's regime, from the XL preset
     assert (tmp_path / f"convergence{suffix}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_study_cost_counts_steps_evaluations_and_the_pool():
+    from bench.study_cost import run_seconds, wall_seconds
+
+    size = dataclasses.replace(SIZES["default"], seeds=(0, 1))
+    t = {"plain": 1.0, "aligned": 2.0, "warmup": 0.5, "evaluation": 10.0}
+    # 8 evaluations in 3200 steps; ERW's 6 come after its 800 warmup steps at the warmup step's price.
+    one_seed = [3200 + 80, 6400 + 80, 800 * 0.5 + 2400 * 2 + 60]
+    assert run_seconds(size, t) == one_seed * 2
+    assert wall_seconds([5, 3, 4], jobs=2) == 7  # the third run waits for the first process to be free
+    assert wall_seconds([5, 3, 4], jobs=1) == 12 and wall_seconds([5, 3, 4], jobs=3) == 5
