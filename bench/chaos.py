@@ -33,16 +33,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests/chaos")]
-
-from harness import (  # noqa: E402
+from erw import faults, storage
+from erw.training import checkpoint as ckpt
+from tests.chaos.harness import (
     STEPS, Outcome, compare_samples, effective, first_shard, free_port, identical, make_shards, read_trace, run,
     schedule_s3_blips, steps_lost, train_command,
 )
 
-from erw import faults, storage  # noqa: E402
-from erw.training import checkpoint as ckpt  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -126,7 +124,7 @@ class Matrix:
 
     def s3_faults(self, endpoint: str) -> Row:
         import boto3
-        from s3proxy import FaultProxy
+        from tests.s3proxy import FaultProxy
 
         folder = self.fresh("s3")
         bucket = f"chaos-{os.getpid()}"
@@ -229,7 +227,7 @@ def main() -> int:
     finally:
         server.stop()
 
-    from results_md import machine, write_section
+    from bench.results_md import machine, write_section
 
     table = [
         "| fault | injected at | survived | steps lost | final weights bit-identical | samples twice / never |",

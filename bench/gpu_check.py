@@ -216,8 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     table = summary_table(rows, name, peak)
     print(table)
     if args.results:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from results_md import write_section
+        from bench.results_md import write_section
 
         title = f"## One-GPU training throughput ({cfg.model.arch}, batch {args.batch}, `bash bench/gpu_check.sh`)"
         write_section(args.results, "gpu-check", f"{title}\n\n{table}")

@@ -5,7 +5,7 @@ import contextlib
 import uuid
 
 import pytest
-from prometheus import free_port, start_stack
+from tests.prometheus import free_port, start_stack
 
 
 @pytest.fixture(scope="session")
@@ -94,11 +94,7 @@ def digits_folder(tmp_path_factory) -> str:
 def s3_proxy(s3_endpoint, monkeypatch):
     """The test endpoint behind a fault-injecting proxy (tests/s3proxy.py): boto3 talks to the
     proxy for the rest of the test, with an S3 retry budget of 30 s. Yields the FaultProxy."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from s3proxy import FaultProxy
+    from tests.s3proxy import FaultProxy
 
     with FaultProxy(s3_endpoint) as proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from prometheus import require_binary
+from tests.prometheus import require_binary
 
 RULE_FILE = Path(__file__).parents[1] / "k8s" / "monitoring" / "prometheusrule.yaml"
 MINUTES = 90  # length of every synthetic series, one sample a minute

@@ -122,7 +122,7 @@ TESTS = Path(__file__).resolve().parent
 
 
 def _train(out, *overrides, batches=None, **kwargs):
-    from test_trainer import CPU, Batches, tiny_config
+    from tests.test_trainer import CPU, Batches, tiny_config
 
     from erw.training.trainer import run
 
@@ -146,7 +146,7 @@ KILLED_MID_WRITE = """
 import os, signal, sys
 sys.path.insert(0, sys.argv[1])
 from erw import storage
-from test_checkpoint import _train
+from tests.test_checkpoint import _train
 
 victim, cut = sys.argv[3], sys.argv[4]
 real_write = storage.write_bytes
@@ -167,7 +167,7 @@ _train(sys.argv[2], "train.steps=6", "train.async_checkpoint=true")
 @pytest.mark.parametrize("victim, cut", [("model.safetensors", "half"), ("ema.safetensors", "before"),
                                          ("state.pt", "half"), ("meta.json", "before")])
 def test_a_kill_during_an_asynchronous_write_never_commits_a_broken_checkpoint(tmp_path, victim, cut):
-    proc = subprocess.run([sys.executable, "-c", KILLED_MID_WRITE, str(TESTS), str(tmp_path / "b"), victim, cut],
+    proc = subprocess.run([sys.executable, "-c", KILLED_MID_WRITE, str(TESTS.parent), str(tmp_path / "b"), victim, cut],
                           capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     out = str(tmp_path / "b/train")
@@ -184,7 +184,7 @@ class SignalAt:
     """The test batches, sending this process SIGTERM when batch `at` is drawn (a preemption)."""
 
     def __init__(self, at):
-        from test_trainer import Batches
+        from tests.test_trainer import Batches
 
         self.batches, self.at = Batches(), at
 
@@ -285,7 +285,7 @@ def test_a_full_disk_under_erw_train_exits_2_with_one_message(tmp_path, monkeypa
     from PIL import Image
 
     from erw import faults
-    from test_cli_training import ROOT, TINY, erw
+    from tests.test_cli_training import ROOT, TINY, erw
 
     rng = np.random.default_rng(0)
     for i in range(32):

@@ -9,7 +9,7 @@ from PIL import Image
 
 from erw.training import checkpoint as ckpt
 from erw.config import load_config
-from test_cli_training import ROOT, TINY, erw
+from tests.test_cli_training import ROOT, TINY, erw
 
 COMMON = ["--config", str(ROOT / "configs/demo.yaml"), "data.shards=shards", *TINY, "encoder.name=none",
           "data.num_workers=0", "train.log_every=1"]

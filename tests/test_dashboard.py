@@ -12,7 +12,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from erw.telemetry import PUSHED_METRICS, TrainingMetrics
-from prometheus import free_port, require_binary
+from tests.prometheus import free_port, require_binary
 
 MONITORING = Path(__file__).parents[1] / "k8s" / "monitoring"
 DASHBOARD = MONITORING / "grafana-dashboard.json"

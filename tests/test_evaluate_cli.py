@@ -17,7 +17,7 @@ from erw.config import config_from_dict
 from erw.evaluation.features import save_feature_network
 from erw.models.sit import sit_from_config
 from erw.training.checkpoint import save_checkpoint
-from random_weights import save_random_inception_weights
+from tests.random_weights import save_random_inception_weights
 
 NUM_CLASSES, RESOLUTION = 3, 8
 

@@ -93,7 +93,7 @@ def test_kill_fires_at_that_rank_and_step_in_the_first_incarnation_only(restart_
 
 def test_the_trainer_calls_the_kill_hook_after_each_step(armed, tmp_path):
     """SIGTERM at rank 0, step 3, in this process: the trainer's own preemption path checkpoints step 3."""
-    from test_trainer import CPU, Batches, tiny_config
+    from tests.test_trainer import CPU, Batches, tiny_config
 
     from erw.training.trainer import run
 

@@ -140,3 +140,15 @@ def test_the_checker_sees_cycles_and_function_level_imports(tmp_path):
     module = tmp_path / "probe.py"
     module.write_text("def f():\n    from pipeline import dag\n    from . import config\n")
     assert {"pipeline", "pipeline.dag", "erw", "erw.config"} <= imported_names(module, "erw.probe")
+
+
+def test_no_module_edits_the_import_path():
+    """bench/ and tests/ are packages (`python -m bench.X`, `tests.chaos.harness`): nothing puts a
+    folder on sys.path to find its neighbours. A test's subprocess script may (it is not a module)."""
+    edits = []
+    for path in [*REPO.glob("erw/**/*.py"), *REPO.glob("bench/*.py"), *REPO.glob("tests/**/*.py"),
+                 *REPO.glob("components/*.py"), *REPO.glob("pipeline/*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr == "path" and getattr(node.value, "id", None) == "sys":
+                edits.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert not edits, "sys.path used in: " + ", ".join(edits)

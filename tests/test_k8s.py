@@ -11,7 +11,7 @@ import kubernetes_validate
 import pytest
 import tomllib
 import yaml
-from pod_security import restricted_violations
+from tests.pod_security import restricted_violations
 
 from pipeline.dag import CONFIG_MAP
 from pipeline.params import PipelineArgs

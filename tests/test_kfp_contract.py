@@ -8,7 +8,7 @@ import pytest
 from kfp import dsl, local
 from kfp.dsl import Dataset, Input, Output
 
-from kfp_contract import INPUT_BUDGET, Backend, ContractViolation, key_from_uri
+from tests.kfp_contract import INPUT_BUDGET, Backend, ContractViolation, key_from_uri
 
 TOY_IMAGE = "python:3.12"  # never pulled: the subprocess runner uses this environment
 

@@ -7,7 +7,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from pod_security import restricted_violations
+from tests.pod_security import restricted_violations
 
 from erw.cli import build_parser, main
 from erw.launch import (

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from kube_fake import FakeKube, Server
+from tests.kube_fake import FakeKube, Server
 
 from erw.launch import LaunchError, LaunchSpec, kube, launch
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from erw.telemetry import PUSHED_METRICS, MetricsError, TrainingMetrics, push_metrics
-from prometheus import free_port, free_port_range, require_binary
+from tests.prometheus import free_port, free_port_range, require_binary
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 BIN = Path(sys.executable).parent
@@ -275,7 +275,7 @@ def test_pipeline_promote_step_pushes_its_decision(prometheus_stack, tmp_path, m
 
     from components.promote import promote
     from pipeline.params import REPO
-    from test_promote import metrics
+    from tests.test_promote import metrics
 
     (tmp_path / "cwd").mkdir()
     monkeypatch.chdir(tmp_path / "cwd")

@@ -17,8 +17,8 @@ pytest.importorskip("mlflow")
 
 from erw.promote import PromoteError, promote_if_better  # noqa: E402
 from erw.registry import open_registry  # noqa: E402
-from prometheus import free_port  # noqa: E402
-from test_promote import metrics  # noqa: E402
+from tests.prometheus import free_port  # noqa: E402
+from tests.test_promote import metrics  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +97,7 @@ def test_model_versions_metrics_lineage_and_the_champion_alias(mlflow_server, s3
 def test_training_runs_log_params_and_loss_curves(mlflow_server, tmp_path):
     from mlflow import MlflowClient
 
-    from test_cli_training import ROOT, TINY, erw
+    from tests.test_cli_training import ROOT, TINY, erw
 
     images = tmp_path / "images"
     rng = __import__("numpy").random.default_rng(0)

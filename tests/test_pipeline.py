@@ -271,7 +271,7 @@ def test_the_components_launch_spec_is_what_erw_launch_reads(tmp_path):
 
 
 def _metrics(tmp_path, name, fid):
-    from test_promote import metrics  # what `erw evaluate` writes, with the settings the gate compares
+    from tests.test_promote import metrics  # what `erw evaluate` writes, with the settings the gate compares
 
     path = tmp_path / f"{name}.json"
     path.write_text(json.dumps({**metrics(fid), "inception_score": 100.0}))
@@ -346,7 +346,7 @@ def digits_evaluator(tmp_path_factory):
 @pytest.mark.slow
 def test_run_local_end_to_end_then_from_cache(tmp_path, monkeypatch, digits_evaluator):
     """The demo DAG on disk, every task held to the KFP backend's contract (tests/kfp_contract.py)."""
-    from kfp_contract import Backend
+    from tests.kfp_contract import Backend
     from pipeline.local import run_local
 
     workspace = tmp_path / "pipeline"
@@ -390,7 +390,7 @@ def test_run_local_writes_to_a_local_s3_endpoint(s3_bucket, tmp_path, monkeypatc
     import boto3
 
     from erw import storage
-    from kfp_contract import Backend
+    from tests.kfp_contract import Backend
     from pipeline.local import run_local
 
     workspace = f"{s3_bucket}/demo"

@@ -15,7 +15,7 @@ from erw.cli import main
 from erw.evaluation.comparison import evaluation_settings
 from erw.promote import PromoteError, promote_if_better
 from erw.registry import open_registry
-from test_evaluate_cli import checkpoint, feature_network  # noqa: F401  (fixtures: a tiny model, a feature net)
+from tests.test_evaluate_cli import checkpoint, feature_network  # noqa: F401  (fixtures: a tiny model, a feature net)
 
 SETTINGS = {"num_samples": 1000, "batch_size": 50, "mode": "sde", "solver": "euler", "steps": 250, "cfg_scale": 1.5,
             "guidance_low": 0.0, "guidance_high": 0.7, "use_ema": True, "seed": 0, "path": "linear",

@@ -1,17 +1,14 @@
 """Fixtures of the chaos suite: the digits shards and the uninterrupted reference run, made once."""
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import STEPS, read_trace, run, train_command, make_shards  # noqa: E402
-
-from erw import faults  # noqa: E402
-from erw.training import checkpoint as ckpt  # noqa: E402
+from erw import faults
+from erw.training import checkpoint as ckpt
+from tests.chaos.harness import STEPS, make_shards, read_trace, run, train_command
 
 
 @dataclass(frozen=True)

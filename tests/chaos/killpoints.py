@@ -26,11 +26,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import ROOT, TINY, identical  # noqa: E402
-
-from erw import cli, faults, storage  # noqa: E402
-from erw.training import checkpoint as ckpt  # noqa: E402
+from erw import cli, faults, storage
+from erw.training import checkpoint as ckpt
+from harness import ROOT, TINY, identical  # run as a script: its folder is on the path
 
 STEPS, CKPT_EVERY = 4, 2
 FILES = (ckpt.MODEL, ckpt.EMA, ckpt.STATE, ckpt.META)  # the order the writer stores them

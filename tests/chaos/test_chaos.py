@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import (
+from tests.chaos.harness import (
     STEPS, compare_samples, effective, first_shard, identical, read_trace, run, schedule_s3_blips, steps_lost,
     train_command,
 )

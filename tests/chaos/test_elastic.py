@@ -5,7 +5,7 @@ the same losses up to float rounding (the per-sample draws are keyed by position
 from __future__ import annotations
 
 import pytest
-from harness import STEPS, read_trace, run, train_command
+from tests.chaos.harness import STEPS, read_trace, run, train_command
 
 from erw import faults
 

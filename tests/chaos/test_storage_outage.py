@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import identical, run, train_command
+from tests.chaos.harness import identical, run, train_command
 
 from erw import storage
 from erw.training import checkpoint as ckpt
