@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from erw.config import PhaseConfig
 from erw.errors import ErwError
+from erw.storage import StorageError
 from erw.training.distributed import Dist
 from erw import draws as sample_draws
 from erw.draws import StepDraws, step_seed
@@ -118,6 +119,26 @@ def any_rank(flag: bool, d: Dist) -> bool:
     return bool(value.item())
 
 
+class DataUnavailable(ErwError):
+    """The batch source of this rank, or of another, failed on storage (beyond its retry budget)
+    at the start of a step; every rank raises it at the same step boundary."""
+
+
+def first_batch(batch_iter: Iterator[dict[str, torch.Tensor]], d: Dist) -> dict[str, torch.Tensor]:
+    """The step's first micro-batch, once every rank agrees that its batch source worked: a rank
+    whose data storage failed must not leave the others waiting in the step's gradient all-reduce,
+    where nothing could checkpoint. One small all-reduce per step with several ranks; none alone."""
+    failure = None
+    try:
+        batch = next_batch(batch_iter)
+    except StorageError as err:
+        failure = err
+    if any_rank(failure is not None, d):
+        raise DataUnavailable(str(failure) if failure is not None else
+                              f"another rank could not read its data (rank {d.rank} could): see that rank's error")
+    return batch
+
+
 def next_batch(batch_iter: Iterator[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """The next batch, drawn outside the step's random stream: a batch source that uses the
     global RNG (a DataLoader draws its base seed from it when its workers start) must not shift
@@ -154,7 +175,7 @@ def train_step(
     logs_sum: dict[str, torch.Tensor] = {}
     for i in range(p.grad_accum):
         fetch = time.perf_counter()
-        batch = next_batch(batch_iter)
+        batch = first_batch(batch_iter, d) if i == 0 else next_batch(batch_iter)
         data_wait += time.perf_counter() - fetch
         x = batch["latent"].to(d.device, non_blocking=True)
         y = batch["label"].to(d.device, non_blocking=True)

@@ -30,7 +30,6 @@ from erw.draws import init_seed
 from erw.errors import ErwError
 from erw.models.sit import l2r_from_config, sit_from_config
 from erw.objectives import DiffusionObjective, WarmupObjective
-from erw.storage import StorageError
 from erw.telemetry import NoMetrics
 from erw.training import checkpoint as ckpt
 from erw.training import elastic
@@ -38,7 +37,7 @@ from erw.training.async_checkpoint import CheckpointWriteError, CheckpointWriter
 from erw.training.distributed import Dist, all_reduce_mean, barrier
 from erw.training.continuation import continue_from, is_phase2_checkpoint
 from erw.training.handoff import init_from_warmup, lineage
-from erw.training.step import TrainState, any_rank, train_step
+from erw.training.step import DataUnavailable, TrainState, any_rank, train_step
 
 NO_METRICS = NoMetrics()  # stateless: one instance serves every run without an exporter
 
@@ -244,22 +243,30 @@ def run(
         barrier(d)
         return writer.last_committed
 
-    def stop_on_storage_failure(err: StorageError) -> StorageOutage:
-        """Storage (the data, typically) failed beyond its retry budget between two steps: the
-        state is step state.step's, whole (the optimizer has not stepped, and the loader's position
-        counts whole steps only), so checkpoint it before exiting; say what to resume from."""
+    def stop_on_storage_failure(err: DataUnavailable, position: Any) -> StorageOutage:
+        """The data's storage failed beyond its retry budget at a step boundary, on this rank or
+        another: every rank stops there (erw.training.step.first_batch), with the state of step
+        state.step whole (the optimizer has not stepped). The loader goes back to `position`, the
+        step's start (this rank may have taken the step's first batch), and rank 0 checkpoints the
+        step before every rank exits; the message says what to resume from."""
         stopped = f"{phase} stopped at step {state.step}: {err}"
-        if not d.is_main:  # only rank 0 writes (the state is replicated); it is stopped with this rank
-            return StorageOutage(f"rank {d.rank}: {stopped}. Resume from the last committed checkpoint with "
-                                 "--resume auto once the storage is back")
-        target = ckpt.step_uri(p.out, state.step)
-        try:
-            writer.wait()  # a write in flight first (it may be this very step)
-            if writer.last_committed != target:
-                say(f"{phase}: storage failed at step {state.step}; checkpointing step {state.step} before exiting")
-                writer.submit(state, phase=phase, config=cfg, extra_meta=extra_meta)
-                writer.wait()
-        except CheckpointWriteError as failed:
+        if position is not None:
+            state.data.load_state_dict(position)
+        failed: CheckpointWriteError | None = None
+        if d.is_main:  # the state is replicated: rank 0 writes, as for every checkpoint
+            target = ckpt.step_uri(p.out, state.step)
+            try:
+                writer.wait()  # a write in flight first (it may be this very step)
+                if writer.last_committed != target:
+                    say(f"{phase}: storage failed at step {state.step}; checkpointing step {state.step} before exiting")
+                    writer.submit(state, phase=phase, config=cfg, extra_meta=extra_meta)
+                    writer.wait()
+            except CheckpointWriteError as error:
+                failed = error
+        barrier(d)  # the others wait for the write: their exit would make torchrun stop rank 0
+        if not d.is_main:
+            return StorageOutage(f"rank {d.rank}: {stopped}. Rank 0 checkpoints step {state.step} (see its error)")
+        if failed is not None:
             return StorageOutage(f"{stopped}\nThe checkpoint of step {state.step} before exiting failed too: {failed}")
         return StorageOutage(f"{stopped}\nStep {state.step} is checkpointed at {writer.last_committed}: "
                              "`--resume auto` continues from it once the storage is back")
@@ -267,6 +274,7 @@ def run(
     iterator = faults.batches(iter(batches), d.rank)
     history: list[dict[str, float]] = []
     last_uri = restored.uri if restored else ""
+    position = None  # the batch source's position at the start of the step (several ranks only)
     preempted = False
     nonfinite_in_row = 0
     window = {"samples": 0, "seconds": 0.0, "data": 0.0}
@@ -274,6 +282,9 @@ def run(
         with PreemptionFlag() as preempt:
             while state.step < p.steps:
                 started = time.perf_counter()
+                # With several ranks a rank may take this step's first batch before another's storage
+                # fails: the position to checkpoint then is this one (a few ints, read per step).
+                position = state.data.state_dict() if d.enabled and hasattr(state.data, "state_dict") else None
                 stats = train_step(state, iterator, objective, p, seed=cfg.seed, dist_state=d, net=net, encoder=encoder)
                 if stats.skipped:
                     nonfinite_in_row += 1
@@ -322,8 +333,8 @@ def run(
                     preempted = True
                     uri = save_within_grace(preempt.raised_at or time.monotonic())
                     return RunResult(checkpoint=uri, step=step, history=history, preempted=True, handoff=handoff)
-    except StorageError as err:  # a checkpoint write's own failure is a CheckpointWriteError, not this
-        raise stop_on_storage_failure(err) from None
+    except DataUnavailable as err:  # every rank raises it at the same step (a failed checkpoint write does not)
+        raise stop_on_storage_failure(err, position) from None
     finally:
         if not preempted and d.is_main and writer.in_flight:  # a crash: the snapshot in flight is still good
             try:

@@ -93,3 +93,70 @@ def test_when_the_checkpoint_store_is_down_too_both_failures_are_said(chaos_shar
     assert f"The checkpoint of step {step} before exiting failed too: cannot write checkpoint {out}/step-{step:08d}" in error
     assert f"The previous checkpoint {previous} is intact: `--resume auto` continues from it" in error
     assert [s for s, _ in ckpt.list_checkpoints(out)] == [2]
+
+
+# With several ranks: the rank whose data fails first need not be rank 0, which writes the
+# checkpoints and would otherwise wait in the step's gradient all-reduce until torchrun stopped it.
+# An outage cannot pick a rank, so here the batch source of rank 1 alone raises the StorageError that
+# the loader raises after the budget; the rest is real: 2 processes under torchrun, gloo, the trainer.
+TWO_RANKS = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from test_trainer import Batches, tiny_config
+
+from erw.errors import ErwError
+from erw.storage import StorageError
+from erw.training.distributed import init_distributed, shutdown
+from erw.training.trainer import run
+
+out, steps, fail_at = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+d = init_distributed()
+
+
+class OutageOnRank1(Batches):
+    def __iter__(self):
+        for batch in super().__iter__():
+            if d.rank == 1 and self.position == fail_at + 1:  # the first batch of step fail_at + 1
+                raise StorageError("cannot read s3://bucket/shards/shard-000001.tar: the S3 endpoint cannot be reached "
+                                   "[retried for 2 s, the budget ERW_S3_RETRY_SECONDS=2]")
+            yield batch
+
+
+cfg = tiny_config(out, "encoder.name=none", f"train.steps={steps}", "train.ckpt_every=100", "train.ema_decay=0.9")
+try:
+    run(cfg, "train", OutageOnRank1(), d, log=print)
+except ErwError as err:
+    print(f"rank {d.rank} error: {err}", flush=True)
+    sys.exit(2)
+finally:
+    shutdown(d)
+"""
+
+
+def _two_ranks(tmp_path: Path, out: Path, steps: int, fail_at: int):
+    import subprocess
+    import sys
+
+    from harness import BIN, free_port
+
+    cmd = [str(BIN / "erw"), "torchrun", "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port",
+           str(free_port()), str(tmp_path / "two_ranks.py"), str(Path(__file__).resolve().parents[1]), str(out),
+           str(steps), str(fail_at)]
+    (tmp_path / "two_ranks.py").write_text(TWO_RANKS)
+    return run(cmd, tmp_path, timeout=300)
+
+
+def test_with_two_ranks_the_step_is_checkpointed_whichever_rank_fails_first(tmp_path):
+    outcome = _two_ranks(tmp_path, tmp_path / "a", steps=10, fail_at=4)
+    assert outcome.status == 1 and "Traceback" not in outcome.output, outcome.output[-3000:]  # erw torchrun: failed
+    assert "train: storage failed at step 4; checkpointing step 4 before exiting" in outcome.output
+    assert "rank 1 error: rank 1: train stopped at step 4: cannot read s3://bucket/shards/shard-000001.tar" in outcome.output
+    assert ("rank 0 error: train stopped at step 4: another rank could not read its data (rank 0 could)"
+            in outcome.output)
+    assert f"Step 4 is checkpointed at {tmp_path}/a/train/step-00000004" in outcome.output
+    saved = ckpt.load_checkpoint(str(tmp_path / "a/train"))
+    # Rank 0 had taken step 5's first batch when rank 1 failed: its position went back to step 4's end.
+    assert saved.step == 4 and saved.train_state["data"] == {"position": 4}
+    reference = _two_ranks(tmp_path, tmp_path / "b", steps=4, fail_at=-1)
+    assert reference.status == 0, reference.output[-3000:]
+    assert identical(saved.uri, ckpt.step_uri(str(tmp_path / "b/train"), 4))[0]
