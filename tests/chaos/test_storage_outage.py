@@ -124,7 +124,7 @@ class OutageOnRank1(Batches):
 
 cfg = tiny_config(out, "encoder.name=none", f"train.steps={steps}", "train.ckpt_every=100", "train.ema_decay=0.9")
 try:
-    run(cfg, "train", OutageOnRank1(), d, log=print)
+    run(cfg, "train", OutageOnRank1(batch_size=4), d, log=print)  # 2 ranks x 4 = train.batch_size 8
 except ErwError as err:
     print(f"rank {d.rank} error: {err}", flush=True)
     sys.exit(2)
