@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.chaos.harness import identical, run, train_command
+from tests.chaos.harness import BIN, free_port, identical, run, train_command
 
 from erw import storage
 from erw.training import checkpoint as ckpt
@@ -134,11 +134,6 @@ finally:
 
 
 def _two_ranks(tmp_path: Path, out: Path, steps: int, fail_at: int):
-    import subprocess
-    import sys
-
-    from harness import BIN, free_port
-
     cmd = [str(BIN / "erw"), "torchrun", "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port",
            str(free_port()), str(tmp_path / "two_ranks.py"), str(Path(__file__).resolve().parents[1]), str(out),
            str(steps), str(fail_at)]
