@@ -124,19 +124,14 @@ class DataUnavailable(ErwError):
     at the start of a step; every rank raises it at the same step boundary."""
 
 
-def first_batch(batch_iter: Iterator[dict[str, torch.Tensor]], d: Dist) -> dict[str, torch.Tensor]:
-    """The step's first micro-batch, once every rank agrees that its batch source worked: a rank
-    whose data storage failed must not leave the others waiting in the step's gradient all-reduce,
-    where nothing could checkpoint. One small all-reduce per step with several ranks; none alone."""
-    failure = None
-    try:
-        batch = next_batch(batch_iter)
-    except StorageError as err:
-        failure = err
+def agree_on_data(failure: StorageError | None, d: Dist) -> None:
+    """Raise DataUnavailable on every rank when any rank's first batch of the step failed on
+    storage: a rank whose data failed must not leave the others waiting in the step's gradient
+    all-reduce, where nothing could checkpoint. One small all-reduce per step with several ranks;
+    none alone."""
     if any_rank(failure is not None, d):
         raise DataUnavailable(str(failure) if failure is not None else
                               f"another rank could not read its data (rank {d.rank} could): see that rank's error")
-    return batch
 
 
 def next_batch(batch_iter: Iterator[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -175,8 +170,16 @@ def train_step(
     logs_sum: dict[str, torch.Tensor] = {}
     for i in range(p.grad_accum):
         fetch = time.perf_counter()
-        batch = first_batch(batch_iter, d) if i == 0 else next_batch(batch_iter)
+        failure = None
+        try:
+            batch = next_batch(batch_iter)
+        except StorageError as err:
+            if i > 0:  # mid-step: the other ranks are past the agreement; a plain error
+                raise
+            failure = err
         data_wait += time.perf_counter() - fetch
+        if i == 0:
+            agree_on_data(failure, d)
         x = batch["latent"].to(d.device, non_blocking=True)
         y = batch["label"].to(d.device, non_blocking=True)
         targets = alignment_targets(batch, encoder, d.device)

@@ -245,7 +245,7 @@ def run(
 
     def stop_on_storage_failure(err: DataUnavailable, position: Any) -> StorageOutage:
         """The data's storage failed beyond its retry budget at a step boundary, on this rank or
-        another: every rank stops there (erw.training.step.first_batch), with the state of step
+        another: every rank stops there (erw.training.step.agree_on_data), with the state of step
         state.step whole (the optimizer has not stepped). The loader goes back to `position`, the
         step's start (this rank may have taken the step's first batch), and rank 0 checkpoints the
         step before every rank exits; the message says what to resume from."""
