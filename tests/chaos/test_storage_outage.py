@@ -101,8 +101,8 @@ def test_when_the_checkpoint_store_is_down_too_both_failures_are_said(chaos_shar
 # the loader raises after the budget; the rest is real: 2 processes under torchrun, gloo, the trainer.
 TWO_RANKS = """
 import sys
-sys.path.insert(0, sys.argv[1])
-from test_trainer import Batches, tiny_config
+sys.path.insert(0, sys.argv[1])  # the repository
+from tests.test_trainer import Batches, tiny_config
 
 from erw.errors import ErwError
 from erw.storage import StorageError
@@ -135,7 +135,7 @@ finally:
 
 def _two_ranks(tmp_path: Path, out: Path, steps: int, fail_at: int):
     cmd = [str(BIN / "erw"), "torchrun", "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port",
-           str(free_port()), str(tmp_path / "two_ranks.py"), str(Path(__file__).resolve().parents[1]), str(out),
+           str(free_port()), str(tmp_path / "two_ranks.py"), str(Path(__file__).resolve().parents[2]), str(out),
            str(steps), str(fail_at)]
     (tmp_path / "two_ranks.py").write_text(TWO_RANKS)
     return run(cmd, tmp_path, timeout=300)
