@@ -73,7 +73,7 @@ def uninterrupted_losses(chaos_shards, tracked, tmp_path_factory) -> dict[int, f
     return logged_losses(tracked, "uninterrupted")
 
 
-@pytest.mark.parametrize("before, after, accum", [(2, 1, 1), (1, 2, 1), (2, 1, 2)])
+@pytest.mark.parametrize("before, after, accum", [(2, 1, 1), (1, 2, 1), (4, 2, 1), (2, 1, 2)])
 def test_resume_on_another_world_size_continues_the_loss_curve(chaos_shards, tracked, uninterrupted_losses, tmp_path,
                                                                before, after, accum):
     """Every sample's noise, time and label drop are keyed by (seed, step, position in the global
