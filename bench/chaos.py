@@ -1,6 +1,6 @@
 """The chaos matrix: each fault of a real cluster injected into a tiny 2-rank training run, and what it cost.
 
-    python bench/chaos.py [--work DIR] [--points 20] [--results docs/results.md]
+    python -m bench.chaos [--work DIR] [--points 20] [--results docs/results.md]
 
 Every run is `erw train --resume auto` of the tiny demo model (tests/chaos/harness.py: a 4-block,
 64-wide SiT on the digits shards, 8 steps, a checkpoint every 2, one DataLoader worker per rank)
@@ -236,7 +236,7 @@ def main() -> int:
     ]
     body = "\n".join([
         "## Chaos", "",
-        f"`python bench/chaos.py` ({machine()}; {time.monotonic() - started:.0f} s). Each fault is injected into",
+        f"`python -m bench.chaos` ({machine()}; {time.monotonic() - started:.0f} s). Each fault is injected into",
         "a tiny 2-rank `erw torchrun` run (8 steps, a checkpoint every 2; kill-point rows: 1 process, 4 steps)",
         "and compared with the uninterrupted run: see the script's docstring for each column.", "",
         *table,

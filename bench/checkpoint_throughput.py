@@ -1,6 +1,6 @@
 """What a checkpoint costs the training loop: synchronous vs asynchronous writes, as ratios.
 
-    python bench/checkpoint_throughput.py [--config PRESET] [key=value ...] [--arch SiT-S/2]
+    python -m bench.checkpoint_throughput [--config PRESET] [key=value ...] [--arch SiT-S/2]
                                           [--segment 8] [--rounds 3] [--out DIR]
 
 Runs the trainer's step (erw.training.step.train_step, fp32 on the CPU, the preset's precision with

@@ -14,7 +14,7 @@ PYTHON="${PYTHON:-.venv/bin/python}"
 [ -x "$PYTHON" ] || PYTHON=python3
 
 status=0
-timeout --signal=TERM 480 "$PYTHON" bench/gpu_check.py "$@" || status=$?
+timeout --signal=TERM 480 "$PYTHON" -m bench.gpu_check "$@" || status=$?
 if [ "$status" -eq 124 ]; then
   echo "gpu_check: stopped after 8 minutes; rerun with fewer --steps or --modes eager" >&2
 fi

@@ -1,6 +1,6 @@
 """Planning an ImageNet-sized ImageFolder: cutting 1,281,167 listed files into content-keyed units.
 
-    python bench/plan_listing.py [--files 1281167] [--shard-size 1000]
+    python -m bench.plan_listing [--files 1281167] [--shard-size 1000]
 
 Times the part of `erw precompute --dry-run` / the plan step that runs after the listing (which
 is one paginated LIST on S3): class mapping, the content cut, and every unit's key. No file is

@@ -1,6 +1,6 @@
 """Training throughput on this machine, as ratios measured side by side in one run.
 
-    python bench/step_throughput.py [--config PRESET] [key=value ...] [--archs SiT-S/2,SiT-B/2]
+    python -m bench.step_throughput [--config PRESET] [key=value ...] [--archs SiT-S/2,SiT-B/2]
                                     [--batch 8] [--rounds 12] [--no-compile]
 
 Times the trainer's own step (erw.training.step.train_step) with the preset's phase settings
