@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -73,19 +74,22 @@ class Matrix:
     def trace(folder: Path) -> dict[str, str]:
         return {faults.TRACE_ENV: str(folder / "trace")}
 
-    def judge(self, row: Row, folder: Path, out: str, outcome: Outcome) -> Row:
-        """Fill survived / steps lost / identical / samples for a run whose log is outcome."""
+    def judge(self, row: Row, folder: Path, out: str, outcome: Outcome, steps: int = STEPS,
+              reference: tuple[str, dict[int, list[int]]] | None = None) -> Row:
+        """Fill survived / steps lost / identical / samples for a run whose log is outcome, against
+        the uninterrupted run of `steps` steps (reference: its final checkpoint and samples)."""
+        want_final, want_samples = reference or (self.final, self.reference)
         final = ckpt.latest_checkpoint(out)
-        reached = final is not None and ckpt.load_checkpoint(final, with_train_state=False).step == STEPS
+        reached = final is not None and ckpt.load_checkpoint(final, with_train_state=False).step == steps
         row.survived = "yes" if reached else f"no (exit {outcome.status})"
         if not reached:
             return row
-        same, diff = identical(ckpt.step_uri(out, STEPS), self.final)
+        same, diff = identical(ckpt.step_uri(out, steps), want_final)
         row.identical = "yes" if same else f"no (max diff {diff:.1e})"
         trace = read_trace(folder / "trace")
         starts = outcome.resumed_at()
         row.steps_lost = str(steps_lost(trace, starts))
-        counts = compare_samples(effective(trace, starts), self.reference)
+        counts = compare_samples(effective(trace, starts), want_samples)
         row.samples = f"{counts.twice} / {counts.never}" + (", same order" if counts.same_order else ", other order")
         return row
 
@@ -142,6 +146,44 @@ class Matrix:
         what = ", ".join(f"{n} {k}" for k, n in sorted(injected.items()))
         row = Row("S3: 5xx, SlowDown, resets, a stalled read, a 5 s outage", f"from the start; outage at step 3 ({what})", "")
         return self.judge(row, folder, f"s3://{bucket}/out", outcome)
+
+    def s3_outage_past_the_budget(self, endpoint: str) -> Row:
+        """Shards on S3, an outage from step 3 until the job has given up: the run checkpoints the step
+        it reached (checkpoints on local disk) and exits 2; a new `--resume auto` job continues from it.
+        40 steps without periodic checkpoints, so the loader still has shards to read after step 3 (an
+        8-step run has read all it needs by then) and the outage's checkpoint is the only one."""
+        import boto3
+        from tests.s3proxy import FaultProxy
+
+        steps, extra = 40, ("train.ckpt_every=1000",)
+        folder = self.fresh("s3-outage")
+        ref = run(train_command(str(self.shards), "reference", steps=steps, extra=extra), folder,
+                  env={faults.TRACE_ENV: str(folder / "reference-trace")})
+        if ref.status != 0:
+            return Row("S3 outage past the retry budget (shards on S3)", "-", f"reference run failed (exit {ref.status})")
+        reference = (ckpt.step_uri(str(folder / "reference"), steps), effective(read_trace(folder / "reference-trace"), [0]))
+        bucket = f"chaos-outage-{os.getpid()}"
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
+        for path in sorted(self.shards.rglob("*")):
+            if path.is_file():
+                storage.write_bytes(f"s3://{bucket}/shards/{path.relative_to(self.shards).as_posix()}", path.read_bytes())
+        with FaultProxy(endpoint) as proxy:
+            def on_line(line: str) -> None:
+                if line.startswith("train step 3/"):
+                    proxy.outage(3600)  # until cleared below, after the job has given up
+
+            env = {**self.trace(folder), "AWS_ENDPOINT_URL": proxy.url, "ERW_S3_RETRY_SECONDS": "2"}
+            command = train_command(f"s3://{bucket}/shards", "out", steps=steps, extra=extra)
+            first = run(command, folder, env=env, on_line=on_line, timeout=600)
+            proxy.clear()
+            second = run(command, folder, env=env, timeout=600)
+        checkpointed = re.search(r"storage failed at step (\d+); checkpointing step \1 before exiting", first.output)
+        how = (f"from step 3 until the job gave up (retry budget 2 s; 40 steps); job exit {first.status}, "
+               + (f"step {checkpointed[1]} checkpointed" if checkpointed else "NO checkpoint attempt seen")
+               + ", then a new `--resume auto` job")
+        both = Outcome(second.status, first.output + second.output, first.seconds + second.seconds)
+        row = Row("S3 outage past the retry budget (shards on S3)", how, "")
+        return self.judge(row, folder, str(folder / "out"), both, steps, reference)
 
     def corrupt_shard(self, mode: str) -> Row:
         folder = self.fresh(f"shard-{mode}")
@@ -223,6 +265,7 @@ def main() -> int:
         boto3.client("s3").create_bucket(Bucket="chaos-points")
         rows += m.kill_points("s3://chaos-points/runs", "S3", args.points)
         rows.append(m.s3_faults(endpoint))
+        rows.append(m.s3_outage_past_the_budget(endpoint))
         rows += [m.corrupt_shard("truncate"), m.corrupt_shard("flip")]
     finally:
         server.stop()
