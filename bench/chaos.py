@@ -34,11 +34,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from erw import faults, storage
+from erw import faults
 from erw.training import checkpoint as ckpt
 from tests.chaos.harness import (
     STEPS, Outcome, compare_samples, effective, first_shard, free_port, identical, make_shards, read_trace, run,
-    schedule_s3_blips, steps_lost, train_command,
+    schedule_s3_blips, steps_lost, train_command, upload_tree,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,9 +133,7 @@ class Matrix:
         folder = self.fresh("s3")
         bucket = f"chaos-{os.getpid()}"
         boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
-        for path in sorted(self.shards.rglob("*")):
-            if path.is_file():
-                storage.write_bytes(f"s3://{bucket}/shards/{path.relative_to(self.shards).as_posix()}", path.read_bytes())
+        upload_tree(self.shards, f"s3://{bucket}/shards")
         with FaultProxy(endpoint) as proxy:
             on_line = schedule_s3_blips(proxy)
 
@@ -164,9 +162,7 @@ class Matrix:
         reference = (ckpt.step_uri(str(folder / "reference"), steps), effective(read_trace(folder / "reference-trace"), [0]))
         bucket = f"chaos-outage-{os.getpid()}"
         boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
-        for path in sorted(self.shards.rglob("*")):
-            if path.is_file():
-                storage.write_bytes(f"s3://{bucket}/shards/{path.relative_to(self.shards).as_posix()}", path.read_bytes())
+        upload_tree(self.shards, f"s3://{bucket}/shards")
         with FaultProxy(endpoint) as proxy:
             def on_line(line: str) -> None:
                 if line.startswith("train step 3/"):

@@ -23,6 +23,7 @@ from typing import Callable
 
 import torch
 
+from erw import storage
 from erw.training import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -157,6 +158,13 @@ def identical(a: str, b: str) -> tuple[bool, float]:
             same = same and torch.equal(tensor, other)
             diff = max(diff, float((tensor - other).abs().max()))
     return same, diff
+
+
+def upload_tree(folder: Path, uri: str) -> None:
+    """Copy every file under folder to uri (e.g. the shards to an S3 prefix), keeping relative paths."""
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            storage.write_bytes(storage.join(uri, path.relative_to(folder).as_posix()), path.read_bytes())
 
 
 def read_trace(folder: Path) -> dict[int, list[dict]]:

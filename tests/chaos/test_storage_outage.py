@@ -12,21 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.chaos.harness import BIN, free_port, identical, run, train_command
+from tests.chaos.harness import BIN, free_port, identical, run, train_command, upload_tree
 
-from erw import storage
 from erw.training import checkpoint as ckpt
 
 pytestmark = pytest.mark.chaos
 
 STEPS = 40
 NO_PERIODIC = ("train.ckpt_every=1000",)  # the only checkpoint before the end is the outage's
-
-
-def _upload(folder: Path, uri: str) -> None:
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            storage.write_bytes(storage.join(uri, path.relative_to(folder).as_posix()), path.read_bytes())
 
 
 def _outage_after_step_3(proxy):
@@ -48,7 +41,7 @@ def test_an_outage_past_the_budget_checkpoints_the_current_step_and_resume_conti
     """Shards on S3, checkpoints on local disk: the step reached is checkpointed, the message names
     it, and `--resume auto` from it ends bit-identical to an uninterrupted run."""
     monkeypatch.setenv("ERW_S3_RETRY_SECONDS", "2")
-    _upload(chaos_shards, f"{s3_bucket}/shards")
+    upload_tree(chaos_shards, f"{s3_bucket}/shards")
     s3_proxy.clear()
     command = train_command(f"{s3_bucket}/shards", "out", ranks=1, steps=STEPS, extra=NO_PERIODIC)
     outcome = run(command, tmp_path, on_line=_outage_after_step_3(s3_proxy))
@@ -76,7 +69,7 @@ def test_when_the_checkpoint_store_is_down_too_both_failures_are_said(chaos_shar
     """Shards and checkpoints on the same S3: the checkpoint attempt fails as well; the message
     says both, and names the last committed checkpoint (the one this run resumed from)."""
     monkeypatch.setenv("ERW_S3_RETRY_SECONDS", "2")
-    _upload(chaos_shards, f"{s3_bucket}/shards")
+    upload_tree(chaos_shards, f"{s3_bucket}/shards")
     s3_proxy.clear()
     out = f"{s3_bucket}/out"
     first = run(train_command(f"{s3_bucket}/shards", out, ranks=1, steps=2), tmp_path)
