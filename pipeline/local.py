@@ -7,13 +7,15 @@ a second run reuses the latents and the warmup checkpoint, as a cluster run woul
 """
 from __future__ import annotations
 
+import builtins
+import contextlib
 import json
 import logging
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from pipeline.console import CACHE_HIT, log_file, step_console
 from pipeline.params import DEMO, DEMO_INPUTS, REPO, defaults, resolve
@@ -109,7 +111,7 @@ def _run_dag(args: dict[str, Any], use_cache: bool, local_dir: str | Path) -> Lo
     root.addHandler(problems)
     started = time.monotonic()
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), print_restored():
             # Cluster-only settings (resources, display names, Kubernetes) are ignored here by design.
             warnings.filterwarnings("ignore", message=r"Task '.*': settings .* have no effect in the current local")
             warnings.filterwarnings("ignore", message=r"You may be attemping to run a task that uses custom")
@@ -119,6 +121,23 @@ def _run_dag(args: dict[str, Any], use_cache: bool, local_dir: str | Path) -> Lo
         root.removeHandler(problems)
         root.setLevel(level)
     return LocalRun(time.monotonic() - started, dict(task.outputs), sorted(hits.tasks))
+
+
+@contextlib.contextmanager
+def print_restored() -> Iterator[None]:
+    """Put back `builtins.print` on the way out.
+
+    kfp.local indents a task's output by swapping `builtins.print` for a wrapper and restoring
+    the function it saved (kfp/local/logging_utils.py `indented_print`). The tasks of a ParallelFor
+    run in threads, so two swaps can interleave: one saves the other's wrapper and restores it
+    last, and every later print in this process writes four spaces to stdout first, even a print
+    to stderr.
+    """
+    original = builtins.print
+    try:
+        yield
+    finally:
+        builtins.print = original
 
 
 def _make_demo_inputs() -> None:

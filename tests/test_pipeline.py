@@ -550,3 +550,27 @@ def test_pipeline_commands_work_from_an_installed_package(tmp_path):
     assert Path(config).is_relative_to(prefix / "share" / "erw" / "configs")
     assert wrote == "wrote pipeline.yaml" and (elsewhere / "pipeline.yaml").is_file()
     assert not list(site.glob("pipeline.yaml")) and not list(site.glob("*/pipeline.yaml"))
+
+
+def test_a_local_run_leaves_print_as_it_found_it(capsys):
+    # kfp.local's ParallelFor tasks run in threads, and each swaps builtins.print for an indenting
+    # wrapper; interleaved, the last restore puts back the other thread's wrapper. Replay that
+    # interleaving with kfp's own context manager inside the guard run_local uses.
+    import builtins
+    import sys
+
+    from kfp.local.logging_utils import indented_print
+
+    from pipeline.local import print_restored
+
+    before = builtins.print
+    with print_restored():
+        first, second = indented_print(), indented_print()
+        first.__enter__()
+        second.__enter__()  # saves first's wrapper as "the original"
+        first.__exit__(None, None, None)
+        second.__exit__(None, None, None)  # puts first's wrapper back
+        assert builtins.print is not before, "the interleaving no longer leaks; the guard may be unneeded"
+    assert builtins.print is before
+    print("error line", file=sys.stderr)
+    assert capsys.readouterr().out == ""
