@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except ErwError as err:
         print(f"erw {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return err.exit_status
     except KeyboardInterrupt:
         print(f"erw {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -1,5 +1,6 @@
 """`erw warmup` then `erw train --init-from` from the command line, as 2 torchrun processes (gloo)."""
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -111,6 +112,30 @@ def test_preemption_under_torchrun_exits_143(shards, tmp_path):
     # train.grace_period_s unset: the rank took what erw torchrun granted (40 s less 5 s to exit)
     assert "(grace period 35s from the signal)" in output, output
     assert ckpt.load_checkpoint(str(tmp_path / "erw")).step >= 2
+
+
+def test_a_preempted_launch_fails_its_pipeline_step_with_143_and_the_retry_finishes(shards, tmp_path):
+    """`erw launch` sees the job's `erw torchrun` report the preemption: it exits 143, and so does the
+    pipeline step's process (components.common.run_erw); the step's retry continues the run."""
+    step = ("import sys; from components.common import run_erw; "
+            "run_erw(['launch', '--procs-per-node', '2', '--timeout', '10m', '--'] + sys.argv[1:])")
+    train = ["train", "--config", str(ROOT / "configs/demo.yaml"), f"data.shards={shards}", *TINY, "train.steps=6",
+             "train.ckpt_every=100", "train.log_every=1", "train.out=out/train", "--resume", "auto"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    run = [sys.executable, "-c", step, *train]
+    first = subprocess.run(run, cwd=tmp_path, env={**env, "ERW_FAULT_KILL": "1:2:TERM"},
+                           capture_output=True, text=True, timeout=600)
+    assert first.returncode == 143, first.stdout + first.stderr
+    assert "erw torchrun: preempted (the workers checkpointed); exit status 143" in first.stdout
+    assert re.search(r"erw launch: error: job \S+ was preempted after \S+ \(node 0 got SIGTERM", first.stderr), first.stderr
+    assert "erw launch was preempted (exit status 143)" in first.stderr and "Traceback" not in first.stderr
+    preempted_at = ckpt.load_checkpoint(str(tmp_path / "out/train")).step
+    assert 2 <= preempted_at < 6
+
+    retry = subprocess.run(run, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert retry.returncode == 0, retry.stdout + retry.stderr
+    assert re.search(rf"resumed train from \S+ at step {preempted_at}\n", retry.stdout), retry.stdout
+    assert ckpt.load_checkpoint(str(tmp_path / "out/train")).step == 6
 
 
 CRASH_WITH_WORKERS = """

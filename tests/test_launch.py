@@ -13,6 +13,7 @@ from erw.cli import build_parser, main
 from erw.launch import (
     LaunchError,
     LaunchSpec,
+    Preempted,
     dry_run,
     launch,
     parse_duration,
@@ -267,6 +268,9 @@ rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 print(f"hello from rank {rank} of {world}, grace {os.environ.get('ERW_GRACE_PERIOD_S')}", flush=True)
 if sys.argv[1:] == ["fail"] and rank == 1:
     raise RuntimeError("rank 1 found no shards under s3://bucket/missing")
+if sys.argv[1:] == ["preempted"]:  # as `erw train` after SIGTERM: checkpointed, exit 143
+    print(f"train preempted at step 7: rank {rank}", flush=True)
+    sys.exit(143)
 """
 
 
@@ -293,6 +297,16 @@ def test_local_failing_job_fails_with_the_workers_reason(rank_job):
     message = str(err.value)
     assert "rank 1 exited with code 1" in message
     assert message.splitlines()[0].endswith("rank 1 exited with code 1: RuntimeError: rank 1 found no shards under s3://bucket/missing")
+
+
+def test_a_preempted_local_job_is_reported_as_preempted(rank_job):
+    with pytest.raises(Preempted) as err:
+        launch(rank_job, ["preempted"], module="rank_job", poll_s=0.2, out=io.StringIO())
+    assert err.value.exit_status == 143
+    first = str(err.value).splitlines()[0]
+    assert re.fullmatch(r"job local_cwd://\S+ was preempted after \S+ \(node 0 got SIGTERM; every rank checkpointed "
+                        r"and exited 143\)\. The same command with --resume auto continues .*", first), first
+    assert "train preempted at step 7: rank 1" in str(err.value)
 
 
 def test_local_job_past_its_deadline_is_stopped(tmp_path, monkeypatch):

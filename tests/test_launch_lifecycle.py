@@ -16,7 +16,8 @@ import pytest
 import yaml
 from tests.kube_fake import FakeKube, Server
 
-from erw.launch import LaunchError, LaunchSpec, kube, launch
+from erw.launch import LaunchError, LaunchSpec, Preempted, kube, launch
+from erw.training.elastic import PREEMPTION_REPORT
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMESPACE = "team-a"
@@ -169,7 +170,7 @@ def test_sigterm_deletes_the_job_with_one_direct_request(fake, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 2, err
+    assert proc.returncode == 143, err  # stopped from outside, as its pods: the step's retry continues the run
     assert "erw launch: error: stopped by SIGTERM; the job was deleted" in err
     after = [(m, p) for m, p in fake.requests[before:] if f"/jobs/{name}" in p]
     assert after[0] == ("DELETE", f"/apis/batch.volcano.sh/v1alpha1/namespaces/{NAMESPACE}/jobs/{name}"), after
@@ -251,3 +252,37 @@ def test_the_deadline_is_the_jobs_not_the_launchers(fake):
     with pytest.raises(LaunchError, match="did not finish within 72h"):
         launch(spec(timeout="72h"), COMMAND, poll_s=0.05, out=io.StringIO())
     assert (NAMESPACE, "erw-train-old") not in fake.jobs  # and it was deleted
+
+
+@pytest.mark.parametrize("node0_end, preempted", [
+    (f"{PREEMPTION_REPORT}; exit status 143", True),
+    ("erw torchrun: failed: worker 0 exited 1; exit status 1", False),
+])
+def test_a_job_ended_by_a_preemption_is_reported_as_one(fake, node0_end, preempted):
+    # Node 0's pod got SIGTERM (its ranks checkpointed and exited 143); node 1's ranks lost their
+    # peers and failed. The preemption is the cause: `erw launch` exits 143. Without it, a failure.
+    fake.phases = ["Running", "Running", "Failed"]
+
+    def pod_logs(job):
+        name = job["metadata"]["name"]
+        fake.logs[f"{name}-trainer-0-0"] = [
+            "2026-01-01T00:00:01Z [0]:train step 7/100", "2026-01-01T00:00:02Z [0]:train preempted at step 8",
+            f"2026-01-01T00:00:03Z {node0_end}",
+        ]
+        fake.logs[f"{name}-trainer-1-0"] = [
+            "2026-01-01T00:00:01Z [0]:train step 7/100",
+            "2026-01-01T00:00:02Z [0]:RuntimeError: Connection reset by peer",
+            "2026-01-01T00:00:03Z erw torchrun: failed: worker 0 exited 1; exit status 1",
+        ]
+
+    fake.on_create = pod_logs
+    with pytest.raises(LaunchError) as err:
+        launch(spec(), COMMAND, poll_s=0.05, out=io.StringIO())
+    assert isinstance(err.value, Preempted) == preempted
+    assert err.value.exit_status == (143 if preempted else 2)
+    first = str(err.value).splitlines()[0]
+    if preempted:
+        assert "was preempted after" in first and "(node 0 got SIGTERM; every rank checkpointed" in first
+        assert "train preempted at step 8" in str(err.value)
+    else:
+        assert "failed after" in first and "Connection reset by peer" in first

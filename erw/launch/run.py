@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TextIO
 
+from erw.errors import PREEMPTED
 from erw.launch import kube
 from erw.launch.spec import LaunchError, LaunchSpec, format_duration
 from erw.launch.volcano import (
@@ -29,6 +30,8 @@ from erw.launch.volcano import (
     scheduler_cfg,
     volcano_job,
 )
+
+from erw.training.elastic import PREEMPTION_REPORT
 
 if TYPE_CHECKING:
     from torchx.runner import Runner
@@ -50,7 +53,17 @@ RETRY = object()  # read_status: no answer this time, ask again
 
 
 class Terminated(LaunchError):
-    """This process was asked to stop (SIGTERM: a cancelled KFP run, a drained node)."""
+    """This process was asked to stop (SIGTERM: a cancelled KFP run, a drained node); the job was
+    deleted, so its pods got SIGTERM too and checkpointed."""
+
+    exit_status = PREEMPTED
+
+
+class Preempted(LaunchError):
+    """The job ended because its pods were stopped from outside (`erw torchrun` said so): every rank
+    checkpointed, and the same command with `--resume auto` continues it."""
+
+    exit_status = PREEMPTED
 
 
 def dry_run(spec: LaunchSpec, command: list[str], module: str = "erw.cli") -> Any:
@@ -146,6 +159,8 @@ class _Job:
                     thread.join(timeout=30)
         elapsed = format_duration(time.monotonic() - started)
         if status.state != AppState.SUCCEEDED:
+            if (node := preempted_node(self.tails)) is not None:
+                raise Preempted(preemption_report(self.handle, node, self.tails, elapsed))
             raise LaunchError(failure_report(self.handle, status, self.tails, elapsed))
         self.write(f"erw launch: {self.handle} succeeded after {elapsed}\n")
 
@@ -334,6 +349,31 @@ def failure_report(handle: str, status: AppStatus, logs: list[deque], elapsed: s
             report += f"\n--- last output of the workers on node {node} ---\n{shown}"
     if not any(workers):
         report += "\nThe workers printed nothing; see the job's logs above."
+    return report
+
+
+def preempted_node(logs: list[deque]) -> int | None:
+    """The first node whose last `erw torchrun` line reports a preemption, or None.
+
+    When one node of several is preempted, the ranks on the others lose their peers and fail: the
+    preemption is the cause, their failure the consequence.
+    """
+    for node, node_logs in enumerate(logs):
+        verdicts = [line for line in node_logs if "erw torchrun: " in line]
+        if verdicts and PREEMPTION_REPORT in verdicts[-1]:
+            return node
+    return None
+
+
+def preemption_report(handle: str, node: int, logs: list[deque], elapsed: str) -> str:
+    report = (
+        f"job {handle} was preempted after {elapsed} (node {node} got SIGTERM; every rank checkpointed and "
+        f"exited {PREEMPTED}). The same command with --resume auto continues from that checkpoint; "
+        "a pipeline step does so on its retry."
+    )
+    lines = [line for line in logs[node] if WORKER_LINE.match(line)][-REPORT_LINES:]
+    if lines:
+        report += f"\n--- last output of the workers on node {node} ---\n" + "".join(lines).rstrip()
     return report
 
 

@@ -5,6 +5,9 @@ import argparse
 import os
 import time
 
+from erw.errors import PREEMPTED
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     for phase, help_text in (
         ("warmup", "ERW phase 1: train the L2R blocks to reproduce the frozen encoder's representation"),
@@ -87,6 +90,6 @@ def _run(args: argparse.Namespace) -> int:
         if d.is_main:
             state = "preempted at" if result.preempted else "finished at"
             print(f"{phase} {state} step {result.step}: {result.checkpoint}", flush=True)
-        return 143 if result.preempted else 0
+        return PREEMPTED if result.preempted else 0
     finally:
         shutdown(d)

@@ -30,7 +30,10 @@ import os
 import signal
 import sys
 
-PREEMPTED = 143  # 128 + SIGTERM: what `erw warmup|train` return after a preemption checkpoint
+from erw.errors import PREEMPTED
+
+# `erw torchrun`'s last line after a preemption; `erw launch` looks for it in a failed job's logs.
+PREEMPTION_REPORT = "erw torchrun: preempted (the workers checkpointed)"
 # torchrun's agent shares one TCPStore across every restart of its workers (torch >= 2.4), and the
 # workers' process-group keys of a dead incarnation stay in it: the restarted group can read a dead
 # rank's gloo address and hang in connectFullMesh until the 30-minute init timeout (seen here, 1 in
@@ -104,7 +107,7 @@ def torchrun(argv: list[str]) -> int:
         status = exit_status_of(err)
         if status is None:
             raise
-        what = "preempted (the workers checkpointed)" if status == PREEMPTED else f"failed: {err}"
-        print(f"erw torchrun: {what}; exit status {status}", file=sys.stderr, flush=True)
+        what = PREEMPTION_REPORT if status == PREEMPTED else f"erw torchrun: failed: {err}"
+        print(f"{what}; exit status {status}", file=sys.stderr, flush=True)
         return status
     return 0
