@@ -8,6 +8,16 @@ import pytest
 from tests.prometheus import free_port, start_stack
 
 
+@pytest.fixture(autouse=True)
+def print_as_found():
+    """Tests that run a ParallelFor through kfp.local directly (not through run_local) could leave
+    builtins.print swapped for kfp's indenting wrapper for every later test (pipeline.local.print_restored)."""
+    from pipeline.local import print_restored
+
+    with print_restored():
+        yield
+
+
 @pytest.fixture(scope="session")
 def prometheus_stack(tmp_path_factory):
     """A real Prometheus + Pushgateway on free local ports (tests/prometheus.py)."""
