@@ -68,6 +68,10 @@ class FakeKube:
             "spec": {"containers": [{"name": "main", "image": "launcher"}]},
         }
 
+    def set_phases(self, namespace: str, name: str, phases: list[str]) -> None:
+        """The phases job `name` walks through from the next status read on."""
+        self._scripts[(namespace, name)] = iter(phases)
+
     def add_event(self, namespace: str, kind: str, name: str, reason: str, message: str, type_: str = "Warning") -> None:
         self.events.append({
             "metadata": {"name": f"{name}.{next(self._ids)}", "namespace": namespace},

@@ -114,28 +114,32 @@ def test_preemption_under_torchrun_exits_143(shards, tmp_path):
     assert ckpt.load_checkpoint(str(tmp_path / "erw")).step >= 2
 
 
-def test_a_preempted_launch_fails_its_pipeline_step_with_143_and_the_retry_finishes(shards, tmp_path):
-    """`erw launch` sees the job's `erw torchrun` report the preemption: it exits 143, and so does the
-    pipeline step's process (components.common.run_erw); the step's retry continues the run."""
+def test_a_preempted_launch_continues_in_a_new_job_or_fails_its_step_with_143(shards, tmp_path):
+    """`erw launch` sees the job's `erw torchrun` report the preemption (rank 1 gets SIGTERM after step
+    2): it submits a new job that resumes from the preemption checkpoint; with no preemptions left
+    it exits 143, and so does the pipeline step's process (components.common.run_erw)."""
     step = ("import sys; from components.common import run_erw; "
-            "run_erw(['launch', '--procs-per-node', '2', '--timeout', '10m', '--'] + sys.argv[1:])")
-    train = ["train", "--config", str(ROOT / "configs/demo.yaml"), f"data.shards={shards}", *TINY, "train.steps=6",
-             "train.ckpt_every=100", "train.log_every=1", "train.out=out/train", "--resume", "auto"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    run = [sys.executable, "-c", step, *train]
-    first = subprocess.run(run, cwd=tmp_path, env={**env, "ERW_FAULT_KILL": "1:2:TERM"},
-                           capture_output=True, text=True, timeout=600)
-    assert first.returncode == 143, first.stdout + first.stderr
-    assert "erw torchrun: preempted (the workers checkpointed); exit status 143" in first.stdout
-    assert re.search(r"erw launch: error: job \S+ was preempted after \S+ \(node 0 got SIGTERM", first.stderr), first.stderr
-    assert "erw launch was preempted (exit status 143)" in first.stderr and "Traceback" not in first.stderr
-    preempted_at = ckpt.load_checkpoint(str(tmp_path / "out/train")).step
-    assert 2 <= preempted_at < 6
+            "run_erw(['launch', '--procs-per-node', '2', '--timeout', '10m'] + sys.argv[1:])")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "ERW_FAULT_KILL": "1:2:TERM"}
 
-    retry = subprocess.run(run, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert retry.returncode == 0, retry.stdout + retry.stderr
-    assert re.search(rf"resumed train from \S+ at step {preempted_at}\n", retry.stdout), retry.stdout
-    assert ckpt.load_checkpoint(str(tmp_path / "out/train")).step == 6
+    def pipeline_step(out: str, *launch_flags: str) -> subprocess.CompletedProcess:
+        train = ["train", "--config", str(ROOT / "configs/demo.yaml"), f"data.shards={shards}", *TINY, "train.steps=6",
+                 "train.ckpt_every=100", "train.log_every=1", f"train.out={out}", "--resume", "auto"]
+        return subprocess.run([sys.executable, "-c", step, *launch_flags, "--", *train], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=600)
+
+    done = pipeline_step("continued")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "erw torchrun: preempted (the workers checkpointed); exit status 143" in done.stdout
+    assert "submitting a new job to continue from the checkpoint (preemption 1 of at most 10)" in done.stdout
+    assert re.search(r"resumed train from \S+ at step [2-5]\n", done.stdout), done.stdout
+    assert ckpt.load_checkpoint(str(tmp_path / "continued")).step == 6
+
+    stopped = pipeline_step("stopped", "--resubmit-preempted", "0")
+    assert stopped.returncode == 143, stopped.stdout + stopped.stderr
+    assert re.search(r"erw launch: error: job \S+ was preempted after \S+ \(node 0 got SIGTERM", stopped.stderr)
+    assert "erw launch was preempted (exit status 143)" in stopped.stderr and "Traceback" not in stopped.stderr
+    assert 2 <= ckpt.load_checkpoint(str(tmp_path / "stopped")).step < 6
 
 
 CRASH_WITH_WORKERS = """

@@ -60,8 +60,8 @@ def test_spec_round_trips_through_json_and_defaults_are_the_flag_defaults():
     assert set(LaunchSpec().to_dict()) == {
         "scheduler", "image", "nodes", "procs_per_node", "gpus_per_node", "cpus_per_node", "memory_gb",
         "node_selector", "tolerations", "env", "s3_secret", "queue", "namespace", "service_account",
-        "priority_class", "name", "instance_type", "timeout", "pending_timeout", "max_restarts", "metrics_port",
-        "run_id", "step", "grace_period_s",
+        "priority_class", "name", "instance_type", "timeout", "pending_timeout", "max_restarts", "resubmit_preempted",
+        "metrics_port", "run_id", "step", "grace_period_s",
     }  # the keys the pipeline's components build (notes/launch-spec.md)
 
 
@@ -268,9 +268,15 @@ rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 print(f"hello from rank {rank} of {world}, grace {os.environ.get('ERW_GRACE_PERIOD_S')}", flush=True)
 if sys.argv[1:] == ["fail"] and rank == 1:
     raise RuntimeError("rank 1 found no shards under s3://bucket/missing")
-if sys.argv[1:] == ["preempted"]:  # as `erw train` after SIGTERM: checkpointed, exit 143
+if sys.argv[1:2] == ["preempted"]:  # as `erw train` after SIGTERM: checkpointed, exit 143
     print(f"train preempted at step 7: rank {rank}", flush=True)
     sys.exit(143)
+if sys.argv[1:2] == ["preempted-once"]:  # the first job is preempted, the next one finishes
+    marker = f"preempted-rank-{rank}"
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        sys.exit(143)
+    print(f"rank {rank} continued", flush=True)
 """
 
 
@@ -307,6 +313,23 @@ def test_a_preempted_local_job_is_reported_as_preempted(rank_job):
     assert re.fullmatch(r"job local_cwd://\S+ was preempted after \S+ \(node 0 got SIGTERM; every rank checkpointed "
                         r"and exited 143\)\. The same command with --resume auto continues .*", first), first
     assert "train preempted at step 7: rank 1" in str(err.value)
+    assert str(err.value).splitlines()[1] == (
+        "No new job was submitted: without --resume auto it would start from step 0."
+    )
+
+
+def test_a_preempted_job_that_resumes_is_submitted_again(rank_job):
+    out = io.StringIO()
+    launch(rank_job, ["preempted-once", "--resume", "auto"], module="rank_job", poll_s=0.2, out=out)
+    log = out.getvalue()
+    assert "submitting a new job to continue from the checkpoint (preemption 1 of at most 10)" in log
+    assert "rank 0 continued" in log and "rank 1 continued" in log and "succeeded" in log
+    # and no further than resubmit_preempted
+    for marker in Path().glob("preempted-rank-*"):
+        marker.unlink()
+    with pytest.raises(Preempted, match=r"No new job was submitted: 0 of resubmit_preempted=0 used"):
+        launch(rank_job.replace(resubmit_preempted=0), ["preempted-once", "--resume", "auto"], module="rank_job",
+               poll_s=0.2, out=io.StringIO())
 
 
 def test_local_job_past_its_deadline_is_stopped(tmp_path, monkeypatch):

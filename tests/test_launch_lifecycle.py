@@ -286,3 +286,28 @@ def test_a_job_ended_by_a_preemption_is_reported_as_one(fake, node0_end, preempt
         assert "train preempted at step 8" in str(err.value)
     else:
         assert "failed after" in first and "Connection reset by peer" in first
+
+
+def test_a_preempted_job_is_submitted_again_and_the_new_one_finishes(fake):
+    fake.phases = ["Running", "Running", "Failed"]
+
+    def pod_logs(job):
+        name = job["metadata"]["name"]
+        if len(fake.created) == 1:  # both nodes preempted: every rank checkpointed
+            for node in (0, 1):
+                fake.logs[f"{name}-trainer-{node}-0"] = [
+                    "2026-01-01T00:00:02Z [0]:train preempted at step 8",
+                    f"2026-01-01T00:00:03Z {PREEMPTION_REPORT}; exit status 143",
+                ]
+        else:
+            fake.set_phases(NAMESPACE, name, ["Running", "Completed"])
+            for node in (0, 1):
+                fake.logs[f"{name}-trainer-{node}-0"] = ["2026-01-01T01:00:00Z [0]:train finished at step 100"]
+
+    fake.on_create = pod_logs
+    out = io.StringIO()
+    launch(spec(), [*COMMAND, "--resume", "auto"], poll_s=0.05, out=out)
+    assert len(fake.created) == 2
+    log = out.getvalue()
+    assert "submitting a new job to continue from the checkpoint (preemption 1 of at most 10)" in log
+    assert "train finished at step 100" in log and "succeeded" in log

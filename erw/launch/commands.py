@@ -45,6 +45,7 @@ HELP = {
     "timeout": "deadline of the whole job, e.g. 45m, 72h; the job is deleted when it passes",
     "pending_timeout": "fail with the scheduler's reasons (and delete the job) if it is Pending this long",
     "max_restarts": "restarts of the whole job after its first run (a pod failed or was evicted)",
+    "resubmit_preempted": "times a preempted job is submitted again to continue from its checkpoint (needs --resume auto)",
     "metrics_port": "base /metrics port to declare on the pods (rank r: port + r)",
     "run_id": f"run id: ERW_RUN_ID in the job and the {RUN_ID_LABEL} label",
     "step": f"{STEP_LABEL} label (default: the erw command); with --run-id a relaunch re-attaches to the job",

@@ -89,11 +89,32 @@ def launch(
     """
     _raise_problems(spec, command)
     write = _line_writer(out)
+    job = _KubernetesJob if spec.scheduler == "kubernetes" else _LocalJob
+    preemptions = 0
     with _sigterm_raises_terminated():
-        if spec.scheduler == "kubernetes":
-            _KubernetesJob(spec, command, module, write, poll_s).run()
-        else:
-            _LocalJob(spec, command, module, write, poll_s).run()
+        while True:
+            try:
+                job(spec, command, module, write, poll_s).run()
+                return
+            except Preempted as err:
+                # Volcano counts a preemption as one of the job's restarts (RestartJob increments its
+                # RetryCount); a new job gives the preempted run a new budget for its failures.
+                first, *rest = str(err).splitlines()
+                if not resumes(command):
+                    why = "No new job was submitted: without --resume auto it would start from step 0."
+                    raise Preempted("\n".join([first, why, *rest])) from None
+                if preemptions >= spec.resubmit_preempted:
+                    why = f"No new job was submitted: {preemptions} of resubmit_preempted={spec.resubmit_preempted} used."
+                    raise Preempted("\n".join([first, why, *rest])) from None
+                preemptions += 1
+                write(f"erw launch: {first}\n")
+                write(f"erw launch: submitting a new job to continue from the checkpoint "
+                      f"(preemption {preemptions} of at most {spec.resubmit_preempted})\n")
+
+
+def resumes(command: list[str]) -> bool:
+    """Whether the erw command continues from the latest checkpoint (`--resume auto`)."""
+    return "--resume=auto" in command or any(a == "--resume" and b == "auto" for a, b in zip(command, command[1:]))
 
 
 # ---------------------------------------------------------------------------------------------

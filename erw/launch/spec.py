@@ -59,6 +59,9 @@ class LaunchSpec:
     timeout: str = "72h"  # whole-job deadline; the job is deleted when it passes
     pending_timeout: str = ""  # fail with the scheduler's reasons if Pending this long; empty: only `timeout`
     max_restarts: int = 0  # restarts of the whole job after its first run
+    # New jobs after one that ended preempted, each continuing from its checkpoint (a command with
+    # `--resume auto` only): preemptions then do not use up the restarts that failures need.
+    resubmit_preempted: int = 10
     metrics_port: int = 0  # base port of each rank's /metrics, declared on the pods; 0: none
     run_id: str = ""  # ERW_RUN_ID in the job; with `step` it identifies the job for re-attaching
     step: str = ""  # e.g. warmup|train; empty: the erw command's name
@@ -147,6 +150,8 @@ class LaunchSpec:
             )
         if self.max_restarts < 0:
             out.append(f"max_restarts must be >= 0, got {self.max_restarts}")
+        if self.resubmit_preempted < 0:
+            out.append(f"resubmit_preempted must be >= 0, got {self.resubmit_preempted}")
         if self.grace_period_s < 0:
             out.append(f"grace_period_s must be >= 0, got {self.grace_period_s}")
         if not 0 <= self.metrics_port <= 65535 - self.procs_per_node:
