@@ -89,11 +89,11 @@ def make_step(cfg: Config, phase: str, batch: int, *, state_type=TrainState, wra
     return step
 
 
-def race(steps: dict[str, Callable[[], None]], rounds: int) -> dict[str, float]:
+def race(steps: dict[str, Callable[[], None]], rounds: int, warmup_calls: int = 2) -> dict[str, float]:
     """Median seconds per step of each variant, taking turns one step at a time."""
     for step in steps.values():  # warm-up: allocator, and compilation for the compiled variant
-        step()
-        step()
+        for _ in range(warmup_calls):
+            step()
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():

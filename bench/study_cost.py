@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import statistics
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -95,16 +93,10 @@ def measure(size: Size, rounds: int, evaluation_rounds: int, other: Size) -> dic
         steps[f"{name} aligned"] = step_of(s, "train", aligned=True)
         steps[f"{name} warmup"] = step_of(s, "warmup", aligned=True)
     times = race(steps, rounds)
-    evaluations = {"base": evaluation_of(size), "other": evaluation_of(other)}
-    seconds: dict[str, list[float]] = {name: [] for name in evaluations}
-    for _ in range(evaluation_rounds):
-        for name, evaluate in evaluations.items():
-            started = time.perf_counter()
-            evaluate()
-            seconds[name].append(time.perf_counter() - started)
+    evaluations = race({"base": evaluation_of(size), "other": evaluation_of(other)}, evaluation_rounds, warmup_calls=0)
     return {
         name: {kind: times[f"{name} {kind}"] for kind in ("plain", "aligned", "warmup")}
-        | {"evaluation": statistics.median(seconds[name])}
+        | {"evaluation": evaluations[name]}
         for name in ("base", "other")
     }
 

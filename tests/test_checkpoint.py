@@ -281,16 +281,11 @@ def test_a_real_full_disk_write_removes_its_temp_file(tmp_path, monkeypatch):
 
 def test_a_full_disk_under_erw_train_exits_2_with_one_message(tmp_path, monkeypatch):
     """The same through the command line: exit status 2, the message, no traceback."""
-    import numpy as np
-    from PIL import Image
-
     from erw import faults
+    from tests.images import noise_image_folder
     from tests.test_cli_training import ROOT, TINY, erw
 
-    rng = np.random.default_rng(0)
-    for i in range(32):
-        (tmp_path / "images" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "images" / f"c{i % 2}" / f"{i}.png")
+    noise_image_folder(tmp_path / "images", count=32, classes=2, size=16)
     erw("precompute", "--no-progress", "data.source=images", "data.shards=shards", "data.resolution=16",
         "data.codec=identity", cwd=tmp_path)
     monkeypatch.setenv(faults.CKPT_BYTES_ENV, "1000:raise")  # the first checkpoint, 1000 bytes into its first file

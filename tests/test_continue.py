@@ -2,13 +2,12 @@
 AdamW moments for train.steps more steps, records where it started, and refuses another model."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from erw.training import checkpoint as ckpt
 from erw.config import load_config
+from tests.images import noise_image_folder
 from tests.test_cli_training import ROOT, TINY, erw
 
 COMMON = ["--config", str(ROOT / "configs/demo.yaml"), "data.shards=shards", *TINY, "encoder.name=none",
@@ -19,10 +18,7 @@ COMMON = ["--config", str(ROOT / "configs/demo.yaml"), "data.shards=shards", *TI
 def published(tmp_path_factory):
     """A small dataset and a finished phase-2 run on it (what the registry would publish)."""
     work = tmp_path_factory.mktemp("continue")
-    rng = np.random.default_rng(0)
-    for i in range(48):
-        (work / "images" / f"c{i % 3}").mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(work / "images" / f"c{i % 3}" / f"{i}.png")
+    noise_image_folder(work / "images", count=48, classes=3, size=32)
     erw("precompute", "--no-progress", "data.source=images", "data.shards=shards", "data.resolution=16",
         "data.codec=identity", cwd=work)
     # Another seed than the runs below: other initial weights, so "starts from it" is visible in the weights.

@@ -99,13 +99,9 @@ def test_training_runs_log_params_and_loss_curves(mlflow_server, tmp_path):
 
     from tests.test_cli_training import ROOT, TINY, erw
 
-    images = tmp_path / "images"
-    rng = __import__("numpy").random.default_rng(0)
-    from PIL import Image
+    from tests.images import noise_image_folder
 
-    for i in range(48):
-        (images / f"c{i % 3}").mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype="uint8")).save(images / f"c{i % 3}" / f"{i}.png")
+    images = noise_image_folder(tmp_path / "images", count=48, classes=3, size=32)
     erw("precompute", "--no-progress", f"data.source={images}", "data.shards=shards", "data.resolution=16",
         "data.codec=identity", cwd=tmp_path)
     erw("train", "--config", str(ROOT / "configs/demo.yaml"), "data.shards=shards", *TINY, "run_id=mlflow-test",
