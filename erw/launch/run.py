@@ -30,7 +30,6 @@ from erw.launch.volcano import (
     scheduler_cfg,
     volcano_job,
 )
-
 from erw.training.elastic import PREEMPTION_REPORT
 
 if TYPE_CHECKING:
@@ -100,12 +99,13 @@ def launch(
                 # Volcano counts a preemption as one of the job's restarts (RestartJob increments its
                 # RetryCount); a new job gives the preempted run a new budget for its failures.
                 first, *rest = str(err).splitlines()
-                if not resumes(command):
-                    why = "No new job was submitted: without --resume auto it would start from step 0."
-                    raise Preempted("\n".join([first, why, *rest])) from None
-                if preemptions >= spec.resubmit_preempted:
-                    why = f"No new job was submitted: {preemptions} of resubmit_preempted={spec.resubmit_preempted} used."
-                    raise Preempted("\n".join([first, why, *rest])) from None
+                why = (
+                    "without --resume auto it would start from step 0" if not resumes(command)
+                    else f"{preemptions} of resubmit_preempted={spec.resubmit_preempted} used"
+                    if preemptions >= spec.resubmit_preempted else ""
+                )
+                if why:
+                    raise Preempted("\n".join([first, f"No new job was submitted: {why}.", *rest])) from None
                 preemptions += 1
                 write(f"erw launch: {first}\n")
                 write(f"erw launch: submitting a new job to continue from the checkpoint "
