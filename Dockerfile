@@ -13,8 +13,9 @@
 #   --build-arg BASE_IMAGE=pytorch/pytorch:2.14.1-cuda12.6-cudnn9-runtime --build-arg CUDA=cu126
 ARG BASE_IMAGE=pytorch/pytorch:2.14.1-cuda13.0-cudnn9-runtime
 FROM ${BASE_IMAGE}
-# The CUDA build of torch: cu130 installs docker/torch-cu130.lock; any other value takes torch and
-# torchvision at the locked versions from https://download.pytorch.org/whl/${CUDA}. Match BASE_IMAGE.
+# The CUDA build of torch: cu130 is the one locks/runtime.txt pins; any other value installs the
+# lock without its CUDA-built distributions and takes torch and torchvision at the locked versions
+# from https://download.pytorch.org/whl/${CUDA}. Match BASE_IMAGE.
 ARG CUDA=cu130
 
 ENV PYTHONUNBUFFERED=1 \
@@ -39,15 +40,16 @@ RUN useradd --create-home --uid 1000 --user-group --shell /bin/bash erw \
  && python3 -m pip --version
 WORKDIR /app
 
-# Dependencies first, in their own layer, exactly as locked (docker/lock.py writes the locks;
-# --no-deps because the locks are the whole closure, which `pip check` then verifies).
-COPY docker/requirements.lock docker/torch-cu130.lock docker/
-RUN python3 -m pip install --no-deps -r docker/requirements.lock \
- && if [ "$CUDA" = cu130 ]; then \
-      python3 -m pip install --no-deps -r docker/torch-cu130.lock; \
+# Dependencies first, in their own layer, exactly as locked and hash-checked (`make lock` writes
+# the lock; --no-deps because it is the whole closure, which `pip check` then verifies).
+COPY locks/runtime.txt locks/
+RUN if [ "$CUDA" = cu130 ]; then \
+      python3 -m pip install --no-deps --require-hashes -r locks/runtime.txt; \
     else \
-      python3 -m pip install --index-url "https://download.pytorch.org/whl/$CUDA" \
-        $(grep -E '^(torch|torchvision)==' docker/torch-cu130.lock); \
+      awk '/^[^ #]/ { cuda = /^((torch|torchvision|triton)==|(nvidia|cuda)-)/ } !cuda' locks/runtime.txt > /tmp/portable.txt \
+      && python3 -m pip install --no-deps --require-hashes -r /tmp/portable.txt \
+      && python3 -m pip install --index-url "https://download.pytorch.org/whl/$CUDA" \
+        $(grep -oE '^(torch|torchvision)==[^ ;]+' locks/runtime.txt); \
     fi \
  && python3 -m pip check \
  && python3 -c "import torch; v = torch.__version__.split('+')[0]; assert v == '2.14.1', v"

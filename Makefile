@@ -10,15 +10,22 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint test-fast test-slow test-chaos test-study system-deps clean
+.PHONY: demo lock test lint test-fast test-slow test-chaos test-study system-deps clean
 
-$(BIN)/.installed: pyproject.toml
+# The venv holds exactly locks/dev.txt (hash-checked; --no-deps because the lock is the whole
+# closure), the versions the image ships plus the dev tools; erw itself is installed editable with
+# the locked setuptools. Nothing is resolved here, so a new release on PyPI changes nothing.
+$(BIN)/.installed: locks/dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	# The CUDA build of torch runs on CPU too; pinned so pip never pulls another multi-GB wheel.
-	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	$(BIN)/pip install --quiet --no-deps --require-hashes -r locks/dev.txt
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
+	$(BIN)/pip check
 	touch $@
+
+# Regenerate locks/runtime.txt and locks/dev.txt after changing pyproject.toml (uv, pinned in the dev
+# extra). Current pins are kept where allowed; `make lock UPGRADE=1` moves all to the newest.
+lock: $(BIN)/.installed
+	$(BIN)/python locks/lock.py $(if $(UPGRADE),--upgrade)
 
 # Real Prometheus, Pushgateway and promtool for the observability tests (Debian packages).
 system-deps:

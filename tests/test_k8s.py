@@ -11,6 +11,7 @@ import kubernetes_validate
 import pytest
 import tomllib
 import yaml
+from tests.locks import LOCKS, pins_here
 from tests.pod_security import restricted_violations
 
 from pipeline.dag import CONFIG_MAP
@@ -202,15 +203,6 @@ def dockerfile() -> list[tuple[str, str]]:
     return out
 
 
-def locked(name: str) -> dict[str, str]:
-    pins = {}
-    for line in (REPO / "docker" / name).read_text().splitlines():
-        if line and not line.startswith("#"):
-            package, version = line.split("==")
-            pins[package] = version
-    return pins
-
-
 def test_image_installs_into_a_venv_with_python3_and_exact_locks():
     steps = dockerfile()
     runs = [args for kind, args in steps if kind == "RUN"]
@@ -225,15 +217,15 @@ def test_image_installs_into_a_venv_with_python3_and_exact_locks():
         assert not re.search(r"\bpython(?!3)\b", run), f"bare `python` (not in these images): {run}"
         assert not re.search(r"(?<!-m )\bpip3? install", run), f"pip must run as `python3 -m pip`: {run}"
         assert "--break-system-packages" not in run
-    # The locks are installed exactly (--no-deps: they are the whole closure), then checked.
-    deps = next(run for run in runs if "docker/requirements.lock" in run)
-    assert "--no-deps -r docker/requirements.lock" in deps and "--no-deps -r docker/torch-cu130.lock" in deps
+    # The lock is installed exactly (hash-checked, --no-deps: it is the whole closure), then checked.
+    deps = next(run for run in runs if "locks/runtime.txt" in run)
+    assert "--no-deps --require-hashes -r locks/runtime.txt" in deps
     assert "pip check" in deps
     torch_pin = next(r for r in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"] if r.startswith("torch=="))
     assert f"assert v == '{torch_pin.split('==')[1]}'" in deps
     # The package: no isolated build environment (it would resolve setuptools at build time).
     (project,) = [run for run in runs if re.search(r"pip install .*--no-build-isolation \.(\s|$)", run)]
-    assert "--no-deps" in project and "setuptools" in locked("requirements.lock")
+    assert "--no-deps" in project and "setuptools" in pins_here(LOCKS / "runtime.txt")
 
 
 def test_image_base_is_a_build_argument_with_a_cuda_12_variant():
@@ -243,8 +235,8 @@ def test_image_base_is_a_build_argument_with_a_cuda_12_variant():
     assert next(a for kind, a in steps if kind == "FROM") == "${BASE_IMAGE}"
     base = args["BASE_IMAGE"]
     assert base.startswith("pytorch/pytorch:2.14.1-cuda13.0-") and not base.endswith(":latest")
-    assert args["CUDA"] == "cu130" and (REPO / "docker" / f"torch-{args['CUDA']}.lock").is_file()
-    deps = next(a for kind, a in steps if kind == "RUN" and "torch-cu130.lock" in a)
+    assert args["CUDA"] == "cu130" and pins_here(LOCKS / "runtime.txt")["nvidia-cuda-runtime"].startswith("13.0.")
+    deps = next(a for kind, a in steps if kind == "RUN" and "locks/runtime.txt" in a)
     assert "https://download.pytorch.org/whl/$CUDA" in deps  # any other CUDA: torch from that index
     header = (REPO / "Dockerfile").read_text()
     assert "R580" in header and "cuda12.6" in header and "@sha256:" in header  # driver floor, variant, digest pin
@@ -262,41 +254,3 @@ def test_image_runs_erw_as_a_non_root_user_with_the_configs_in_its_working_direc
     assert ("ENTRYPOINT", '["erw"]') in steps
     ignored = {line for line in (REPO / ".dockerignore").read_text().splitlines() if not line.startswith("#")}
     assert {".git", ".venv", "runs", "tests"} <= ignored and "configs" not in ignored
-
-
-def test_lock_pins_every_runtime_dependency():
-    from packaging.requirements import Requirement
-    from packaging.utils import canonicalize_name
-
-    lock = {**locked("requirements.lock"), **locked("torch-cu130.lock")}
-    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
-    for text in declared:
-        req = Requirement(text)
-        name = canonicalize_name(req.name)
-        assert name in lock, f"{req.name} is missing from docker/requirements.lock: run docker/lock.py"
-        assert req.specifier.contains(lock[name], prereleases=True), f"lock pins {name}=={lock[name]}, needs {req}"
-
-
-def test_lock_is_closed_under_requirements_and_their_extras():
-    """Every requirement of every locked package, with the extras it is asked for (torch's
-    cuda-toolkit[cublas,...] are its CUDA libraries), is itself locked: --no-deps installs all."""
-    from importlib import metadata
-
-    from packaging.requirements import Requirement
-    from packaging.utils import canonicalize_name
-
-    lock = {**locked("requirements.lock"), **locked("torch-cu130.lock")}
-    asked: dict[str, set[str]] = {}
-    for name in lock:
-        for text in metadata.distribution(name).requires or []:
-            req = Requirement(text)
-            if req.marker is None or req.marker.evaluate({"extra": ""}):
-                asked.setdefault(canonicalize_name(req.name), set()).update(req.extras)
-    for name, extras in asked.items():
-        for text in metadata.distribution(name).requires or []:
-            req = Requirement(text)
-            if req.marker and any(req.marker.evaluate({"extra": e}) for e in extras):
-                assert canonicalize_name(req.name) in lock, f"{name}[{','.join(extras)}] needs {req.name}: run docker/lock.py"
-    missing = sorted(set(asked) - set(lock))
-    assert not missing, f"required but not locked: {missing}: run docker/lock.py"
-    assert {"nvidia-cufft", "nvidia-curand", "nvidia-cusolver"} <= set(locked("torch-cu130.lock"))
