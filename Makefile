@@ -1,7 +1,7 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   create .venv, install, run the whole pipeline on the bundled digits
 #   make test   create .venv, install, then the named steps CI runs, in order:
-#                 lint        ruff (rules chosen in pyproject.toml)
+#                 lint        ruff check (rules chosen in pyproject.toml) and ruff format --check
 #                 test-fast   the default pytest run: the developer loop (slow, chaos, bench excluded)
 #                 test-slow   whole DAG runs (disk and S3 pipeline roots), multi-process jobs
 #                 test-chaos  fault injection (tests/chaos/): killed ranks, broken writes, S3 faults
@@ -39,6 +39,7 @@ test: lint test-fast test-slow test-chaos test-study
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 test-fast: $(BIN)/.installed system-deps
 	$(BIN)/pytest

@@ -20,6 +20,7 @@ The kill-point rows run tests/chaos/killpoints.py (single process, 4 steps: its 
 uninterrupted reference) and summarise its points. Prints one Markdown table and writes it to the
 "chaos" section of docs/results.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,20 @@ from pathlib import Path
 from erw import faults
 from erw.training import checkpoint as ckpt
 from tests.chaos.harness import (
-    STEPS, Outcome, compare_samples, effective, first_shard, free_port, identical, make_shards, read_trace, run,
-    schedule_s3_blips, steps_lost, train_command, upload_tree,
+    STEPS,
+    Outcome,
+    compare_samples,
+    effective,
+    first_shard,
+    free_port,
+    identical,
+    make_shards,
+    read_trace,
+    run,
+    schedule_s3_blips,
+    steps_lost,
+    train_command,
+    upload_tree,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,8 +87,15 @@ class Matrix:
     def trace(folder: Path) -> dict[str, str]:
         return {faults.TRACE_ENV: str(folder / "trace")}
 
-    def judge(self, row: Row, folder: Path, out: str, outcome: Outcome, steps: int = STEPS,
-              reference: tuple[str, dict[int, list[int]]] | None = None) -> Row:
+    def judge(
+        self,
+        row: Row,
+        folder: Path,
+        out: str,
+        outcome: Outcome,
+        steps: int = STEPS,
+        reference: tuple[str, dict[int, list[int]]] | None = None,
+    ) -> Row:
         """Fill survived / steps lost / identical / samples for a run whose log is outcome, against
         the uninterrupted run of `steps` steps (reference: its final checkpoint and samples)."""
         want_final, want_samples = reference or (self.final, self.reference)
@@ -137,12 +157,20 @@ class Matrix:
         with FaultProxy(endpoint) as proxy:
             on_line = schedule_s3_blips(proxy)
 
-            env = {**self.trace(folder), "AWS_ENDPOINT_URL": proxy.url, "ERW_S3_RETRY_SECONDS": "30",
-                   "ERW_S3_STALL_SECONDS": "2"}
-            outcome = run(train_command(f"s3://{bucket}/shards", f"s3://{bucket}/out"), folder, env=env, on_line=on_line)
+            env = {
+                **self.trace(folder),
+                "AWS_ENDPOINT_URL": proxy.url,
+                "ERW_S3_RETRY_SECONDS": "30",
+                "ERW_S3_STALL_SECONDS": "2",
+            }
+            outcome = run(
+                train_command(f"s3://{bucket}/shards", f"s3://{bucket}/out"), folder, env=env, on_line=on_line
+            )
             injected = dict(proxy.injected)
         what = ", ".join(f"{n} {k}" for k, n in sorted(injected.items()))
-        row = Row("S3: 5xx, SlowDown, resets, a stalled read, a 5 s outage", f"from the start; outage at step 3 ({what})", "")
+        row = Row(
+            "S3: 5xx, SlowDown, resets, a stalled read, a 5 s outage", f"from the start; outage at step 3 ({what})", ""
+        )
         return self.judge(row, folder, f"s3://{bucket}/out", outcome)
 
     def s3_outage_past_the_budget(self, endpoint: str) -> Row:
@@ -155,15 +183,24 @@ class Matrix:
 
         steps, extra = 40, ("train.ckpt_every=1000",)
         folder = self.fresh("s3-outage")
-        ref = run(train_command(str(self.shards), "reference", steps=steps, extra=extra), folder,
-                  env={faults.TRACE_ENV: str(folder / "reference-trace")})
+        ref = run(
+            train_command(str(self.shards), "reference", steps=steps, extra=extra),
+            folder,
+            env={faults.TRACE_ENV: str(folder / "reference-trace")},
+        )
         if ref.status != 0:
-            return Row("S3 outage past the retry budget (shards on S3)", "-", f"reference run failed (exit {ref.status})")
-        reference = (ckpt.step_uri(str(folder / "reference"), steps), effective(read_trace(folder / "reference-trace"), [0]))
+            return Row(
+                "S3 outage past the retry budget (shards on S3)", "-", f"reference run failed (exit {ref.status})"
+            )
+        reference = (
+            ckpt.step_uri(str(folder / "reference"), steps),
+            effective(read_trace(folder / "reference-trace"), [0]),
+        )
         bucket = f"chaos-outage-{os.getpid()}"
         boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
         upload_tree(self.shards, f"s3://{bucket}/shards")
         with FaultProxy(endpoint) as proxy:
+
             def on_line(line: str) -> None:
                 if line.startswith("train step 3/"):
                     proxy.outage(3600)  # until cleared below, after the job has given up
@@ -174,9 +211,11 @@ class Matrix:
             proxy.clear()
             second = run(command, folder, env=env, timeout=600)
         checkpointed = re.search(r"storage failed at step (\d+); checkpointing step \1 before exiting", first.output)
-        how = (f"from step 3 until the job gave up (retry budget 2 s; 40 steps); job exit {first.status}, "
-               + (f"step {checkpointed[1]} checkpointed" if checkpointed else "NO checkpoint attempt seen")
-               + ", then a new `--resume auto` job")
+        how = (
+            f"from step 3 until the job gave up (retry budget 2 s; 40 steps); job exit {first.status}, "
+            + (f"step {checkpointed[1]} checkpointed" if checkpointed else "NO checkpoint attempt seen")
+            + ", then a new `--resume auto` job"
+        )
         both = Outcome(second.status, first.output + second.output, first.seconds + second.seconds)
         row = Row("S3 outage past the retry budget (shards on S3)", how, "")
         return self.judge(row, folder, str(folder / "out"), both, steps, reference)
@@ -184,21 +223,46 @@ class Matrix:
     def corrupt_shard(self, mode: str) -> Row:
         folder = self.fresh(f"shard-{mode}")
         name = first_shard(self.shards)
-        outcome = run(train_command(str(self.shards), "out", ranks=1), folder,
-                      env={faults.CORRUPT_SHARD_ENV: f"{name}:{mode}"}, timeout=120)
+        outcome = run(
+            train_command(str(self.shards), "out", ranks=1),
+            folder,
+            env={faults.CORRUPT_SHARD_ENV: f"{name}:{mode}"},
+            timeout=120,
+        )
         last = outcome.output.strip().splitlines()[-1] if outcome.output.strip() else ""
         reported = outcome.status == 2 and name in last and "Traceback" not in outcome.output
-        verdict = ("stopped with one clear line (exit 2), by design" if reported
-                   else f"NOT reported cleanly (exit {outcome.status}{', hang' if outcome.status == 124 else ''})")
-        return Row(f"shard {'truncated' if mode == 'truncate' else 'flipped'} halfway ({name})", "first shard read, 1 process", f"no: {verdict}")
+        verdict = (
+            "stopped with one clear line (exit 2), by design"
+            if reported
+            else f"NOT reported cleanly (exit {outcome.status}{', hang' if outcome.status == 124 else ''})"
+        )
+        return Row(
+            f"shard {'truncated' if mode == 'truncate' else 'flipped'} halfway ({name})",
+            "first shard read, 1 process",
+            f"no: {verdict}",
+        )
 
     def kill_points(self, out: str, label: str, points: int) -> list[Row]:
         folder = self.fresh(f"points-{label.replace(' ', '-')}")
         report = folder / "report.json"
         proc = subprocess.run(
-            [sys.executable, str(ROOT / "tests/chaos/killpoints.py"), "--shards", str(self.shards), "--out", out,
-             "--work", str(folder / "work"), "--report", str(report), "--points", str(points)],
-            capture_output=True, text=True, timeout=1800,
+            [
+                sys.executable,
+                str(ROOT / "tests/chaos/killpoints.py"),
+                "--shards",
+                str(self.shards),
+                "--out",
+                out,
+                "--work",
+                str(folder / "work"),
+                "--report",
+                str(report),
+                "--points",
+                str(points),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=1800,
         )
         if proc.returncode != 0:
             return [Row(f"checkpoint writer killed ({label})", "-", f"driver failed: {proc.stderr[-300:]}")]
@@ -207,19 +271,30 @@ class Matrix:
         unkilled = [p["budget"] for p in data if p["status"] == 0]
         if unkilled:  # a budget past the bytes this run wrote: no fault happened, nothing to judge
             rows.append(Row(f"checkpoint writer ({label})", f"budgets {', '.join(unkilled)} B", "not injected"))
-        for kind, picked in (("SIGKILL", [p for p in data if p["status"] == -9]),
-                             ("full disk (ENOSPC)", [p for p in data if p["budget"].endswith(":raise")])):
+        for kind, picked in (
+            ("SIGKILL", [p for p in data if p["status"] == -9]),
+            ("full disk (ENOSPC)", [p for p in data if p["budget"].endswith(":raise")]),
+        ):
             if not picked:
                 continue
-            good = [p for p in picked if p["resume_auto_loads"] == max(p["committed"], default=None)
-                    and p["loaded_equals_uninterrupted"] in (True, None) and p["final_identical"]]
+            good = [
+                p
+                for p in picked
+                if p["resume_auto_loads"] == max(p["committed"], default=None)
+                and p["loaded_equals_uninterrupted"] in (True, None)
+                and p["final_identical"]
+            ]
             lost = sorted({p["steps_lost"] for p in picked})
-            rows.append(Row(
-                f"checkpoint writer: {kind} mid-write, {label}", f"{len(picked)} byte offsets in 2 checkpoints",
-                f"{len(good)}/{len(picked)}: `--resume auto` loaded the newest verified checkpoint",
-                "-".join(map(str, [lost[0], lost[-1]])) if len(lost) > 1 else str(lost[0]),
-                f"{sum(p['final_identical'] for p in picked)}/{len(picked)}", "-",
-            ))
+            rows.append(
+                Row(
+                    f"checkpoint writer: {kind} mid-write, {label}",
+                    f"{len(picked)} byte offsets in 2 checkpoints",
+                    f"{len(good)}/{len(picked)}: `--resume auto` loaded the newest verified checkpoint",
+                    "-".join(map(str, [lost[0], lost[-1]])) if len(lost) > 1 else str(lost[0]),
+                    f"{sum(p['final_identical'] for p in picked)}/{len(picked)}",
+                    "-",
+                )
+            )
         return rows
 
 
@@ -227,7 +302,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default=None, help="folder for the runs (default: a temporary one)")
     parser.add_argument("--points", type=int, default=20, help="kill points per checkpoint-writer row")
-    parser.add_argument("--results", default=str(ROOT / "docs" / "results.md"), help="markdown file to update ('' : none)")
+    parser.add_argument(
+        "--results", default=str(ROOT / "docs" / "results.md"), help="markdown file to update ('' : none)"
+    )
     args = parser.parse_args()
     os.environ["OMP_NUM_THREADS"] = "1"
     work = Path(args.work or tempfile.mkdtemp(prefix="erw-chaos-"))
@@ -240,9 +317,15 @@ def main() -> int:
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
-    os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint,
-                       "AWS_EC2_METADATA_DISABLED": "true"})
+    os.environ.update(
+        {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": endpoint,
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
+    )
     try:
         shards = work / "data/shards" if (work / "data/shards/manifest.json").exists() else None
         if shards is None:
@@ -271,15 +354,22 @@ def main() -> int:
     table = [
         "| fault | injected at | survived | steps lost | final weights bit-identical | samples twice / never |",
         "|---|---|---|---|---|---|",
-        *(f"| {r.fault} | {r.injected_at} | {r.survived} | {r.steps_lost} | {r.identical} | {r.samples} |" for r in rows),
+        *(
+            f"| {r.fault} | {r.injected_at} | {r.survived} | {r.steps_lost} | {r.identical} | {r.samples} |"
+            for r in rows
+        ),
     ]
-    body = "\n".join([
-        "## Chaos", "",
-        f"`python -m bench.chaos` ({machine()}; {time.monotonic() - started:.0f} s). Each fault is injected into",
-        "a tiny 2-rank `erw torchrun` run (8 steps, a checkpoint every 2; kill-point rows: 1 process, 4 steps)",
-        "and compared with the uninterrupted run: see the script's docstring for each column.", "",
-        *table,
-    ])
+    body = "\n".join(
+        [
+            "## Chaos",
+            "",
+            f"`python -m bench.chaos` ({machine()}; {time.monotonic() - started:.0f} s). Each fault is injected into",
+            "a tiny 2-rank `erw torchrun` run (8 steps, a checkpoint every 2; kill-point rows: 1 process, 4 steps)",
+            "and compared with the uninterrupted run: see the script's docstring for each column.",
+            "",
+            *table,
+        ]
+    )
     print(body)
     print(f"\nruns under {work}")
     if args.results:

@@ -17,6 +17,7 @@ The segments take turns for --rounds rounds, so drifting load hits them alike. T
 checkpoint is the extra wall time of a segment over `none`, in seconds and in steps; the headline
 is async cost / sync cost. Checkpoints go to --out (default: a temporary folder on local disk).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,10 +49,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="", help="where checkpoints go (default: a temporary folder)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (the state is staged from it to CPU memory)")
     args = parser.parse_args(argv)
-    cfg = validate(load_config(args.config, [
-        f"model.arch={args.arch}", "model.align_depth=8", f"train.batch_size={args.batch}",
-        *([] if args.device.startswith("cuda") else ["train.precision=fp32"]), *args.overrides,
-    ]))
+    cfg = validate(
+        load_config(
+            args.config,
+            [
+                f"model.arch={args.arch}",
+                "model.align_depth=8",
+                f"train.batch_size={args.batch}",
+                *([] if args.device.startswith("cuda") else ["train.precision=fp32"]),
+                *args.overrides,
+            ],
+        )
+    )
     device = torch.device(args.device)
     p = cfg.train
     spec = ENCODERS[cfg.encoder.name]

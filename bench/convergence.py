@@ -29,6 +29,7 @@ for warmup steps) plus the encoder's forward for alignment targets; the report g
 step's cost as a fraction of a phase-2 step. Writes DIR/convergence.json, the curves next to FILE
 (convergence.png) and the "convergence" section of FILE.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,9 +43,31 @@ import torch
 
 from bench.results_md import ROOT, machine, write_section
 from bench.smallscale import (
-    SIZES, Curve, DataError, Evaluator, LabelledImages, Size, Task, add_study_arguments, block_features,
-    conditioning_strength, data_flags, encoder_kwargs, ensure_small_nets, evaluation_step, final_model, main_methods,
-    mean_std, model_flags, probe_accuracy, size_name, steps_to_target, study_out, study_size, study_suffix, train_all,
+    SIZES,
+    Curve,
+    DataError,
+    Evaluator,
+    LabelledImages,
+    Size,
+    Task,
+    add_study_arguments,
+    block_features,
+    conditioning_strength,
+    data_flags,
+    encoder_kwargs,
+    ensure_small_nets,
+    evaluation_step,
+    final_model,
+    main_methods,
+    mean_std,
+    model_flags,
+    probe_accuracy,
+    size_name,
+    steps_to_target,
+    study_out,
+    study_size,
+    study_suffix,
+    train_all,
     warmup_step_cost,
 )
 from erw.config import load_config
@@ -114,20 +137,28 @@ def summarize(curves: list[Curve], targets: list[Target]) -> tuple[list[dict], l
             mine = [c for c in curves if c.method == method]
             steps = [s for s in (steps_to_target(c.points, target.fd, "step") for c in mine) if s is not None]
             flops = [f for f in (steps_to_target(c.points, target.fd, "flops") for c in mine) if f is not None]
-            reach.append({
-                "target": target.fd, "method": method, "seeds": len(mine), "reached": len(steps),
-                "steps": mean_std(steps) if steps else None, "flops": mean_std(flops) if flops else None,
-            })
+            reach.append(
+                {
+                    "target": target.fd,
+                    "method": method,
+                    "seeds": len(mine),
+                    "reached": len(steps),
+                    "steps": mean_std(steps) if steps else None,
+                    "flops": mean_std(flops) if flops else None,
+                }
+            )
     ends = []
     for method in methods:
         mine = [c for c in curves if c.method == method]
-        ends.append({
-            "method": method,
-            "final_fd": mean_std([c.points[-1]["fd"] for c in mine]),
-            "final_accuracy": mean_std([c.points[-1]["accuracy"] for c in mine]),
-            "budget_flops": mine[0].points[-1]["flops"],
-            "seconds": mean_std([c.seconds for c in mine]),
-        })
+        ends.append(
+            {
+                "method": method,
+                "final_fd": mean_std([c.points[-1]["fd"] for c in mine]),
+                "final_accuracy": mean_std([c.points[-1]["accuracy"] for c in mine]),
+                "budget_flops": mine[0].points[-1]["flops"],
+                "seconds": mean_std([c.seconds for c in mine]),
+            }
+        )
     return reach, ends
 
 
@@ -194,7 +225,11 @@ def plot(curves: list[Curve], targets: list[Target], floor: float, size: Size, p
         mine = [c for c in curves if c.method == method]
         steps = np.array([p["step"] for p in mine[0].points])
         gflops = np.array([p["flops"] for p in mine[0].points]) / 1e9
-        for ax, x, key, scale in ((axes[0], steps, "fd", 1), (axes[1], gflops, "fd", 1), (axes[2], steps, "accuracy", 100)):
+        for ax, x, key, scale in (
+            (axes[0], steps, "fd", 1),
+            (axes[1], gflops, "fd", 1),
+            (axes[2], steps, "accuracy", 100),
+        ):
             values = np.array([[p[key] * scale for p in c.points] for c in mine])
             mean, std = values.mean(0), values.std(0)
             (line,) = ax.plot(x, mean, marker="o", markersize=3, label=method)
@@ -211,7 +246,9 @@ def plot(curves: list[Curve], targets: list[Target], floor: float, size: Size, p
     axes[2].set_xlabel("optimizer steps (ERW: warmup included)")
     axes[2].set_ylabel("class accuracy of samples (%)")
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"{data_words(size)[0]} {size.resolution}x{size.resolution}, mean ± std over {len({c.seed for c in curves})} seeds")
+    fig.suptitle(
+        f"{data_words(size)[0]} {size.resolution}x{size.resolution}, mean ± std over {len({c.seed for c in curves})} seeds"
+    )
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)
@@ -242,7 +279,7 @@ def reference_probes(data: LabelledImages, encoder_file: str, resolution: int) -
 
     encoder = load_encoder(EncoderConfig("timm-file", weights=encoder_file), resolution)
     with torch.no_grad():
-        tokens = torch.cat([encoder(data.images[i:i + 500]).mean(dim=1) for i in range(0, len(data.images), 500)])
+        tokens = torch.cat([encoder(data.images[i : i + 500]).mean(dim=1) for i in range(0, len(data.images), 500)])
     return {
         "pixels": probe_accuracy(data.images.flatten(1).float().numpy(), data.labels),
         "encoder": probe_accuracy(tokens.numpy(), data.labels),
@@ -283,72 +320,76 @@ def markdown(report: dict, png_name: str) -> str:
     flags = model_flags(size, base)
     xl = load_config(XL_PRESET)
     scale = f" ({size.budget / base.budget:g}x the {report['size_name']} size's)" if size.budget != base.budget else ""
-    return "\n".join([
-        f"## Convergence: plain SiT vs SiT+REPA vs SiT+REPA+ERW ({report['size_name']} size{',' if flags else ''}{flags})",
-        "",
-        f"Reproduce: `{report['command']}` — this run: {report['seconds'] / 60:.0f} min on {report['machine']}.",
-        "",
-        f"Setup (identical for the three methods unless said): {count} {images} at {size.resolution}x{size.resolution} (identity "
-        f"codec: the model denoises pixels), SiT with {size.depth} blocks, width {size.hidden}, {size.heads} heads, "
-        f"{size.patch}x{size.patch}-pixel patches ({(size.resolution // size.patch) ** 2} tokens), batch {size.batch}, AdamW lr "
-        f"{size.lr:g}, EMA {size.ema_decay}, fp32, budget {size.budget} optimizer steps{scale}, seeds "
-        f"{', '.join(map(str, size.seeds))}. REPA: projector after block {size.align_depth}, constant weight c0 = 1 "
-        f"from step 0. ERW: {size.warmup} warmup steps of the budget train blocks 1-{size.l2r_depth} to match the "
-        f"encoder on clean images, then {size.budget - size.warmup} steps of the full model initialised from them, "
-        f"weight c0 * 2^(-(s - W) / {half_life}); a warmup step ({size.l2r_depth} of {size.depth} blocks at t = 0 "
-        f"plus the projector) costs {warmup_step_cost(size):.2f}x the FLOPs of a REPA or ERW phase-2 step "
-        f"({xl_warmup_step_cost():.2f}x at SiT-XL/2, {xl.model.l2r_depth} of {xl.model.dims()[0]} blocks). "
-        f"Encoder: a {kw['depth']}-block ViT (width {kw['embed_dim']}, "
-        f"{kw['patch_size']}x{kw['patch_size']}-pixel patches) trained supervised on the {label} labels (a linear "
-        f"classifier on its mean patch token), {100 * enc['val_accuracy']:.1f}% held-out accuracy; its tokens of the "
-        f"dataset are computed once (their FLOPs are counted). Evaluator: a CNN (other architecture, seed and split), "
-        f"{100 * ev['val_accuracy']:.1f}% held-out accuracy; FD between {size.num_samples} class-balanced samples (Heun "
-        f"ODE, {size.sample_steps} steps, no guidance, the same noise for every model) and all real {real} in its "
-        f"{report['evaluator_dim']}-d penultimate features. {size.num_samples} real {real} score FD "
-        f"{report['floor']:.2f} (the floor).",
-        "",
-        "Targets: " + "; ".join(f"FD ≤ {t.fd:.2f} ({t.source})" for t in targets) + ". Steps and FLOPs to a target "
-        f"are read off each curve (evaluations every {size.eval_every} steps, linear between the last one above the "
-        "target and the first at or below it), mean ± std over the seeds that reached it. FLOPs: 3x the forward "
-        "FLOPs of the trained model per image (the warmup model for warmup steps), plus the encoder's tokens of the "
-        "dataset once for REPA and ERW.",
-        "",
-        reach_table(reach),
-        "",
-        *speedups(reach),
-        "",
-        "At the end of the budget:",
-        "",
-        end_table(ends),
-        "",
-        f"![convergence curves]({png_name})",
-        "",
-        "### Phase 2 from the warmup vs from scratch",
-        "",
-        f"FD after the same number of full-model (phase 2) steps, mean over seeds: ERW's phase 2 starts from the "
-        f"warmed-up blocks after its {size.warmup} warmup steps; REPA's and plain SiT's start from scratch.",
-        "",
-        phase2_table(curves, size),
-        "",
-        "### Where the representation lives: linear probe per block",
-        "",
-        f"Held-out accuracy (30% of the {real}) of a linear probe (ridge classifier on standardised features) on each "
-        f"block's mean token of the first seed's final EMA model, on {real} noised to time t, given the null class "
-        "label (the class label would hand the probe the answer).",
-        "",
-        probe_table(report["probes"], report["reference_probes"]),
-        "",
-        "### How much the class label can steer",
-        "",
-        "The label and the time enter every block's adaLN conditioning as the sum of two embeddings. Spread of the "
-        "class embeddings (mean distance to their centre) against the norm of the timestep embedding (mean over t), "
-        "first seed's final EMA model:",
-        "",
-        "| method | class-embedding spread | timestep-embedding norm | ratio |",
-        "|---|---|---|---|",
-        *(f"| {m} | {c['class_spread']:.2f} | {c['time_norm']:.2f} | {c['class_spread'] / c['time_norm']:.3f} |"
-          for m, c in report["conditioning"].items()),
-    ])
+    return "\n".join(
+        [
+            f"## Convergence: plain SiT vs SiT+REPA vs SiT+REPA+ERW ({report['size_name']} size{',' if flags else ''}{flags})",
+            "",
+            f"Reproduce: `{report['command']}` — this run: {report['seconds'] / 60:.0f} min on {report['machine']}.",
+            "",
+            f"Setup (identical for the three methods unless said): {count} {images} at {size.resolution}x{size.resolution} (identity "
+            f"codec: the model denoises pixels), SiT with {size.depth} blocks, width {size.hidden}, {size.heads} heads, "
+            f"{size.patch}x{size.patch}-pixel patches ({(size.resolution // size.patch) ** 2} tokens), batch {size.batch}, AdamW lr "
+            f"{size.lr:g}, EMA {size.ema_decay}, fp32, budget {size.budget} optimizer steps{scale}, seeds "
+            f"{', '.join(map(str, size.seeds))}. REPA: projector after block {size.align_depth}, constant weight c0 = 1 "
+            f"from step 0. ERW: {size.warmup} warmup steps of the budget train blocks 1-{size.l2r_depth} to match the "
+            f"encoder on clean images, then {size.budget - size.warmup} steps of the full model initialised from them, "
+            f"weight c0 * 2^(-(s - W) / {half_life}); a warmup step ({size.l2r_depth} of {size.depth} blocks at t = 0 "
+            f"plus the projector) costs {warmup_step_cost(size):.2f}x the FLOPs of a REPA or ERW phase-2 step "
+            f"({xl_warmup_step_cost():.2f}x at SiT-XL/2, {xl.model.l2r_depth} of {xl.model.dims()[0]} blocks). "
+            f"Encoder: a {kw['depth']}-block ViT (width {kw['embed_dim']}, "
+            f"{kw['patch_size']}x{kw['patch_size']}-pixel patches) trained supervised on the {label} labels (a linear "
+            f"classifier on its mean patch token), {100 * enc['val_accuracy']:.1f}% held-out accuracy; its tokens of the "
+            f"dataset are computed once (their FLOPs are counted). Evaluator: a CNN (other architecture, seed and split), "
+            f"{100 * ev['val_accuracy']:.1f}% held-out accuracy; FD between {size.num_samples} class-balanced samples (Heun "
+            f"ODE, {size.sample_steps} steps, no guidance, the same noise for every model) and all real {real} in its "
+            f"{report['evaluator_dim']}-d penultimate features. {size.num_samples} real {real} score FD "
+            f"{report['floor']:.2f} (the floor).",
+            "",
+            "Targets: " + "; ".join(f"FD ≤ {t.fd:.2f} ({t.source})" for t in targets) + ". Steps and FLOPs to a target "
+            f"are read off each curve (evaluations every {size.eval_every} steps, linear between the last one above the "
+            "target and the first at or below it), mean ± std over the seeds that reached it. FLOPs: 3x the forward "
+            "FLOPs of the trained model per image (the warmup model for warmup steps), plus the encoder's tokens of the "
+            "dataset once for REPA and ERW.",
+            "",
+            reach_table(reach),
+            "",
+            *speedups(reach),
+            "",
+            "At the end of the budget:",
+            "",
+            end_table(ends),
+            "",
+            f"![convergence curves]({png_name})",
+            "",
+            "### Phase 2 from the warmup vs from scratch",
+            "",
+            f"FD after the same number of full-model (phase 2) steps, mean over seeds: ERW's phase 2 starts from the "
+            f"warmed-up blocks after its {size.warmup} warmup steps; REPA's and plain SiT's start from scratch.",
+            "",
+            phase2_table(curves, size),
+            "",
+            "### Where the representation lives: linear probe per block",
+            "",
+            f"Held-out accuracy (30% of the {real}) of a linear probe (ridge classifier on standardised features) on each "
+            f"block's mean token of the first seed's final EMA model, on {real} noised to time t, given the null class "
+            "label (the class label would hand the probe the answer).",
+            "",
+            probe_table(report["probes"], report["reference_probes"]),
+            "",
+            "### How much the class label can steer",
+            "",
+            "The label and the time enter every block's adaLN conditioning as the sum of two embeddings. Spread of the "
+            "class embeddings (mean distance to their centre) against the norm of the timestep embedding (mean over t), "
+            "first seed's final EMA model:",
+            "",
+            "| method | class-embedding spread | timestep-embedding norm | ratio |",
+            "|---|---|---|---|",
+            *(
+                f"| {m} | {c['class_spread']:.2f} | {c['time_norm']:.2f} | {c['class_spread'] / c['time_norm']:.3f} |"
+                for m, c in report["conditioning"].items()
+            ),
+        ]
+    )
 
 
 def run_study(args: argparse.Namespace, size: Size) -> dict:
@@ -359,21 +400,32 @@ def run_study(args: argparse.Namespace, size: Size) -> dict:
     size = dataclasses.replace(size, num_classes=data.num_classes)
     nets = ensure_small_nets(Path(args.cache), data, size, print)
     evaluator = Evaluator(nets.evaluator_file, data, size.num_samples)
-    print(f"{len(data.labels)} {data.name} images, {data.num_classes} classes: FD floor {evaluator.floor:.2f} "
-          f"with {size.num_samples} samples")
-    print(f"SiT with {size.depth} blocks, L2R depth {size.l2r_depth}: a warmup step costs "
-          f"{warmup_step_cost(size):.2f}x the FLOPs of a phase-2 step ({xl_warmup_step_cost():.2f}x at SiT-XL/2)")
+    print(
+        f"{len(data.labels)} {data.name} images, {data.num_classes} classes: FD floor {evaluator.floor:.2f} "
+        f"with {size.num_samples} samples"
+    )
+    print(
+        f"SiT with {size.depth} blocks, L2R depth {size.l2r_depth}: a warmup step costs "
+        f"{warmup_step_cost(size):.2f}x the FLOPs of a phase-2 step ({xl_warmup_step_cost():.2f}x at SiT-XL/2)"
+    )
 
     tasks = [Task(m, seed, out / f"{m.name}-seed{seed}") for seed in size.seeds for m in main_methods(size)]
     curves = train_all(tasks, size, nets, args.jobs, args.threads)
 
     return {
-        "size_name": size_name(args), "command": reproduce_command(args, size), "machine": machine(),
-        "num_images": len(data.labels), "data_fingerprint": data.fingerprint(),
-        "size": dataclasses.asdict(size), "given_target": args.target,
-        "floor": evaluator.floor, "evaluator_dim": evaluator.dim, "small_nets": nets.reports,
+        "size_name": size_name(args),
+        "command": reproduce_command(args, size),
+        "machine": machine(),
+        "num_images": len(data.labels),
+        "data_fingerprint": data.fingerprint(),
+        "size": dataclasses.asdict(size),
+        "given_target": args.target,
+        "floor": evaluator.floor,
+        "evaluator_dim": evaluator.dim,
+        "small_nets": nets.reports,
         "curves": [dataclasses.asdict(c) for c in curves],
-        "encoder_file": nets.encoder_file, "seconds": time.perf_counter() - started,
+        "encoder_file": nets.encoder_file,
+        "seconds": time.perf_counter() - started,
     }
 
 
@@ -386,6 +438,7 @@ def report_targets(report: dict) -> list[Target]:
 
 def phase2_table(curves: list[Curve], size: Size) -> str:
     """FD by full-model steps taken, ERW's warmup not counted: what the warmup buys phase 2."""
+
     def fd_after(method: str, full_steps: int) -> float | None:
         offset = size.warmup if method == "SiT+REPA+ERW" else 0
         fds = [p["fd"] for c in curves if c.method == method for p in c.points if p["step"] == offset + full_steps]
@@ -402,13 +455,16 @@ def phase2_table(curves: list[Curve], size: Size) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_study_arguments(
-        parser, out=OUT, tiny="a few steps of a tiny model: checks the whole path",
+        parser,
+        out=OUT,
+        tiny="a few steps of a tiny model: checks the whole path",
         full="4x the steps at twice the batch, 5 seeds, 1000 samples",
         no_train="reuse DIR/convergence.json and its runs' final checkpoints: redo the analyses it lacks, "
-                 "the picture and the markdown",
+        "the picture and the markdown",
     )
-    parser.add_argument("--target", type=float,
-                        help="one target FD (default: plain SiT's mean FD after 1/2, 3/4 and all of the budget)")
+    parser.add_argument(
+        "--target", type=float, help="one target FD (default: plain SiT's mean FD after 1/2, 3/4 and all of the budget)"
+    )
     parser.add_argument("--seeds", type=int, help="train seeds 0..N-1 (default: the size's, 3 or 5)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -8,6 +8,7 @@ has sqrt(2) times the spread, so a noise-only "improvement" passes a 3-sigma mar
 1.7% of comparisons, one-sided normal). The spread shrinks about as 1/sqrt(samples): measure at
 the sample count the pipeline evaluates with.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,8 +47,11 @@ if __name__ == "__main__":
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--num-samples", type=int, default=None, help="default: the checkpoint's sample.num_samples")
     args = parser.parse_args()
-    evaluator = [f"--{flag}={value}" for flag, value in (("feature-network", args.feature_network),
-                                                          ("inception-weights", args.inception_weights)) if value]
+    evaluator = [
+        f"--{flag}={value}"
+        for flag, value in (("feature-network", args.feature_network), ("inception-weights", args.inception_weights))
+        if value
+    ]
     fids = fid_noise(args.ckpt, args.reference, evaluator, args.seeds, args.num_samples)
     mean, std = statistics.mean(fids), statistics.stdev(fids)
     print("FID per sampling seed: " + ", ".join(f"{f:.3f}" for f in fids))

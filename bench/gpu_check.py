@@ -21,6 +21,7 @@ Refuses to run without a CUDA GPU (exit 2). `--cpu` runs the same code on the CP
 tiny model (e.g. model.depth=2 model.hidden_size=64): it checks the script, it measures nothing
 worth reporting.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -133,8 +134,9 @@ def build_step(cfg, phase: str, batch: int, compiled: bool, device: torch.device
     one_process = Dist(rank=0, local_rank=0, world_size=1, device=device)
 
     def step(i: int) -> None:
-        train_step(state, batches, objective, p, seed=cfg.seed, dist_state=one_process, net=net,
-                   encoder=torch.nn.Identity())
+        train_step(
+            state, batches, objective, p, seed=cfg.seed, dist_state=one_process, net=net, encoder=torch.nn.Identity()
+        )
 
     return step, flops
 

@@ -15,6 +15,7 @@
 
 Absolute numbers drift with the machine's load; compare the ratios.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,14 +61,27 @@ def small_sd_shaped_vae(path: Path) -> None:
 
     torch.manual_seed(0)
     AutoencoderKL(
-        block_out_channels=(8, 8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=4, layers_per_block=1,
+        block_out_channels=(8, 8, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        norm_num_groups=4,
+        layers_per_block=1,
     ).save_pretrained(path)
 
 
 def precompute_rate(source: Path, out: Path, resolution: int, codec: str, weights: str, image_format: str) -> float:
-    job = PrecomputeJob(source=str(source), out=str(out), resolution=resolution, codec=codec, codec_weights=weights,
-                        image_format=image_format, batch_size=32, shard_size=256, device="cpu")
+    job = PrecomputeJob(
+        source=str(source),
+        out=str(out),
+        resolution=resolution,
+        codec=codec,
+        codec_weights=weights,
+        image_format=image_format,
+        batch_size=32,
+        shard_size=256,
+        device="cpu",
+    )
     with contextlib.redirect_stdout(sys.stderr):  # the workers' progress lines; stdout is the table
         return run_worker(job, progress=False).images_per_second
 
@@ -132,12 +146,20 @@ def loader_rates(root: str, args: argparse.Namespace) -> dict[str, float]:
     steps = args.samples // args.batch_size - 1
     rates = {}
     for name in ("shards-npy", "shards-png"):
-        cfg = DataConfig(shards=storage.join(root, name), resolution=args.resolution, codec="sd-vae-ft-ema",
-                         num_workers=args.workers, shuffle_buffer=1000)
+        cfg = DataConfig(
+            shards=storage.join(root, name),
+            resolution=args.resolution,
+            codec="sd-vae-ft-ema",
+            num_workers=args.workers,
+            shuffle_buffer=1000,
+        )
         rates[name] = rate(build_loader(cfg, args.batch_size, 0, 1, seed=0, with_images=True), steps, args.batch_size)
     per_file = torch.utils.data.DataLoader(
-        PerFileDataset(storage.join(root, "per-file"), 0.18215), batch_size=args.batch_size, shuffle=True,
-        num_workers=args.workers, drop_last=True,
+        PerFileDataset(storage.join(root, "per-file"), 0.18215),
+        batch_size=args.batch_size,
+        shuffle=True,
+        num_workers=args.workers,
+        drop_last=True,
     )
     rates["per-file"] = rate(per_file, steps, args.batch_size)
     return rates
@@ -150,8 +172,12 @@ def start_s3_endpoint() -> ThreadedMotoServer:
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
-    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
-                      AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+    os.environ.update(
+        AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}",
+        AWS_ACCESS_KEY_ID="bench",
+        AWS_SECRET_ACCESS_KEY="bench",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
     boto3.client("s3").create_bucket(Bucket="bench")
     return server
 
@@ -169,8 +195,9 @@ def main() -> None:
         root = Path(tmp)
         synthetic_image_folder(root / "images", args.samples, args.resolution)
         small_sd_shaped_vae(root / "vae")
-        vae_rate = precompute_rate(root / "images", root / "shards-npy", args.resolution, "sd-vae-ft-ema",
-                                   str(root / "vae"), "npy")
+        vae_rate = precompute_rate(
+            root / "images", root / "shards-npy", args.resolution, "sd-vae-ft-ema", str(root / "vae"), "npy"
+        )
         subset = root / "subset"
         for path in sorted((root / "images").glob("*/*.jpg"))[:128]:
             (subset / path.parent.name).mkdir(parents=True, exist_ok=True)
@@ -190,13 +217,17 @@ def main() -> None:
         finally:
             server.stop()
 
-    print(f"{args.samples} samples, {args.resolution}px, batch {args.batch_size}, {args.workers} workers; each sample: "
-          f"latent moments 8x{args.resolution // 8}x{args.resolution // 8} fp16 + the {args.resolution}px crop")
+    print(
+        f"{args.samples} samples, {args.resolution}px, batch {args.batch_size}, {args.workers} workers; each sample: "
+        f"latent moments 8x{args.resolution // 8}x{args.resolution // 8} fp16 + the {args.resolution}px crop"
+    )
     print(f"precompute (CPU): identity codec {identity_rate:.1f} images/s, small AutoencoderKL {vae_rate:.1f} images/s")
     print(f"{'':6s} {'shards, raw crop':>17s} {'shards, png crop':>17s} {'per-file png':>13s}   ratios to per-file")
     for name, r in (("local", local), ("s3", remote)):
-        print(f"{name:6s} {r['shards-npy']:13.1f} s/s {r['shards-png']:13.1f} s/s {r['per-file']:9.1f} s/s   "
-              f"raw {r['shards-npy'] / r['per-file']:.2f}x, png {r['shards-png'] / r['per-file']:.2f}x")
+        print(
+            f"{name:6s} {r['shards-npy']:13.1f} s/s {r['shards-png']:13.1f} s/s {r['per-file']:9.1f} s/s   "
+            f"raw {r['shards-npy'] / r['per-file']:.2f}x, png {r['shards-png'] / r['per-file']:.2f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ every call the loop makes. Interleaving step by step in one run cancels drift in
 load, which on a shared machine is far larger than the effect measured; the ratio of medians is
 the result. On a crowded machine, OMP_NUM_THREADS=1 keeps torch's thread pool from dominating.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,7 +72,7 @@ class SwitchingBatches:
 
     def step_seconds(self, exporter_on: bool) -> list[float]:
         """Durations of the steps that ran with the exporter on (or off), warm-up excluded."""
-        pairs = zip(self.fetched[WARMUP_STEPS:], self.fetched[WARMUP_STEPS + 1:])
+        pairs = zip(self.fetched[WARMUP_STEPS:], self.fetched[WARMUP_STEPS + 1 :])
         return [end - start for (start, on), (end, _) in pairs if on == exporter_on]
 
 
@@ -102,8 +103,14 @@ def observe_step_microseconds(calls: int = 20_000) -> float:
         started = time.perf_counter()
         for step in range(calls):
             metrics.observe_step(
-                step=step, samples=8, losses={"loss": 0.5, "loss_denoise": 0.4, "loss_align": -0.1},
-                align_weight=1.0, lr=1e-4, grad_norm=1.0, step_seconds=0.05, data_wait_seconds=0.001,
+                step=step,
+                samples=8,
+                losses={"loss": 0.5, "loss_denoise": 0.4, "loss_align": -0.1},
+                align_weight=1.0,
+                lr=1e-4,
+                grad_norm=1.0,
+                step_seconds=0.05,
+                data_wait_seconds=0.001,
             )
         return 1e6 * (time.perf_counter() - started) / calls
     finally:
@@ -127,13 +134,22 @@ def main() -> None:
         cfg = load_config(
             CONFIGS / "demo.yaml",
             [
-                "encoder.name=none", "model.depth=4", "model.hidden_size=64", "model.num_heads=2",
-                "model.l2r_depth=2", "model.align_depth=2", f"train.steps={args.steps}",
-                f"train.batch_size={args.batch}", f"train.ckpt_every={args.steps}", f"train.log_every={args.steps}",
+                "encoder.name=none",
+                "model.depth=4",
+                "model.hidden_size=64",
+                "model.num_heads=2",
+                "model.l2r_depth=2",
+                "model.align_depth=2",
+                f"train.steps={args.steps}",
+                f"train.batch_size={args.batch}",
+                f"train.ckpt_every={args.steps}",
+                f"train.log_every={args.steps}",
                 f"train.out={out}",
             ],
         )
-        batches = SwitchingBatches(cfg.train.batch_size, cfg.data.latent_channels, cfg.data.latent_size, switch, args.switch_every)
+        batches = SwitchingBatches(
+            cfg.train.batch_size, cfg.data.latent_channels, cfg.data.latent_size, switch, args.switch_every
+        )
         cpu = Dist(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
         try:
             run(cfg, "train", batches, cpu, metrics=SwitchedMetrics(metrics, switch), log=lambda _msg: None)
@@ -147,7 +163,9 @@ def main() -> None:
         f"small SiT (demo preset, depth 4, width 64, no encoder), batch {args.batch}, CPU, {args.steps} steps, "
         f"exporter switched every {args.switch_every} steps, {scraper.count} scrapes while on"
     )
-    print(f"median step time: exporter off {1e3 * statistics.median(off):.2f} ms, on {1e3 * statistics.median(on):.2f} ms")
+    print(
+        f"median step time: exporter off {1e3 * statistics.median(off):.2f} ms, on {1e3 * statistics.median(on):.2f} ms"
+    )
     print(
         f"step time ratio on/off: median {statistics.median(on) / statistics.median(off):.4f}, "
         f"mean {statistics.fmean(on) / statistics.fmean(off):.4f}"

@@ -3,6 +3,7 @@
 A section lives between `<!-- BEGIN name -->` and `<!-- END name -->`; a script rewrites only its
 own, so the convergence study, the sweeps and the throughput report can be rerun independently.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -26,10 +27,10 @@ def write_section(path: str | Path, name: str, body: str) -> None:
     if pattern.search(text):
         text = pattern.sub(lambda _: block, text)
     else:
-        later = [n for n in ORDER[ORDER.index(name) + 1:]] if name in ORDER else []
+        later = [n for n in ORDER[ORDER.index(name) + 1 :]] if name in ORDER else []
         anchor = next((m for n in later if (m := re.search(rf"<!-- BEGIN {re.escape(n)} -->", text))), None)
         if anchor:
-            text = text[: anchor.start()] + block + "\n\n" + text[anchor.start():]
+            text = text[: anchor.start()] + block + "\n\n" + text[anchor.start() :]
         else:
             text = text.rstrip("\n") + "\n\n" + block + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ after the other (never in parallel: they would measure each other), records the 
 exit status and the output, and rewrites the "throughput" section of the results file with the
 date and the machine. A benchmark that fails is reported as failed, and the exit status is 1.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,6 +18,7 @@ import time
 from dataclasses import dataclass
 
 from bench.results_md import RESULTS, ROOT, machine, write_section
+
 # name -> arguments. torch.compile of a SiT did not finish within 15 minutes on a 2-core CPU, so
 # the compiled/eager ratio is left to bench/gpu_check.sh, which measures it on a GPU.
 BENCHMARKS = {

@@ -14,6 +14,7 @@ its own micro-batch from its (seed, rank, step) stream. Side by side, one step a
 and the extra cost of keyed over per rank as a share of the step. On a GPU the tables are drawn
 on the device (4 MiB of noise for G = 256): not measured here.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,10 +33,21 @@ def main() -> None:
     parser.add_argument("--arch", default="SiT-B/2")
     parser.add_argument("--rounds", type=int, default=12)
     args = parser.parse_args()
-    cfg = validate(load_config(ROOT / "configs" / "imagenet256-sit-xl2.yaml", [
-        f"model.arch={args.arch}", "model.align_depth=8", "train.precision=fp32", "warmup.precision=fp32",
-    ]))
-    micro, shape = args.global_batch // args.ranks, (cfg.data.latent_channels, cfg.data.latent_size, cfg.data.latent_size)
+    cfg = validate(
+        load_config(
+            ROOT / "configs" / "imagenet256-sit-xl2.yaml",
+            [
+                f"model.arch={args.arch}",
+                "model.align_depth=8",
+                "train.precision=fp32",
+                "warmup.precision=fp32",
+            ],
+        )
+    )
+    micro, shape = (
+        args.global_batch // args.ranks,
+        (cfg.data.latent_channels, cfg.data.latent_size, cfg.data.latent_size),
+    )
     positions = torch.arange(micro)
     step_counter = iter(range(10**9))
 
@@ -51,12 +63,16 @@ def main() -> None:
         draw(GeneratorDraws(micro, "cpu"))
 
     s = race({"keyed": keyed, "per rank": per_rank, "step": make_step(cfg, "train", micro)}, args.rounds)
-    print(f"per-sample draws, CPU, {torch.get_num_threads()} threads: global batch {args.global_batch} of "
-          f"{'x'.join(map(str, shape))} latents, {args.ranks} ranks (micro-batch {micro}), {args.arch} fp32 step, "
-          f"{args.rounds} rounds, median")
-    print(f"keyed {1e3 * s['keyed']:.2f} ms | per rank {1e3 * s['per rank']:.3f} ms | step {1e3 * s['step']:.0f} ms | "
-          f"keyed/per rank {s['keyed'] / s['per rank']:.1f}x | extra cost of keyed draws per step "
-          f"{100 * (s['keyed'] - s['per rank']) / s['step']:.2f}% of the step")
+    print(
+        f"per-sample draws, CPU, {torch.get_num_threads()} threads: global batch {args.global_batch} of "
+        f"{'x'.join(map(str, shape))} latents, {args.ranks} ranks (micro-batch {micro}), {args.arch} fp32 step, "
+        f"{args.rounds} rounds, median"
+    )
+    print(
+        f"keyed {1e3 * s['keyed']:.2f} ms | per rank {1e3 * s['per rank']:.3f} ms | step {1e3 * s['step']:.0f} ms | "
+        f"keyed/per rank {s['keyed'] / s['per rank']:.1f}x | extra cost of keyed draws per step "
+        f"{100 * (s['keyed'] - s['per rank']) / s['step']:.2f}% of the step"
+    )
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ against one generator per batch.
 
 Absolute numbers depend on the machine and its load; the ratios are the result.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,8 +56,12 @@ def time_once(run) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=4,
-                        help="sampler steps (250 in REPA's SDE; the ratios only depend on the share of steps guided)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=4,
+        help="sampler steps (250 in REPA's SDE; the ratios only depend on the share of steps guided)",
+    )
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
@@ -85,7 +90,11 @@ def main() -> None:
     wall: dict[str, list[float]] = {name: [] for name in runs}
     cpu: dict[str, list[float]] = {name: [] for name in runs}
     with torch.no_grad():  # warm-up: first-call allocations and kernel selection, not timed
-        model(torch.zeros(args.batch_size, *LATENT_SHAPE), torch.zeros(args.batch_size), torch.zeros(args.batch_size, dtype=torch.long))
+        model(
+            torch.zeros(args.batch_size, *LATENT_SHAPE),
+            torch.zeros(args.batch_size),
+            torch.zeros(args.batch_size, dtype=torch.long),
+        )
     order = random.Random(0)
     for round_ in range(args.repeats):
         names = list(runs)
@@ -94,11 +103,17 @@ def main() -> None:
             seconds, cpu_seconds = time_once(runs[name])
             wall[name].append(seconds)
             cpu[name].append(cpu_seconds)
-            print(f"round {round_ + 1}/{args.repeats} {name}: {seconds:.1f} s wall, {cpu_seconds:.1f} s CPU", file=sys.stderr, flush=True)
+            print(
+                f"round {round_ + 1}/{args.repeats} {name}: {seconds:.1f} s wall, {cpu_seconds:.1f} s CPU",
+                file=sys.stderr,
+                flush=True,
+            )
 
     base = statistics.median(cpu["sde"])
-    print(f"\nSiT-S/2 on CPU ({torch.get_num_threads()} threads), batch {args.batch_size}, {args.steps} steps, "
-          f"median of {args.repeats}")
+    print(
+        f"\nSiT-S/2 on CPU ({torch.get_num_threads()} threads), batch {args.batch_size}, {args.steps} steps, "
+        f"median of {args.repeats}"
+    )
     print(f"{'configuration':38s} {'images/s':>9s} {'speed vs sde (CPU time)':>24s}")
     for name in runs:
         rate = args.batch_size / statistics.median(wall[name])

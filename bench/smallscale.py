@@ -13,6 +13,7 @@ or any small labelled image set given with --images.
 - the cost of a run in steps and in FLOPs (warmup steps priced as warmup steps);
 - a per-block linear probe of a trained model's hidden states.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -99,7 +100,9 @@ class Size:
     def problems(self) -> list[str]:
         out = []
         if self.budget % self.eval_every or self.warmup % self.eval_every:
-            out.append(f"budget {self.budget} and warmup {self.warmup} must be multiples of eval_every {self.eval_every}")
+            out.append(
+                f"budget {self.budget} and warmup {self.warmup} must be multiples of eval_every {self.eval_every}"
+            )
         if not 0 < self.warmup < self.budget:
             out.append(f"warmup {self.warmup} must be inside the budget {self.budget}")
         if self.resolution % self.patch:
@@ -123,14 +126,39 @@ class Method:
 
 
 SIZES = {
-    "tiny": Size(budget=4, eval_every=2, warmup=2, batch=8, seeds=(0, 1, 2), num_samples=20, sample_steps=2,
-                 depth=3, hidden=32, heads=2, projector_dim=32, align_depth=2, l2r_depth=1,
-                 encoder_steps=5, evaluator_steps=5, encoder_depth=1, num_digits=300),
+    "tiny": Size(
+        budget=4,
+        eval_every=2,
+        warmup=2,
+        batch=8,
+        seeds=(0, 1, 2),
+        num_samples=20,
+        sample_steps=2,
+        depth=3,
+        hidden=32,
+        heads=2,
+        projector_dim=32,
+        align_depth=2,
+        l2r_depth=1,
+        encoder_steps=5,
+        evaluator_steps=5,
+        encoder_depth=1,
+        num_digits=300,
+    ),
     # Batch 8: at this scale progress is counted in optimizer steps (the class embedding and the
     # attention take thousands of steps to matter), so many small steps beat fewer large ones.
     "default": Size(budget=3200, eval_every=400, warmup=800, batch=8, seeds=(0, 1, 2), num_samples=200, sample_steps=8),
-    "full": Size(budget=12800, eval_every=800, warmup=3200, batch=16, seeds=(0, 1, 2, 3, 4), num_samples=1000,
-                 sample_steps=16, encoder_steps=1500, evaluator_steps=1500),
+    "full": Size(
+        budget=12800,
+        eval_every=800,
+        warmup=3200,
+        batch=16,
+        seeds=(0, 1, 2, 3, 4),
+        num_samples=1000,
+        sample_steps=16,
+        encoder_steps=1500,
+        evaluator_steps=1500,
+    ),
 }
 
 
@@ -141,8 +169,11 @@ def size_name(args: argparse.Namespace) -> str:
 def add_study_arguments(parser: argparse.ArgumentParser, out: str, tiny: str, full: str, no_train: str) -> None:
     """The flags the studies share; `out` is the default run directory, the rest are help texts."""
     add_size_arguments(parser, tiny, full)
-    parser.add_argument("--out", help=f"run directory (checkpoints, logs, json); default {out}, followed by the "
-                                       f"model flags when any is given (e.g. {out}-depth-12)")
+    parser.add_argument(
+        "--out",
+        help=f"run directory (checkpoints, logs, json); default {out}, followed by the "
+        f"model flags when any is given (e.g. {out}-depth-12)",
+    )
     parser.add_argument("--cache", default="runs/bench/cache", help="where the small encoder and evaluator are kept")
     parser.add_argument("--results", default=str(RESULTS), help="markdown file to update")
     add_process_arguments(parser)
@@ -151,8 +182,12 @@ def add_study_arguments(parser: argparse.ArgumentParser, out: str, tiny: str, fu
 
 def add_process_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jobs", type=int, default=2, help="runs trained at once, one process each")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads per run; 1 avoids the stalls of several threads on a shared machine")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads per run; 1 avoids the stalls of several threads on a shared machine",
+    )
 
 
 def add_size_arguments(parser: argparse.ArgumentParser, tiny: str, full: str) -> None:
@@ -162,25 +197,37 @@ def add_size_arguments(parser: argparse.ArgumentParser, tiny: str, full: str) ->
     group.add_argument("--tiny", action="store_true", help=tiny)
     group.add_argument("--full", action="store_true", help=full)
     data = parser.add_argument_group("data (default: the bundled digits at 16x16 with 2x2-pixel patches)")
-    data.add_argument("--images", default="",
-                      help="labelled images: an ImageFolder (one sub-folder per class), erw shards stored with images, "
-                           "or an .npz with `images` uint8 [N, H, W, 3] and `labels`; the encoder and the evaluator "
-                           "are trained on them (cached by content hash)")
+    data.add_argument(
+        "--images",
+        default="",
+        help="labelled images: an ImageFolder (one sub-folder per class), erw shards stored with images, "
+        "or an .npz with `images` uint8 [N, H, W, 3] and `labels`; the encoder and the evaluator "
+        "are trained on them (cached by content hash)",
+    )
     data.add_argument("--resolution", type=int, default=DIGITS_RESOLUTION, help="images are resized to this side")
-    data.add_argument("--patch", type=int, default=DIGITS_PATCH, help="pixels per token side, of the SiT and the encoder")
+    data.add_argument(
+        "--patch", type=int, default=DIGITS_PATCH, help="pixels per token side, of the SiT and the encoder"
+    )
     model = parser.add_argument_group(
         "model and budget (default: the size's; default size: 6 blocks, L2R depth 2, projector after block 3, "
-        "warmup 800 of 3200 steps)")
+        "warmup 800 of 3200 steps)"
+    )
     model.add_argument("--depth", type=int, help="SiT blocks")
     model.add_argument("--l2r-depth", type=int, help="the first blocks, trained by the ERW warmup")
-    model.add_argument("--align-depth", type=int,
-                       help="block after which REPA's and ERW's projector reads the hidden state")
-    model.add_argument("--warmup", type=int,
-                       help="ERW warmup steps, part of the budget (a multiple of the evaluation interval)")
+    model.add_argument(
+        "--align-depth", type=int, help="block after which REPA's and ERW's projector reads the hidden state"
+    )
+    model.add_argument(
+        "--warmup", type=int, help="ERW warmup steps, part of the budget (a multiple of the evaluation interval)"
+    )
     # The evaluation interval and the warmup stay: a longer budget extends the curves on the same
     # grid, and the warmup becomes a smaller share of it, as in the paper's long runs.
-    model.add_argument("--budget-scale", type=float, default=1.0,
-                       help="multiplies the budget of optimizer steps; the evaluation interval and the warmup stay")
+    model.add_argument(
+        "--budget-scale",
+        type=float,
+        default=1.0,
+        help="multiplies the budget of optimizer steps; the evaluation interval and the warmup stay",
+    )
 
 
 def study_size(args: argparse.Namespace, seeds: int | None = None) -> Size:
@@ -189,8 +236,13 @@ def study_size(args: argparse.Namespace, seeds: int | None = None) -> Size:
     base = SIZES[size_name(args)]
     model = {name: getattr(args, name) for name in MODEL_FLAGS if getattr(args, name) is not None}
     return dataclasses.replace(
-        base, images=args.images, resolution=args.resolution, patch=args.patch, **model,
-        budget=round(base.budget * args.budget_scale), seeds=base.seeds if seeds is None else tuple(range(seeds)),
+        base,
+        images=args.images,
+        resolution=args.resolution,
+        patch=args.patch,
+        **model,
+        budget=round(base.budget * args.budget_scale),
+        seeds=base.seeds if seeds is None else tuple(range(seeds)),
     )
 
 
@@ -247,7 +299,9 @@ def main_methods(size: Size) -> list[Method]:
         Method("SiT", align=False),
         Method("SiT+REPA", align=True, overrides=("objective.align_schedule=constant",)),
         Method(
-            "SiT+REPA+ERW", align=True, warmup=size.warmup,
+            "SiT+REPA+ERW",
+            align=True,
+            warmup=size.warmup,
             overrides=("objective.align_schedule=decay", f"objective.align_half_life={half_life}"),
         ),
     ]
@@ -255,14 +309,25 @@ def main_methods(size: Size) -> list[Method]:
 
 def study_config(size: Size, method: Method, seed: int, run_dir: Path, encoder_file: str) -> Config:
     phase = {
-        "batch_size": size.batch, "lr": size.lr, "precision": "fp32", "ema_decay": size.ema_decay,
-        "ckpt_every": size.budget, "keep_last": 1, "log_every": size.eval_every,
+        "batch_size": size.batch,
+        "lr": size.lr,
+        "precision": "fp32",
+        "ema_decay": size.ema_decay,
+        "ckpt_every": size.budget,
+        "keep_last": 1,
+        "log_every": size.eval_every,
     }
     tree = {
-        "run_id": f"{method.name}-seed{seed}", "seed": seed,
+        "run_id": f"{method.name}-seed{seed}",
+        "seed": seed,
         "model": {
-            "arch": f"SiT-S/{size.patch}", "depth": size.depth, "hidden_size": size.hidden, "num_heads": size.heads,
-            "num_classes": size.num_classes, "projector_dim": size.projector_dim, "align_depth": size.align_depth,
+            "arch": f"SiT-S/{size.patch}",
+            "depth": size.depth,
+            "hidden_size": size.hidden,
+            "num_heads": size.heads,
+            "num_classes": size.num_classes,
+            "projector_dim": size.projector_dim,
+            "align_depth": size.align_depth,
             "l2r_depth": size.l2r_depth,
         },
         "encoder": {"name": CUSTOM, "weights": encoder_file} if method.align else {"name": "none"},
@@ -300,7 +365,7 @@ class LabelledImages:
             pixels, classes = digit_images()
             images, labels, name = torch.from_numpy(pixels).permute(0, 3, 1, 2), torch.from_numpy(classes), "digits"
         if size.num_digits:
-            images, labels = images[:size.num_digits], labels[:size.num_digits]
+            images, labels = images[: size.num_digits], labels[: size.num_digits]
         if images.shape[-1] != size.resolution:
             pixels = torch.nn.functional.interpolate(images.float(), size=size.resolution, mode="area")
             images = pixels.round().clamp(0, 255).to(torch.uint8)
@@ -322,8 +387,10 @@ class LabelledImages:
 
     def problems(self) -> list[str]:
         if len(self.labels) < 20 or self.labels.min() < 0:
-            return [f"{len(self.labels)} images with labels from {int(self.labels.min())}: the study needs at least 20, "
-                    "each with a class label"]
+            return [
+                f"{len(self.labels)} images with labels from {int(self.labels.min())}: the study needs at least 20, "
+                "each with a class label"
+            ]
         missing = sorted(set(range(self.num_classes)) - set(self.labels.tolist()))
         return [f"no images of class(es) {missing}: labels must be 0..K-1, each with images"] if missing else []
 
@@ -334,7 +401,9 @@ def _read_images(uri: str, resolution: int) -> tuple[Tensor, Tensor]:
     if uri.endswith(".npz"):
         arrays = np.load(uri)
         if not {"images", "labels"} <= set(arrays.files):
-            raise DataError(f"{uri} holds {', '.join(arrays.files)}: expected `images` (uint8 [N, H, W, 3]) and `labels`")
+            raise DataError(
+                f"{uri} holds {', '.join(arrays.files)}: expected `images` (uint8 [N, H, W, 3]) and `labels`"
+            )
         images = arrays["images"]
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or images.shape[1] != images.shape[2]:
             raise DataError(f"{uri}: `images` is {images.dtype} {images.shape}, expected square uint8 [N, H, W, 3]")
@@ -430,8 +499,12 @@ def ensure_small_nets(cache: Path, data: LabelledImages, size: Size, log: Callab
     content = data.fingerprint()
     encoder_key = _key(encoder_settings, kwargs, small_nets.ENCODER_TIMM_NAME, content)
     encoder_file = cache / f"{data.name}-encoder-{encoder_key}.safetensors"
-    evaluator_arch = repr(small_evaluator.DigitEvaluator(data.num_classes))  # exported for one input size: part of the key
-    evaluator_file = cache / f"{data.name}-evaluator-{_key(evaluator_settings, evaluator_arch, size.resolution, content)}.pt2"
+    evaluator_arch = repr(
+        small_evaluator.DigitEvaluator(data.num_classes)
+    )  # exported for one input size: part of the key
+    evaluator_file = (
+        cache / f"{data.name}-evaluator-{_key(evaluator_settings, evaluator_arch, size.resolution, content)}.pt2"
+    )
     reports_file = cache / "small-nets.json"
     reports = json.loads(reports_file.read_text()) if reports_file.exists() else {}
     if not encoder_file.exists() or encoder_file.name not in reports:
@@ -448,7 +521,8 @@ def ensure_small_nets(cache: Path, data: LabelledImages, size: Size, log: Callab
         log(f"evaluator: {report.describe()}")
     reports_file.write_text(json.dumps(reports, indent=2))
     return SmallNets(
-        str(encoder_file), str(evaluator_file),
+        str(encoder_file),
+        str(evaluator_file),
         {"encoder": reports[encoder_file.name], "evaluator": reports[evaluator_file.name]},
     )
 
@@ -465,14 +539,20 @@ class Evaluator:
         self.dim = real.shape[1]
         # The distance a perfect generator gets with this many samples: the floor of the curves.
         rng = np.random.default_rng(0)
-        self.floor = float(np.mean([
-            frechet_distance(Gaussian.fit(real[rng.choice(len(real), num_samples, replace=False)]), self.reference)
-            for _ in range(5)
-        ]))
+        self.floor = float(
+            np.mean(
+                [
+                    frechet_distance(
+                        Gaussian.fit(real[rng.choice(len(real), num_samples, replace=False)]), self.reference
+                    )
+                    for _ in range(5)
+                ]
+            )
+        )
 
     @torch.no_grad()
     def _features(self, images: Tensor) -> tuple[np.ndarray, np.ndarray]:
-        out = [self.network(images[i:i + 500]) for i in range(0, len(images), 500)]
+        out = [self.network(images[i : i + 500]) for i in range(0, len(images), 500)]
         return torch.cat([o["pool"] for o in out]).numpy(), torch.cat([o["logits"] for o in out])
 
     def score(self, images: Tensor, labels: Tensor) -> dict[str, float]:
@@ -511,7 +591,7 @@ def encoder_features(encoder_file: str, encoder: torch.nn.Module, data: Labelled
     """The encoder's tokens of every image (`--store features`), computed once per encoder file."""
     key = (encoder_file, len(data.labels))
     if key not in _FEATURES:
-        _FEATURES[key] = torch.cat([encoder(data.images[i:i + 500]) for i in range(0, len(data.images), 500)])
+        _FEATURES[key] = torch.cat([encoder(data.images[i : i + 500]) for i in range(0, len(data.images), 500)])
     return _FEATURES[key]
 
 
@@ -545,7 +625,13 @@ def generate(model: torch.nn.Module, size: Size) -> tuple[Tensor, Tensor]:
 
 
 def train_and_evaluate(
-    method: Method, size: Size, seed: int, run_dir: Path, data: LabelledImages, nets: SmallNets, evaluator: Evaluator,
+    method: Method,
+    size: Size,
+    seed: int,
+    run_dir: Path,
+    data: LabelledImages,
+    nets: SmallNets,
+    evaluator: Evaluator,
     log: Callable[[str], None],
 ) -> Curve:
     """Train one method for the whole budget, scoring the EMA model every eval_every steps."""
@@ -577,18 +663,26 @@ def train_and_evaluate(
         started = time.perf_counter()
         result = run(segment, "train", batches, CPU, encoder=encoder, init_from=init_from, resume="auto", log=quiet)
         if result.preempted:  # SIGTERM: the trainer saved a checkpoint; stop rather than train on
-            raise SystemExit(f"{method.name} seed {seed} stopped by SIGTERM at step {result.step} ({result.checkpoint})")
+            raise SystemExit(
+                f"{method.name} seed {seed} stopped by SIGTERM at step {result.step} ({result.checkpoint})"
+            )
         curve.seconds += time.perf_counter() - started
         init_from = None  # later segments resume from the checkpoint, which already holds the hand-off
         state = ckpt.load_checkpoint(result.checkpoint, with_train_state=False).ema_state
         images, labels = generate(ema_model(cfg, state, encoder_dim), size)
         scores = evaluator.score(images, labels)
         step = method.warmup + end
-        curve.points.append({
-            "step": step, "flops": feature_flops + warmup_flops + end * full_step, **scores,
-            "loss_denoise": result.history[-1]["loss_denoise"],
-        })
-        log(f"  {method.name:<13} seed {seed} step {step:>5}: FD {scores['fd']:8.2f}  accuracy {100 * scores['accuracy']:5.1f}%")
+        curve.points.append(
+            {
+                "step": step,
+                "flops": feature_flops + warmup_flops + end * full_step,
+                **scores,
+                "loss_denoise": result.history[-1]["loss_denoise"],
+            }
+        )
+        log(
+            f"  {method.name:<13} seed {seed} step {step:>5}: FD {scores['fd']:8.2f}  accuracy {100 * scores['accuracy']:5.1f}%"
+        )
         curve.final_checkpoint = result.checkpoint
     trainer_log.close()
     return curve
@@ -629,7 +723,9 @@ def _start_worker(threads: int, size: Size, nets: SmallNets) -> None:
 def _run_task(task: Task) -> Curve:
     w = _WORKER
     log = lambda message: print(message, flush=True)
-    return train_and_evaluate(task.method, w["size"], task.seed, task.run_dir, w["data"], w["nets"], w["evaluator"], log)
+    return train_and_evaluate(
+        task.method, w["size"], task.seed, task.run_dir, w["data"], w["nets"], w["evaluator"], log
+    )
 
 
 def train_all(tasks: list[Task], size: Size, nets: SmallNets, jobs: int, threads: int) -> list[Curve]:
@@ -643,7 +739,10 @@ def train_all(tasks: list[Task], size: Size, nets: SmallNets, jobs: int, threads
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(
-        jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker, initargs=(threads, size, nets),
+        jobs,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_start_worker,
+        initargs=(threads, size, nets),
     ) as pool:
         return list(pool.map(_run_task, tasks))
 
@@ -703,7 +802,7 @@ def block_features(model: torch.nn.Module, path: str, data: LabelledImages, t: f
     x_t, _ = interpolate(path, to_unit_range(data.images), noise, times)
     null = torch.full_like(data.labels, model.y_embedder.num_classes)
     for i in range(0, len(x_t), 500):
-        model(x_t[i:i + 500], times[i:i + 500], null[i:i + 500])
+        model(x_t[i : i + 500], times[i : i + 500], null[i : i + 500])
     for hook in hooks:
         hook.remove()
     return [torch.cat(c).numpy() for c in captured]
@@ -714,7 +813,7 @@ def conditioning_strength(model: torch.nn.Module) -> dict[str, float]:
     """The class label and the time enter the adaLN conditioning as a sum of two embeddings:
     how far apart the class embeddings are (mean distance to their centre) against the size of
     the timestep embedding (mean norm over t in [0, 1]) says how much the label can steer."""
-    classes = model.y_embedder.embedding_table.weight[:model.y_embedder.num_classes]
+    classes = model.y_embedder.embedding_table.weight[: model.y_embedder.num_classes]
     spread = (classes - classes.mean(dim=0)).norm(dim=1).mean()
     time_norm = model.t_embedder(torch.linspace(0, 1, 11)).norm(dim=1).mean()
     return {"class_spread": float(spread), "time_norm": float(time_norm)}

@@ -19,6 +19,7 @@ The last three are step-time ratios against the trainer's step (> 1: slower than
 step). All variants of a model take turns, one step each, for --rounds rounds, and the median
 step time of each is compared, so drifting load on a shared machine hits them alike.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,7 +72,9 @@ def synthetic_batches(cfg: Config, batch: int, tokens: int, dim: int):
         yield item
 
 
-def make_step(cfg: Config, phase: str, batch: int, *, state_type=TrainState, wrap=None, compiled=False) -> Callable[[], None]:
+def make_step(
+    cfg: Config, phase: str, batch: int, *, state_type=TrainState, wrap=None, compiled=False
+) -> Callable[[], None]:
     """One call = one train_step of `phase` exactly as the trainer takes it (CPU, one process)."""
     spec = ENCODERS[cfg.encoder.name]
     p = getattr(cfg, phase)
@@ -116,8 +119,15 @@ def main() -> None:
     for arch in args.archs.split(","):
         # align_depth 8 fits the 12-block S and B models (the preset's 14 is for XL's 28 blocks);
         # fp32 because bf16 autocast on a CPU is emulated and ~5x slower (train.precision=bf16 to time it).
-        base = [f"model.arch={arch}", "model.align_depth=8", f"train.batch_size={args.batch}",
-                f"warmup.batch_size={args.batch}", "train.precision=fp32", "warmup.precision=fp32", *args.overrides]
+        base = [
+            f"model.arch={arch}",
+            "model.align_depth=8",
+            f"train.batch_size={args.batch}",
+            f"warmup.batch_size={args.batch}",
+            "train.precision=fp32",
+            "warmup.precision=fp32",
+            *args.overrides,
+        ]
         cfg = validate(load_config(args.config, base))
         fused = validate(load_config(args.config, [*base, "train.fused_optimizer=true"]))
         variants = {
@@ -138,15 +148,32 @@ def main() -> None:
         f"precision {t.precision}, grad_accum {t.grad_accum}, fused AdamW {t.use_fused_optimizer('cpu')}, "
         f"{args.rounds} rounds, median step time"
     )
-    header = ["model", "eager samples/s", "compiled/eager", "warmup/full", "per-tensor EMA", "fused AdamW", "sync per micro-batch"]
+    header = [
+        "model",
+        "eager samples/s",
+        "compiled/eager",
+        "warmup/full",
+        "per-tensor EMA",
+        "fused AdamW",
+        "sync per micro-batch",
+    ]
     print(" | ".join(header))
     for arch, _, s in rows:
         base = s["trainer"]
         compiled = f"{base / s['compiled']:.2f}x" if "compiled" in s else "skipped"
-        print(" | ".join([
-            arch, f"{args.batch / base:.2f}", compiled, f"{s['warmup'] / base:.2f}",
-            f"{s['per-tensor EMA'] / base:.3f}", f"{s['fused AdamW'] / base:.3f}", f"{s['sync per micro-batch'] / base:.3f}",
-        ]))
+        print(
+            " | ".join(
+                [
+                    arch,
+                    f"{args.batch / base:.2f}",
+                    compiled,
+                    f"{s['warmup'] / base:.2f}",
+                    f"{s['per-tensor EMA'] / base:.3f}",
+                    f"{s['fused AdamW'] / base:.3f}",
+                    f"{s['sync per micro-batch'] / base:.3f}",
+                ]
+            )
+        )
     print("compiled/eager: speed-up; the other columns: step time relative to the trainer's step (> 1 is slower)")
 
 

@@ -16,6 +16,7 @@ From those times, each study's compute (its runs' steps and evaluations, one pro
 the small networks' training (cached) and the analyses at the end are not counted. Scale a
 measured wall time of the default study by the ratio to predict the other's.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,18 @@ from typing import Callable
 import torch
 
 from bench.smallscale import (
-    SIZES, Size, add_process_arguments, add_size_arguments, encoder_kwargs, generate, main_methods, model_flags, size_name, study_config,
-    study_size, warmup_step_cost,
+    SIZES,
+    Size,
+    add_process_arguments,
+    add_size_arguments,
+    encoder_kwargs,
+    generate,
+    main_methods,
+    model_flags,
+    size_name,
+    study_config,
+    study_size,
+    warmup_step_cost,
 )
 from bench.step_throughput import race
 from erw.training.step import TrainState, train_step
@@ -111,31 +122,41 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     other = study_size(args, args.seeds)
-    base = dataclasses.replace(SIZES[size_name(args)], images=other.images, resolution=other.resolution, patch=other.patch)
+    base = dataclasses.replace(
+        SIZES[size_name(args)], images=other.images, resolution=other.resolution, patch=other.patch
+    )
     for size in (base, other):
         if size.problems():
             parser.error("; ".join(size.problems()))
     t = measure(base, args.rounds, args.evaluation_rounds, other)
 
     flags = model_flags(other, base) or " (none)"
-    print(f"{size_name(args)} size vs the flags{flags}; CPU, {args.threads} thread(s), batch {base.batch}, "
-          f"median of {args.rounds} steps and {args.evaluation_rounds} evaluations")
-    print(f"model                       plain step  aligned step  warmup step (time, FLOPs)  evaluation  "
-          f"runs  compute  wall with --jobs {args.jobs}")
+    print(
+        f"{size_name(args)} size vs the flags{flags}; CPU, {args.threads} thread(s), batch {base.batch}, "
+        f"median of {args.rounds} steps and {args.evaluation_rounds} evaluations"
+    )
+    print(
+        f"model                       plain step  aligned step  warmup step (time, FLOPs)  evaluation  "
+        f"runs  compute  wall with --jobs {args.jobs}"
+    )
     wall = {}
     for name, size in (("base", base), ("other", other)):
         s = t[name]
         runs = run_seconds(size, s)
         wall[name] = wall_seconds(runs, args.jobs)
         model = f"{size.depth} blocks, L2R {size.l2r_depth}"
-        print(f"{model:<26} {1e3 * s['plain']:8.1f} ms  {1e3 * s['aligned']:9.1f} ms  "
-              f"{1e3 * s['warmup']:7.1f} ms ({s['warmup'] / s['aligned']:.2f}x, {warmup_step_cost(size):.2f}x)  "
-              f"{s['evaluation']:8.2f} s  {len(runs):4d}  {sum(runs) / 60:5.1f} min  {wall[name] / 60:5.1f} min")
+        print(
+            f"{model:<26} {1e3 * s['plain']:8.1f} ms  {1e3 * s['aligned']:9.1f} ms  "
+            f"{1e3 * s['warmup']:7.1f} ms ({s['warmup'] / s['aligned']:.2f}x, {warmup_step_cost(size):.2f}x)  "
+            f"{s['evaluation']:8.2f} s  {len(runs):4d}  {sum(runs) / 60:5.1f} min  {wall[name] / 60:5.1f} min"
+        )
     ratios = {kind: t["other"][kind] / t["base"][kind] for kind in ("plain", "aligned", "warmup", "evaluation")}
     print("step and evaluation time, flags/base: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
-    print(f"study wall time with --jobs {args.jobs}, flags/base: {wall['other'] / wall['base']:.2f}x "
-          f"(the flags: {len(other.seeds)} seed(s) x 3 methods, {other.budget} steps, an evaluation every "
-          f"{other.eval_every}); multiply a measured wall time of the base study by it")
+    print(
+        f"study wall time with --jobs {args.jobs}, flags/base: {wall['other'] / wall['base']:.2f}x "
+        f"(the flags: {len(other.seeds)} seed(s) x 3 methods, {other.budget} steps, an evaluation every "
+        f"{other.eval_every}); multiply a measured wall time of the base study by it"
+    )
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ convergence study's json (--references) when it ran the same size, trained here 
 target FD is plain SiT's FD after 3/4 of the budget, mid-curve where the methods differ. Writes DIR/sweeps.json and the "sweeps"
 section of FILE.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,9 +32,26 @@ import torch
 
 from bench.results_md import machine, write_section
 from bench.smallscale import (
-    SIZES, Curve, DataError, LabelledImages, Method, Size, Task, add_study_arguments, data_flags, ensure_small_nets,
-    evaluation_step, main_methods, model_flags, size_name, steps_to_target, study_out, study_size, study_suffix,
-    train_all, untrained_encoder,
+    SIZES,
+    Curve,
+    DataError,
+    LabelledImages,
+    Method,
+    Size,
+    Task,
+    add_study_arguments,
+    data_flags,
+    ensure_small_nets,
+    evaluation_step,
+    main_methods,
+    model_flags,
+    size_name,
+    steps_to_target,
+    study_out,
+    study_size,
+    study_suffix,
+    train_all,
+    untrained_encoder,
 )
 
 KNOBS = ("l2r_depth", "warmup", "c0", "schedule", "encoder")
@@ -58,15 +76,22 @@ def sweep_points(size: Size, untrained_file: str, tiny: bool) -> dict[str, list[
     return {
         "l2r_depth": [(str(d), erw_with(extra=(f"model.l2r_depth={d}",))) for d in depths],
         "warmup": [(str(w), erw_with(warmup=w)) for w in warmups],
-        "c0": [(f"{c:g}", m) for c in coeffs for m in (
-            dataclasses.replace(repa, overrides=repa.overrides + (f"objective.align_coeff={c}",)),
-            erw_with(extra=(f"objective.align_coeff={c}",)),
-        )],
+        "c0": [
+            (f"{c:g}", m)
+            for c in coeffs
+            for m in (
+                dataclasses.replace(repa, overrides=repa.overrides + (f"objective.align_coeff={c}",)),
+                erw_with(extra=(f"objective.align_coeff={c}",)),
+            )
+        ],
         "schedule": [("constant", erw_with(extra=("objective.align_schedule=constant",)))],
-        "encoder": [("untrained", m) for m in (
-            dataclasses.replace(repa, overrides=repa.overrides + (f"encoder.weights={untrained_file}",)),
-            erw_with(extra=(f"encoder.weights={untrained_file}",)),
-        )],
+        "encoder": [
+            ("untrained", m)
+            for m in (
+                dataclasses.replace(repa, overrides=repa.overrides + (f"encoder.weights={untrained_file}",)),
+                erw_with(extra=(f"encoder.weights={untrained_file}",)),
+            )
+        ],
     }
 
 
@@ -85,16 +110,21 @@ def reference_curves(path: Path, size: Size, seed: int) -> dict[str, Curve] | No
 def describe(curve: Curve, target: float, budget: int) -> dict[str, float | None]:
     half = next(p for p in curve.points if p["step"] >= budget // 2)
     return {
-        "steps": steps_to_target(curve.points, target), "gflops": steps_to_target(curve.points, target, "flops"),
-        "fd_half": half["fd"], "half_step": half["step"], "fd_end": curve.points[-1]["fd"],
+        "steps": steps_to_target(curve.points, target),
+        "gflops": steps_to_target(curve.points, target, "flops"),
+        "fd_half": half["fd"],
+        "half_step": half["step"],
+        "fd_end": curve.points[-1]["fd"],
         "accuracy_end": curve.points[-1]["accuracy"],
     }
 
 
 def row(knob: str, value: str, method: str, d: dict) -> str:
     reached = "not reached | not reached" if d["steps"] is None else f"{d['steps']:.0f} | {d['gflops'] / 1e9:.0f}"
-    return (f"| {knob} | {value} | {method} | {reached} | {d['fd_half']:.2f} (step {d['half_step']:.0f}) | "
-            f"{d['fd_end']:.2f} | {100 * d['accuracy_end']:.1f}% |")
+    return (
+        f"| {knob} | {value} | {method} | {reached} | {d['fd_half']:.2f} (step {d['half_step']:.0f}) | "
+        f"{d['fd_end']:.2f} | {100 * d['accuracy_end']:.1f}% |"
+    )
 
 
 def render(report: dict) -> str:
@@ -130,14 +160,19 @@ def render(report: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_study_arguments(
-        parser, out=OUT, tiny="one value per knob on a tiny model: checks the path",
-        full="the --full size of the convergence study", no_train="redo the markdown from DIR/sweeps.json",
+        parser,
+        out=OUT,
+        tiny="one value per knob on a tiny model: checks the path",
+        full="the --full size of the convergence study",
+        no_train="redo the markdown from DIR/sweeps.json",
     )
     parser.add_argument("--only", default=",".join(KNOBS), help=f"comma-separated knobs from {', '.join(KNOBS)}")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--references",
-                        help="convergence study results whose runs of --seed serve as the default points (default: "
-                             f"{CONVERGENCE_OUT}/convergence.json, the directory followed by the model flags like --out)")
+    parser.add_argument(
+        "--references",
+        help="convergence study results whose runs of --seed serve as the default points (default: "
+        f"{CONVERGENCE_OUT}/convergence.json, the directory followed by the model flags like --out)",
+    )
     args = parser.parse_args()
     knobs = [k for k in args.only.split(",") if k]
     unknown = sorted(set(knobs) - set(KNOBS))
@@ -188,11 +223,15 @@ def run_sweeps(args: argparse.Namespace, size: Size, knobs: list[str]) -> dict:
     for (k, value, method), curve in zip(labelled, curves):
         sweeps[k].append({"value": value, "method": method.name, "curve": dataclasses.asdict(curve)})
     if not references:
-        references = {c.method: c for c in curves[len(labelled):]}
+        references = {c.method: c for c in curves[len(labelled) :]}
     return {
-        "size_name": size_name(args), "size": dataclasses.asdict(size), "seed": args.seed,
-        "machine": machine(), "minutes": (time.perf_counter() - started) / 60,
-        "references": {n: dataclasses.asdict(c) for n, c in references.items()}, "sweeps": sweeps,
+        "size_name": size_name(args),
+        "size": dataclasses.asdict(size),
+        "seed": args.seed,
+        "machine": machine(),
+        "minutes": (time.perf_counter() - started) / 60,
+        "references": {n: dataclasses.asdict(c) for n, c in references.items()},
+        "sweeps": sweeps,
     }
 
 

@@ -1,5 +1,6 @@
 """Helpers shipped inside every component's source (KFP `additional_funcs`), so the pod needs
 nothing from this package: only `erw` itself."""
+
 from __future__ import annotations
 
 
@@ -16,8 +17,12 @@ def run_erw(argv: list) -> None:
     if code == PREEMPTED:
         # Kept for a runner that passes it on (kfp.local, a shell); the KFP v2 launcher exits 1 on any
         # failure, so the message is what tells a preemption apart there.
-        print(f"erw {argv[0]} was preempted (exit status {code}): the job checkpointed, and a retry of "
-              "this step continues from the checkpoint", file=sys.stderr, flush=True)
+        print(
+            f"erw {argv[0]} was preempted (exit status {code}): the job checkpointed, and a retry of "
+            "this step continues from the checkpoint",
+            file=sys.stderr,
+            flush=True,
+        )
         sys.exit(code)
     if code:
         # erw has already printed the reason (ErwError) or the traceback above this line.
@@ -25,7 +30,13 @@ def run_erw(argv: list) -> None:
 
 
 def launch_spec(
-    launch: dict, step: str, nodes: int, image: str, s3_secret: str, node_selector: dict, tolerations: list,
+    launch: dict,
+    step: str,
+    nodes: int,
+    image: str,
+    s3_secret: str,
+    node_selector: dict,
+    tolerations: list,
     run_id: str,
 ) -> dict:
     """The `erw launch --spec` value (erw.launch.LaunchSpec keys) of one training step: the pipeline's
@@ -36,8 +47,14 @@ def launch_spec(
     """
     spec = {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in launch.items()}
     return {
-        **spec, "step": step, "nodes": int(nodes), "image": image, "s3_secret": s3_secret,
-        "node_selector": node_selector, "tolerations": tolerations, "run_id": run_id,
+        **spec,
+        "step": step,
+        "nodes": int(nodes),
+        "image": image,
+        "s3_secret": s3_secret,
+        "node_selector": node_selector,
+        "tolerations": tolerations,
+        "run_id": run_id,
     }
 
 

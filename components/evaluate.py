@@ -6,6 +6,7 @@ location is returned (a string: as an artifact the folder would be copied into e
 `evaluation` is a copy of metrics.json (bytes) with the locations in its metadata.
 Without a configured reference (eval.reference) the samples are compared with the training data.
 """
+
 from typing import List
 
 from kfp import dsl
@@ -37,8 +38,19 @@ def evaluate(
     out = storage.join(workspace, "eval", run_id)
     samples = storage.join(out, "samples")
     run_erw(["sample", "--ckpt", checkpoint, "--out", samples])  # sampler settings: the checkpoint's sample.*
-    argv = ["evaluate", "--samples", samples, "--reference", cfg.eval.reference or dataset, "--out", out,
-            "--run-id", run_id, "--pushgateway", cfg.metrics.pushgateway]
+    argv = [
+        "evaluate",
+        "--samples",
+        samples,
+        "--reference",
+        cfg.eval.reference or dataset,
+        "--out",
+        out,
+        "--run-id",
+        run_id,
+        "--pushgateway",
+        cfg.metrics.pushgateway,
+    ]
     if cfg.eval.inception_weights:
         argv += ["--inception-weights", cfg.eval.inception_weights]
     if cfg.eval.feature_network:
@@ -55,8 +67,13 @@ def evaluate(
         f.write(storage.read_bytes(storage.join(out, "summary.html")))  # self-contained: the grid is inlined
     with open(evaluation.path, "wb") as f:
         f.write(raw)
-    evaluation.metadata.update({
-        "uri": out, "metrics": storage.join(out, "metrics.json"), "grid": storage.join(out, "grid.png"),
-        "samples": samples, "checkpoint": checkpoint,
-    })
+    evaluation.metadata.update(
+        {
+            "uri": out,
+            "metrics": storage.join(out, "metrics.json"),
+            "grid": storage.join(out, "grid.png"),
+            "samples": samples,
+            "checkpoint": checkpoint,
+        }
+    )
     return out

@@ -1,4 +1,5 @@
 """Retention at the end of every run: `erw gc --apply` on the workspace (see erw/gc.py for what is kept)."""
+
 from kfp import dsl
 
 from components import IMAGE

@@ -3,6 +3,7 @@
 The dataset stays where the workers wrote it; later steps get its location as a string. The
 `manifest` artifact is a copy of manifest.json (kilobytes) for lineage and the UI.
 """
+
 from typing import List
 
 from kfp import dsl
@@ -28,12 +29,14 @@ def merge(parts: List[str], refresh: str, manifest: Output[Dataset]) -> str:
     with open(manifest.path, "wb") as f:
         f.write(data)
     content = json.loads(data)
-    manifest.metadata.update({
-        "uri": uri,
-        "num_samples": content["num_samples"],
-        "num_classes": content["num_classes"],
-        "resolution": content["resolution"],
-        "shards": len(content["shards"]),
-        "failed_images": content["failures"]["count"],
-    })
+    manifest.metadata.update(
+        {
+            "uri": uri,
+            "num_samples": content["num_samples"],
+            "num_classes": content["num_classes"],
+            "resolution": content["resolution"],
+            "shards": len(content["shards"]),
+            "failed_images": content["failures"]["count"],
+        }
+    )
     return uri

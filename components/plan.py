@@ -13,6 +13,7 @@ missing, the token is this run's id, so the steps run and rebuild what is gone; 
 in <workspace>/kfp-cache-tokens/, and while the result exists later runs get the same token
 back, so the cache serves them again from the very next run.
 """
+
 from typing import List, NamedTuple
 
 from kfp import dsl
@@ -34,8 +35,9 @@ def plan(
     run_id: str,
     retrain_mode: str,
     registry: str,
-) -> NamedTuple("Plan", [("Output", List[dict]), ("refresh_latents", str), ("refresh_warmup", str),
-                         ("start_from", str)]):
+) -> NamedTuple(
+    "Plan", [("Output", List[dict]), ("refresh_latents", str), ("refresh_warmup", str), ("start_from", str)]
+):
     """Output: one work item per precompute worker {"dataset", "cache", "worker_index", "num_workers", "refresh"} (named
     Output because kfp.local resolves ParallelFor items only from an output of that name:
     kfp/local/orchestrator/enhanced_dag_orchestrator.py, _run_parallel_for_task);
@@ -62,8 +64,10 @@ def plan(
     warmup_dir = warmup_location(config, overrides, dataset, workspace)
     warmup_ok = bool(finished_checkpoint(warmup_dir, cfg.warmup.steps))
     for name, ok, where in (("latents", latents_ok, dataset), ("warmup", warmup_ok, warmup_dir)):
-        print(f"{name}: {'present, a cached result may be used' if ok else 'missing: will be (re)built'} ({where})",
-              flush=True)
+        print(
+            f"{name}: {'present, a cached result may be used' if ok else 'missing: will be (re)built'} ({where})",
+            flush=True,
+        )
 
     def refresh_token(location: str, present: bool) -> str:
         kept = storage.join(workspace, "kfp-cache-tokens", hashlib.sha256(location.encode()).hexdigest()[:16])
@@ -75,8 +79,10 @@ def plan(
     refresh_latents, refresh_warmup = refresh_token(dataset, latents_ok), refresh_token(warmup_dir, warmup_ok)
     n = precompute_workers
     # The token rides in each work item: the item is the precompute step's cache key.
-    work = [{"dataset": dataset, "cache": encoding.cache, "worker_index": i, "num_workers": n, "refresh": refresh_latents}
-            for i in range(n)]
+    work = [
+        {"dataset": dataset, "cache": encoding.cache, "worker_index": i, "num_workers": n, "refresh": refresh_latents}
+        for i in range(n)
+    ]
     # Continue mode: phase 2 starts from the published model (the warmup step then only passes it on).
     start_from = ""
     if retrain_mode == "continue":
@@ -88,7 +94,9 @@ def plan(
         else:
             start_from = published["checkpoint"]
             if not storage.exists(storage.join(start_from, "meta.json")):
-                raise SystemExit(f"the published model {start_from} is missing: restore it, or run retrain_mode=scratch")
+                raise SystemExit(
+                    f"the published model {start_from} is missing: restore it, or run retrain_mode=scratch"
+                )
             print(f"continue mode: phase 2 starts from the published model {start_from}", flush=True)
     out = namedtuple("Plan", ["Output", "refresh_latents", "refresh_warmup", "start_from"])
     return out(work, refresh_latents, refresh_warmup, start_from)

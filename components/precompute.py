@@ -1,4 +1,5 @@
 """One precompute worker: encode its share of the source into latent shards (GPU when present)."""
+
 from typing import List
 
 from kfp import dsl
@@ -16,9 +17,19 @@ def precompute(work: dict, config: str, overrides: List[str], source: str) -> st
     if storage.exists(storage.join(work["dataset"], "manifest.json")):  # merged: complete, nothing to encode
         return work["dataset"]
     # The plan step chose the dataset and the unit store from the same config; overrides come last.
-    run_erw([
-        "precompute", "--config", config,
-        "--worker-index", int(work["worker_index"]), "--num-workers", int(work["num_workers"]),
-        *overrides, f"data.source={source}", f"data.shards={work['dataset']}", f"precompute.cache={work['cache']}",
-    ])
+    run_erw(
+        [
+            "precompute",
+            "--config",
+            config,
+            "--worker-index",
+            int(work["worker_index"]),
+            "--num-workers",
+            int(work["num_workers"]),
+            *overrides,
+            f"data.source={source}",
+            f"data.shards={work['dataset']}",
+            f"precompute.cache={work['cache']}",
+        ]
+    )
     return work["dataset"]

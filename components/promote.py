@@ -1,4 +1,5 @@
 """Publish the new model only when it beats the published one (by FID, on the registry file)."""
+
 from typing import List
 
 from kfp import dsl

@@ -2,6 +2,7 @@
 
 Writes to <workspace>/train/<run id>: a retried step resumes from its last checkpoint.
 """
+
 from typing import List
 
 from kfp import dsl
@@ -12,7 +13,8 @@ from components.common import launch_spec, publish_checkpoint, run_erw, run_trai
 
 
 @dsl.component(
-    base_image=IMAGE, install_kfp_package=False,
+    base_image=IMAGE,
+    install_kfp_package=False,
     additional_funcs=[run_erw, publish_checkpoint, launch_spec, run_training_job],
 )
 def train(
@@ -38,7 +40,10 @@ def train(
     from erw import storage
 
     # Before any GPU is asked for: the cached steps' results must still exist (see the plan step).
-    for what, uri in (("latents", storage.join(dataset, "manifest.json")), ("warmup", storage.join(warmup, "meta.json"))):
+    for what, uri in (
+        ("latents", storage.join(dataset, "manifest.json")),
+        ("warmup", storage.join(warmup, "meta.json")),
+    ):
         if not storage.exists(uri):
             raise SystemExit(
                 f"the {what} this run was given no longer exist ({uri} is missing), although an earlier step "
@@ -48,8 +53,17 @@ def train(
     spec = launch_spec(launch, "train", nodes, image, s3_secret, node_selector, tolerations, run_id)
     out = storage.join(workspace, "train", run_id)
     erw_args = [
-        "train", "--config", config, *overrides, *([f"train.steps={continue_steps}"] if start_from else []),
-        f"data.shards={dataset}", f"train.out={out}",
-        f"metrics.port={spec.get('metrics_port', 0)}", "--init-from", warmup, "--resume", "auto",
+        "train",
+        "--config",
+        config,
+        *overrides,
+        *([f"train.steps={continue_steps}"] if start_from else []),
+        f"data.shards={dataset}",
+        f"train.out={out}",
+        f"metrics.port={spec.get('metrics_port', 0)}",
+        "--init-from",
+        warmup,
+        "--resume",
+        "auto",
     ]
     return run_training_job(spec, erw_args, out, checkpoint)

@@ -3,6 +3,7 @@
 Cached: every full-training run with the same data and warmup settings reuses the checkpoint.
 Its location is a hash of those settings, so a retried or re-executed step resumes it.
 """
+
 from typing import List
 
 from kfp import dsl
@@ -10,12 +11,18 @@ from kfp.dsl import Model, Output
 
 from components import IMAGE
 from components.common import (
-    finished_checkpoint, launch_spec, publish_checkpoint, run_erw, run_training_job, warmup_location,
+    finished_checkpoint,
+    launch_spec,
+    publish_checkpoint,
+    run_erw,
+    run_training_job,
+    warmup_location,
 )
 
 
 @dsl.component(
-    base_image=IMAGE, install_kfp_package=False,
+    base_image=IMAGE,
+    install_kfp_package=False,
     additional_funcs=[run_erw, publish_checkpoint, launch_spec, run_training_job, warmup_location, finished_checkpoint],
 )
 def warmup(
@@ -45,8 +52,9 @@ def warmup(
         return publish_checkpoint(start_from, "train", checkpoint)
 
     # The run id comes from the pod's label, not an input: as an input it would change the cache key.
-    spec = launch_spec(launch, "warmup", nodes, image, s3_secret, node_selector, tolerations,
-                       os.environ.get("ERW_RUN_ID", ""))
+    spec = launch_spec(
+        launch, "warmup", nodes, image, s3_secret, node_selector, tolerations, os.environ.get("ERW_RUN_ID", "")
+    )
     overrides = [*overrides, f"data.shards={dataset}", f"metrics.port={spec.get('metrics_port', 0)}"]
     out = warmup_location(config, overrides, dataset, workspace)
     done = finished_checkpoint(out, load_config(config, overrides).warmup.steps)

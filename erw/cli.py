@@ -1,4 +1,5 @@
 """`erw` command line. Each area registers its own sub-commands; heavy imports stay inside them."""
+
 from __future__ import annotations
 
 import argparse

@@ -3,6 +3,7 @@
 A run is described by one `Config`. It is built from a YAML file plus overrides such as
 `train.lr=2e-4`, validated once before any compute, and stored inside every checkpoint.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -319,7 +320,9 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
             continue
         hint = hints[key]
         try:
-            kwargs[key] = _build(hint, value or {}, path) if dataclasses.is_dataclass(hint) else _coerce(value, hint, path)
+            kwargs[key] = (
+                _build(hint, value or {}, path) if dataclasses.is_dataclass(hint) else _coerce(value, hint, path)
+            )
         except ConfigError as err:
             found.extend(err.lines)
     if found:

@@ -12,6 +12,7 @@ uninterrupted run drew:
 - the global RNG during a step: (seed, rank, step) (`step_seed`), for anything that is not keyed
   per sample (nothing in the shipped models and objectives draws from it).
 """
+
 from __future__ import annotations
 
 from typing import Protocol
@@ -77,8 +78,10 @@ class StepDraws:
         if stream in self._tables:
             drawn_kind, drawn_shape, table = self._tables[stream]
             if (drawn_kind, drawn_shape) != (kind, tuple(shape)):
-                raise ValueError(f"stream {stream!r} was drawn as {drawn_kind} {drawn_shape} this step, now asked "
-                                 f"as {kind} {tuple(shape)}: give each use its own stream")
+                raise ValueError(
+                    f"stream {stream!r} was drawn as {drawn_kind} {drawn_shape} this step, now asked "
+                    f"as {kind} {tuple(shape)}: give each use its own stream"
+                )
             return table
         generator = torch.Generator(device=self.device).manual_seed(sample_stream_seed(self.seed, self.step, stream))
         draw = {"normal": torch.randn, "uniform": torch.rand}[kind]

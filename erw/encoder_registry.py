@@ -3,6 +3,7 @@
 Pure data (no torch), so the config can check `encoder.name` and `encoder.dim` without importing
 the models; `erw.models.encoders` builds and loads the networks.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -54,22 +55,42 @@ def _registry() -> dict[str, EncoderSpec]:
     specs = []
     for size, width, dim in [("s", "small", 384), ("b", "base", 768), ("l", "large", 1024), ("g", "giant", 1536)]:
         specs += [
-            EncoderSpec(f"dinov2-vit-{size}", f"vit_{width}_patch14_dinov2.lvd142m", dim, 14,
-                        IMAGENET_MEAN, IMAGENET_STD, 1, "dinov2"),
-            EncoderSpec(f"dinov2reg-vit-{size}", f"vit_{width}_patch14_reg4_dinov2.lvd142m", dim, 14,
-                        IMAGENET_MEAN, IMAGENET_STD, 5, "dinov2"),
+            EncoderSpec(
+                f"dinov2-vit-{size}",
+                f"vit_{width}_patch14_dinov2.lvd142m",
+                dim,
+                14,
+                IMAGENET_MEAN,
+                IMAGENET_STD,
+                1,
+                "dinov2",
+            ),
+            EncoderSpec(
+                f"dinov2reg-vit-{size}",
+                f"vit_{width}_patch14_reg4_dinov2.lvd142m",
+                dim,
+                14,
+                IMAGENET_MEAN,
+                IMAGENET_STD,
+                5,
+                "dinov2",
+            ),
         ]
     specs += [
         EncoderSpec("dinov1-vit-b", "vit_base_patch16_224.dino", 768, 16, IMAGENET_MEAN, IMAGENET_STD, 1, "dinov1"),
         EncoderSpec("clip-vit-l", "vit_large_patch14_clip_224.openai", 1024, 14, CLIP_MEAN, CLIP_STD, 1, "clip"),
         EncoderSpec("mae-vit-l", "vit_large_patch16_224.mae", 1024, 16, IMAGENET_MEAN, IMAGENET_STD, 1, "mae"),
-        EncoderSpec("jepa-vit-h", "vit_huge_patch14_gap_224.in1k_ijepa", 1280, 14,
-                    IMAGENET_MEAN, IMAGENET_STD, 0, "jepa"),
+        EncoderSpec(
+            "jepa-vit-h", "vit_huge_patch14_gap_224.in1k_ijepa", 1280, 14, IMAGENET_MEAN, IMAGENET_STD, 0, "jepa"
+        ),
         # timm builds the MoCo v3 architecture but hosts no MoCo v3 weights: pass the official
         # checkpoint (vit-b-300ep.pth.tar / vit-l-300ep.pth.tar) as encoder.weights.
-        EncoderSpec("mocov3-vit-b", "vit_base_patch16_224", 768, 16, IMAGENET_MEAN, IMAGENET_STD, 1, "mocov3", hub=False),
-        EncoderSpec("mocov3-vit-l", "vit_large_patch16_224", 1024, 16, IMAGENET_MEAN, IMAGENET_STD, 1, "mocov3",
-                    hub=False),
+        EncoderSpec(
+            "mocov3-vit-b", "vit_base_patch16_224", 768, 16, IMAGENET_MEAN, IMAGENET_STD, 1, "mocov3", hub=False
+        ),
+        EncoderSpec(
+            "mocov3-vit-l", "vit_large_patch16_224", 1024, 16, IMAGENET_MEAN, IMAGENET_STD, 1, "mocov3", hub=False
+        ),
         EncoderSpec(CUSTOM, "", None, None, IMAGENET_MEAN, IMAGENET_STD, 0, "custom", hub=False),
     ]
     return {spec.name: spec for spec in specs}

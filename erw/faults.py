@@ -36,6 +36,7 @@ Hooks: `after_step` and `batches` in the training loop, `checkpoint_write` in th
 `shard_stream` where the loader opens a shard. Call them as `faults.after_step(...)` (an
 attribute of this module, looked up at each call), so that `configure()` can rebind them.
 """
+
 from __future__ import annotations
 
 import errno
@@ -82,7 +83,11 @@ class CorruptShard:
 def _signal(text: str) -> signal.Signals:
     name = text.strip().upper()
     try:
-        return signal.Signals(int(name)) if name.isdigit() else signal.Signals[name if name.startswith("SIG") else f"SIG{name}"]
+        return (
+            signal.Signals(int(name))
+            if name.isdigit()
+            else signal.Signals[name if name.startswith("SIG") else f"SIG{name}"]
+        )
     except (KeyError, ValueError):
         raise FaultConfigError(f"{KILL_ENV}: {text!r} is not a signal (use KILL, TERM, INT or a number)") from None
 
@@ -230,8 +235,12 @@ def _trace_hook(folder: str) -> Callable[[Iterator[dict], int], Iterator[dict]]:
         try:
             with open(path, "a") as trace:
                 for batch in iterator:
-                    line = {"pid": os.getpid(), "restart": restart, "index": batch["index"].tolist(),
-                            "epoch": batch["epoch"].tolist()}
+                    line = {
+                        "pid": os.getpid(),
+                        "restart": restart,
+                        "index": batch["index"].tolist(),
+                        "epoch": batch["epoch"].tolist(),
+                    }
                     trace.write(json.dumps(line) + "\n")
                     trace.flush()
                     yield batch
@@ -257,8 +266,12 @@ def configure(environ: Mapping[str, str] = os.environ) -> None:
 
 def armed() -> list[str]:
     """The variables of the faults armed now (empty: injection is off)."""
-    hooks = ((after_step, _no_step, KILL_ENV), (checkpoint_write, _no_write, CKPT_BYTES_ENV),
-             (shard_stream, _no_shard, CORRUPT_SHARD_ENV), (batches, _no_trace, TRACE_ENV))
+    hooks = (
+        (after_step, _no_step, KILL_ENV),
+        (checkpoint_write, _no_write, CKPT_BYTES_ENV),
+        (shard_stream, _no_shard, CORRUPT_SHARD_ENV),
+        (batches, _no_trace, TRACE_ENV),
+    )
     return [name for hook, off, name in hooks if hook is not off]
 
 

@@ -21,6 +21,7 @@ What is kept:
 Everything else under train/, eval/, warmup/ and latents/ is deleted by --apply; --dry-run
 prints exactly the files --apply would delete, one per line, with the reason.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,8 +57,13 @@ class GcPlan:
         return [f"{uri}\t{reason}" for uri, reason in self.delete]
 
 
-def plan_gc(workspace: str, registry: str = "", keep_runs: int = DEFAULT_KEEP_RUNS,
-            grace_hours: float = DEFAULT_GRACE_HOURS, now: float | None = None) -> GcPlan:
+def plan_gc(
+    workspace: str,
+    registry: str = "",
+    keep_runs: int = DEFAULT_KEEP_RUNS,
+    grace_hours: float = DEFAULT_GRACE_HOURS,
+    now: float | None = None,
+) -> GcPlan:
     if keep_runs < 1:
         raise GcError(f"--keep-runs {keep_runs} must be at least 1")
     now = time.time() if now is None else now
@@ -75,7 +81,9 @@ def plan_gc(workspace: str, registry: str = "", keep_runs: int = DEFAULT_KEEP_RU
     by_age = sorted(set(runs) - active, key=lambda r: newest[r], reverse=True)
     published = _published_lineage(workspace, registry)
     kept = set(by_age[:keep_runs]) | active
-    kept |= {r for r in runs if any(_inside(storage.join(workspace, "train", r), uri) for uri in published["checkpoints"])}
+    kept |= {
+        r for r in runs if any(_inside(storage.join(workspace, "train", r), uri) for uri in published["checkpoints"])
+    }
 
     # What the kept runs used, from their newest checkpoint's meta.json; a run that a kept run
     # continued from (continue mode) is kept too, and so on up the chain.
@@ -84,7 +92,9 @@ def plan_gc(workspace: str, registry: str = "", keep_runs: int = DEFAULT_KEEP_RU
     while todo:
         run = todo.pop()
         seen.add(run)
-        meta = _newest_meta(storage.join(workspace, "train", run), [f for f in files["train"] if f.path.startswith(run + "/")])
+        meta = _newest_meta(
+            storage.join(workspace, "train", run), [f for f in files["train"] if f.path.startswith(run + "/")]
+        )
         if meta is None:
             continue  # no committed checkpoint yet: it uses nothing that is not also recent, or nothing at all
         shards = meta.get("config", {}).get("data", {}).get("shards")
@@ -218,14 +228,20 @@ def apply_gc(plan: GcPlan) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "gc", help="delete old runs, warmups and latents of a workspace (keeps the published model's lineage)",
-        description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter,
+        "gc",
+        help="delete old runs, warmups and latents of a workspace (keeps the published model's lineage)",
+        description=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--workspace", required=True, help="the pipeline's workspace, local or s3://")
     p.add_argument("--registry", default="", help="the registry (default WORKSPACE/registry.json; or mlflow:NAME)")
     p.add_argument("--keep-runs", type=int, default=DEFAULT_KEEP_RUNS, help=f"runs kept (default {DEFAULT_KEEP_RUNS})")
-    p.add_argument("--grace-hours", type=float, default=DEFAULT_GRACE_HOURS,
-                   help=f"never delete what changed this recently: it may be in use (default {DEFAULT_GRACE_HOURS:g})")
+    p.add_argument(
+        "--grace-hours",
+        type=float,
+        default=DEFAULT_GRACE_HOURS,
+        help=f"never delete what changed this recently: it may be in use (default {DEFAULT_GRACE_HOURS:g})",
+    )
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--dry-run", action="store_true", help="print what --apply would delete")
     mode.add_argument("--apply", action="store_true", help="delete it")

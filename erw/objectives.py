@@ -12,6 +12,7 @@ Every random number is drawn per sample from `draws`, by stream ("time", "noise"
 the trainer passes rows of tables keyed by (seed, step, position in the global batch), so they
 do not depend on the world size (erw.draws); without draws the global RNG is used.
 """
+
 from __future__ import annotations
 
 import math
@@ -131,9 +132,7 @@ def alignment_loss(projected: Sequence[Tensor], target: Tensor) -> Tensor:
 # Alignment weight of phase 2.
 
 
-def align_weight(
-    step: int, warmup_steps: int, coeff: float, schedule: str = "decay", half_life: int = 50_000
-) -> float:
+def align_weight(step: int, warmup_steps: int, coeff: float, schedule: str = "decay", half_life: int = 50_000) -> float:
     """c(s) at global step s (counted from the start of the warmup).
 
     decay: c0 * 2^(-(s - W) / half_life) for s >= W, c0 before; constant: c0 (REPA)."""
@@ -161,7 +160,9 @@ class DiffusionObjective:
 
     def align_weight(self, step: int) -> float:
         c = self.cfg
-        return align_weight(self.warmup_steps + step, self.warmup_steps, self.coeff, c.align_schedule, c.align_half_life)
+        return align_weight(
+            self.warmup_steps + step, self.warmup_steps, self.coeff, c.align_schedule, c.align_half_life
+        )
 
     def __call__(
         self,

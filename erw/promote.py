@@ -14,6 +14,7 @@ The gate, in order:
 The registry (erw/registry) is updated with a compare-and-swap, so concurrent runs never lose an
 update, and a retried step that already published says so instead of "not promoted".
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,7 +51,8 @@ def judge(candidate: dict[str, Any], metric: str, margin: float):
         if problems:
             raise PromoteError(
                 f"cannot compare {candidate['checkpoint']} with the published {published['checkpoint']}: their "
-                "evaluations differ in\n  - " + "\n  - ".join(problems)
+                "evaluations differ in\n  - "
+                + "\n  - ".join(problems)
                 + "\nEvaluate both with the same reference, sample count, sampler and evaluator network"
             )
         old = published["metrics"][metric]
@@ -58,14 +60,21 @@ def judge(candidate: dict[str, Any], metric: str, margin: float):
         relation = f"{metric} {value:.4g} vs the published {old:.4g} ({published['checkpoint']})"
         if gain > margin:
             return Verdict(True, f"{relation}: better by {gain:.4g} > margin {margin:g}")
-        return Verdict(False, f"{relation}: {'better' if gain > 0 else 'not better'} by {max(gain, 0):.4g}, "
-                              f"not more than the margin {margin:g}")
+        return Verdict(
+            False,
+            f"{relation}: {'better' if gain > 0 else 'not better'} by {max(gain, 0):.4g}, "
+            f"not more than the margin {margin:g}",
+        )
 
     return verdict
 
 
 def promote_if_better(
-    checkpoint: str, metrics_uri: str, registry_uri: str, run_id: str = "", metric: str = "fid",
+    checkpoint: str,
+    metrics_uri: str,
+    registry_uri: str,
+    run_id: str = "",
+    metric: str = "fid",
     margin: float = DEFAULT_MARGIN,
 ) -> Decision:
     """Judge the candidate against the registry's published model; publish it when it passes."""
@@ -81,7 +90,11 @@ def promote_if_better(
             "evaluate the checkpoint first"
         )
     candidate = {
-        "checkpoint": checkpoint, "run_id": run_id, "metric": metric, "metrics": metrics, "metrics_uri": metrics_uri,
+        "checkpoint": checkpoint,
+        "run_id": run_id,
+        "metric": metric,
+        "metrics": metrics,
+        "metrics_uri": metrics_uri,
         "lineage": lineage(checkpoint, metrics),
         "promoted_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -100,8 +113,10 @@ def lineage(checkpoint: str, metrics: dict[str, Any]) -> dict[str, Any]:
         return found | {"unknown": f"no lineage from {checkpoint}: {err}"}
     config = meta.get("config", {})
     return found | {
-        "dataset": config.get("data", {}).get("shards"), "train_out": config.get("train", {}).get("out"),
-        "warmup_out": config.get("warmup", {}).get("out"), "started_from": meta.get("init_from") or None,
+        "dataset": config.get("data", {}).get("shards"),
+        "train_out": config.get("train", {}).get("out"),
+        "warmup_out": config.get("warmup", {}).get("out"),
+        "started_from": meta.get("init_from") or None,
         "step": meta.get("step"),
     }
 
@@ -130,12 +145,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--checkpoint", required=True, help="the candidate checkpoint URI")
     p.add_argument("--metrics", required=True, help="its metrics.json (from erw evaluate)")
-    p.add_argument("--registry", required=True,
-                   help="registry JSON file, local or s3://, or mlflow:MODEL_NAME (MLflow at $MLFLOW_TRACKING_URI)")
+    p.add_argument(
+        "--registry",
+        required=True,
+        help="registry JSON file, local or s3://, or mlflow:MODEL_NAME (MLflow at $MLFLOW_TRACKING_URI)",
+    )
     p.add_argument("--metric", default="fid", choices=sorted(LOWER_IS_BETTER))
-    p.add_argument("--margin", type=float, default=DEFAULT_MARGIN,
-                   help=f"publish only when better by more than this, in metric units (default {DEFAULT_MARGIN}); "
-                        "measure FID's sampling noise at your sample count with bench/fid_noise.py")
+    p.add_argument(
+        "--margin",
+        type=float,
+        default=DEFAULT_MARGIN,
+        help=f"publish only when better by more than this, in metric units (default {DEFAULT_MARGIN}); "
+        "measure FID's sampling noise at your sample count with bench/fid_noise.py",
+    )
     p.add_argument("--run-id", default="", help="recorded with the entry")
     p.add_argument("--pushgateway", default="", help="host:port of a Prometheus Pushgateway for the decision")
     p.set_defaults(func=_run)

@@ -14,6 +14,7 @@ Classifier-free guidance mixes a conditional and an unconditional velocity, only
 The state is float64 so that hundreds of small steps do not accumulate rounding error; the model
 itself runs in its own dtype (see `model_velocity`).
 """
+
 from __future__ import annotations
 
 import math
@@ -63,7 +64,12 @@ NO_GUIDANCE = Guidance()
 
 
 def guided_velocity(
-    velocity: VelocityFn, x: Tensor, t: float, y: Tensor, guidance: Guidance, guided_at: float | None = None,
+    velocity: VelocityFn,
+    x: Tensor,
+    t: float,
+    y: Tensor,
+    guidance: Guidance,
+    guided_at: float | None = None,
 ) -> Tensor:
     """The (possibly guided) velocity at time t; both branches share one batched forward. Whether
     to guide is decided at `guided_at` (default: t itself)."""

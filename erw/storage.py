@@ -15,6 +15,7 @@ Every failure a user can fix (missing bucket or object, no or rejected credentia
 request, unreachable endpoint, a malformed URI) surfaces as one StorageError that says what is
 wrong and what to do.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -46,8 +47,16 @@ MULTIPART_CONCURRENCY = 8
 STREAM_BUFFER = 1024 * 1024
 _S3_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
-_THROTTLING = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "RequestTimeout",
-               "InternalError", "ServiceUnavailable", "TooManyRequests"}
+_THROTTLING = {
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestLimitExceeded",
+    "RequestTimeout",
+    "InternalError",
+    "ServiceUnavailable",
+    "TooManyRequests",
+}
 _jitter = random.Random()  # private: never touches the training RNGs
 T = TypeVar("T")
 
@@ -79,7 +88,7 @@ def join(uri: str, *parts: str) -> str:
 
 
 def split_s3(uri: str) -> tuple[str, str]:
-    rest = uri[len("s3://"):]
+    rest = uri[len("s3://") :]
     bucket, _, key = rest.partition("/")
     if not _S3_BUCKET.match(bucket):
         raise StorageError(f"{uri!r} has no valid bucket name: use s3://BUCKET/prefix")
@@ -96,7 +105,7 @@ def check_uri(uri: str, setting: str) -> None:
     if not uri:
         raise StorageError(f"{setting} is empty: set it to a local path or s3://BUCKET/prefix")
     if is_s3(uri):
-        if not uri[len("s3://"):].strip("/"):
+        if not uri[len("s3://") :].strip("/"):
             raise StorageError(f"{setting}={uri!r} names no bucket: use s3://BUCKET/prefix")
         split_s3(uri)
         return
@@ -104,7 +113,7 @@ def check_uri(uri: str, setting: str) -> None:
     if scheme:
         name = scheme.group(1)
         if name.lower() == "s3":
-            fixed = "s3://" + uri[len(name) + 1:].lstrip("/")
+            fixed = "s3://" + uri[len(name) + 1 :].lstrip("/")
             raise StorageError(f"{setting}={uri!r} is not an S3 URI (write it {fixed!r}) nor a local path")
         raise StorageError(
             f"{setting}={uri!r}: the scheme {name!r} is not supported; use a local path or s3://BUCKET/prefix"
@@ -150,9 +159,17 @@ def stall_seconds() -> float:
 # The boto3 client and the translation of its errors into messages a user can act on.
 
 _CLIENT_ENV = (
-    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_MAX_ATTEMPTS",
-    "AWS_RETRY_MODE", STALL_SECONDS_ENV,
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_MAX_ATTEMPTS",
+    "AWS_RETRY_MODE",
+    STALL_SECONDS_ENV,
 )
 
 
@@ -175,7 +192,9 @@ def _cached_client(pid: int, env: tuple[str | None, ...], writes: bool):
     }
     read_timeout = max(60.0, stall_seconds()) if writes else stall_seconds()
     config = Config(
-        retries=retries, connect_timeout=min(10.0, stall_seconds()), read_timeout=read_timeout,
+        retries=retries,
+        connect_timeout=min(10.0, stall_seconds()),
+        read_timeout=read_timeout,
         max_pool_connections=32,
     )
     return boto3.session.Session().client("s3", config=config)
@@ -209,10 +228,18 @@ def is_transient(err: BaseException) -> bool:
     if isinstance(err, bx.ClientError):
         status = int(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
         return status >= 500 or _error_code(err) in _THROTTLING
-    return isinstance(err, (
-        bx.HTTPClientError, bx.ConnectionError, bx.IncompleteReadError, ux.HTTPError, HTTPException,
-        ConnectionError, TimeoutError,
-    ))
+    return isinstance(
+        err,
+        (
+            bx.HTTPClientError,
+            bx.ConnectionError,
+            bx.IncompleteReadError,
+            ux.HTTPError,
+            HTTPException,
+            ConnectionError,
+            TimeoutError,
+        ),
+    )
 
 
 def _translate(err: BaseException, uri: str, action: str) -> StorageError | None:
@@ -467,15 +494,23 @@ def _multipart_upload(local_path: Path, uri: str) -> None:
         with open(local_path, "rb") as f:
             f.seek((number - 1) * MULTIPART_CHUNK)
             data = f.read(MULTIPART_CHUNK)
-        response = retrying(uri, "upload to", lambda: client.upload_part(
-            Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=data))
+        response = retrying(
+            uri,
+            "upload to",
+            lambda: client.upload_part(Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=data),
+        )
         return {"ETag": response["ETag"], "PartNumber": number}
 
     try:
         with ThreadPoolExecutor(MULTIPART_CONCURRENCY) as pool:
             parts = list(pool.map(send, range(1, -(-size // MULTIPART_CHUNK) + 1)))
-        retrying(uri, "upload to", lambda: client.complete_multipart_upload(
-            Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}))
+        retrying(
+            uri,
+            "upload to",
+            lambda: client.complete_multipart_upload(
+                Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
+            ),
+        )
     except BaseException as err:
         with contextlib.suppress(Exception):
             client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
@@ -525,9 +560,11 @@ def list_dir(uri: str) -> list[str]:
 
         def listing() -> set[str]:
             names = set()
-            for page in _client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
-                names.update(o["Key"][len(prefix):] for o in page.get("Contents", []))
-                names.update(p["Prefix"][len(prefix):].rstrip("/") for p in page.get("CommonPrefixes", []))
+            for page in (
+                _client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/")
+            ):
+                names.update(o["Key"][len(prefix) :] for o in page.get("Contents", []))
+                names.update(p["Prefix"][len(prefix) :].rstrip("/") for p in page.get("CommonPrefixes", []))
             return names
 
         return sorted(retrying(uri, "list", listing))
@@ -548,9 +585,14 @@ def list_files(uri: str) -> list[FileInfo]:
             found = []
             for page in _client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
                 found += [
-                    FileInfo(o["Key"][len(prefix):], int(o["Size"]), o.get("ETag", "").strip('"'),
-                             o["LastModified"].timestamp())
-                    for o in page.get("Contents", []) if not o["Key"].endswith("/")
+                    FileInfo(
+                        o["Key"][len(prefix) :],
+                        int(o["Size"]),
+                        o.get("ETag", "").strip('"'),
+                        o["LastModified"].timestamp(),
+                    )
+                    for o in page.get("Contents", [])
+                    if not o["Key"].endswith("/")
                 ]
             return found
 
@@ -561,7 +603,9 @@ def list_files(uri: str) -> list[FileInfo]:
     with _local_errors(uri, "list"):
         found = [
             FileInfo(p.relative_to(root).as_posix(), stat.st_size, str(stat.st_mtime_ns), stat.st_mtime)
-            for p in root.rglob("*") if p.is_file() for stat in [p.stat()]
+            for p in root.rglob("*")
+            if p.is_file()
+            for stat in [p.stat()]
         ]
     return sorted(found, key=lambda f: f.path)
 
@@ -624,7 +668,9 @@ def write_if(uri: str, data: bytes, version: str | None) -> bool:
         bucket, key = split_s3(uri)
         condition = {"IfNoneMatch": "*"} if version is None else {"IfMatch": f'"{version}"'}
         try:
-            retrying(uri, "write", lambda: _client(writes=True).put_object(Bucket=bucket, Key=key, Body=data, **condition))
+            retrying(
+                uri, "write", lambda: _client(writes=True).put_object(Bucket=bucket, Key=key, Body=data, **condition)
+            )
             return True
         except StorageError as err:
             if _error_code(err.__cause__) in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey", "404"):

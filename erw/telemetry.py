@@ -9,6 +9,7 @@ prometheus_client's per-value locks; scrapes are served from a daemon thread, so
 waits for Prometheus. The alert rules and the Grafana dashboard in k8s/monitoring read these
 names: rename one here and tests/test_dashboard.py and tests/test_alerts.py will say so.
 """
+
 from __future__ import annotations
 
 import logging
@@ -97,7 +98,9 @@ class TrainingMetrics:
         self._steps = counter("erw_steps", "Optimizer steps completed by this process.")
         self._samples = counter("erw_samples", "Training samples this rank has processed.")
         self._samples_per_second = gauge("erw_samples_per_second", "This rank's samples per second in the last step.")
-        self._loss_family = Gauge("erw_loss", "Loss of the last step, by term.", (*LABELS, "term"), registry=self.registry)
+        self._loss_family = Gauge(
+            "erw_loss", "Loss of the last step, by term.", (*LABELS, "term"), registry=self.registry
+        )
         self._loss_terms: dict[str, Gauge] = {}
         self._labels = values
         self._align_weight = gauge("erw_align_weight", "Weight of the alignment loss in the last step.")
@@ -290,4 +293,3 @@ def push_metrics(
         push_to_gateway(gateway, job=job, registry=registry, grouping_key=grouping, timeout=PUSH_TIMEOUT_SECONDS)
     except (OSError, ValueError) as err:  # URLError and HTTPError are OSErrors
         log.warning("could not push %s metrics to the Pushgateway at %s: %s", job, gateway, err)
-

@@ -4,6 +4,7 @@ installed); rank 0 logs. One MLflow run per erw run and phase, in the experiment
 MLFLOW_EXPERIMENT_NAME (default "erw"), named RUN_ID/PHASE: a resumed run (same run id)
 continues the same MLflow run instead of starting a second one.
 """
+
 from __future__ import annotations
 
 import os
@@ -21,7 +22,9 @@ class MlflowRunLogger:
         try:
             from mlflow import MlflowClient
         except ImportError:
-            raise ErwError("MLFLOW_TRACKING_URI is set but MLflow is not installed: pip install 'erw[mlflow]'") from None
+            raise ErwError(
+                "MLFLOW_TRACKING_URI is set but MLflow is not installed: pip install 'erw[mlflow]'"
+            ) from None
         self.client = MlflowClient()
         name = os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)
         experiment = self.client.get_experiment_by_name(name)
@@ -32,7 +35,9 @@ class MlflowRunLogger:
             self.run_id = found[0].info.run_id
             self.client.update_run(self.run_id, status="RUNNING")
         else:
-            run = self.client.create_run(experiment_id, run_name=run_name, tags={"erw.run": run_name, "erw.phase": phase})
+            run = self.client.create_run(
+                experiment_id, run_name=run_name, tags={"erw.run": run_name, "erw.phase": phase}
+            )
             self.run_id = run.info.run_id
             params = _flatten(cfg.to_dict())
             for key, value in params.items():

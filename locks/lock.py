@@ -51,7 +51,10 @@ def main() -> None:
     parser.add_argument("--upgrade", action="store_true", help="newest releases, not the current pins")
     upgrade = ["--upgrade"] if parser.parse_args().upgrade else []
     compile_lock(RUNTIME, upgrade)
-    compile_lock(DEV, [*upgrade, *(f"--extra={e}" for e in DEV_EXTRAS), "--constraint", str(RUNTIME.relative_to(PYPROJECT.parent))])
+    compile_lock(
+        DEV,
+        [*upgrade, *(f"--extra={e}" for e in DEV_EXTRAS), "--constraint", str(RUNTIME.relative_to(PYPROJECT.parent))],
+    )
     for lock in (RUNTIME, DEV):
         pins = sum(1 for line in lock.read_text().splitlines() if line[:1].isalnum())
         print(f"{lock.relative_to(PYPROJECT.parent)}: {pins} pins")

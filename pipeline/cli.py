@@ -3,6 +3,7 @@
 The command area of the top-level `pipeline` package (Kubeflow Pipelines). `erw.cli` registers it by
 name like every other area; nothing in `erw` imports it, so the library knows nothing about KFP.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,7 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     c = cmds.add_parser("compile", help="write pipeline.yaml (KFP IR: pipeline spec + Kubernetes platform spec)")
     c.add_argument(
-        "--out", default=None,
+        "--out",
+        default=None,
         help="output file (default: pipeline.yaml at the root of this checkout; installed: in the working directory)",
     )
     c.set_defaults(func=_compile)
@@ -34,7 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     r = cmds.add_parser("schedule", help="create a recurring run (retraining as new data lands)")
     _server_flags(r)
-    r.add_argument("--cron", required=True, help="6-field cron in UTC, seconds first: '0 0 3 * * 0' = Sundays 03:00 UTC")
+    r.add_argument(
+        "--cron", required=True, help="6-field cron in UTC, seconds first: '0 0 3 * * 0' = Sundays 03:00 UTC"
+    )
     r.add_argument("--job-name", default="erw-retrain", help="name of the recurring run")
     r.add_argument("--max-concurrency", type=int, default=1, help="runs allowed at once (default 1: never overlap)")
     r.add_argument("--catchup", action="store_true", help="also start the runs missed while paused")
@@ -50,9 +54,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     lr.add_argument("--config", default=None, help="config preset (default configs/demo.yaml)")
     lr.add_argument("--no-cache", action="store_true", help="execute every step, even those with cached results")
-    lr.add_argument("--verbose", action="store_true",
-                    help="also show the steps' full output (kfp.local's executor dumps, artifact listings), "
-                    "which otherwise goes only to the log file whose path is printed")
+    lr.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also show the steps' full output (kfp.local's executor dumps, artifact listings), "
+        "which otherwise goes only to the log file whose path is printed",
+    )
     lr.add_argument("arguments", nargs="*", metavar="NAME=VALUE", help=ARGUMENTS_HELP)
     lr.set_defaults(func=_run_local)
 
@@ -60,17 +67,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     pp.set_defaults(func=_params)
 
 
-
 def _server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="", help="KFP API endpoint (default: $KF_PIPELINES_ENDPOINT or in-cluster)")
     p.add_argument("--namespace", default="", help="profile namespace (multi-user Kubeflow)")
     p.add_argument("--experiment", default="erw", help="experiment to file the run under")
     p.add_argument(
-        "--skip-version-check", action="store_true",
+        "--skip-version-check",
+        action="store_true",
         help="do not ask the server for its KFP release (needed: >= 2.15; for dev builds that report none)",
     )
     p.add_argument(
-        "--service-account", default="",
+        "--service-account",
+        default="",
         help="service account of the run's pods (default: KFP's); it must hold the erw-launcher Role (k8s/base)",
     )
 
@@ -95,8 +103,13 @@ def _submit(args: argparse.Namespace) -> int:
     arguments = _arguments(args)
     resolve(arguments)  # fail before connecting
     result = submit(
-        connect(args.host, not args.skip_version_check), arguments, args.experiment, args.run_name,
-        args.service_account, args.namespace, enable_caching=False if args.no_cache else None,
+        connect(args.host, not args.skip_version_check),
+        arguments,
+        args.experiment,
+        args.run_name,
+        args.service_account,
+        args.namespace,
+        enable_caching=False if args.no_cache else None,
     )
     print(f"submitted run {result.run_id}")
     return 0
@@ -110,8 +123,15 @@ def _schedule(args: argparse.Namespace) -> int:
     check_cron(args.cron)
     resolve(arguments)  # fail before connecting
     job = schedule(
-        connect(args.host, not args.skip_version_check), arguments, args.cron, args.job_name, args.experiment,
-        args.service_account, args.namespace, args.max_concurrency, args.catchup,
+        connect(args.host, not args.skip_version_check),
+        arguments,
+        args.cron,
+        args.job_name,
+        args.experiment,
+        args.service_account,
+        args.namespace,
+        args.max_concurrency,
+        args.catchup,
     )
     print(f"created recurring run {job.recurring_run_id} ({args.cron})")
     return 0

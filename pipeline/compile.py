@@ -1,4 +1,5 @@
 """Compile the DAG to pipeline.yaml (checked in at the repository root; a test keeps it current)."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -5,6 +5,7 @@ Everything the steps print (kfp.local's executor input and output dumps, per-tas
 listings, the trainer's full log) goes to a log file instead; `--verbose` shows it as well. When
 a step fails, its last lines are shown with the log's path, so the reason is on screen.
 """
+
 from __future__ import annotations
 
 import collections
@@ -38,7 +39,9 @@ def _trainer_line(text: str) -> str:
     """'train step 200/2400 | loss -0.35 | loss_denoise 0.40 ... | 54.6 samples/s | data wait 4%' ->
     the step, the losses and the throughput, without the rest."""
     parts = [p.strip() for p in text.split("|")]
-    keep = [parts[0]] + [p for p in parts[1:] if p.startswith(("loss_denoise", "loss_align", "loss ")) or "samples/s" in p]
+    keep = [parts[0]] + [
+        p for p in parts[1:] if p.startswith(("loss_denoise", "loss_align", "loss ")) or "samples/s" in p
+    ]
     return "  ".join(keep)
 
 
@@ -62,7 +65,9 @@ class StepConsole(io.TextIOBase):
     def __init__(self, log: TextIO, screen: TextIO, verbose: bool = False):
         self.log, self.screen, self.verbose = log, screen, verbose
         self.partial = ""
-        self.started: dict[str, list[float]] = collections.defaultdict(list)  # running tasks (parallel ones share a name)
+        self.started: dict[str, list[float]] = collections.defaultdict(
+            list
+        )  # running tasks (parallel ones share a name)
         self.task: str | None = None  # the latest task started: key lines are credited to it
         # Key lines per task name, oldest first; parallel tasks of one name each take one.
         self.keys: dict[str, list[str]] = collections.defaultdict(list)
@@ -105,15 +110,15 @@ class StepConsole(io.TextIOBase):
             self.done += 1
             self._show(f"[{self.done}] {hit.group(1):<16} from cache")
         elif progress := PROGRESS.search(line):
-            text = line[progress.start():]
+            text = line[progress.start() :]
             self._show("      " + (_trainer_line(text) if "|" in text else text))
             if "|" in text and self.task:  # a training step's last log line sums it up
                 self.keys[self.task].append(_trainer_line(text))
         elif key := KEY_LINES.search(line):
             if self.task:
-                self.keys[self.task].append(_key_summary(line[key.start():]))
+                self.keys[self.task].append(_key_summary(line[key.start() :]))
             else:  # outside the DAG: creating the demo's inputs
-                self._show(line[key.start():])
+                self._show(line[key.start() :])
 
     def _finished(self, task: str, status: str) -> None:
         starts, keys = self.started[task], self.keys[task]

@@ -96,9 +96,17 @@ def erw_pipeline(
     keep_runs: int = D.keep_runs,
 ) -> Outputs:
     planned = plan(
-        config=config, overrides=overrides, source=source, workspace=workspace,
-        precompute_workers=precompute_workers, warmup_nodes=warmup_nodes, train_nodes=train_nodes, launch=launch,
-        run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, retrain_mode=retrain_mode, registry=registry,
+        config=config,
+        overrides=overrides,
+        source=source,
+        workspace=workspace,
+        precompute_workers=precompute_workers,
+        warmup_nodes=warmup_nodes,
+        train_nodes=train_nodes,
+        launch=launch,
+        run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+        retrain_mode=retrain_mode,
+        registry=registry,
     ).set_caching_options(False)  # listing the source is how new data is noticed; it checks the cache's data
     _step(planned, "plan", "Plan: validate, fingerprint source, check cached data", "1", "4G", 2, image, s3_secret)
 
@@ -115,32 +123,55 @@ def erw_pipeline(
 
     # The training jobs' settings: the `launch` parameter plus the placement the GPU pods share.
     job = dict(
-        config=config, overrides=overrides, workspace=workspace, launch=launch, image=image, s3_secret=s3_secret,
-        node_selector=gpu_node_selector, tolerations=gpu_tolerations,
+        config=config,
+        overrides=overrides,
+        workspace=workspace,
+        launch=launch,
+        image=image,
+        s3_secret=s3_secret,
+        node_selector=gpu_node_selector,
+        tolerations=gpu_tolerations,
     )
-    warm = warmup(dataset=dataset, nodes=warmup_nodes, refresh=planned.outputs["refresh_warmup"],
-                  start_from=planned.outputs["start_from"], **job)
+    warm = warmup(
+        dataset=dataset,
+        nodes=warmup_nodes,
+        refresh=planned.outputs["refresh_warmup"],
+        start_from=planned.outputs["start_from"],
+        **job,
+    )
     warm.set_caching_options(True)
     _step(warm, "warmup", "Warmup (ERW phase 1, torchrun job)", "1", "2G", 1, image, s3_secret)
 
     trained = train(
-        dataset=dataset, warmup=warm.outputs["Output"], nodes=train_nodes,
-        run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, start_from=planned.outputs["start_from"],
-        continue_steps=continue_steps, **job,
+        dataset=dataset,
+        warmup=warm.outputs["Output"],
+        nodes=train_nodes,
+        run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+        start_from=planned.outputs["start_from"],
+        continue_steps=continue_steps,
+        **job,
     ).set_caching_options(False)
     _step(trained, "train", "Train (ERW phase 2, torchrun job)", "1", "2G", 1, image, s3_secret)
 
     scored = evaluate(
-        checkpoint=trained.outputs["Output"], dataset=dataset, config=config,
-        overrides=overrides, workspace=workspace,
+        checkpoint=trained.outputs["Output"],
+        dataset=dataset,
+        config=config,
+        overrides=overrides,
+        workspace=workspace,
         run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
     ).set_caching_options(False)
     _step(scored, "evaluate", "Evaluate: sample, FID", "8", "64G", 1, image, s3_secret)
     _on_gpu_pool(scored, gpu_node_selector, gpu_tolerations)
 
     gate = promote(
-        checkpoint=trained.outputs["Output"], evaluation=scored.outputs["Output"], config=config, overrides=overrides,
-        workspace=workspace, registry=registry, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+        checkpoint=trained.outputs["Output"],
+        evaluation=scored.outputs["Output"],
+        config=config,
+        overrides=overrides,
+        workspace=workspace,
+        registry=registry,
+        run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
     ).set_caching_options(False)
     _step(gate, "promote", "Promote if better", "1", "1G", 3, image, s3_secret)
 

@@ -5,6 +5,7 @@ Outputs go to a local directory, or to S3 when `workspace` is s3://... (with AWS
 pointing at a local endpoint such as MinIO). Task results are cached under the workspace, so
 a second run reuses the latents and the warmup checkpoint, as a cluster run would.
 """
+
 from __future__ import annotations
 
 import builtins
@@ -19,7 +20,6 @@ from typing import Any, Iterator
 
 from pipeline.console import CACHE_HIT, log_file, step_console
 from pipeline.params import DEMO, DEMO_INPUTS, REPO, defaults, resolve
-
 
 
 @dataclass
@@ -40,9 +40,13 @@ class LocalRun:
         scores = self.scores()
         shown = [f"FID {scores['fid']:.2f}"]
         if scores.get("class_accuracy") is not None:
-            shown.append(f"class accuracy {100 * scores['class_accuracy']:.1f}% (samples the evaluator "
-                         "classifies as the class asked for)")
-        shown += [f"{k} {scores[k]:.3g}" for k in ("inception_score", "precision", "recall") if scores.get(k) is not None]
+            shown.append(
+                f"class accuracy {100 * scores['class_accuracy']:.1f}% (samples the evaluator "
+                "classifies as the class asked for)"
+            )
+        shown += [
+            f"{k} {scores[k]:.3g}" for k in ("inception_score", "precision", "recall") if scores.get(k) is not None
+        ]
         verdict = Path(self.outputs["promotion"].path).read_text().splitlines()[0].lstrip("# ")
         lines = [
             f"pipeline finished in {self.seconds / 60:.1f} min",
@@ -71,7 +75,10 @@ def local_arguments(arguments: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_local(
-    arguments: dict[str, Any], use_cache: bool = True, local_dir: str | Path | None = None, verbose: bool = False,
+    arguments: dict[str, Any],
+    use_cache: bool = True,
+    local_dir: str | Path | None = None,
+    verbose: bool = False,
 ) -> LocalRun:
     """Run the DAG; kfp.local keeps task outputs and its cache in `local_dir` (default: the
     workspace when it is local, else runs/kfp-local). The screen shows one line per step and the

@@ -6,6 +6,7 @@ were allocated. The config preset named by `config` is loaded (config_path: the 
 directory, this checkout, or the presets installed with the package) and validated for the world
 sizes the run will use.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,8 +30,12 @@ RETRAIN_MODES = ("scratch", "continue")
 
 # Training-job settings the pipeline sets itself, from the parameter named, not from `launch`.
 SET_BY_PIPELINE = {
-    "image": "image", "s3_secret": "s3_secret", "node_selector": "gpu_node_selector",
-    "tolerations": "gpu_tolerations", "nodes": "warmup_nodes / train_nodes", "run_id": "(the KFP run id)",
+    "image": "image",
+    "s3_secret": "s3_secret",
+    "node_selector": "gpu_node_selector",
+    "tolerations": "gpu_tolerations",
+    "nodes": "warmup_nodes / train_nodes",
+    "run_id": "(the KFP run id)",
     "step": "(warmup / train)",
 }
 
@@ -96,8 +101,16 @@ DEMO = dict(
     warmup_nodes=1,
     train_nodes=1,
     launch={
-        **LAUNCH, "scheduler": "local_cwd", "procs_per_node": 2, "gpus_per_node": 0, "cpus_per_node": 1,
-        "memory_gb": 4, "timeout": "30m", "pending_timeout": "", "max_restarts": 0, "metrics_port": 0,
+        **LAUNCH,
+        "scheduler": "local_cwd",
+        "procs_per_node": 2,
+        "gpus_per_node": 0,
+        "cpus_per_node": 1,
+        "memory_gb": 4,
+        "timeout": "30m",
+        "pending_timeout": "",
+        "max_restarts": 0,
+        "metrics_port": 0,
     },
 )
 
@@ -108,8 +121,19 @@ DEMO_INPUTS = {
     "runs/demo/digits": ["data", "digits", "--out", "runs/demo/digits"],
     # An evaluator trained on the digits stands in for Inception, which needs a download.
     # At the demo's resolution (configs/demo.yaml data.resolution); 99% held-out accuracy.
-    "runs/demo/evaluator.pt2": ["fit-evaluator", "--images", "runs/demo/digits", "--out", "runs/demo/evaluator.pt2",
-                                "--resolution", "16", "--max-shift", "1", "--steps", "300"],
+    "runs/demo/evaluator.pt2": [
+        "fit-evaluator",
+        "--images",
+        "runs/demo/digits",
+        "--out",
+        "runs/demo/evaluator.pt2",
+        "--resolution",
+        "16",
+        "--max-shift",
+        "1",
+        "--steps",
+        "300",
+    ],
 }
 
 
@@ -130,7 +154,7 @@ def parse_cli_arguments(pairs: list[str]) -> dict[str, Any]:
         except yaml.YAMLError as err:
             raise PipelineParamError(f"argument {key}: {raw!r} is not a valid value: {err}") from None
         if key.startswith("launch."):
-            out.setdefault("launch", {})[key[len("launch."):]] = value
+            out.setdefault("launch", {})[key[len("launch.") :]] = value
         else:
             out[key] = value
     return out
@@ -159,8 +183,13 @@ def launch_spec(v: dict[str, Any], step: str) -> dict[str, Any]:
     """The LaunchSpec dict of one training step, as its component builds it (components/common.py)."""
     nodes = v["warmup_nodes"] if step == "warmup" else v["train_nodes"]
     return {
-        **v["launch"], "image": v["image"], "s3_secret": v["s3_secret"], "node_selector": v["gpu_node_selector"],
-        "tolerations": v["gpu_tolerations"], "nodes": nodes, "step": step,
+        **v["launch"],
+        "image": v["image"],
+        "s3_secret": v["s3_secret"],
+        "node_selector": v["gpu_node_selector"],
+        "tolerations": v["gpu_tolerations"],
+        "nodes": nodes,
+        "step": step,
     }
 
 
@@ -214,7 +243,7 @@ def _uri_problems(v: dict[str, Any]) -> list[str]:
         if name != "registry" and not uri:
             out.append(f"{name} is empty: give a local path or s3://BUCKET/prefix")
         elif storage.is_s3(uri):
-            bucket = uri[len("s3://"):].split("/", 1)[0]
+            bucket = uri[len("s3://") :].split("/", 1)[0]
             if len(bucket) < 3:
                 out.append(f"{name}={uri!r} has no bucket: use s3://BUCKET/prefix (bucket names have 3+ characters)")
     if v["launch"].get("scheduler") == "kubernetes" and not storage.is_s3(v["workspace"]):
@@ -233,8 +262,10 @@ def _placement_problems(v: dict[str, Any]) -> list[str]:
     for key, value in v["gpu_node_selector"].items():
         prefix, _, name = str(key).rpartition("/")
         if not isinstance(value, str) or not LABEL_VALUE.match(value):
-            out.append(f"gpu_node_selector {key!r}: value {value!r} is not a label value (a string of up to 63 "
-                       "letters, digits, '-', '_', '.')")
+            out.append(
+                f"gpu_node_selector {key!r}: value {value!r} is not a label value (a string of up to 63 "
+                "letters, digits, '-', '_', '.')"
+            )
         if not LABEL_NAME.match(name) or (prefix and not LABEL_PREFIX.match(prefix)):
             out.append(f"gpu_node_selector key {key!r} is not a label key ([prefix/]name, e.g. nvidia.com/gpu.present)")
     for tol in v["gpu_tolerations"]:

@@ -16,6 +16,7 @@ expression in the zone of its CRON_SCHEDULE_TIMEZONE (backend/src/crd/controller
 util/const.go:32-38), which the KFP manifests set from `cronScheduleTimezone: "UTC"`
 (manifests/kustomize/base/installs/generic/pipeline-install-config.yaml:60, at 2.17.0).
 """
+
 from __future__ import annotations
 
 import json

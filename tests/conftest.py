@@ -1,4 +1,5 @@
 """Shared fixtures. Add yours below; keep each one small and documented."""
+
 from __future__ import annotations
 
 import contextlib

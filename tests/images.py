@@ -1,4 +1,5 @@
 """Small image datasets that tests write themselves."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -34,6 +34,7 @@ launcher does: each output is uploaded to `root/<path below the local root>` and
 deleted, and each input is downloaded back from the root just before its consumer runs. A step
 that quietly depended on another step's local files then fails here as it would on a cluster.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -54,7 +55,7 @@ def key_from_uri(prefixed_bucket: str, uri: str) -> str:
     """objectstore/config.go:101-111 (`Config.KeyFromURI`), line for line."""
     if not uri.startswith(prefixed_bucket):
         raise ContractViolation(f"URI {uri!r} does not have expected bucket prefix {prefixed_bucket!r}")
-    key = uri[len(prefixed_bucket):].lstrip("/")
+    key = uri[len(prefixed_bucket) :].lstrip("/")
     if not key:
         raise ContractViolation(f"URI {uri!r} has empty key given prefixed bucket {prefixed_bucket!r}")
     return key
@@ -221,10 +222,13 @@ class Backend:
 
         def run_task(**kwargs: Any):
             task = executor_input_utils.get_local_task_resource_name(kwargs["component_name"])
-            task_root = Path(executor_input_utils.construct_local_task_root(
-                pipeline_root=kwargs["pipeline_root"], pipeline_resource_name=kwargs["pipeline_resource_name"],
-                task_resource_name=task,
-            ))
+            task_root = Path(
+                executor_input_utils.construct_local_task_root(
+                    pipeline_root=kwargs["pipeline_root"],
+                    pipeline_resource_name=kwargs["pipeline_resource_name"],
+                    task_resource_name=task,
+                )
+            )
             for name, artifact in _artifacts(kwargs["arguments"]):
                 self.check_input(task, name, artifact.uri)
             before = _snapshot(self.watch)

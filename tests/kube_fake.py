@@ -6,6 +6,7 @@ job walks through `phases` (one step per status read), so a test can say "Pendin
 Running, then Completed". It is not a Kubernetes: no admission, no controllers, no watch of
 objects (the launcher polls); pod logs are served once, as `follow=true` streams end.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -50,10 +51,24 @@ class FakeKube:
         self, namespace: str, name: str, labels: dict[str, str], phase: str, phases: list[str] = (), age_s: float = 60
     ) -> dict:
         job = {
-            "apiVersion": "batch.volcano.sh/v1alpha1", "kind": "Job",
-            "metadata": {"name": name, "namespace": namespace, "labels": labels, "uid": str(uuid.uuid4()),
-                         "creationTimestamp": _timestamp(age_s)},
-            "spec": {"tasks": [{"name": "trainer-0", "replicas": 1, "template": {"spec": {"containers": [{"name": "trainer-0", "image": "x"}]}}}]},
+            "apiVersion": "batch.volcano.sh/v1alpha1",
+            "kind": "Job",
+            "metadata": {
+                "name": name,
+                "namespace": namespace,
+                "labels": labels,
+                "uid": str(uuid.uuid4()),
+                "creationTimestamp": _timestamp(age_s),
+            },
+            "spec": {
+                "tasks": [
+                    {
+                        "name": "trainer-0",
+                        "replicas": 1,
+                        "template": {"spec": {"containers": [{"name": "trainer-0", "image": "x"}]}},
+                    }
+                ]
+            },
             "status": {"state": {"phase": phase}},
         }
         self.jobs[(namespace, name)] = job
@@ -63,7 +78,8 @@ class FakeKube:
 
     def add_pod(self, namespace: str, name: str, labels: dict[str, str] = (), owners: list[dict] = ()) -> None:
         self.pods[(namespace, name)] = {
-            "apiVersion": "v1", "kind": "Pod",
+            "apiVersion": "v1",
+            "kind": "Pod",
             "metadata": {"name": name, "namespace": namespace, "labels": dict(labels), "ownerReferences": list(owners)},
             "spec": {"containers": [{"name": "main", "image": "launcher"}]},
         }
@@ -72,13 +88,19 @@ class FakeKube:
         """The phases job `name` walks through from the next status read on."""
         self._scripts[(namespace, name)] = iter(phases)
 
-    def add_event(self, namespace: str, kind: str, name: str, reason: str, message: str, type_: str = "Warning") -> None:
-        self.events.append({
-            "metadata": {"name": f"{name}.{next(self._ids)}", "namespace": namespace},
-            "involvedObject": {"kind": kind, "name": name, "namespace": namespace},
-            "reason": reason, "message": message, "type": type_,
-            "lastTimestamp": f"2026-01-01T00:01:{next(self._ids):02d}Z",
-        })
+    def add_event(
+        self, namespace: str, kind: str, name: str, reason: str, message: str, type_: str = "Warning"
+    ) -> None:
+        self.events.append(
+            {
+                "metadata": {"name": f"{name}.{next(self._ids)}", "namespace": namespace},
+                "involvedObject": {"kind": kind, "name": name, "namespace": namespace},
+                "reason": reason,
+                "message": message,
+                "type": type_,
+                "lastTimestamp": f"2026-01-01T00:01:{next(self._ids):02d}Z",
+            }
+        )
 
     def job_requests(self, name: str) -> list[tuple[str, str]]:
         return [(m, p) for m, p in self.requests if f"/jobs/{name}" in p]
@@ -102,8 +124,11 @@ class FakeKube:
                 return self._get(self.pods, match[1], match[2], "pods")
             if (match := EVENTS.match(path)) and method == "GET":
                 wanted = dict(part.split("=", 1) for part in query.get("fieldSelector", "").split(",") if part)
-                items = [e for e in self.events if e["metadata"]["namespace"] == match[1]
-                         and all(e.get(k) == v for k, v in wanted.items())]
+                items = [
+                    e
+                    for e in self.events
+                    if e["metadata"]["namespace"] == match[1] and all(e.get(k) == v for k, v in wanted.items())
+                ]
                 return 200, {"apiVersion": "v1", "kind": "EventList", "metadata": {}, "items": items}
         return 404, _status(404, f"the fake API has no {method} {path}")
 
@@ -122,8 +147,11 @@ class FakeKube:
             return 201, job
         if name is None and method == "GET":
             wanted = dict(part.split("=", 1) for part in query.get("labelSelector", "").split(",") if part)
-            items = [j for (n, _), j in self.jobs.items() if n == ns
-                     and wanted.items() <= j["metadata"].get("labels", {}).items()]
+            items = [
+                j
+                for (n, _), j in self.jobs.items()
+                if n == ns and wanted.items() <= j["metadata"].get("labels", {}).items()
+            ]
             return 200, {"apiVersion": "batch.volcano.sh/v1alpha1", "kind": "JobList", "metadata": {}, "items": items}
         if (ns, name) not in self.jobs:
             return 404, _status(404, f'jobs.batch.volcano.sh "{name}" not found')
@@ -151,7 +179,9 @@ class FakeKube:
         for task in job["spec"]["tasks"]:
             pod_name = f"{name}-{task['name']}-0"
             self.pods[(ns, pod_name)] = {
-                "apiVersion": "v1", "kind": "Pod", "metadata": {"name": pod_name, "namespace": ns},
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": pod_name, "namespace": ns},
                 "spec": task["template"]["spec"],
             }
 
@@ -163,8 +193,14 @@ def _timestamp(age_s: float) -> str:
 
 def _status(code: int, message: str) -> dict:
     reason = {403: "Forbidden", 404: "NotFound", 405: "MethodNotAllowed", 503: "ServiceUnavailable"}.get(code, "")
-    return {"kind": "Status", "apiVersion": "v1", "status": "Failure" if code >= 400 else "Success",
-            "message": message, "reason": reason, "code": code}
+    return {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "status": "Failure" if code >= 400 else "Success",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    }
 
 
 class Server:
@@ -199,12 +235,18 @@ class Server:
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
         url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         path = self.directory / "kubeconfig"
-        path.write_text(json.dumps({
-            "apiVersion": "v1", "kind": "Config", "current-context": "fake",
-            "clusters": [{"name": "fake", "cluster": {"server": url}}],
-            "users": [{"name": "fake", "user": {"token": "test"}}],
-            "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}],
-        }))
+        path.write_text(
+            json.dumps(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "current-context": "fake",
+                    "clusters": [{"name": "fake", "cluster": {"server": url}}],
+                    "users": [{"name": "fake", "user": {"token": "test"}}],
+                    "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}],
+                }
+            )
+        )
         return path
 
     def __exit__(self, *exc: object) -> None:

@@ -1,9 +1,19 @@
 """The Kubernetes Pod Security Standard `restricted`, as the checks a pod of this project could fail
 (k8s.io/pod-security-admission policy/check_*.go: allowPrivilegeEscalation, capabilities,
 runAsNonRoot, runAsUser, seccompProfile, privileged, volume types, host namespaces)."""
+
 from __future__ import annotations
 
-RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected", "secret"}
+RESTRICTED_VOLUMES = {
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "persistentVolumeClaim",
+    "projected",
+    "secret",
+}
 
 
 def restricted_violations(pod_spec: dict) -> list[str]:
@@ -21,7 +31,10 @@ def restricted_violations(pod_spec: dict) -> list[str]:
             out.append(f"{c['name']}: runAsNonRoot must be true")
         if ctx.get("runAsUser", pod_ctx.get("runAsUser")) == 0:
             out.append(f"{c['name']}: runAsUser must not be 0")
-        if ctx.get("seccompProfile", pod_ctx.get("seccompProfile", {})).get("type") not in ("RuntimeDefault", "Localhost"):
+        if ctx.get("seccompProfile", pod_ctx.get("seccompProfile", {})).get("type") not in (
+            "RuntimeDefault",
+            "Localhost",
+        ):
             out.append(f"{c['name']}: seccompProfile must be RuntimeDefault or Localhost")
         if ctx.get("privileged"):
             out.append(f"{c['name']}: privileged")

@@ -5,6 +5,7 @@ test adds targets at run time (`stack.scrape(...)`) without restarting it; the P
 scraped with honor_labels, as in the cluster. Missing binaries fail the tests with the install
 command, unless ERW_ALLOW_MISSING_PROMETHEUS=1, which skips them instead.
 """
+
 from __future__ import annotations
 
 import json
@@ -119,9 +120,7 @@ class PrometheusStack:
             raise AssertionError(f"query {promql!r} failed: {body}")
         return body["data"]["result"]
 
-    def wait_for(
-        self, promql: str, accept: Callable[[list[dict]], bool] = bool, timeout: float = 30.0
-    ) -> list[dict]:
+    def wait_for(self, promql: str, accept: Callable[[list[dict]], bool] = bool, timeout: float = 30.0) -> list[dict]:
         """Poll `promql` until accept(result) holds; fail with the last result after timeout."""
         deadline = time.monotonic() + timeout
         result: list[dict] = []
@@ -186,4 +185,3 @@ def start_stack(workdir: Path) -> Iterator[PrometheusStack]:
     finally:
         for process in reversed(processes):
             _stop(process)
-

@@ -1,4 +1,5 @@
 """Random weights of real architectures, for offline tests (no weight downloads)."""
+
 from __future__ import annotations
 
 import io
@@ -19,8 +20,10 @@ def save_random_inception_weights(uri: str, seed: int = 0) -> None:
     any published number.
     """
     # Build the module without its weight download, keeping its random initialisation.
-    with mock.patch.object(fidelity, "load_state_dict_from_url", return_value={}), \
-            mock.patch.object(fidelity.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None):
+    with (
+        mock.patch.object(fidelity, "load_state_dict_from_url", return_value={}),
+        mock.patch.object(fidelity.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None),
+    ):
         net = fidelity.FeatureExtractorInceptionV3(inception._FIDELITY_NAME, ["2048"])
     generator = torch.Generator().manual_seed(seed)
     state = net.state_dict()

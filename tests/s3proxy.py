@@ -17,6 +17,7 @@ upstream endpoint and injects, on demand, the faults a real endpoint shows:
 every request. Used by tests/test_storage.py, tests/chaos/ and
 bench/chaos.py; it can also run alone: `python tests/s3proxy.py UPSTREAM_URL` prints its URL.
 """
+
 from __future__ import annotations
 
 import http.client

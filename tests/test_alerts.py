@@ -1,5 +1,6 @@
 """The PrometheusRule in k8s/monitoring: valid for promtool, and every alert fires on a bad
 synthetic run and stays silent on a healthy one (`promtool test rules`)."""
+
 from __future__ import annotations
 
 import re
@@ -137,7 +138,9 @@ def unit_tests() -> dict:
 
 def test_rules_pass_promtool_check(tmp_path):
     promtool = require_binary("promtool")
-    result = subprocess.run([promtool, "check", "rules", str(write_rules_file(tmp_path))], capture_output=True, text=True)
+    result = subprocess.run(
+        [promtool, "check", "rules", str(write_rules_file(tmp_path))], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -152,9 +155,7 @@ def test_alerts_fire_on_bad_runs_only(tmp_path):
     promtool = require_binary("promtool")
     write_rules_file(tmp_path)
     (tmp_path / "erw.test.yml").write_text(yaml.safe_dump(unit_tests(), sort_keys=False))
-    result = subprocess.run(
-        [promtool, "test", "rules", "erw.test.yml"], cwd=tmp_path, capture_output=True, text=True
-    )
+    result = subprocess.run([promtool, "test", "rules", "erw.test.yml"], cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
 

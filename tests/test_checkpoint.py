@@ -18,7 +18,12 @@ def _save(out, step, value=1.0):
     cfg = load_config(CONFIGS / "demo.yaml")
     state = {"w": torch.full((3, 2), value), "b": torch.arange(4.0)}
     return ckpt.save_checkpoint(
-        str(out), step=step, phase="train", config=cfg, model_state=state, ema_state={k: v * 2 for k, v in state.items()},
+        str(out),
+        step=step,
+        phase="train",
+        config=cfg,
+        model_state=state,
+        ema_state={k: v * 2 for k, v in state.items()},
         train_state={"step": step, "optimizer": {"state": {}, "param_groups": []}, "data": {"epoch": 1}},
     )
 
@@ -126,8 +131,9 @@ def _train(out, *overrides, batches=None, **kwargs):
 
     from erw.training.trainer import run
 
-    cfg = tiny_config(out, "encoder.name=none", "train.ckpt_every=2", "train.keep_last=10", "train.ema_decay=0.9",
-                      *overrides)
+    cfg = tiny_config(
+        out, "encoder.name=none", "train.ckpt_every=2", "train.keep_last=10", "train.ema_decay=0.9", *overrides
+    )
     return run(cfg, "train", batches or Batches(), CPU, **kwargs)
 
 
@@ -164,11 +170,18 @@ _train(sys.argv[2], "train.steps=6", "train.async_checkpoint=true")
 """
 
 
-@pytest.mark.parametrize("victim, cut", [("model.safetensors", "half"), ("ema.safetensors", "before"),
-                                         ("state.pt", "half"), ("meta.json", "before")])
+@pytest.mark.parametrize(
+    "victim, cut",
+    [("model.safetensors", "half"), ("ema.safetensors", "before"), ("state.pt", "half"), ("meta.json", "before")],
+)
 def test_a_kill_during_an_asynchronous_write_never_commits_a_broken_checkpoint(tmp_path, victim, cut):
-    proc = subprocess.run([sys.executable, "-c", KILLED_MID_WRITE, str(TESTS.parent), str(tmp_path / "b"), victim, cut],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLED_MID_WRITE, str(TESTS.parent), str(tmp_path / "b"), victim, cut],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     out = str(tmp_path / "b/train")
     assert (tmp_path / "b/train/step-00000004").exists()  # the write had started
@@ -203,13 +216,21 @@ class SignalAt:
 
 def test_sigterm_writes_what_fits_in_the_grace_period_and_says_so(tmp_path):
     said = []
-    result = _train(tmp_path / "fits", "train.steps=100", "train.async_checkpoint=true", batches=SignalAt(3), log=said.append)
+    result = _train(
+        tmp_path / "fits", "train.steps=100", "train.async_checkpoint=true", batches=SignalAt(3), log=said.append
+    )
     assert result.preempted and result.step == 3 and result.checkpoint.endswith("step-00000003")
     assert any("checkpointed step 3 in" in line and "grace period 25s" in line for line in said)
     # No time left: the last write took longer than the 0 s that remain, so none is started.
     said = []
-    result = _train(tmp_path / "late", "train.steps=100", "train.grace_period_s=0", "train.async_checkpoint=false",
-                    batches=SignalAt(3), log=said.append)
+    result = _train(
+        tmp_path / "late",
+        "train.steps=100",
+        "train.grace_period_s=0",
+        "train.async_checkpoint=false",
+        batches=SignalAt(3),
+        log=said.append,
+    )
     assert result.preempted and result.checkpoint.endswith("step-00000002")
     assert any("no checkpoint of step 3" in line and "resume will start from" in line for line in said), said
     assert [s for s, _ in ckpt.list_checkpoints(str(tmp_path / "late/train"))] == [2]
@@ -234,8 +255,9 @@ def full_disk_after(monkeypatch):
 
 
 @pytest.mark.parametrize("asynchronous", [False, True])
-def test_a_full_disk_during_a_checkpoint_is_one_clear_error_and_leaves_no_torn_files(tmp_path, full_disk_after,
-                                                                                    asynchronous):
+def test_a_full_disk_during_a_checkpoint_is_one_clear_error_and_leaves_no_torn_files(
+    tmp_path, full_disk_after, asynchronous
+):
     from erw.errors import ErwError
 
     _train(tmp_path / "sizes", "train.steps=2")
@@ -286,12 +308,33 @@ def test_a_full_disk_under_erw_train_exits_2_with_one_message(tmp_path, monkeypa
     from tests.test_cli_training import ROOT, TINY, erw
 
     noise_image_folder(tmp_path / "images", count=32, classes=2, size=16)
-    erw("precompute", "--no-progress", "data.source=images", "data.shards=shards", "data.resolution=16",
-        "data.codec=identity", cwd=tmp_path)
+    erw(
+        "precompute",
+        "--no-progress",
+        "data.source=images",
+        "data.shards=shards",
+        "data.resolution=16",
+        "data.codec=identity",
+        cwd=tmp_path,
+    )
     monkeypatch.setenv(faults.CKPT_BYTES_ENV, "1000:raise")  # the first checkpoint, 1000 bytes into its first file
-    failed = erw("train", "--config", str(ROOT / "configs/demo.yaml"), "data.shards=shards", *TINY, "encoder.name=none",
-                 "data.num_workers=0", "train.steps=2", "train.ckpt_every=1", "train.out=full", cwd=tmp_path, check=False)
+    failed = erw(
+        "train",
+        "--config",
+        str(ROOT / "configs/demo.yaml"),
+        "data.shards=shards",
+        *TINY,
+        "encoder.name=none",
+        "data.num_workers=0",
+        "train.steps=2",
+        "train.ckpt_every=1",
+        "train.out=full",
+        cwd=tmp_path,
+        check=False,
+    )
     assert failed.returncode == 2 and "Traceback" not in failed.stderr, failed.stderr
-    assert "erw train: error: cannot write checkpoint full/step-00000001: ENOSPC No space left on device" in failed.stderr
+    assert (
+        "erw train: error: cannot write checkpoint full/step-00000001: ENOSPC No space left on device" in failed.stderr
+    )
     assert "No checkpoint of this run was committed before: a rerun starts from step 0" in failed.stderr
     assert list((tmp_path / "full").iterdir()) == []

@@ -1,4 +1,5 @@
 """Latent codecs: a small random-weight AutoencoderKL of the real architecture, and identity."""
+
 from __future__ import annotations
 
 import pytest
@@ -14,8 +15,12 @@ def small_autoencoder():
 
     torch.manual_seed(0)
     return AutoencoderKL(
-        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4, layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=4,
+        layers_per_block=1,
     )
 
 
@@ -75,7 +80,10 @@ def test_channel_normalisation_from_a_manifest():
     z = codec.normalize(latent)
     torch.testing.assert_close(z[:, 1], (latent[:, 1] + 0.25) / 0.5)
     torch.testing.assert_close(codec.norm.denormalize(z), latent)
-    assert LatentNorm.from_manifest({**manifest, "codec": {**manifest["codec"], "normalization": "scale"}}).scale == (1.0,) * 3
+    assert (
+        LatentNorm.from_manifest({**manifest, "codec": {**manifest["codec"], "normalization": "scale"}}).scale
+        == (1.0,) * 3
+    )
 
 
 def test_weights_from_an_s3_prefix(vae_dir, s3_bucket, tmp_path, monkeypatch):

@@ -24,7 +24,9 @@ def test_xl_preset_carries_the_papers_numbers():
 
 
 def test_dotted_overrides_are_typed():
-    cfg = load_config(CONFIGS / "demo.yaml", ["train.lr=2e-4", "model.qk_norm=true", "train.betas=[0.9, 0.95]", "seed=7"])
+    cfg = load_config(
+        CONFIGS / "demo.yaml", ["train.lr=2e-4", "model.qk_norm=true", "train.betas=[0.9, 0.95]", "seed=7"]
+    )
     assert cfg.train.lr == 2e-4 and isinstance(cfg.train.lr, float)
     assert cfg.model.qk_norm is True
     assert cfg.train.betas == (0.9, 0.95)
@@ -66,8 +68,10 @@ def test_missing_file_is_a_clear_error(tmp_path):
         (["model.align_depth=0"], "outside the model"),
         (["data.resolution=15"], "data.resolution=15 must be a positive multiple of 2"),
         (["data.codec=sd-vae-ft-ema", "data.resolution=40"], "multiple of 16 (codec downsampling 8 x patch size 2)"),
-        (["encoder.name=dinov2-vit-s", "encoder.weights=random", "encoder.dim=1024"],
-         "encoder.dim=1024 does not match dinov2-vit-s, whose tokens are 384-dimensional"),
+        (
+            ["encoder.name=dinov2-vit-s", "encoder.weights=random", "encoder.dim=1024"],
+            "encoder.dim=1024 does not match dinov2-vit-s, whose tokens are 384-dimensional",
+        ),
         (["encoder.name=dinov3"], "not a known encoder"),
         (["model.arch=SiT-M/2"], "is not one of SiT"),
         (["model.num_heads=5"], "model.hidden_size=64 is not divisible by num_heads"),
@@ -93,9 +97,11 @@ def test_batch_must_divide_over_world_size_and_accumulation():
 
 
 def test_problems_found_while_reading_are_reported_together():
-    message = str(pytest.raises(
-        ConfigError, load_config, CONFIGS / "demo.yaml", ["train.lr=abc", "sample.solver=rk4", "model.depht=3"]
-    ).value)
+    message = str(
+        pytest.raises(
+            ConfigError, load_config, CONFIGS / "demo.yaml", ["train.lr=abc", "sample.solver=rk4", "model.depht=3"]
+        ).value
+    )
     assert "train.lr: expected a number" in message and "sample.solver='rk4'" in message
     assert "did you mean 'depth'" in message
 

@@ -1,5 +1,6 @@
 """Continue mode: `erw train --init-from PUBLISHED_PHASE2_CKPT` starts from its weights, EMA and
 AdamW moments for train.steps more steps, records where it started, and refuses another model."""
+
 from __future__ import annotations
 
 import pytest
@@ -10,8 +11,15 @@ from erw.config import load_config
 from tests.images import noise_image_folder
 from tests.test_cli_training import ROOT, TINY, erw
 
-COMMON = ["--config", str(ROOT / "configs/demo.yaml"), "data.shards=shards", *TINY, "encoder.name=none",
-          "data.num_workers=0", "train.log_every=1"]
+COMMON = [
+    "--config",
+    str(ROOT / "configs/demo.yaml"),
+    "data.shards=shards",
+    *TINY,
+    "encoder.name=none",
+    "data.num_workers=0",
+    "train.log_every=1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -19,8 +27,15 @@ def published(tmp_path_factory):
     """A small dataset and a finished phase-2 run on it (what the registry would publish)."""
     work = tmp_path_factory.mktemp("continue")
     noise_image_folder(work / "images", count=48, classes=3, size=32)
-    erw("precompute", "--no-progress", "data.source=images", "data.shards=shards", "data.resolution=16",
-        "data.codec=identity", cwd=work)
+    erw(
+        "precompute",
+        "--no-progress",
+        "data.source=images",
+        "data.shards=shards",
+        "data.resolution=16",
+        "data.codec=identity",
+        cwd=work,
+    )
     # Another seed than the runs below: other initial weights, so "starts from it" is visible in the weights.
     erw("train", *COMMON, "seed=7", "train.steps=6", "train.ckpt_every=6", "train.out=published", cwd=work)
     return work, ckpt.load_checkpoint(str(work / "published"))
@@ -28,8 +43,16 @@ def published(tmp_path_factory):
 
 def test_continue_starts_from_the_published_weights_ema_and_moments(published):
     work, start = published
-    run = erw("train", *COMMON, "train.steps=2", "train.ckpt_every=2", "train.out=continued",
-              "--init-from", start.uri, cwd=work)
+    run = erw(
+        "train",
+        *COMMON,
+        "train.steps=2",
+        "train.ckpt_every=2",
+        "train.out=continued",
+        "--init-from",
+        start.uri,
+        cwd=work,
+    )
     assert f"continue from {start.uri} (phase 2 step 6" in run.stdout
     assert "train: " in run.stdout and "steps 0->2" in run.stdout  # a new run of train.steps steps
     end = ckpt.load_checkpoint(str(work / "continued"))
@@ -53,8 +76,17 @@ def test_continue_starts_from_the_published_weights_ema_and_moments(published):
 
 def test_continue_refuses_another_model(published):
     work, start = published
-    bad = erw("train", *COMMON, "model.hidden_size=32", "train.steps=2", "train.out=bad", "--init-from", start.uri,
-              cwd=work, check=False)
+    bad = erw(
+        "train",
+        *COMMON,
+        "model.hidden_size=32",
+        "train.steps=2",
+        "train.out=bad",
+        "--init-from",
+        start.uri,
+        cwd=work,
+        check=False,
+    )
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert "cannot continue from" in bad.stderr and "model.hidden_size: 64 in the checkpoint, 32 now" in bad.stderr
 
@@ -76,8 +108,16 @@ def test_continue_without_alignment_leaves_the_projectors_out(published_aligned)
     """A published model with projectors continued by a run with encoder.name=none: the projectors
     (read only by the alignment loss) are left out with their AdamW moments, and the log says so."""
     work, start = published_aligned
-    run = erw("train", *COMMON, "train.steps=2", "train.ckpt_every=2", "train.out=unaligned",
-              "--init-from", start.uri, cwd=work)
+    run = erw(
+        "train",
+        *COMMON,
+        "train.steps=2",
+        "train.ckpt_every=2",
+        "train.out=unaligned",
+        "--init-from",
+        start.uri,
+        cwd=work,
+    )
     assert "alignment projector tensors are left out" in run.stdout and "encoder.name=none" in run.stdout
     end = ckpt.load_checkpoint(str(work / "unaligned"))
     assert not any(name.startswith("projectors.") for name in end.model_state)
@@ -104,8 +144,9 @@ def test_continue_without_alignment_leaves_the_projectors_out(published_aligned)
 
 def test_continue_with_alignment_from_an_unaligned_model_is_refused(published):
     work, start = published  # trained with encoder.name=none: no projectors
-    bad = erw("train", *ALIGNED, "train.steps=2", "train.out=aligned-now", "--init-from", start.uri, cwd=work,
-              check=False)
+    bad = erw(
+        "train", *ALIGNED, "train.steps=2", "train.out=aligned-now", "--init-from", start.uri, cwd=work, check=False
+    )
     assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr
     assert "it was trained without representation alignment" in bad.stderr
     assert "Continue it with encoder.name=none, or train an aligned model from scratch" in bad.stderr

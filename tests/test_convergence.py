@@ -1,5 +1,6 @@
 """The benchmark report scripts: the convergence study end to end at --tiny size, its bookkeeping,
 the results page sections and the GPU check's refusal and table."""
+
 import dataclasses
 import json
 import os
@@ -19,9 +20,22 @@ from bench.smallscale import SIZES, DataError, ImageBatches, LabelledImages, Siz
 def test_convergence_tiny_end_to_end(tmp_path):
     results = tmp_path / "docs" / "results.md"
     done = subprocess.run(
-        [sys.executable, "-m", "bench.convergence", "--tiny", "--out", str(tmp_path / "runs"),
-         "--cache", str(tmp_path / "cache"), "--results", str(results)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "bench.convergence",
+            "--tiny",
+            "--out",
+            str(tmp_path / "runs"),
+            "--cache",
+            str(tmp_path / "cache"),
+            "--results",
+            str(results),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "runs" / "convergence.json").read_text())
@@ -32,7 +46,9 @@ def test_convergence_tiny_end_to_end(tmp_path):
     size = report["size"]
     by_method = {c["method"]: c for c in curves if c["seed"] == 0}
     # Plain SiT and REPA are evaluated from the first segment on; ERW after its warmup, on the same grid.
-    assert [p["step"] for p in by_method["SiT"]["points"]] == list(range(size["eval_every"], size["budget"] + 1, size["eval_every"]))
+    assert [p["step"] for p in by_method["SiT"]["points"]] == list(
+        range(size["eval_every"], size["budget"] + 1, size["eval_every"])
+    )
     assert [p["step"] for p in by_method["SiT+REPA+ERW"]["points"]] == list(
         range(size["warmup"] + size["eval_every"], size["budget"] + 1, size["eval_every"])
     )
@@ -54,10 +70,30 @@ def test_convergence_tiny_end_to_end(tmp_path):
     assert len(list((tmp_path / "cache").glob("digits-encoder-*.safetensors"))) == 1
 
     # A sweep reuses the study's runs of its seed as the reference points and trains only its own.
-    common = ["--tiny", "--cache", str(tmp_path / "cache"), "--results", str(results), "--out", str(tmp_path / "sweeps")]
+    common = [
+        "--tiny",
+        "--cache",
+        str(tmp_path / "cache"),
+        "--results",
+        str(results),
+        "--out",
+        str(tmp_path / "sweeps"),
+    ]
     done = subprocess.run(
-        [sys.executable, "-m", "bench.sweeps", *common, "--only", "l2r_depth", "--references", str(tmp_path / "runs" / "convergence.json")],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "bench.sweeps",
+            *common,
+            "--only",
+            "l2r_depth",
+            "--references",
+            str(tmp_path / "runs" / "convergence.json"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "default points: seed 0 of" in done.stdout
@@ -72,13 +108,20 @@ def test_convergence_tiny_end_to_end(tmp_path):
         out = tmp_path / ("runs" if study == "convergence" else "sweeps")
         done = subprocess.run(
             [sys.executable, "-m", f"bench.{study}", *common[:-2], "--out", str(out), "--no-train"],
-            cwd=ROOT, capture_output=True, text=True, timeout=120,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         assert done.returncode == 0, done.stderr[-3000:]
 
 
 def test_steps_to_target_interpolates_the_crossing():
-    points = [{"step": 10, "flops": 1.0, "fd": 5.0}, {"step": 20, "flops": 2.0, "fd": 3.0}, {"step": 30, "flops": 3.0, "fd": 2.0}]
+    points = [
+        {"step": 10, "flops": 1.0, "fd": 5.0},
+        {"step": 20, "flops": 2.0, "fd": 3.0},
+        {"step": 30, "flops": 3.0, "fd": 2.0},
+    ]
     assert steps_to_target(points, 3.0) == 20
     assert steps_to_target(points, 6.0) == 10  # already below at the first evaluation
     assert steps_to_target(points, 2.5, "flops") == 2.5  # halfway from FD 3 to FD 2
@@ -116,7 +159,9 @@ def test_results_sections_are_replaced_in_place(tmp_path):
 
 def test_gpu_check_refuses_without_a_gpu():
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run(["bash", "bench/gpu_check.sh"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
+    done = subprocess.run(
+        ["bash", "bench/gpu_check.sh"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=120
+    )
     assert done.returncode == 2
     assert "no CUDA GPU" in done.stderr and done.stdout == ""
 
@@ -142,9 +187,18 @@ def test_gpu_check_table():
 
 
 def test_gpu_check_runs_its_measurements_on_cpu(capsys):
-    tiny = ["model.depth=2", "model.hidden_size=32", "model.num_heads=2", "model.align_depth=1", "model.l2r_depth=1",
-            "model.projector_dim=16", "model.num_classes=10"]
-    assert gpu_check.main(["--cpu", "--batch", "2", "--steps", "1", "--warmup-steps", "1", "--modes", "eager", *tiny]) == 0
+    tiny = [
+        "model.depth=2",
+        "model.hidden_size=32",
+        "model.num_heads=2",
+        "model.align_depth=1",
+        "model.l2r_depth=1",
+        "model.projector_dim=16",
+        "model.num_classes=10",
+    ]
+    assert (
+        gpu_check.main(["--cpu", "--batch", "2", "--steps", "1", "--warmup-steps", "1", "--modes", "eager", *tiny]) == 0
+    )
     out = capsys.readouterr().out
     assert "| full | eager | 2 |" in out and "| warmup | eager | 2 |" in out and "n/a" in out
     with pytest.raises(SystemExit):
@@ -239,10 +293,28 @@ def test_convergence_tiny_on_another_dataset(tmp_path):
     np.savez(tmp_path / "shapes.npz", images=images, labels=labels)
     results = tmp_path / "results.md"
     done = subprocess.run(
-        [sys.executable, "-m", "bench.convergence", "--tiny", "--images", str(tmp_path / "shapes.npz"),
-         "--resolution", "8", "--patch", "2", "--out", str(tmp_path / "runs"), "--cache", str(tmp_path / "cache"),
-         "--results", str(results)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "bench.convergence",
+            "--tiny",
+            "--images",
+            str(tmp_path / "shapes.npz"),
+            "--resolution",
+            "8",
+            "--patch",
+            "2",
+            "--out",
+            str(tmp_path / "runs"),
+            "--cache",
+            str(tmp_path / "cache"),
+            "--results",
+            str(results),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "runs" / "convergence.json").read_text())
@@ -274,10 +346,23 @@ def test_model_flags_round_trip_and_leave_the_digits_study_alone():
 
     parser = _study_parser()
     default = study_size(parser.parse_args([]))
-    assert default == SIZES["default"] and model_flags(default, SIZES["default"]) == "" and study_suffix(default, SIZES["default"]) == ""
-    deep = study_size(parser.parse_args(["--depth", "12", "--l2r-depth", "2", "--warmup", "400", "--budget-scale", "2"]), seeds=1)
+    assert (
+        default == SIZES["default"]
+        and model_flags(default, SIZES["default"]) == ""
+        and study_suffix(default, SIZES["default"]) == ""
+    )
+    deep = study_size(
+        parser.parse_args(["--depth", "12", "--l2r-depth", "2", "--warmup", "400", "--budget-scale", "2"]), seeds=1
+    )
     assert (deep.depth, deep.l2r_depth, deep.align_depth, deep.warmup, deep.budget, deep.eval_every, deep.seeds) == (
-        12, 2, 3, 400, 6400, 400, (0,))
+        12,
+        2,
+        3,
+        400,
+        6400,
+        400,
+        (0,),
+    )
     flags = model_flags(deep, SIZES["default"])
     assert flags == " --depth 12 --warmup 400 --budget-scale 2 --seeds 1"  # l2r depth 2 is the default's
     assert study_suffix(deep, SIZES["default"]) == "-depth-12-warmup-400-budget-scale-2-seeds-1"
@@ -286,10 +371,12 @@ def test_model_flags_round_trip_and_leave_the_digits_study_alone():
     # The FLOPs of a warmup step follow the depth: 0.48x a full step at 6 blocks (issue 14), less at 12.
     assert round(warmup_step_cost(default), 2) == 0.48
     assert warmup_step_cost(deep) < 0.3
-    for bad, message in ((["--depth", "2"], "l2r_depth=2 must be at least 1 and less than the model depth 2"),
-                         (["--align-depth", "7"], "align_depth=7 is outside the model"),
-                         (["--budget-scale", "1.1"], "must be multiples of eval_every"),
-                         (["--warmup", "3200"], "must be inside the budget")):
+    for bad, message in (
+        (["--depth", "2"], "l2r_depth=2 must be at least 1 and less than the model depth 2"),
+        (["--align-depth", "7"], "align_depth=7 is outside the model"),
+        (["--budget-scale", "1.1"], "must be multiples of eval_every"),
+        (["--warmup", "3200"], "must be inside the budget"),
+    ):
         assert any(message in p for p in study_size(parser.parse_args(bad)).problems()), bad
 
 
@@ -300,10 +387,27 @@ def test_convergence_tiny_with_model_flags(tmp_path):
 
     results = tmp_path / "results.md"
     write_section(results, "convergence", "## Convergence\nthe digits study")
-    flags = ["--depth", "4", "--l2r-depth", "2", "--align-depth", "3", "--warmup", "4", "--budget-scale", "2", "--seeds", "1"]
+    flags = [
+        "--depth",
+        "4",
+        "--l2r-depth",
+        "2",
+        "--align-depth",
+        "3",
+        "--warmup",
+        "4",
+        "--budget-scale",
+        "2",
+        "--seeds",
+        "1",
+    ]
     done = subprocess.run(  # from another directory: the run directory's default follows the flags
         [sys.executable, "-m", "bench.convergence", "--tiny", *flags, "--results", str(results)],
-        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     suffix = "-depth-4-l2r-depth-2-align-depth-3-warmup-4-budget-scale-2-seeds-1"
@@ -311,7 +415,13 @@ def test_convergence_tiny_with_model_flags(tmp_path):
     assert report["command"].endswith("bench.convergence --tiny " + " ".join(flags))
     size = report["size"]
     assert (size["depth"], size["l2r_depth"], size["align_depth"], size["warmup"], size["budget"], size["seeds"]) == (
-        4, 2, 3, 4, 8, [0])
+        4,
+        2,
+        3,
+        4,
+        8,
+        [0],
+    )
     curves = {c["method"]: c for c in report["curves"]}
     assert sorted(curves) == ["SiT", "SiT+REPA", "SiT+REPA+ERW"] and {c["seed"] for c in report["curves"]} == {0}
     assert [p["step"] for p in curves["SiT"]["points"]] == [2, 4, 6, 8]  # twice the budget, the same grid
@@ -321,7 +431,9 @@ def test_convergence_tiny_with_model_flags(tmp_path):
         cfg = ckpt.load_checkpoint(str(tmp_path / curve["final_checkpoint"]), with_train_state=False).config()
         assert (cfg.model.depth, cfg.model.l2r_depth, cfg.model.align_depth) == (4, 2, 3), method
         assert cfg.train.steps == (4 if method == "SiT+REPA+ERW" else 8), method
-    erw = ckpt.load_checkpoint(str(tmp_path / curves["SiT+REPA+ERW"]["final_checkpoint"]), with_train_state=False).config()
+    erw = ckpt.load_checkpoint(
+        str(tmp_path / curves["SiT+REPA+ERW"]["final_checkpoint"]), with_train_state=False
+    ).config()
     assert erw.objective.align_half_life == 2  # half of its phase 2
     # The FLOPs on the curves price a warmup step at the fraction the report gives.
     repa, warm = ({p["step"]: p["flops"] for p in curves[m]["points"]} for m in ("SiT+REPA", "SiT+REPA+ERW"))

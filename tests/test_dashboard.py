@@ -1,5 +1,6 @@
 """The Grafana dashboard: valid JSON, valid PromQL, and every query names a metric erw exports
 (or one of the DCGM exporter's). The alert rules are held to the same names."""
+
 from __future__ import annotations
 
 import json
@@ -17,7 +18,19 @@ from tests.prometheus import free_port, require_binary
 MONITORING = Path(__file__).parents[1] / "k8s" / "monitoring"
 DASHBOARD = MONITORING / "grafana-dashboard.json"
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__range": "1h", "$run_id": ".*", "$phase": ".*"}
-PROMQL_KEYWORDS = {"and", "or", "unless", "bool", "offset", "by", "without", "on", "ignoring", "group_left", "group_right"}
+PROMQL_KEYWORDS = {
+    "and",
+    "or",
+    "unless",
+    "bool",
+    "offset",
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+}
 
 
 def dashboard() -> dict:
@@ -50,7 +63,7 @@ def metric_names(expr: str) -> set[str]:
     expr = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", expr)  # label lists
     names = set()
     for match in re.finditer(r"[a-zA-Z_:][a-zA-Z0-9_:]*", expr):
-        following = expr[match.end():].lstrip()
+        following = expr[match.end() :].lstrip()
         if following.startswith("(") or match.group() in PROMQL_KEYWORDS:
             continue  # a function or aggregation, or an operator keyword
         if match.start() and expr[match.start() - 1].isdigit():
@@ -65,8 +78,14 @@ def exported_names() -> set[str]:
     metrics = TrainingMetrics(port, "names", "train", rank=0, local_rank=0, checkpoint_every=10, addr="127.0.0.1")
     try:
         metrics.observe_step(
-            step=1, samples=4, losses={"loss": 1.0}, align_weight=1.0, lr=1e-4, grad_norm=1.0,
-            step_seconds=0.1, data_wait_seconds=0.01,
+            step=1,
+            samples=4,
+            losses={"loss": 1.0},
+            align_weight=1.0,
+            lr=1e-4,
+            grad_norm=1.0,
+            step_seconds=0.1,
+            data_wait_seconds=0.01,
         )
         metrics.observe_checkpoint(1.0, ok=True)
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
@@ -114,9 +133,15 @@ def test_every_alert_names_an_exported_metric():
 def test_dashboard_covers_the_issue():
     used = set().union(*(metric_names(substitute_variables(e)) for e in queries(dashboard())))
     wanted = {
-        "erw_loss", "erw_align_weight", "erw_samples_total", "erw_data_wait_seconds_sum", "erw_step_seconds_bucket",
-        "erw_accelerator_memory_max_allocated_bytes", "DCGM_FI_DEV_GPU_UTIL",
-        "erw_checkpoint_last_success_timestamp_seconds", "erw_eval_fid",
+        "erw_loss",
+        "erw_align_weight",
+        "erw_samples_total",
+        "erw_data_wait_seconds_sum",
+        "erw_step_seconds_bucket",
+        "erw_accelerator_memory_max_allocated_bytes",
+        "DCGM_FI_DEV_GPU_UTIL",
+        "erw_checkpoint_last_success_timestamp_seconds",
+        "erw_eval_fid",
     }
     assert wanted <= used, f"dashboard lacks {wanted - used}"
 

@@ -44,21 +44,61 @@ def test_demo_settings_at_reduced_length_generate_the_digit_asked_for(tmp_path):
     digits, shards, evaluator = tmp_path / "digits", tmp_path / "shards", tmp_path / "evaluator.pt2"
     res = str(cfg.data.resolution)
     assert erw(["data", "digits", "--out", str(digits)]) == 0
-    assert erw(["precompute", "--config", str(DEMO), "--no-progress", f"data.source={digits}",
-                f"data.shards={shards}"]) == 0
+    assert (
+        erw(["precompute", "--config", str(DEMO), "--no-progress", f"data.source={digits}", f"data.shards={shards}"])
+        == 0
+    )
     assert erw(["precompute", "--merge", f"data.shards={shards}"]) == 0
-    assert erw(["fit-evaluator", "--images", str(digits), "--out", str(evaluator), "--resolution", res,
-                "--max-shift", "1", "--steps", "200"]) == 0
+    assert (
+        erw(
+            [
+                "fit-evaluator",
+                "--images",
+                str(digits),
+                "--out",
+                str(evaluator),
+                "--resolution",
+                res,
+                "--max-shift",
+                "1",
+                "--steps",
+                "200",
+            ]
+        )
+        == 0
+    )
     shorter = [
-        f"data.source={digits}", f"data.shards={shards}", "data.num_workers=0",
-        f"warmup.out={tmp_path / 'warmup'}", "warmup.steps=200", f"train.out={tmp_path / 'train'}", "train.steps=300",
+        f"data.source={digits}",
+        f"data.shards={shards}",
+        "data.num_workers=0",
+        f"warmup.out={tmp_path / 'warmup'}",
+        "warmup.steps=200",
+        f"train.out={tmp_path / 'train'}",
+        "train.steps=300",
         "objective.align_half_life=150",
     ]
     assert erw(["warmup", "--config", str(DEMO), *shorter]) == 0
     assert erw(["train", "--config", str(DEMO), *shorter, "--init-from", str(tmp_path / "warmup")]) == 0
-    assert erw(["sample", "--ckpt", str(tmp_path / "train"), "--out", str(tmp_path / "samples"), "--num-samples", "100"]) == 0
-    assert erw(["evaluate", "--samples", str(tmp_path / "samples"), "--reference", str(shards),
-                "--feature-network", str(evaluator), "--out", str(tmp_path / "eval")]) == 0
+    assert (
+        erw(["sample", "--ckpt", str(tmp_path / "train"), "--out", str(tmp_path / "samples"), "--num-samples", "100"])
+        == 0
+    )
+    assert (
+        erw(
+            [
+                "evaluate",
+                "--samples",
+                str(tmp_path / "samples"),
+                "--reference",
+                str(shards),
+                "--feature-network",
+                str(evaluator),
+                "--out",
+                str(tmp_path / "eval"),
+            ]
+        )
+        == 0
+    )
     scores = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert scores["class_accuracy"] > 0.2, scores
 

@@ -1,5 +1,6 @@
 """Per-sample random draws keyed by (seed, step, position in the global batch): the same for a
 sample however the global batch is split over ranks and micro-batches (elastic resumption)."""
+
 from __future__ import annotations
 
 import pytest
@@ -29,8 +30,12 @@ def rows(split, stream_draw):
 @pytest.mark.parametrize("split", list(SPLITS), ids=list(SPLITS))
 def test_a_samples_draws_do_not_depend_on_how_the_global_batch_is_split(split):
     where = torch.tensor([p for micro in SPLITS[split] for p in micro])
-    for draw in (lambda d: d.normal("noise", (4, 2, 2)), lambda d: d.uniform("time"), lambda d: d.normal("time"),
-                 lambda d: d.uniform("label_drop")):
+    for draw in (
+        lambda d: d.normal("noise", (4, 2, 2)),
+        lambda d: d.uniform("time"),
+        lambda d: d.normal("time"),
+        lambda d: d.uniform("label_drop"),
+    ):
         whole = draw(StepDraws(7, 3, G, "cpu").at(torch.arange(G)))
         assert torch.equal(rows(SPLITS[split], draw), whole[where])  # bit for bit
 
@@ -39,10 +44,15 @@ def test_draws_differ_across_steps_seeds_and_streams():
     def table(seed, step, stream):
         return StepDraws(seed, step, G, "cpu").table(stream, "uniform")
 
-    tables = [table(0, 0, "time"), table(0, 1, "time"), table(1, 0, "time"), table(0, 0, "label_drop"),
-              table(0, 0, "noise")]
+    tables = [
+        table(0, 0, "time"),
+        table(0, 1, "time"),
+        table(1, 0, "time"),
+        table(0, 0, "label_drop"),
+        table(0, 0, "noise"),
+    ]
     for i, a in enumerate(tables):
-        for b in tables[i + 1:]:
+        for b in tables[i + 1 :]:
             assert not torch.equal(a, b)
     assert torch.equal(table(0, 5, "time"), table(0, 5, "time"))  # a function of (seed, step, stream): resumable
 
@@ -60,8 +70,16 @@ def test_the_objective_on_split_batches_equals_it_on_the_whole_batch():
     micro-batches of 2 ranks x 2: the per-sample losses agree, so the mean loss (what DDP's
     averaged gradient follows) agrees within float tolerance; global-RNG draws do not."""
     torch.manual_seed(0)
-    model = build_sit("SiT-S/2", input_size=4, depth=2, hidden_size=32, num_heads=2, num_classes=10,
-                      class_dropout=0.5, projector_dim=16).train()
+    model = build_sit(
+        "SiT-S/2",
+        input_size=4,
+        depth=2,
+        hidden_size=32,
+        num_heads=2,
+        num_classes=10,
+        class_dropout=0.5,
+        projector_dim=16,
+    ).train()
     objective = DiffusionObjective(ObjectiveConfig(time_sampling="lognormal"), ModelConfig(arch="SiT-S/2"))
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(G, 4, 4, 4, generator=g), torch.randint(0, 10, (G,), generator=g)
@@ -81,8 +99,9 @@ def test_the_objective_on_split_batches_equals_it_on_the_whole_batch():
 
 
 def test_label_drop_follows_the_draws():
-    model = build_sit("SiT-S/2", input_size=4, depth=1, hidden_size=32, num_heads=2, num_classes=10,
-                      class_dropout=0.3).train()
+    model = build_sit(
+        "SiT-S/2", input_size=4, depth=1, hidden_size=32, num_heads=2, num_classes=10, class_dropout=0.3
+    ).train()
     labels = torch.arange(6)
     u = torch.tensor([0.0, 0.29, 0.3, 0.5, 0.1, 0.99])
     got = model.y_embedder(labels, u)

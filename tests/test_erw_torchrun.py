@@ -1,5 +1,6 @@
 """`erw torchrun`'s shutdown wait: how long a SIGTERM'd worker has for its preemption checkpoint
 before torchrun SIGKILLs it, and the grace period it tells the workers (real torchrun processes)."""
+
 import os
 import signal
 import subprocess
@@ -35,10 +36,25 @@ def preempt(tmp_path, *torchrun_args, env=None):
     worker = tmp_path / "worker.py"
     worker.write_text(textwrap.dedent(SLOW_CHECKPOINT_WORKER))
     out = tmp_path / "checkpoint"
-    cmd = [str(BIN / "erw"), "torchrun", *torchrun_args, "--nproc-per-node", "1", "--no-python",
-           sys.executable, str(worker), str(out)]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env={**os.environ, **(env or {})},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    cmd = [
+        str(BIN / "erw"),
+        "torchrun",
+        *torchrun_args,
+        "--nproc-per-node",
+        "1",
+        "--no-python",
+        sys.executable,
+        str(worker),
+        str(out),
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=tmp_path,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         while not Path(f"{out}.started").exists():  # polled, not timed: the worker is up
             assert proc.poll() is None, proc.stdout.read()
@@ -72,17 +88,36 @@ def test_torchruns_default_wait_kills_a_longer_checkpoint(tmp_path):
 REPORT_GRACE = f"import os; print('grace', os.environ['{elastic.GRACE_ENV}'])"
 
 
-@pytest.mark.parametrize("args, env, expected", [
-    ([], {}, "25"),  # torchrun's default 30 s: the same 25 s a worker without erw torchrun assumes
-    (["--shutdown-timeout", "100"], {}, "95"),
-    ([], {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "12"}, "7"),  # torch's own variable counts too
-    (["--shutdown-timeout", "3"], {}, "0"),
-])
+@pytest.mark.parametrize(
+    "args, env, expected",
+    [
+        ([], {}, "25"),  # torchrun's default 30 s: the same 25 s a worker without erw torchrun assumes
+        (["--shutdown-timeout", "100"], {}, "95"),
+        ([], {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "12"}, "7"),  # torch's own variable counts too
+        (["--shutdown-timeout", "3"], {}, "0"),
+    ],
+)
 def test_erw_torchrun_tells_its_workers_their_grace_period(tmp_path, args, env, expected):
-    environment = {k: v for k, v in os.environ.items() if k not in (elastic.GRACE_ENV, "TORCH_ELASTIC_SHUTDOWN_TIMEOUT")}
+    environment = {
+        k: v for k, v in os.environ.items() if k not in (elastic.GRACE_ENV, "TORCH_ELASTIC_SHUTDOWN_TIMEOUT")
+    }
     proc = subprocess.run(
-        [str(BIN / "erw"), "torchrun", *args, "--nproc-per-node", "1", "--no-python", sys.executable, "-c", REPORT_GRACE],
-        cwd=tmp_path, env={**environment, **env}, capture_output=True, text=True, timeout=120,
+        [
+            str(BIN / "erw"),
+            "torchrun",
+            *args,
+            "--nproc-per-node",
+            "1",
+            "--no-python",
+            sys.executable,
+            "-c",
+            REPORT_GRACE,
+        ],
+        cwd=tmp_path,
+        env={**environment, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     assert f"grace {expected}\n" in proc.stdout

@@ -1,4 +1,5 @@
 """`erw sample` and `erw evaluate` end to end on a tiny checkpoint, and their error messages."""
+
 from __future__ import annotations
 
 import json
@@ -23,13 +24,24 @@ NUM_CLASSES, RESOLUTION = 3, 8
 
 
 def _config():
-    return config_from_dict({
-        "run_id": "tiny", "seed": 5,
-        "model": {"arch": "SiT-S/2", "depth": 2, "hidden_size": 32, "num_heads": 2, "num_classes": NUM_CLASSES,
-                  "projector_dim": 16, "align_depth": 1, "l2r_depth": 1},
-        "data": {"resolution": RESOLUTION, "codec": "identity"},
-        "sample": {"mode": "sde", "steps": 3, "num_samples": 12, "batch_size": 5},
-    })
+    return config_from_dict(
+        {
+            "run_id": "tiny",
+            "seed": 5,
+            "model": {
+                "arch": "SiT-S/2",
+                "depth": 2,
+                "hidden_size": 32,
+                "num_heads": 2,
+                "num_classes": NUM_CLASSES,
+                "projector_dim": 16,
+                "align_depth": 1,
+                "l2r_depth": 1,
+            },
+            "data": {"resolution": RESOLUTION, "codec": "identity"},
+            "sample": {"mode": "sde", "steps": 3, "num_samples": 12, "batch_size": 5},
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +55,15 @@ def checkpoint(tmp_path_factory) -> str:
             p.add_(0.05 * torch.randn_like(p))
     state = model.state_dict()
     out = tmp_path_factory.mktemp("run")
-    return save_checkpoint(str(out), step=7, phase="train", config=cfg, model_state=state,
-                           ema_state={k: v.clone() for k, v in state.items()}, train_state={"step": 7})
+    return save_checkpoint(
+        str(out),
+        step=7,
+        phase="train",
+        config=cfg,
+        model_state=state,
+        ema_state={k: v.clone() for k, v in state.items()},
+        train_state={"step": 7},
+    )
 
 
 class _TinyFeatures(torch.nn.Module):
@@ -92,7 +111,10 @@ def _run(capsys, *argv) -> tuple[int, str]:
 @pytest.fixture(scope="module")
 def samples(checkpoint, tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("samples")
-    assert main(["sample", "--ckpt", checkpoint, "--out", str(out), "--cfg-scale", "2", "--guidance-high", "0.7", "--npz"]) == 0
+    assert (
+        main(["sample", "--ckpt", checkpoint, "--out", str(out), "--cfg-scale", "2", "--guidance-high", "0.7", "--npz"])
+        == 0
+    )
     return str(out)
 
 
@@ -125,8 +147,20 @@ def test_sample_resumes_only_missing_batches(samples, checkpoint, tmp_path):
 def test_sample_then_evaluate_with_a_feature_network(samples, feature_network, tmp_path, capsys):
     reference = _npz(tmp_path / "ref.npz", arr_0=_images(20, seed=3))
     out = tmp_path / "eval"
-    code, err = _run(capsys, "evaluate", "--samples", samples, "--reference", reference, "--out", out,
-                     "--feature-network", feature_network, "--grid-per-class", 4)
+    code, err = _run(
+        capsys,
+        "evaluate",
+        "--samples",
+        samples,
+        "--reference",
+        reference,
+        "--out",
+        out,
+        "--feature-network",
+        feature_network,
+        "--grid-per-class",
+        4,
+    )
     assert code == 0, err
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["fid"] > 0 and np.isfinite(metrics["fid"])
@@ -146,8 +180,18 @@ def test_sample_then_evaluate_with_a_feature_network(samples, feature_network, t
 
 def test_identical_samples_and_reference_score_perfectly(samples, feature_network, tmp_path, capsys):
     out = tmp_path / "eval"
-    code, err = _run(capsys, "evaluate", "--samples", Path(samples, "samples.npz"), "--reference",
-                     Path(samples, "samples.npz"), "--out", out, "--feature-network", feature_network)
+    code, err = _run(
+        capsys,
+        "evaluate",
+        "--samples",
+        Path(samples, "samples.npz"),
+        "--reference",
+        Path(samples, "samples.npz"),
+        "--out",
+        out,
+        "--feature-network",
+        feature_network,
+    )
     assert code == 0, err
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["fid"] == pytest.approx(0.0, abs=1e-6)
@@ -159,8 +203,20 @@ def test_evaluate_with_inception_features(samples, inception_weights, tmp_path, 
     """FID, sFID, IS and precision/recall through the Inception with random weights of the real architecture."""
     reference = _npz(tmp_path / "ref.npz", arr_0=_images(8, seed=4))
     out = tmp_path / "eval"
-    code, err = _run(capsys, "evaluate", "--samples", Path(samples, "samples.npz"), "--reference", reference,
-                     "--out", out, "--inception-weights", inception_weights, "--num-samples", 8)
+    code, err = _run(
+        capsys,
+        "evaluate",
+        "--samples",
+        Path(samples, "samples.npz"),
+        "--reference",
+        reference,
+        "--out",
+        out,
+        "--inception-weights",
+        inception_weights,
+        "--num-samples",
+        8,
+    )
     assert code == 0, err
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["num_samples"] == 8 and metrics["feature_network"].startswith("inception-v3-tf:")
@@ -178,15 +234,26 @@ def test_inception_spatial_features_are_mixed_6_conv_in_tf_order(inception_weigh
     net.net.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, o: seen.setdefault("map", o))
     images = torch.from_numpy(_images(2, seed=5, size=16)).permute(0, 3, 1, 2)
     out = net(images)
-    assert out["pool"].shape == (2, 2048) and out["logits"].shape == (2, 1008) and out["spatial"].shape == (2, SPATIAL_DIM)
+    assert (
+        out["pool"].shape == (2, 2048) and out["logits"].shape == (2, 1008) and out["spatial"].shape == (2, SPATIAL_DIM)
+    )
     expected = seen["map"][:, :7].permute(0, 2, 3, 1).reshape(2, -1)  # [N, 17, 17, 7] flattened, as ADM
     torch.testing.assert_close(out["spatial"], expected)
 
 
 def test_reference_from_a_dataset_is_computed_once_and_cached(samples, feature_network, tmp_path, capsys):
     cache = tmp_path / "cache.npz"
-    argv = ["evaluate", "--samples", samples, "--reference", samples, "--feature-network", feature_network,
-            "--reference-cache", cache]
+    argv = [
+        "evaluate",
+        "--samples",
+        samples,
+        "--reference",
+        samples,
+        "--feature-network",
+        feature_network,
+        "--reference-cache",
+        cache,
+    ]
     assert _run(capsys, *argv, "--out", tmp_path / "a")[0] == 0
     assert cache.exists()
     cache_time = cache.stat().st_mtime_ns
@@ -208,37 +275,87 @@ def test_reference_from_a_dataset_is_computed_once_and_cached(samples, feature_n
 
 
 def test_missing_reference_is_reported(samples, feature_network, tmp_path, capsys):
-    code, err = _run(capsys, "evaluate", "--samples", samples, "--reference", tmp_path / "nope.npz",
-                     "--out", tmp_path / "e", "--feature-network", feature_network)
+    code, err = _run(
+        capsys,
+        "evaluate",
+        "--samples",
+        samples,
+        "--reference",
+        tmp_path / "nope.npz",
+        "--out",
+        tmp_path / "e",
+        "--feature-network",
+        feature_network,
+    )
     assert code == 2 and "nope.npz does not exist" in err and "Traceback" not in err
 
 
 def test_unfinished_samples_are_reported(feature_network, tmp_path, capsys):
     (tmp_path / "samples").mkdir()
-    code, err = _run(capsys, "evaluate", "--samples", tmp_path / "samples", "--reference", tmp_path / "r.npz",
-                     "--out", tmp_path / "e", "--feature-network", feature_network)
+    code, err = _run(
+        capsys,
+        "evaluate",
+        "--samples",
+        tmp_path / "samples",
+        "--reference",
+        tmp_path / "r.npz",
+        "--out",
+        tmp_path / "e",
+        "--feature-network",
+        feature_network,
+    )
     assert code == 2 and "has no manifest.json: give the --out of a finished `erw sample`" in err
 
 
 def test_wrong_shape_reference_is_reported(samples, inception_weights, tmp_path, capsys):
     reference = _npz(tmp_path / "ref.npz", mu=np.zeros(64), sigma=np.eye(64))
-    code, err = _run(capsys, "evaluate", "--samples", samples, "--reference", reference, "--out", tmp_path / "e",
-                     "--inception-weights", inception_weights)
+    code, err = _run(
+        capsys,
+        "evaluate",
+        "--samples",
+        samples,
+        "--reference",
+        reference,
+        "--out",
+        tmp_path / "e",
+        "--inception-weights",
+        inception_weights,
+    )
     assert code == 2
     assert "does not fit the inception-v3-tf features" in err and "should be [2048]" in err
 
 
 def test_reference_without_statistics_or_images_is_reported(samples, feature_network, tmp_path, capsys):
     reference = _npz(tmp_path / "ref.npz", labels=np.arange(3))
-    code, err = _run(capsys, "evaluate", "--samples", samples, "--reference", reference, "--out", tmp_path / "e",
-                     "--feature-network", feature_network)
+    code, err = _run(
+        capsys,
+        "evaluate",
+        "--samples",
+        samples,
+        "--reference",
+        reference,
+        "--out",
+        tmp_path / "e",
+        "--feature-network",
+        feature_network,
+    )
     assert code == 2 and "holds labels: expected mu and sigma" in err
 
 
 def test_reference_images_of_the_wrong_layout_are_reported(samples, feature_network, tmp_path, capsys):
     reference = _npz(tmp_path / "ref.npz", arr_0=np.zeros((4, 3, 8, 8), dtype=np.uint8))  # NCHW, not ADM's NHWC
-    code, err = _run(capsys, "evaluate", "--samples", samples, "--reference", reference, "--out", tmp_path / "e",
-                     "--feature-network", feature_network)
+    code, err = _run(
+        capsys,
+        "evaluate",
+        "--samples",
+        samples,
+        "--reference",
+        reference,
+        "--out",
+        tmp_path / "e",
+        "--feature-network",
+        feature_network,
+    )
     assert code == 2 and "[N, H, W, 3]" in err and "[4, 3, 8, 8]" in err
 
 
@@ -270,9 +387,27 @@ def test_two_process_torchrun_writes_the_same_samples(checkpoint, samples, tmp_p
     out = tmp_path / "two"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "erw.cli", "sample",
-         "--ckpt", checkpoint, "--out", str(out), "--cfg-scale", "2", "--guidance-high", "0.7"],
-        check=True, env=env, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "erw.cli",
+            "sample",
+            "--ckpt",
+            checkpoint,
+            "--out",
+            str(out),
+            "--cfg-scale",
+            "2",
+            "--guidance-high",
+            "0.7",
+        ],
+        check=True,
+        env=env,
+        timeout=300,
     )
     for name in ("shard-000000.tar", "shard-000001.tar", "shard-000002.tar"):
         assert (out / name).read_bytes() == Path(samples, name).read_bytes()
@@ -283,8 +418,18 @@ def test_sample_and_evaluate_through_s3(checkpoint, feature_network, s3_bucket, 
 
     out = f"{s3_bucket}/samples"
     assert main(["sample", "--ckpt", checkpoint, "--out", out, "--num-samples", "4", "--npz"]) == 0
-    code, err = _run(capsys, "evaluate", "--samples", out, "--reference", f"{out}/samples.npz",
-                     "--out", f"{s3_bucket}/eval", "--feature-network", feature_network)
+    code, err = _run(
+        capsys,
+        "evaluate",
+        "--samples",
+        out,
+        "--reference",
+        f"{out}/samples.npz",
+        "--out",
+        f"{s3_bucket}/eval",
+        "--feature-network",
+        feature_network,
+    )
     assert code == 0, err
     metrics = json.loads(storage.read_bytes(f"{s3_bucket}/eval/metrics.json"))
     assert metrics["num_samples"] == 4 and metrics["fid"] == pytest.approx(0.0, abs=1e-6)

@@ -1,4 +1,5 @@
 """The fault injector (erw/faults.py): off and free by default, and each fault fires exactly where asked."""
+
 import io
 import json
 import os
@@ -24,6 +25,7 @@ CPU_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 @pytest.fixture
 def armed(monkeypatch):
     """arm(**env): configure the injector from these variables; disarmed again after the test."""
+
     def arm(**env):
         for name in (faults.KILL_ENV, faults.CKPT_BYTES_ENV, faults.CORRUPT_SHARD_ENV):
             monkeypatch.delenv(name, raising=False)
@@ -47,13 +49,16 @@ def test_off_by_default_every_hook_is_a_no_op(armed, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("name, value, message", [
-    (faults.KILL_ENV, "1", "expected RANK:STEP[:SIGNAL]"),
-    (faults.KILL_ENV, "1:2:NOPE", "'NOPE' is not a signal"),
-    (faults.CKPT_BYTES_ENV, "lots", "expected N[:kill|raise]"),
-    (faults.CKPT_BYTES_ENV, "10:explode", "expected N[:kill|raise]"),
-    (faults.CORRUPT_SHARD_ENV, "data/shard-000001.tar", "a shard's file name"),
-])
+@pytest.mark.parametrize(
+    "name, value, message",
+    [
+        (faults.KILL_ENV, "1", "expected RANK:STEP[:SIGNAL]"),
+        (faults.KILL_ENV, "1:2:NOPE", "'NOPE' is not a signal"),
+        (faults.CKPT_BYTES_ENV, "lots", "expected N[:kill|raise]"),
+        (faults.CKPT_BYTES_ENV, "10:explode", "expected N[:kill|raise]"),
+        (faults.CORRUPT_SHARD_ENV, "data/shard-000001.tar", "a shard's file name"),
+    ],
+)
 def test_a_malformed_variable_is_a_clear_error(armed, name, value, message):
     with pytest.raises(faults.FaultConfigError, match=re.escape(message)):
         armed(**{name: value})
@@ -66,7 +71,9 @@ def test_parsing():
     assert faults.parse_kill("0:12:15").signal == signal.SIGTERM
     assert faults.parse_ckpt_bytes("4096") == faults.CheckpointBytes(4096, "kill")
     assert faults.parse_ckpt_bytes("0:raise") == faults.CheckpointBytes(0, "raise")
-    assert faults.parse_corrupt_shard("shard-000003.tar:truncate") == faults.CorruptShard("shard-000003.tar", "truncate")
+    assert faults.parse_corrupt_shard("shard-000003.tar:truncate") == faults.CorruptShard(
+        "shard-000003.tar", "truncate"
+    )
 
 
 STEPS = """
@@ -78,11 +85,14 @@ for step in range(1, 6):
 """
 
 
-@pytest.mark.parametrize("restart_count, expected_lines, expected_status", [
-    ("", ["0 1", "1 1", "0 2", "1 2", "0 3"], -signal.SIGKILL),  # dies in rank 1's step 3, nowhere else
-    ("0", ["0 1", "1 1", "0 2", "1 2", "0 3"], -signal.SIGKILL),
-    ("1", [f"{r} {s}" for s in range(1, 6) for r in (0, 1)], 0),  # a restarted incarnation runs through
-])
+@pytest.mark.parametrize(
+    "restart_count, expected_lines, expected_status",
+    [
+        ("", ["0 1", "1 1", "0 2", "1 2", "0 3"], -signal.SIGKILL),  # dies in rank 1's step 3, nowhere else
+        ("0", ["0 1", "1 1", "0 2", "1 2", "0 3"], -signal.SIGKILL),
+        ("1", [f"{r} {s}" for s in range(1, 6) for r in (0, 1)], 0),  # a restarted incarnation runs through
+    ],
+)
 def test_kill_fires_at_that_rank_and_step_in_the_first_incarnation_only(restart_count, expected_lines, expected_status):
     env = {**CPU_ENV, faults.KILL_ENV: "1:3", faults.RESTART_COUNT_ENV: restart_count}
     proc = subprocess.run([sys.executable, "-c", STEPS], env=env, capture_output=True, text=True, timeout=120)
@@ -98,8 +108,13 @@ def test_the_trainer_calls_the_kill_hook_after_each_step(armed, tmp_path):
     from erw.training.trainer import run
 
     armed(**{faults.KILL_ENV: "0:3:TERM"})
-    result = run(tiny_config(tmp_path, "train.steps=8", "train.ckpt_every=100", "encoder.name=none"),
-                 "train", Batches(), CPU, log=lambda _msg: None)
+    result = run(
+        tiny_config(tmp_path, "train.steps=8", "train.ckpt_every=100", "encoder.name=none"),
+        "train",
+        Batches(),
+        CPU,
+        log=lambda _msg: None,
+    )
     assert result.preempted and result.step == 3
     assert ckpt.load_checkpoint(str(tmp_path / "train")).step == 3
 
@@ -121,8 +136,12 @@ for step in (1, 2):
 def _checkpoint_sizes(tmp_path) -> list[tuple[str, int]]:
     """(file, bytes) in the order the writer stores them, from a clean save without faults."""
     env = {k: v for k, v in CPU_ENV.items() if not k.startswith("ERW_FAULT_")}
-    subprocess.run([sys.executable, "-c", SAVE, str(ROOT / "configs/demo.yaml"), str(tmp_path / "clean")],
-                   env=env, check=True, timeout=120)
+    subprocess.run(
+        [sys.executable, "-c", SAVE, str(ROOT / "configs/demo.yaml"), str(tmp_path / "clean")],
+        env=env,
+        check=True,
+        timeout=120,
+    )
     step = tmp_path / "clean/step-00000001"
     return [(name, (step / name).stat().st_size) for name in (ckpt.MODEL, ckpt.EMA, ckpt.STATE, ckpt.META)]
 
@@ -130,8 +149,13 @@ def _checkpoint_sizes(tmp_path) -> list[tuple[str, int]]:
 def _killed_save(tmp_path, budget: int) -> tuple[subprocess.CompletedProcess, Path]:
     out = tmp_path / f"out-{budget}"
     env = {**CPU_ENV, faults.CKPT_BYTES_ENV: str(budget)}
-    proc = subprocess.run([sys.executable, "-c", SAVE, str(ROOT / "configs/demo.yaml"), str(out)],
-                          env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", SAVE, str(ROOT / "configs/demo.yaml"), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     return proc, out
 
@@ -140,7 +164,9 @@ def test_the_checkpoint_writer_is_killed_after_exactly_n_bytes(tmp_path):
     sizes = _checkpoint_sizes(tmp_path)
     model, ema = sizes[0][1], sizes[1][1]
     proc, out = _killed_save(tmp_path, model + 100)  # 100 bytes into the first checkpoint's EMA file
-    assert proc.stdout == "" and f"killed after 100 of {ema} bytes of {out}/step-00000001/ema.safetensors" in proc.stderr
+    assert (
+        proc.stdout == "" and f"killed after 100 of {ema} bytes of {out}/step-00000001/ema.safetensors" in proc.stderr
+    )
     torn = out / "step-00000001"
     leftovers = sorted(p.name for p in torn.iterdir())
     assert leftovers[0].startswith(".ema.safetensors.tmp-") and leftovers[1:] == [ckpt.MODEL]
@@ -158,8 +184,9 @@ def test_the_checkpoint_writer_fails_like_a_full_disk(armed, tmp_path):
     cfg = load_config(ROOT / "configs/demo.yaml")
     weights = {"w": torch.zeros(10)}
     with pytest.raises(OSError, match="No space left on device"):
-        ckpt.save_checkpoint(str(tmp_path), step=1, phase="train", config=cfg, model_state=weights,
-                             ema_state=weights, train_state={})
+        ckpt.save_checkpoint(
+            str(tmp_path), step=1, phase="train", config=cfg, model_state=weights, ema_state=weights, train_state={}
+        )
     assert ckpt.list_checkpoints(str(tmp_path)) == []
 
 

@@ -1,5 +1,6 @@
 """`erw gc` on local disk and on S3 (moto server): --dry-run lists exactly what --apply deletes, and nothing
 referenced is deleted."""
+
 from __future__ import annotations
 
 import datetime
@@ -35,8 +36,16 @@ def png(seed: int) -> bytes:
 def checkpoint(out: str, step: int, dataset: str, init_from: str, phase: str = "train") -> str:
     cfg = config_from_dict({"data": {"shards": dataset, "resolution": 16, "codec": "identity"}})
     state = {"w": torch.zeros(2)}
-    return save_checkpoint(out, step=step, phase=phase, config=cfg, model_state=state, ema_state=state,
-                           train_state={}, extra_meta={"init_from": init_from})
+    return save_checkpoint(
+        out,
+        step=step,
+        phase=phase,
+        config=cfg,
+        model_state=state,
+        ema_state=state,
+        train_state={},
+        extra_meta={"init_from": init_from},
+    )
 
 
 class Workspace:
@@ -100,8 +109,12 @@ def test_retention_keeps_what_is_referenced_and_dry_run_matches_apply(workspace,
 
     def dataset(name: str) -> str:
         out = storage.join(store, "datasets", name)
-        run_worker(PrecomputeJob(source=str(source), out=out, cache=store, resolution=16, codec="identity",
-                                 shard_size=3, io_threads=2), progress=False)
+        run_worker(
+            PrecomputeJob(
+                source=str(source), out=out, cache=store, resolution=16, codec="identity", shard_size=3, io_threads=2
+            ),
+            progress=False,
+        )
         return out
 
     def units(d: str) -> set[str]:
@@ -116,8 +129,13 @@ def test_retention_keeps_what_is_referenced_and_dry_run_matches_apply(workspace,
 
     warm = {w: checkpoint(ws.join("warmup", w), 5, d_a, "", phase="warmup") for w in ("w1", "w2", "w3")}
     # r4 continued from r0's model (continue mode): r0 stays as long as r4 does.
-    runs = {"r0": (d_a, warm["w1"]), "r1": (d_a, warm["w1"]), "r2": (d_b, warm["w1"]), "r3": (d_b, warm["w2"]),
-            "r4": (d_c, "r0")}
+    runs = {
+        "r0": (d_a, warm["w1"]),
+        "r1": (d_a, warm["w1"]),
+        "r2": (d_b, warm["w1"]),
+        "r3": (d_b, warm["w2"]),
+        "r4": (d_c, "r0"),
+    }
     finals = {}
     for run, (data, init) in runs.items():
         for step in (10, 20):
@@ -134,7 +152,7 @@ def test_retention_keeps_what_is_referenced_and_dry_run_matches_apply(workspace,
     listed = gc(capsys, ws, "--dry-run")
     assert ws.files() == before  # a dry run deletes nothing
     assert listed == sorted(listed) and len(set(listed)) == len(listed)
-    relative = [u[len(ws.uri) + 1:].split("/") for u in listed]
+    relative = [u[len(ws.uri) + 1 :].split("/") for u in listed]
     assert {parts[1] for parts in relative if parts[0] in ("train", "eval")} == {"r2"}
     applied = gc(capsys, ws, "--apply")
     assert applied == listed
@@ -143,9 +161,13 @@ def test_retention_keeps_what_is_referenced_and_dry_run_matches_apply(workspace,
     # Kept: r4 (newest), r0 (r4 continued from it), r1 (published), r3 (running); the warmups they
     # used; their datasets' shards.
     for run in ("r0", "r1", "r3", "r4"):
-        assert storage.exists(storage.join(finals[run], "meta.json")) and storage.exists(ws.join("eval", run, "metrics.json"))
+        assert storage.exists(storage.join(finals[run], "meta.json")) and storage.exists(
+            ws.join("eval", run, "metrics.json")
+        )
     assert not storage.exists(ws.join("train", "r2")) and not storage.exists(ws.join("eval", "r2"))
-    assert storage.exists(storage.join(warm["w1"], "meta.json")) and storage.exists(storage.join(warm["w2"], "meta.json"))
+    assert storage.exists(storage.join(warm["w1"], "meta.json")) and storage.exists(
+        storage.join(warm["w2"], "meta.json")
+    )
     assert not storage.exists(warm["w3"])  # no kept run started from it
     assert storage.exists(ws.join("registry.json"))
     for d in (d_a, d_b, d_c):  # d_b: r3 is running on it
@@ -174,8 +196,12 @@ def test_s3_listing_pages_and_prefixes(s3_bucket, capsys):
 
     ws = Workspace(storage.join(s3_bucket, "erw", "ws"))
     stale = [ws.join("latents", "old-store", "units", f"{i:04d}.{ext}") for i in range(501) for ext in ("tar", "json")]
-    outside = [storage.join(s3_bucket, "erw", "ws2", "latents", "x.tar"), ws.join("latents-backup", "x.tar"),
-               ws.join("trainer", "r0", "x"), ws.join("registry.json.bak")]
+    outside = [
+        storage.join(s3_bucket, "erw", "ws2", "latents", "x.tar"),
+        ws.join("latents-backup", "x.tar"),
+        ws.join("trainer", "r0", "x"),
+        ws.join("registry.json.bak"),
+    ]
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda uri: storage.write_bytes(uri, b"x"), stale + outside))
     Workspace(s3_bucket).age("", OLD)

@@ -5,6 +5,7 @@ Every `import` counts, also those inside functions (they run too, only later). C
 no library module imports them. `erw.cli` finds the command areas by module name, so the
 `pipeline` package plugs its own commands in without `erw` importing it.
 """
+
 from __future__ import annotations
 
 import ast
@@ -43,7 +44,8 @@ def erw_graph() -> dict[str, set[str]]:
     modules = {module_name(p): p for p in (REPO / "erw").rglob("*.py")}
     return {
         name: {
-            target for target in imported_names(path)
+            target
+            for target in imported_names(path)
             if target in modules and target != name and not name.startswith(target + ".")
         }
         for name, path in modules.items()
@@ -107,21 +109,24 @@ def test_erw_packages_import_in_one_direction():
     for name, targets in graph.items():
         if is_command_layer(name):
             continue
-        packages.setdefault(package(name), set()).update(
-            package(t) for t in targets if package(t) != package(name)
-        )
+        packages.setdefault(package(name), set()).update(package(t) for t in targets if package(t) != package(name))
     found = cycles(packages)
     detail = [
-        f"{a} -> {b}" for c in found for a, targets in graph.items() if not is_command_layer(a)
-        for b in targets if package(a) in c and package(b) in c and package(a) != package(b)
+        f"{a} -> {b}"
+        for c in found
+        for a, targets in graph.items()
+        if not is_command_layer(a)
+        for b in targets
+        if package(a) in c and package(b) in c and package(a) != package(b)
     ]
     assert not found, "package cycles through: " + "; ".join(sorted(detail))
 
 
 def test_library_modules_never_import_the_command_layer():
     graph = erw_graph()
-    upward = [f"{a} -> {b}" for a, targets in graph.items() if not is_command_layer(a)
-              for b in targets if is_command_layer(b)]
+    upward = [
+        f"{a} -> {b}" for a, targets in graph.items() if not is_command_layer(a) for b in targets if is_command_layer(b)
+    ]
     assert not upward, upward
 
 
@@ -146,8 +151,13 @@ def test_no_module_edits_the_import_path():
     """bench/ and tests/ are packages (`python -m bench.X`, `tests.chaos.harness`): nothing puts a
     folder on sys.path to find its neighbours. A test's subprocess script may (it is not a module)."""
     edits = []
-    for path in [*REPO.glob("erw/**/*.py"), *REPO.glob("bench/*.py"), *REPO.glob("tests/**/*.py"),
-                 *REPO.glob("components/*.py"), *REPO.glob("pipeline/*.py")]:
+    for path in [
+        *REPO.glob("erw/**/*.py"),
+        *REPO.glob("bench/*.py"),
+        *REPO.glob("tests/**/*.py"),
+        *REPO.glob("components/*.py"),
+        *REPO.glob("pipeline/*.py"),
+    ]:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Attribute) and node.attr == "path" and getattr(node.value, "id", None) == "sys":
                 edits.append(f"{path.relative_to(REPO)}:{node.lineno}")

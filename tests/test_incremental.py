@@ -1,6 +1,7 @@
 """Incremental precompute on S3 (moto): a rerun after images were added, changed and deleted
 encodes only the affected units, reuses the other shards byte for byte, and the new dataset
 holds exactly the current images."""
+
 from __future__ import annotations
 
 import hashlib
@@ -86,7 +87,7 @@ def test_rerun_encodes_only_changed_units_and_lists_exactly_the_current_data(s3_
     storage.write_bytes(storage.join(source, changed), png(2000))
     import boto3
 
-    bucket = s3_bucket[len("s3://"):]
+    bucket = s3_bucket[len("s3://") :]
     boto3.client("s3").delete_object(Bucket=bucket, Key=f"images/{deleted}")
     current = sorted(set(files) - {deleted} | set(added))
     touched = {*added, changed, deleted}
@@ -96,12 +97,17 @@ def test_rerun_encodes_only_changed_units_and_lists_exactly_the_current_data(s3_
     # Locality: the new units hold the added files and the rest of the few old units that the
     # changes touched (a new file can split its chunk, a deleted one merge two); the others stay.
     dropped = [u for u in units_v1 if u.key not in {u2.key for u2 in units_v2}]
-    assert {f for u in new_units for f, _ in u.files} == {f for u in dropped for f, _ in u.files} - {deleted} | set(added)
+    assert {f for u in new_units for f, _ in u.files} == {f for u in dropped for f, _ in u.files} - {deleted} | set(
+        added
+    )
     assert 1 <= len(new_units) <= 2 * len(touched) < len(units_v2)
 
     plan = plan_precompute(job(source, f"{s3_bucket}/datasets/v2", cache))
     assert (plan.units_total, plan.units_reused, plan.units_to_encode) == (
-        len(units_v2), len(units_v2) - len(new_units), len(new_units))
+        len(units_v2),
+        len(units_v2) - len(new_units),
+        len(new_units),
+    )
 
     v2 = f"{s3_bucket}/datasets/v2"
     second = run_worker(job(source, v2, cache), progress=False)
@@ -111,8 +117,7 @@ def test_rerun_encodes_only_changed_units_and_lists_exactly_the_current_data(s3_
     after = manifest_of(v2)
     assert [s["unit"] for s in after["shards"]] == [u.key for u in units_v2]  # exactly the current units
     assert after["num_samples"] == len(current) == 50
-    names = sorted(s["src.txt"].decode() for e in after["shards"]
-                   for s in read_tar_samples(resolve_uri(v2, e["name"])))
+    names = sorted(s["src.txt"].decode() for e in after["shards"] for s in read_tar_samples(resolve_uri(v2, e["name"])))
     assert names == current and deleted not in names
 
     # Reused shards are the very same bytes; every listed shard matches its hash.
@@ -127,7 +132,8 @@ def test_rerun_encodes_only_changed_units_and_lists_exactly_the_current_data(s3_
     # The training loader serves exactly the current images (the changed one in its new version).
     assert served_crops(v2, 50) == expected_crops(source, current)
     assert served_crops(v1, 48) == sorted(  # the old dataset is still intact for the runs that used it
-        decode_image(png(seed), 16).tobytes() for seed in files.values())
+        decode_image(png(seed), 16).tobytes() for seed in files.values()
+    )
 
     # Rerun over the same source into the first dataset: all reused, manifest now current.
     third = run_worker(job(source, v1, cache), progress=False)
@@ -157,8 +163,11 @@ def test_workers_with_other_settings_race_and_exactly_one_wins(where, tmp_path, 
         winner = json.loads(storage.read_bytes(storage.join(cache, "precompute.json")))["resolution"]
         loser = 48 - winner
         assert sorted(results)[:2] == [f"claimed {winner}"] * 2, results
-        assert all(r.startswith(f"refused {loser}:") and f"resolution: {winner} there, {loser} now" in r
-                   for r in results if not r.startswith("claimed")), results
+        assert all(
+            r.startswith(f"refused {loser}:") and f"resolution: {winner} there, {loser} now" in r
+            for r in results
+            if not r.startswith("claimed")
+        ), results
 
 
 def test_sigterm_removes_the_partial_shard_and_sigkill_leftovers_go_next_start(tmp_path, digits_folder):
@@ -166,9 +175,19 @@ def test_sigterm_removes_the_partial_shard_and_sigkill_leftovers_go_next_start(t
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     env = {**os.environ, "TMPDIR": str(tmp), "PYTHONPATH": str(Path(__file__).parents[1])}
-    command = [sys.executable, "-m", "erw.cli", "precompute", "--no-progress", f"data.source={digits_folder}",
-               f"data.shards={tmp_path / 'out'}", "data.resolution=32", "data.codec=identity",
-               "precompute.shard_size=300", "precompute.batch_size=8"]
+    command = [
+        sys.executable,
+        "-m",
+        "erw.cli",
+        "precompute",
+        "--no-progress",
+        f"data.source={digits_folder}",
+        f"data.shards={tmp_path / 'out'}",
+        "data.resolution=32",
+        "data.codec=identity",
+        "precompute.shard_size=300",
+        "precompute.batch_size=8",
+    ]
 
     def start_and_wait_for_a_partial_shard() -> subprocess.Popen:
         process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

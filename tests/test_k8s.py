@@ -1,5 +1,6 @@
 """Kubernetes manifests and the container image: every overlay renders, validates, grants no
 wildcard permissions, holds no secret, and agrees with the names the pipeline uses."""
+
 import os
 import re
 import shutil
@@ -83,15 +84,26 @@ def test_no_namespace_object_and_no_label_over_the_profiles(rendered, tmp_path):
     assert not by_kind(docs, "Namespace"), f"{overlay} renders a Namespace: create the Profile instead"
     for kustomization in K8S.rglob("kustomization.yaml"):
         spec = yaml.safe_load(kustomization.read_text())
-        assert not {"labels", "commonLabels"} & set(spec), f"{kustomization}: a label transformer would relabel a Namespace"
+        assert not {"labels", "commonLabels"} & set(spec), (
+            f"{kustomization}: a label transformer would relabel a Namespace"
+        )
     # The same tree with the profile's Namespace added to the base (what a user applying both would
     # get): every profile label survives the rendering unchanged.
     copy = tmp_path / "k8s"
     shutil.copytree(K8S, copy)
-    (copy / "base" / "profile-namespace.yaml").write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Namespace",
-        "metadata": {"name": "erw", "labels": PROFILE_NAMESPACE_LABELS, "annotations": {"owner": "user@example.com"}},
-    }))
+    (copy / "base" / "profile-namespace.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Namespace",
+                "metadata": {
+                    "name": "erw",
+                    "labels": PROFILE_NAMESPACE_LABELS,
+                    "annotations": {"owner": "user@example.com"},
+                },
+            }
+        )
+    )
     base = yaml.safe_load((copy / "base" / "kustomization.yaml").read_text())
     base["resources"].append("profile-namespace.yaml")
     (copy / "base" / "kustomization.yaml").write_text(yaml.safe_dump(base))
@@ -221,7 +233,11 @@ def test_image_installs_into_a_venv_with_python3_and_exact_locks():
     deps = next(run for run in runs if "locks/runtime.txt" in run)
     assert "--no-deps --require-hashes -r locks/runtime.txt" in deps
     assert "pip check" in deps
-    torch_pin = next(r for r in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"] if r.startswith("torch=="))
+    torch_pin = next(
+        r
+        for r in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+        if r.startswith("torch==")
+    )
     assert f"assert v == '{torch_pin.split('==')[1]}'" in deps
     # The package: no isolated build environment (it would resolve setuptools at build time).
     (project,) = [run for run in runs if re.search(r"pip install .*--no-build-isolation \.(\s|$)", run)]

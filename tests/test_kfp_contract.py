@@ -1,5 +1,6 @@
 """The KFP backend's contract (tests/kfp_contract.py) on toy components that break each rule, and on
 the pipeline's real encoding steps. The whole demo DAG runs under it in tests/test_pipeline.py (slow)."""
+
 import json
 import shutil
 from pathlib import Path
@@ -131,13 +132,23 @@ def _encoding_pipeline(config: str, source: str, workspace: str):
     @dsl.pipeline
     def encode() -> Dataset:
         planned = plan(
-            config=config, overrides=[], source=source, workspace=workspace, precompute_workers=2,
-            warmup_nodes=1, train_nodes=1, launch=DEMO["launch"], run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-            retrain_mode="scratch", registry="",
+            config=config,
+            overrides=[],
+            source=source,
+            workspace=workspace,
+            precompute_workers=2,
+            warmup_nodes=1,
+            train_nodes=1,
+            launch=DEMO["launch"],
+            run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+            retrain_mode="scratch",
+            registry="",
         ).set_caching_options(False)
         with dsl.ParallelFor(planned.outputs["Output"]) as work:
             encoded = precompute(work=work, config=config, overrides=[], source=source)
-        return merge(parts=dsl.Collected(encoded.output), refresh=planned.outputs["refresh_latents"]).outputs["manifest"]
+        return merge(parts=dsl.Collected(encoded.output), refresh=planned.outputs["refresh_latents"]).outputs[
+            "manifest"
+        ]
 
     return encode
 
@@ -166,8 +177,11 @@ def test_a_stale_cache_entry_is_rebuilt_not_trusted(tmp_path, monkeypatch, few_d
     monkeypatch.chdir(tmp_path / "cwd")
     root = tmp_path / "root"
     local.init(
-        runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True,
-        enable_caching=True, cache_root=str(tmp_path / "cache"),
+        runner=local.SubprocessRunner(use_venv=False),
+        pipeline_root=str(root),
+        raise_on_error=True,
+        enable_caching=True,
+        cache_root=str(tmp_path / "cache"),
     )
     workspace = str(tmp_path / "ws")
     encode = _encoding_pipeline(str(REPO / "configs/demo.yaml"), few_digits, workspace)
@@ -200,8 +214,17 @@ def test_plan_hands_out_a_new_refresh_token_only_for_what_is_gone(tmp_path, few_
 
     def planned(run_id):
         return plan.python_func(
-            config=config, overrides=[], source=few_digits, workspace=workspace, precompute_workers=2, warmup_nodes=1,
-            train_nodes=1, launch=DEMO["launch"], run_id=run_id, retrain_mode="scratch", registry="",
+            config=config,
+            overrides=[],
+            source=few_digits,
+            workspace=workspace,
+            precompute_workers=2,
+            warmup_nodes=1,
+            train_nodes=1,
+            launch=DEMO["launch"],
+            run_id=run_id,
+            retrain_mode="scratch",
+            registry="",
         )
 
     work, latents, warm, _ = planned("run-1")
@@ -234,10 +257,21 @@ def test_precompute_pushes_to_the_pushgateway_the_config_names(prometheus_stack,
     monkeypatch.setenv("ERW_RUN_ID", "run-f3")
     config, overrides = str(REPO / "configs/demo.yaml"), [f"metrics.pushgateway={prometheus_stack.pushgateway}"]
     (work,), _, _, _ = plan.python_func(
-        config=config, overrides=overrides, source=few_digits, workspace=str(tmp_path / "ws"), precompute_workers=1,
-        warmup_nodes=1, train_nodes=1, launch=DEMO["launch"], run_id="run-f3", retrain_mode="scratch", registry="",
+        config=config,
+        overrides=overrides,
+        source=few_digits,
+        workspace=str(tmp_path / "ws"),
+        precompute_workers=1,
+        warmup_nodes=1,
+        train_nodes=1,
+        launch=DEMO["launch"],
+        run_id="run-f3",
+        retrain_mode="scratch",
+        registry="",
     )
     precompute.python_func(work=work, config=config, overrides=overrides, source=few_digits)
     exposed = urllib.request.urlopen(f"http://{prometheus_stack.pushgateway}/metrics", timeout=10).read().decode()
-    (line,) = [x for x in exposed.splitlines() if x.startswith("erw_precompute_images_total{") and 'run_id="run-f3"' in x]
+    (line,) = [
+        x for x in exposed.splitlines() if x.startswith("erw_precompute_images_total{") and 'run_id="run-f3"' in x
+    ]
     assert line.endswith(" 16")

@@ -1,5 +1,6 @@
 """The TorchX launcher: the launch spec, the Volcano job it renders, and real 2-process torchrun
 jobs run locally. The job lifecycle against a Kubernetes API is in tests/test_launch_lifecycle.py."""
+
 import io
 import json
 import re
@@ -30,8 +31,15 @@ XL_COMMAND = ["train", "--config", "configs/imagenet256-sit-xl2.yaml", "--resume
 
 def xl_spec(**overrides) -> LaunchSpec:
     fields = dict(
-        scheduler="kubernetes", queue="erw-training", namespace="ml", service_account="erw-trainer",
-        nodes=2, procs_per_node=8, gpus_per_node=8, cpus_per_node=90, memory_gb=900.0,
+        scheduler="kubernetes",
+        queue="erw-training",
+        namespace="ml",
+        service_account="erw-trainer",
+        nodes=2,
+        procs_per_node=8,
+        gpus_per_node=8,
+        cpus_per_node=90,
+        memory_gb=900.0,
         image="registry.example.com/erw:0.1.0",
         node_selector={"erw.dev/pool": "h100"},
         tolerations=[GPU_TOLERATION],
@@ -58,10 +66,31 @@ def test_spec_round_trips_through_json_and_defaults_are_the_flag_defaults():
     assert LaunchSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
     assert LaunchSpec.from_dict({}) == LaunchSpec() == parse_launch(["--", "train"])[0]
     assert set(LaunchSpec().to_dict()) == {
-        "scheduler", "image", "nodes", "procs_per_node", "gpus_per_node", "cpus_per_node", "memory_gb",
-        "node_selector", "tolerations", "env", "s3_secret", "queue", "namespace", "service_account",
-        "priority_class", "name", "instance_type", "timeout", "pending_timeout", "max_restarts", "resubmit_preempted",
-        "metrics_port", "run_id", "step", "grace_period_s",
+        "scheduler",
+        "image",
+        "nodes",
+        "procs_per_node",
+        "gpus_per_node",
+        "cpus_per_node",
+        "memory_gb",
+        "node_selector",
+        "tolerations",
+        "env",
+        "s3_secret",
+        "queue",
+        "namespace",
+        "service_account",
+        "priority_class",
+        "name",
+        "instance_type",
+        "timeout",
+        "pending_timeout",
+        "max_restarts",
+        "resubmit_preempted",
+        "metrics_port",
+        "run_id",
+        "step",
+        "grace_period_s",
     }  # the keys the pipeline's components build (notes/launch-spec.md)
 
 
@@ -79,12 +108,22 @@ def test_spec_refuses_unknown_keys_and_wrong_types_naming_each():
 
 
 def test_spec_from_json_text_or_file_and_explicit_flags_win(tmp_path):
-    text = json.dumps({"scheduler": "kubernetes", "image": "erw:1", "nodes": 4, "queue": "erw",
-                       "node_selector": {"pool": "a"}, "max_restarts": 2})
+    text = json.dumps(
+        {
+            "scheduler": "kubernetes",
+            "image": "erw:1",
+            "nodes": 4,
+            "queue": "erw",
+            "node_selector": {"pool": "a"},
+            "max_restarts": 2,
+        }
+    )
     path = tmp_path / "spec.json"
     path.write_text(text)
     for source in (text, str(path)):
-        spec, command = parse_launch(["--spec", source, "--nodes", "2", "--node-selector", "pool=b", "--", "train", "-x"])
+        spec, command = parse_launch(
+            ["--spec", source, "--nodes", "2", "--node-selector", "pool=b", "--", "train", "-x"]
+        )
         assert (spec.nodes, spec.node_selector, spec.image, spec.max_restarts) == (2, {"pool": "b"}, "erw:1", 2)
         assert command == ["train", "-x"]
     with pytest.raises(LaunchError, match="neither a JSON object nor an existing file"):
@@ -94,7 +133,9 @@ def test_spec_from_json_text_or_file_and_explicit_flags_win(tmp_path):
 
 
 def test_bad_specs_are_refused_before_submission():
-    found = xl_spec(nodes=0, procs_per_node=16, image="", pending_timeout="soon", tolerations=[{"value": "x"}]).problems()
+    found = xl_spec(
+        nodes=0, procs_per_node=16, image="", pending_timeout="soon", tolerations=[{"value": "x"}]
+    ).problems()
     text = "\n".join(found)
     assert "nodes must be at least 1" in text
     assert "procs_per_node 16 exceeds gpus_per_node 8" in text
@@ -115,7 +156,12 @@ def test_bad_specs_are_refused_before_submission():
 
 def test_flag_parsers_say_what_is_wrong():
     assert parse_toleration("nvidia.com/gpu:NoSchedule") == GPU_TOLERATION
-    assert parse_toleration("pool=gpu:NoExecute") == {"key": "pool", "operator": "Equal", "value": "gpu", "effect": "NoExecute"}
+    assert parse_toleration("pool=gpu:NoExecute") == {
+        "key": "pool",
+        "operator": "Equal",
+        "value": "gpu",
+        "effect": "NoExecute",
+    }
     with pytest.raises(LaunchError, match="KEY\\[=VALUE\\]\\[:EFFECT\\]"):
         parse_toleration("pool=gpu:Sometimes")
     assert parse_duration("45m") == 2700 and parse_duration("72h") == 72 * 3600 and parse_duration("30") == 30
@@ -137,7 +183,9 @@ README_EXAMPLE = (
 def normalized(job: dict) -> dict:
     """The job with TorchX's random parts (unique name, session id) replaced by placeholders."""
     text = json.dumps(job).replace(job["metadata"]["name"], "<job-name>")
-    text = re.sub(r'"TORCHX_INTERNAL_SESSION_ID", "value": "[^"]+"', '"TORCHX_INTERNAL_SESSION_ID", "value": "<session>"', text)
+    text = re.sub(
+        r'"TORCHX_INTERNAL_SESSION_ID", "value": "[^"]+"', '"TORCHX_INTERNAL_SESSION_ID", "value": "<session>"', text
+    )
     return json.loads(text)
 
 
@@ -155,7 +203,10 @@ def test_flags_spec_and_volcano_job_match_the_job_before_the_spec(monkeypatch):
     expected = json.loads((GOLDEN / "volcano-job-readme-example.json").read_text())
     expected["metadata"]["labels"] = {"app.kubernetes.io/part-of": "erw"}  # findable by labels
     expected["spec"]["maxRetry"] = 4  # Volcano counts runs: 3 restarts = 4 runs
-    expected["spec"]["policies"] = [{"event": "PodEvicted", "action": "RestartJob"}, {"event": "PodFailed", "action": "RestartJob"}]
+    expected["spec"]["policies"] = [
+        {"event": "PodEvicted", "action": "RestartJob"},
+        {"event": "PodFailed", "action": "RestartJob"},
+    ]
     expected["spec"]["ttlSecondsAfterFinished"] = 86400
     for task in expected["spec"]["tasks"]:
         del task["maxRetry"], task["policies"]  # moved to the job: a whole-job restart
@@ -170,7 +221,11 @@ def test_flags_spec_and_volcano_job_match_the_job_before_the_spec(monkeypatch):
             # the 600 s grace period less 10 s for itself before SIGKILLing its workers
             shell, flag, line = container["command"]
             assert line.startswith("torchrun --rdzv_backend c10d ")
-            container["command"] = [shell, flag, "exec erw torchrun --shutdown-timeout 590 " + line.removeprefix("torchrun ")]
+            container["command"] = [
+                shell,
+                flag,
+                "exec erw torchrun --shutdown-timeout 590 " + line.removeprefix("torchrun "),
+            ]
     assert job == expected
 
 
@@ -180,7 +235,11 @@ def test_volcano_job_has_the_requested_topology_resources_and_placement():
     spec = job["spec"]
     assert spec["queue"] == "erw-training" and spec["schedulerName"] == "volcano"
     assert spec["maxRetry"] == 4 and spec["ttlSecondsAfterFinished"] > 0
-    assert job["metadata"]["labels"] == {"app.kubernetes.io/part-of": "erw", "erw.dev/run-id": "run-42", "erw.dev/step": "train"}
+    assert job["metadata"]["labels"] == {
+        "app.kubernetes.io/part-of": "erw",
+        "erw.dev/run-id": "run-42",
+        "erw.dev/step": "train",
+    }
     assert len(spec["tasks"]) == 2  # one task per node
     for task in spec["tasks"]:
         pod = task["template"]
@@ -198,7 +257,10 @@ def test_volcano_job_has_the_requested_topology_resources_and_placement():
         assert pod["spec"]["tolerations"] == [GPU_TOLERATION]
         assert pod["spec"]["serviceAccountName"] == "erw-trainer"
         assert pod["spec"]["terminationGracePeriodSeconds"] == 900
-        assert pod["metadata"]["labels"]["erw.dev/run-id"] == "run-42" and pod["metadata"]["labels"]["erw.dev/step"] == "train"
+        assert (
+            pod["metadata"]["labels"]["erw.dev/run-id"] == "run-42"
+            and pod["metadata"]["labels"]["erw.dev/step"] == "train"
+        )
         env = {e["name"]: e.get("value") for e in container["env"]}
         assert env["ERW_RUN_ID"] == "run-42" and env["AWS_ENDPOINT_URL"] == "http://minio.kubeflow:9000"
         assert env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"  # restarts in place re-form (tests/chaos)
@@ -212,7 +274,9 @@ def test_pods_run_erw_torchrun_with_the_shutdown_wait_of_their_grace_period():
     from erw.launch.volcano import erw_torchrun_args
 
     for grace, wait in ((600, 590), (45, 35), (5, 0)):
-        (container,) = dry_run(xl_spec(grace_period_s=grace), XL_COMMAND)["spec"]["tasks"][0]["template"]["spec"]["containers"]
+        (container,) = dry_run(xl_spec(grace_period_s=grace), XL_COMMAND)["spec"]["tasks"][0]["template"]["spec"][
+            "containers"
+        ]
         assert container["command"][:2] == ["bash", "-c"]
         assert container["command"][2].startswith(f"exec erw torchrun --shutdown-timeout {wait} --rdzv_backend c10d ")
     # TorchX's component rendered otherwise (a TorchX upgrade): refused rather than half rewritten
@@ -245,11 +309,31 @@ def test_instance_type_capability_becomes_a_node_selector():
 
 
 def test_cli_dry_run_prints_the_volcano_job(capsys):
-    rc = main([
-        "launch", "--scheduler", "kubernetes", "--image", "erw:test", "--nodes", "2", "--procs-per-node", "2",
-        "--gpus-per-node", "2", "--node-selector", "pool=gpu", "--toleration", "nvidia.com/gpu:NoSchedule",
-        "--dry-run", "--", "train", "--config", str(CONFIGS / "demo.yaml"), "encoder.name=none",
-    ])
+    rc = main(
+        [
+            "launch",
+            "--scheduler",
+            "kubernetes",
+            "--image",
+            "erw:test",
+            "--nodes",
+            "2",
+            "--procs-per-node",
+            "2",
+            "--gpus-per-node",
+            "2",
+            "--node-selector",
+            "pool=gpu",
+            "--toleration",
+            "nvidia.com/gpu:NoSchedule",
+            "--dry-run",
+            "--",
+            "train",
+            "--config",
+            str(CONFIGS / "demo.yaml"),
+            "encoder.name=none",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0
     assert "kind: Job" in out and "pool: gpu" in out and "--nnodes 2 --nproc_per_node 2" in out
@@ -257,7 +341,19 @@ def test_cli_dry_run_prints_the_volcano_job(capsys):
 
 def test_cli_rejects_a_config_that_cannot_run_at_this_world_size(capsys):
     # demo batch 32 over 3 nodes x 1 process does not split evenly: caught before anything is submitted.
-    rc = main(["launch", "--nodes", "3", "--dry-run", "--", "train", "--config", str(CONFIGS / "demo.yaml"), "encoder.name=none"])
+    rc = main(
+        [
+            "launch",
+            "--nodes",
+            "3",
+            "--dry-run",
+            "--",
+            "train",
+            "--config",
+            str(CONFIGS / "demo.yaml"),
+            "encoder.name=none",
+        ]
+    )
     assert rc == 2
     assert "not divisible by world size 3" in capsys.readouterr().err
 
@@ -302,7 +398,9 @@ def test_local_failing_job_fails_with_the_workers_reason(rank_job):
         launch(rank_job, ["fail"], module="rank_job", poll_s=0.2, out=io.StringIO())
     message = str(err.value)
     assert "rank 1 exited with code 1" in message
-    assert message.splitlines()[0].endswith("rank 1 exited with code 1: RuntimeError: rank 1 found no shards under s3://bucket/missing")
+    assert message.splitlines()[0].endswith(
+        "rank 1 exited with code 1: RuntimeError: rank 1 found no shards under s3://bucket/missing"
+    )
 
 
 def test_a_preempted_local_job_is_reported_as_preempted(rank_job):
@@ -310,8 +408,11 @@ def test_a_preempted_local_job_is_reported_as_preempted(rank_job):
         launch(rank_job, ["preempted"], module="rank_job", poll_s=0.2, out=io.StringIO())
     assert err.value.exit_status == 143
     first = str(err.value).splitlines()[0]
-    assert re.fullmatch(r"job local_cwd://\S+ was preempted after \S+ \(node 0 got SIGTERM; every rank checkpointed "
-                        r"and exited 143\)\. The same command with --resume auto continues .*", first), first
+    assert re.fullmatch(
+        r"job local_cwd://\S+ was preempted after \S+ \(node 0 got SIGTERM; every rank checkpointed "
+        r"and exited 143\)\. The same command with --resume auto continues .*",
+        first,
+    ), first
     assert "train preempted at step 7: rank 1" in str(err.value)
     assert str(err.value).splitlines()[1] == (
         "No new job was submitted: without --resume auto it would start from step 0."
@@ -328,8 +429,13 @@ def test_a_preempted_job_that_resumes_is_submitted_again(rank_job):
     for marker in Path().glob("preempted-rank-*"):
         marker.unlink()
     with pytest.raises(Preempted, match=r"No new job was submitted: 0 of resubmit_preempted=0 used"):
-        launch(rank_job.replace(resubmit_preempted=0), ["preempted-once", "--resume", "auto"], module="rank_job",
-               poll_s=0.2, out=io.StringIO())
+        launch(
+            rank_job.replace(resubmit_preempted=0),
+            ["preempted-once", "--resume", "auto"],
+            module="rank_job",
+            poll_s=0.2,
+            out=io.StringIO(),
+        )
 
 
 def test_local_job_past_its_deadline_is_stopped(tmp_path, monkeypatch):
@@ -345,12 +451,25 @@ def test_a_failing_training_job_fails_the_pipeline_step(tmp_path, capsys):
 
     missing = tmp_path / "no-such-dataset"
     with pytest.raises(SystemExit, match="erw launch failed with exit code 2"):
-        run_erw([
-            "launch", "--procs-per-node", "2", "--timeout", "5m", "--",
-            "train", "--config", str(CONFIGS / "demo.yaml"), "encoder.name=none", f"data.shards={missing}",
-        ])
+        run_erw(
+            [
+                "launch",
+                "--procs-per-node",
+                "2",
+                "--timeout",
+                "5m",
+                "--",
+                "train",
+                "--config",
+                str(CONFIGS / "demo.yaml"),
+                "encoder.name=none",
+                f"data.shards={missing}",
+            ]
+        )
     err = capsys.readouterr().err
-    assert re.search(rf"rank [01] exited with code 2: erw train: error: {re.escape(str(missing))} has no manifest.json", err)
+    assert re.search(
+        rf"rank [01] exited with code 2: erw train: error: {re.escape(str(missing))} has no manifest.json", err
+    )
 
 
 def test_failure_report_reads_kubernetes_logs():
@@ -362,14 +481,16 @@ def test_failure_report_reads_kubernetes_logs():
     from erw.launch import failure_report
 
     node0 = deque(["2026-01-01T00:00:00Z [0]:train step 10/100 | loss 0.5\n"])
-    node1 = deque([
-        "2026-01-01T00:00:01Z [3]:train step 10/100 | loss 0.5\n",
-        "2026-01-01T00:00:02Z [3]:torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB\n",
-        "2026-01-01T00:00:03Z Root Cause (first observed failure):\n",
-        "2026-01-01T00:00:03Z [0]:\n",
-        "2026-01-01T00:00:03Z   rank      : 11 (local_rank: 3)\n",
-        "2026-01-01T00:00:03Z   exitcode  : 1 (pid: 77)\n",
-    ])
+    node1 = deque(
+        [
+            "2026-01-01T00:00:01Z [3]:train step 10/100 | loss 0.5\n",
+            "2026-01-01T00:00:02Z [3]:torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB\n",
+            "2026-01-01T00:00:03Z Root Cause (first observed failure):\n",
+            "2026-01-01T00:00:03Z [0]:\n",
+            "2026-01-01T00:00:03Z   rank      : 11 (local_rank: 3)\n",
+            "2026-01-01T00:00:03Z   exitcode  : 1 (pid: 77)\n",
+        ]
+    )
     report = failure_report("kubernetes://erw/erw-train-x", AppStatus(AppState.FAILED), [node0, node1], "2h")
     first = report.splitlines()[0]
     assert first == (

@@ -1,6 +1,7 @@
 """The launched job's lifecycle on Kubernetes, against an API server that speaks HTTP (tests/kube_fake.py)
 to the real `kubernetes` client and TorchX's real kubernetes scheduler: re-attach instead of a second
 job, one direct DELETE on SIGTERM, the Workflow as owner, the scheduler's reasons when Pending."""
+
 from __future__ import annotations
 
 import io
@@ -23,16 +24,26 @@ ROOT = Path(__file__).resolve().parents[1]
 NAMESPACE = "team-a"
 COMMAND = ["train", "--config", "configs/demo.yaml"]
 WORKFLOW_OWNER = {
-    "apiVersion": "argoproj.io/v1alpha1", "kind": "Workflow", "name": "erw-pipeline-x7k2p", "uid": "0c6b-wf-uid",
-    "controller": True, "blockOwnerDeletion": True,
+    "apiVersion": "argoproj.io/v1alpha1",
+    "kind": "Workflow",
+    "name": "erw-pipeline-x7k2p",
+    "uid": "0c6b-wf-uid",
+    "controller": True,
+    "blockOwnerDeletion": True,
 }
 LABELS = {"app.kubernetes.io/part-of": "erw", "erw.dev/run-id": "run-42", "erw.dev/step": "train"}
 
 
 def spec(**changes) -> LaunchSpec:
     base = LaunchSpec(
-        scheduler="kubernetes", image="erw:test", queue="erw", namespace=NAMESPACE, nodes=2, procs_per_node=1,
-        run_id="run-42", grace_period_s=900,
+        scheduler="kubernetes",
+        image="erw:test",
+        queue="erw",
+        namespace=NAMESPACE,
+        nodes=2,
+        procs_per_node=1,
+        run_id="run-42",
+        grace_period_s=900,
     )
     return base.replace(**changes)
 
@@ -56,8 +67,10 @@ def in_launcher_pod(api: FakeKube, tmp_path: Path, monkeypatch, namespace: str =
     monkeypatch.setattr(kube, "SERVICE_ACCOUNT_DIR", account)
     monkeypatch.setenv("HOSTNAME", "erw-pipeline-x7k2p-system-container-impl-123")
     api.add_pod(
-        namespace, "erw-pipeline-x7k2p-system-container-impl-123",
-        labels={"workflows.argoproj.io/workflow": "erw-pipeline-x7k2p"}, owners=[WORKFLOW_OWNER],
+        namespace,
+        "erw-pipeline-x7k2p-system-container-impl-123",
+        labels={"workflows.argoproj.io/workflow": "erw-pipeline-x7k2p"},
+        owners=[WORKFLOW_OWNER],
     )
 
 
@@ -117,12 +130,26 @@ def test_pending_past_the_timeout_fails_with_the_schedulers_reasons(fake):
 
     def scheduler_says(job):
         name, uid = job["metadata"]["name"], job["metadata"]["uid"]
-        fake.podgroups[(NAMESPACE, f"{name}-{uid}")] = {"status": {"phase": "Pending", "conditions": [{
-            "type": "Unschedulable", "status": "True", "reason": "NotEnoughResources",
-            "message": "2/2 tasks in gang unschedulable: pod group is not ready, 2 Pending, 2 minAvailable",
-        }]}}
-        fake.add_event(NAMESPACE, "Pod", f"{name}-trainer-0-0", "FailedScheduling",
-                       "0/3 nodes are unavailable: 3 Insufficient nvidia.com/gpu.")
+        fake.podgroups[(NAMESPACE, f"{name}-{uid}")] = {
+            "status": {
+                "phase": "Pending",
+                "conditions": [
+                    {
+                        "type": "Unschedulable",
+                        "status": "True",
+                        "reason": "NotEnoughResources",
+                        "message": "2/2 tasks in gang unschedulable: pod group is not ready, 2 Pending, 2 minAvailable",
+                    }
+                ],
+            }
+        }
+        fake.add_event(
+            NAMESPACE,
+            "Pod",
+            f"{name}-trainer-0-0",
+            "FailedScheduling",
+            "0/3 nodes are unavailable: 3 Insufficient nvidia.com/gpu.",
+        )
         fake.add_event(NAMESPACE, "Pod", "someone-elses-pod", "FailedScheduling", "not ours")
         fake.add_event(NAMESPACE, "Job", name, "Normal", "created", type_="Normal")
 
@@ -135,10 +162,16 @@ def test_pending_past_the_timeout_fails_with_the_schedulers_reasons(fake):
     name = job["metadata"]["name"]
     assert f"job kubernetes://torchx/team-a:{name} was still Pending after 1s; it was deleted" in message
     assert "PodGroup Unschedulable: NotEnoughResources: 2/2 tasks in gang unschedulable" in message
-    assert f"Pod {name}-trainer-0-0: FailedScheduling: 0/3 nodes are unavailable: 3 Insufficient nvidia.com/gpu." in message
+    assert (
+        f"Pod {name}-trainer-0-0: FailedScheduling: 0/3 nodes are unavailable: 3 Insufficient nvidia.com/gpu."
+        in message
+    )
     assert "not ours" not in message and "created" not in message
     assert out.getvalue().count("erw launch: pending: PodGroup Unschedulable") == 1  # printed once, when first seen
-    assert (NAMESPACE, name) not in fake.jobs and ("DELETE", f"/apis/batch.volcano.sh/v1alpha1/namespaces/{NAMESPACE}/jobs/{name}") in fake.requests
+    assert (NAMESPACE, name) not in fake.jobs and (
+        "DELETE",
+        f"/apis/batch.volcano.sh/v1alpha1/namespaces/{NAMESPACE}/jobs/{name}",
+    ) in fake.requests
 
 
 def test_sigterm_deletes_the_job_with_one_direct_request(fake, tmp_path):
@@ -147,10 +180,34 @@ def test_sigterm_deletes_the_job_with_one_direct_request(fake, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "KUBERNETES_SERVICE_HOST"}
     env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "erw.cli", "launch", "--scheduler", "kubernetes", "--image", "erw:test",
-         "--queue", "erw", "--namespace", NAMESPACE, "--nodes", "2", "--run-id", "run-9", "--",
-         "train", "--config", str(ROOT / "configs" / "demo.yaml"), "encoder.name=none"],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "erw.cli",
+            "launch",
+            "--scheduler",
+            "kubernetes",
+            "--image",
+            "erw:test",
+            "--queue",
+            "erw",
+            "--namespace",
+            NAMESPACE,
+            "--nodes",
+            "2",
+            "--run-id",
+            "run-9",
+            "--",
+            "train",
+            "--config",
+            str(ROOT / "configs" / "demo.yaml"),
+            "encoder.name=none",
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         for _ in range(2400):  # up to 2 min on a loaded machine, until the launcher has read the Running job
@@ -178,7 +235,9 @@ def test_sigterm_deletes_the_job_with_one_direct_request(fake, tmp_path):
     assert f"erw launch: deleting kubernetes://torchx/{NAMESPACE}:{name}" in out
 
 
-API_PATH = re.compile(r"^/apis?/(?:(?P<group>[^/]+)/)?v[^/]+/namespaces/[^/]+/(?P<resource>[^/]+)(?:/(?P<name>[^/]+))?(?:/(?P<sub>[^/]+))?$")
+API_PATH = re.compile(
+    r"^/apis?/(?:(?P<group>[^/]+)/)?v[^/]+/namespaces/[^/]+/(?P<resource>[^/]+)(?:/(?P<name>[^/]+))?(?:/(?P<sub>[^/]+))?$"
+)
 
 
 def rbac_verb(method: str, path: str) -> tuple[str, str, str]:
@@ -205,7 +264,10 @@ def test_the_launcher_role_grants_exactly_what_the_launcher_uses(fake, tmp_path,
     (role,) = [d for d in yaml.safe_load_all((ROOT / "k8s" / "base" / "rbac.yaml").read_text()) if d["kind"] == "Role"]
     granted = {
         (group, resource, verb)
-        for rule in role["rules"] for group in rule["apiGroups"] for resource in rule["resources"] for verb in rule["verbs"]
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
     }
     assert used <= granted, f"requests the Role forbids: {sorted(used - granted)}"
     assert granted <= used, f"verbs the Role grants that nothing uses: {sorted(granted - used)}"
@@ -254,10 +316,13 @@ def test_the_deadline_is_the_jobs_not_the_launchers(fake):
     assert (NAMESPACE, "erw-train-old") not in fake.jobs  # and it was deleted
 
 
-@pytest.mark.parametrize("node0_end, preempted", [
-    (f"{PREEMPTION_REPORT}; exit status 143", True),
-    ("erw torchrun: failed: worker 0 exited 1; exit status 1", False),
-])
+@pytest.mark.parametrize(
+    "node0_end, preempted",
+    [
+        (f"{PREEMPTION_REPORT}; exit status 143", True),
+        ("erw torchrun: failed: worker 0 exited 1; exit status 1", False),
+    ],
+)
 def test_a_job_ended_by_a_preemption_is_reported_as_one(fake, node0_end, preempted):
     # Node 0's pod got SIGTERM (its ranks checkpointed and exited 143); node 1's ranks lost their
     # peers and failed. The preemption is the cause: `erw launch` exits 143. Without it, a failure.
@@ -266,7 +331,8 @@ def test_a_job_ended_by_a_preemption_is_reported_as_one(fake, node0_end, preempt
     def pod_logs(job):
         name = job["metadata"]["name"]
         fake.logs[f"{name}-trainer-0-0"] = [
-            "2026-01-01T00:00:01Z [0]:train step 7/100", "2026-01-01T00:00:02Z [0]:train preempted at step 8",
+            "2026-01-01T00:00:01Z [0]:train step 7/100",
+            "2026-01-01T00:00:02Z [0]:train preempted at step 8",
             f"2026-01-01T00:00:03Z {node0_end}",
         ]
         fake.logs[f"{name}-trainer-1-0"] = [

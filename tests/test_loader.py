@@ -1,4 +1,5 @@
 """The shard loader: exact coverage per epoch across nodes x workers, exact resume, S3, checks."""
+
 from __future__ import annotations
 
 import shutil
@@ -31,15 +32,17 @@ def shards(tmp_path_factory) -> str:
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(path)
     out = str(root / "shards")
-    job = PrecomputeJob(source=str(root / "images"), out=out, resolution=16, codec="identity", shard_size=7,
-                        batch_size=16, io_threads=2)
+    job = PrecomputeJob(
+        source=str(root / "images"), out=out, resolution=16, codec="identity", shard_size=7, batch_size=16, io_threads=2
+    )
     run_worker(job, progress=False)
     return out
 
 
 def config(shards: str, **kw) -> DataConfig:
-    return DataConfig(**{"shards": shards, "resolution": 16, "codec": "identity", "num_workers": 2,
-                         "shuffle_buffer": 10, **kw})
+    return DataConfig(
+        **{"shards": shards, "resolution": 16, "codec": "identity", "num_workers": 2, "shuffle_buffer": 10, **kw}
+    )
 
 
 def take(loader, n: int) -> list[dict[str, torch.Tensor]]:
@@ -76,8 +79,11 @@ def _source_numbers(shards: str, indices: torch.Tensor) -> list[int]:
     from erw.data.loader import read_manifest
     from erw.data.shards import read_tar_samples
 
-    names = [s["src.txt"].decode() for shard in read_manifest(shards)["shards"]
-             for s in read_tar_samples(storage.join(shards, shard["name"]))]
+    names = [
+        s["src.txt"].decode()
+        for shard in read_manifest(shards)["shards"]
+        for s in read_tar_samples(storage.join(shards, shard["name"]))
+    ]
     return [int(names[i].split("/")[1][:3]) for i in indices.tolist()]
 
 
@@ -102,8 +108,18 @@ def test_resumed_loader_yields_exactly_the_same_batches(shards, num_workers):
 
 def test_raw_crops_load_like_png_crops(shards, tmp_path):
     raw = str(tmp_path / "raw")
-    run_worker(PrecomputeJob(source=str(Path(shards).parent / "images"), out=raw, resolution=16, codec="identity",
-                             shard_size=7, image_format="npy", io_threads=2), progress=False)
+    run_worker(
+        PrecomputeJob(
+            source=str(Path(shards).parent / "images"),
+            out=raw,
+            resolution=16,
+            codec="identity",
+            shard_size=7,
+            image_format="npy",
+            io_threads=2,
+        ),
+        progress=False,
+    )
     png_batches = take(build_loader(config(shards, num_workers=0), 6, 0, 1, seed=2, with_images=True), 3)
     raw_batches = take(build_loader(config(raw, num_workers=0), 6, 0, 1, seed=2, with_images=True), 3)
     for a, b in zip(png_batches, raw_batches):
@@ -175,8 +191,10 @@ def test_resume_with_another_global_batch_seed_or_buffer_is_refused(shards):
 def _global_rounds(shards: str, world: int, micro: int, rounds: int, workers: int, state=None):
     """(state after `state` rounds or None, the global batches): every rank's micro-batches of a
     round laid end to end in rank order, as one dict of tensors per round."""
-    loaders = [build_loader(config(shards, num_workers=workers), micro, rank, world, seed=5, with_images=True,
-                            global_batch=8) for rank in range(world)]
+    loaders = [
+        build_loader(config(shards, num_workers=workers), micro, rank, world, seed=5, with_images=True, global_batch=8)
+        for rank in range(world)
+    ]
     if state is not None:
         for loader in loaders:
             loader.load_state_dict(state)
@@ -330,13 +348,37 @@ def test_warmup_then_train_read_shards_from_s3(digits_folder, s3_bucket, capsys)
     source, out = f"{s3_bucket}/digits", f"{s3_bucket}/shards"
     for path in sorted(Path(digits_folder).glob("*/*.png"))[::45]:  # 40 real digits
         storage.upload_file(path, f"{source}/{path.parent.name}/{path.name}")
-    assert cli.main(["precompute", "--no-progress", f"data.source={source}", f"data.shards={out}",
-                     "data.resolution=16", "data.codec=identity", "precompute.shard_size=16"]) == 0
+    assert (
+        cli.main(
+            [
+                "precompute",
+                "--no-progress",
+                f"data.source={source}",
+                f"data.shards={out}",
+                "data.resolution=16",
+                "data.codec=identity",
+                "precompute.shard_size=16",
+            ]
+        )
+        == 0
+    )
     tiny = [
-        "model.depth=4", "model.hidden_size=64", "model.num_heads=2", "model.projector_dim=32",
-        "model.l2r_depth=2", "model.align_depth=3", f"data.shards={out}", "data.num_workers=2",
-        "warmup.batch_size=8", "train.batch_size=8", "warmup.steps=2", "train.steps=2", "warmup.ckpt_every=2",
-        "train.ckpt_every=2", f"warmup.out={s3_bucket}/run/warmup", f"train.out={s3_bucket}/run/train",
+        "model.depth=4",
+        "model.hidden_size=64",
+        "model.num_heads=2",
+        "model.projector_dim=32",
+        "model.l2r_depth=2",
+        "model.align_depth=3",
+        f"data.shards={out}",
+        "data.num_workers=2",
+        "warmup.batch_size=8",
+        "train.batch_size=8",
+        "warmup.steps=2",
+        "train.steps=2",
+        "warmup.ckpt_every=2",
+        "train.ckpt_every=2",
+        f"warmup.out={s3_bucket}/run/warmup",
+        f"train.out={s3_bucket}/run/train",
     ]
     demo = str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
     assert cli.main(["warmup", "--config", demo, *tiny]) == 0

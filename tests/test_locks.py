@@ -99,7 +99,9 @@ def test_the_image_ships_what_the_venv_tests():
     wider there: a dev tool may need on every platform what erw needs on some)."""
     dev = {(p.name, p.version): p.hashes for p in read_lock((LOCKS / "dev.txt").read_text())}
     for pin in read_lock((LOCKS / "runtime.txt").read_text()):
-        assert dev.get((pin.name, pin.version)) == pin.hashes, f"{pin.name}=={pin.version}: not in locks/dev.txt as in runtime.txt"
+        assert dev.get((pin.name, pin.version)) == pin.hashes, (
+            f"{pin.name}=={pin.version}: not in locks/dev.txt as in runtime.txt"
+        )
 
 
 def test_every_pin_is_exact_and_hashed():
@@ -113,7 +115,9 @@ def test_the_image_filter_leaves_torch_to_the_cuda_index():
     from the lock with one awk program and installs torch from PyTorch's index for that CUDA."""
     dockerfile = (REPO / "Dockerfile").read_text()
     program = dockerfile.split("awk '", 1)[1].split("'", 1)[0]
-    kept = subprocess.run(["awk", program, str(LOCKS / "runtime.txt")], capture_output=True, text=True, check=True).stdout
+    kept = subprocess.run(
+        ["awk", program, str(LOCKS / "runtime.txt")], capture_output=True, text=True, check=True
+    ).stdout
     names = {p.name for p in read_lock(kept)}
     everything = {p.name for p in read_lock((LOCKS / "runtime.txt").read_text())}
     cuda_built = everything - names

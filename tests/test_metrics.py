@@ -1,4 +1,5 @@
 """FID/sFID, Inception Score and precision/recall on cases whose answer is known."""
+
 from __future__ import annotations
 
 import numpy as np

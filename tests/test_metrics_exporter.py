@@ -1,4 +1,5 @@
 """Training and batch-step metrics, read back through a real Prometheus's HTTP API."""
+
 from __future__ import annotations
 
 import itertools
@@ -28,8 +29,14 @@ def one_value(result: list[dict]) -> float:
 def drive(metrics: TrainingMetrics, steps: range, loss: float) -> None:
     for step in steps:
         metrics.observe_step(
-            step=step, samples=8, losses={"loss": loss, "loss_denoising": loss - 0.1}, align_weight=0.5,
-            lr=1e-4, grad_norm=0.7, step_seconds=0.2, data_wait_seconds=0.05,
+            step=step,
+            samples=8,
+            losses={"loss": loss, "loss_denoising": loss - 0.1},
+            align_weight=0.5,
+            lr=1e-4,
+            grad_norm=0.7,
+            step_seconds=0.2,
+            data_wait_seconds=0.05,
         )
 
 
@@ -91,7 +98,7 @@ def test_training_metrics_scraped_by_prometheus(prometheus_stack):
         assert one_value(prometheus_stack.query('erw_samples_per_second{run_id="exporter-test", rank="0"}')) == 40
         assert one_value(prometheus_stack.query(f"sum(erw_nonfinite_steps_total{selector})")) == 2
         overdue = prometheus_stack.query(
-            f'erw_step{selector} - erw_checkpoint_last_success_step{selector} > 2 * erw_checkpoint_interval_steps{selector}'
+            f"erw_step{selector} - erw_checkpoint_last_success_step{selector} > 2 * erw_checkpoint_interval_steps{selector}"
         )
         assert overdue == []
     finally:
@@ -103,8 +110,11 @@ def test_pushed_metrics_scraped_by_prometheus(prometheus_stack):
     values = {"erw_eval_fid": 12.5, "erw_eval_inception_score": 40.0, "erw_eval_samples": 1000}
     push_metrics(prometheus_stack.pushgateway, "erw-evaluate", "push-test", values)
     push_metrics(
-        prometheus_stack.pushgateway, "erw-precompute", "push-test",
-        {"erw_precompute_images_total": 96, "erw_precompute_failed_images_total": 2}, labels={"worker": "1"},
+        prometheus_stack.pushgateway,
+        "erw-precompute",
+        "push-test",
+        {"erw_precompute_images_total": 96, "erw_precompute_failed_images_total": 2},
+        labels={"worker": "1"},
     )
     fid = prometheus_stack.wait_for('erw_eval_fid{run_id="push-test"}')
     assert one_value(fid) == 12.5
@@ -154,9 +164,18 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(prometheus_stack,
     cfg = load_config(
         CONFIGS / "demo.yaml",
         [
-            "encoder.name=none", "model.depth=2", "model.hidden_size=32", "model.num_heads=2", "model.l2r_depth=1",
-            "model.align_depth=1", "train.batch_size=4", "train.steps=50", "train.max_nonfinite=3",
-            "train.ckpt_every=1000", f"train.out={tmp_path}/train", "run_id=nonfinite-test",
+            "encoder.name=none",
+            "model.depth=2",
+            "model.hidden_size=32",
+            "model.num_heads=2",
+            "model.l2r_depth=1",
+            "model.align_depth=1",
+            "train.batch_size=4",
+            "train.steps=50",
+            "train.max_nonfinite=3",
+            "train.ckpt_every=1000",
+            f"train.out={tmp_path}/train",
+            "run_id=nonfinite-test",
         ],
     )
     port = free_port()
@@ -184,8 +203,15 @@ def digit_shards(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("digits")
     for args in (
         ["data", "digits", "--out", "digits"],
-        ["precompute", "--no-progress", "data.source=digits", "data.shards=shards", "data.resolution=16",
-         "data.codec=identity", "precompute.shard_size=500"],
+        [
+            "precompute",
+            "--no-progress",
+            "data.source=digits",
+            "data.shards=shards",
+            "data.resolution=16",
+            "data.codec=identity",
+            "precompute.shard_size=500",
+        ],
         ["precompute", "--merge", "data.shards=shards"],
     ):
         subprocess.run([str(BIN / "erw"), *args], cwd=work, check=True, capture_output=True, timeout=300)
@@ -199,23 +225,43 @@ def test_torchrun_training_is_scraped_with_run_phase_rank_labels(prometheus_stac
     base = free_port_range(2)
     run_id = "torchrun-metrics-test"
     command = [
-        str(BIN / "torchrun"), "--nproc-per-node", "2", "--no-python", str(BIN / "erw"), "train",
-        "--config", str(CONFIGS / "demo.yaml"), f"data.shards={digit_shards}", "data.num_workers=1",
-        "encoder.name=none", "model.depth=2", "model.hidden_size=32", "model.num_heads=2", "model.l2r_depth=1",
-        "model.align_depth=1", "train.batch_size=8", "train.steps=100000", "train.ckpt_every=100000",
-        "train.out=out/train", f"metrics.port={base}", f"run_id={run_id}",
+        str(BIN / "torchrun"),
+        "--nproc-per-node",
+        "2",
+        "--no-python",
+        str(BIN / "erw"),
+        "train",
+        "--config",
+        str(CONFIGS / "demo.yaml"),
+        f"data.shards={digit_shards}",
+        "data.num_workers=1",
+        "encoder.name=none",
+        "model.depth=2",
+        "model.hidden_size=32",
+        "model.num_heads=2",
+        "model.l2r_depth=1",
+        "model.align_depth=1",
+        "train.batch_size=8",
+        "train.steps=100000",
+        "train.ckpt_every=100000",
+        "train.out=out/train",
+        f"metrics.port={base}",
+        f"run_id={run_id}",
     ]
     process = subprocess.Popen(
-        command, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        command,
+        cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
     try:
         prometheus_stack.scrape("torchrun-test", [f"127.0.0.1:{base}", f"127.0.0.1:{base + 1}"])
         selector = f'{{run_id="{run_id}", phase="train"}}'
         try:
-            steps = prometheus_stack.wait_for(
-                f"erw_steps_total{selector} >= 2", lambda r: len(r) == 2, timeout=120
-            )
+            steps = prometheus_stack.wait_for(f"erw_steps_total{selector} >= 2", lambda r: len(r) == 2, timeout=120)
         except AssertionError:
             os.killpg(process.pid, signal.SIGKILL)  # torchrun, its ranks and their loader workers
             raise AssertionError(f"no metrics from the run; its output:\n{process.communicate()[0][-4000:]}") from None
@@ -252,13 +298,42 @@ def test_precompute_and_promote_push_their_results(prometheus_stack, tmp_path):
             Image.new("RGB", (16, 16), (40 * i, 80, 120)).save(tmp_path / "images" / cls / f"{i}.png")
     (tmp_path / "images" / "a" / "broken.png").write_bytes(b"not an image")
     gateway = prometheus_stack.pushgateway
-    assert main(["precompute", "--no-progress", "--pushgateway", gateway, "--run-id", "batch-push",
-                 f"data.source={tmp_path / 'images'}", f"data.shards={tmp_path / 'shards'}", "data.resolution=16",
-                 "data.codec=identity"]) == 0
+    assert (
+        main(
+            [
+                "precompute",
+                "--no-progress",
+                "--pushgateway",
+                gateway,
+                "--run-id",
+                "batch-push",
+                f"data.source={tmp_path / 'images'}",
+                f"data.shards={tmp_path / 'shards'}",
+                "data.resolution=16",
+                "data.codec=identity",
+            ]
+        )
+        == 0
+    )
     (tmp_path / "metrics.json").write_text(json.dumps({"fid": 12.5}))
-    assert main(["promote", "--checkpoint", "ckpt", "--metrics", str(tmp_path / "metrics.json"),
-                 "--registry", str(tmp_path / "registry.json"), "--run-id", "batch-push",
-                 "--pushgateway", gateway]) == 0
+    assert (
+        main(
+            [
+                "promote",
+                "--checkpoint",
+                "ckpt",
+                "--metrics",
+                str(tmp_path / "metrics.json"),
+                "--registry",
+                str(tmp_path / "registry.json"),
+                "--run-id",
+                "batch-push",
+                "--pushgateway",
+                gateway,
+            ]
+        )
+        == 0
+    )
     images = prometheus_stack.wait_for('erw_precompute_images_total{run_id="batch-push", worker="0"}')
     assert one_value(images) == 6
     assert one_value(prometheus_stack.query('erw_precompute_failed_images_total{run_id="batch-push"}')) == 1
@@ -286,8 +361,15 @@ def test_pipeline_promote_step_pushes_its_decision(prometheus_stack, tmp_path, m
         evaluation = tmp_path / "eval" / run_id
         evaluation.mkdir(parents=True)
         (evaluation / "metrics.json").write_text(json.dumps(metrics(fid)))
-        task = promote(checkpoint=f"/train/{run_id}/step-00000100", evaluation=str(evaluation), config=config,
-                       overrides=[*overrides, *settings], workspace=str(tmp_path / "ws"), registry="", run_id=run_id)
+        task = promote(
+            checkpoint=f"/train/{run_id}/step-00000100",
+            evaluation=str(evaluation),
+            config=config,
+            overrides=[*overrides, *settings],
+            workspace=str(tmp_path / "ws"),
+            registry="",
+            run_id=run_id,
+        )
         return task.outputs["Output"]
 
     assert step("promote-first", 20.0) is True  # an empty registry: published

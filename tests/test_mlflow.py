@@ -1,5 +1,6 @@
 """MLflow Model Registry as the gate's registry, and training runs logged to MLflow, against a
 real `mlflow server` (SQLite store) started by the test on 127.0.0.1."""
+
 from __future__ import annotations
 
 import json
@@ -28,9 +29,23 @@ def mlflow_server(tmp_path_factory):
     url = f"http://127.0.0.1:{port}"
     mlflow = shutil.which("mlflow", path=os.path.dirname(sys.executable)) or "mlflow"
     process = subprocess.Popen(
-        [mlflow, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--default-artifact-root", str(root / "artifacts")],
-        stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            mlflow,
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{root}/mlflow.db",
+            "--default-artifact-root",
+            str(root / "artifacts"),
+        ],
+        stdout=open(root / "server.log", "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     deadline = time.monotonic() + 120
     while True:
@@ -63,8 +78,13 @@ def test_model_versions_metrics_lineage_and_the_champion_alias(mlflow_server, s3
     registry = "mlflow:erw-test-model"
 
     def promote(name: str, fid: float, **changes):
-        return promote_if_better(f"{s3_bucket}/train/{name}/step-00000100", write(tmp_path, name, metrics(fid, **changes)),
-                                 registry, run_id=name, margin=0.5)
+        return promote_if_better(
+            f"{s3_bucket}/train/{name}/step-00000100",
+            write(tmp_path, name, metrics(fid, **changes)),
+            registry,
+            run_id=name,
+            margin=0.5,
+        )
 
     first = promote("a", 20.0)
     assert first.promoted
@@ -102,10 +122,29 @@ def test_training_runs_log_params_and_loss_curves(mlflow_server, tmp_path):
     from tests.images import noise_image_folder
 
     images = noise_image_folder(tmp_path / "images", count=48, classes=3, size=32)
-    erw("precompute", "--no-progress", f"data.source={images}", "data.shards=shards", "data.resolution=16",
-        "data.codec=identity", cwd=tmp_path)
-    erw("train", "--config", str(ROOT / "configs/demo.yaml"), "data.shards=shards", *TINY, "run_id=mlflow-test",
-        "encoder.name=none", "train.steps=4", "train.ckpt_every=4", "train.log_every=2", "train.out=out", cwd=tmp_path)
+    erw(
+        "precompute",
+        "--no-progress",
+        f"data.source={images}",
+        "data.shards=shards",
+        "data.resolution=16",
+        "data.codec=identity",
+        cwd=tmp_path,
+    )
+    erw(
+        "train",
+        "--config",
+        str(ROOT / "configs/demo.yaml"),
+        "data.shards=shards",
+        *TINY,
+        "run_id=mlflow-test",
+        "encoder.name=none",
+        "train.steps=4",
+        "train.ckpt_every=4",
+        "train.log_every=2",
+        "train.out=out",
+        cwd=tmp_path,
+    )
 
     client = MlflowClient()
     experiment = client.get_experiment_by_name("erw")

@@ -1,5 +1,6 @@
 """k8s/monitoring agrees with what runs: the PodMonitor selects the pods `erw launch` submits
 through TorchX and scrapes every rank's port; the Pushgateway is scraped with honorLabels."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -32,8 +33,15 @@ def test_kustomization_lists_every_manifest():
 def test_podmonitor_scrapes_every_rank_of_a_launched_job():
     base_port, ranks = 9400, 8
     spec = LaunchSpec(
-        scheduler="kubernetes", queue="erw", namespace="ml", nodes=2, procs_per_node=ranks, gpus_per_node=ranks,
-        image="registry.example.com/erw:test", metrics_port=base_port, run_id="monitoring-test",
+        scheduler="kubernetes",
+        queue="erw",
+        namespace="ml",
+        nodes=2,
+        procs_per_node=ranks,
+        gpus_per_node=ranks,
+        image="registry.example.com/erw:test",
+        metrics_port=base_port,
+        run_id="monitoring-test",
     )
     job = dry_run(spec, ["train", "--config", "configs/demo.yaml"])
     monitor = resources()["PodMonitor/erw-training"]["spec"]
@@ -66,8 +74,14 @@ def test_network_policy_lets_prometheus_reach_every_rank_behind_volcanos_policy(
     # Volcano's svc plugin admits only the job's own pods; this policy adds the Prometheus pods.
     base_port, ranks = 9400, 8
     spec = LaunchSpec(
-        scheduler="kubernetes", queue="erw", namespace="ml", nodes=2, procs_per_node=ranks, gpus_per_node=ranks,
-        image="registry.example.com/erw:test", metrics_port=base_port,
+        scheduler="kubernetes",
+        queue="erw",
+        namespace="ml",
+        nodes=2,
+        procs_per_node=ranks,
+        gpus_per_node=ranks,
+        image="registry.example.com/erw:test",
+        metrics_port=base_port,
     )
     job = dry_run(spec, ["train", "--config", "configs/demo.yaml"])
     policy = resources()["NetworkPolicy/erw-allow-prometheus-scrape"]["spec"]

@@ -216,7 +216,9 @@ def test_zero_align_weight_gives_pure_denoising_loss():
     model = RecordingModel()
     x, y, targets = torch.randn(4, 3, 4, 4), torch.tensor([0, 1, 2, 3]), torch.randn(4, 16, 5)
     objective = DiffusionObjective(ObjectiveConfig(align_coeff=0.0), ModelConfig(arch="SiT-B/2"))
-    loss, logs = objective(model, x, y, targets, step=0, draws=GeneratorDraws(4, "cpu", torch.Generator().manual_seed(3)))
+    loss, logs = objective(
+        model, x, y, targets, step=0, draws=GeneratorDraws(4, "cpu", torch.Generator().manual_seed(3))
+    )
     # same draws, computed by hand
     g = torch.Generator().manual_seed(3)
     t = torch.rand(4, generator=g)
@@ -237,7 +239,9 @@ def test_diffusion_objective_adds_weighted_alignment():
     model = RecordingModel()
     x, y, targets = torch.randn(2, 3, 4, 4), torch.tensor([0, 1]), torch.randn(2, 16, 5)
     objective = DiffusionObjective(ObjectiveConfig(), ModelConfig(arch="SiT-L/2"), warmup_steps=10)
-    loss, logs = objective(model, x, y, targets, step=50_000, draws=GeneratorDraws(2, "cpu", torch.Generator().manual_seed(0)))
+    loss, logs = objective(
+        model, x, y, targets, step=50_000, draws=GeneratorDraws(2, "cpu", torch.Generator().manual_seed(0))
+    )
     assert logs["align_weight"].item() == pytest.approx(1.5)
     torch.testing.assert_close(loss.detach(), logs["loss_denoise"] + 1.5 * logs["loss_align"])
 

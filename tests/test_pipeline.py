@@ -1,5 +1,6 @@
 """The Kubeflow pipeline: the compiled spec, parameter validation, submit/schedule, promotion, and
 (slow) the whole DAG run locally on the digits demo."""
+
 import json
 import math
 import re
@@ -125,7 +126,9 @@ def test_the_launch_settings_are_one_parameter(compiled):
     """Issue 13: the training jobs' settings are the `launch` dict (LaunchSpec keys) plus the placement
     the GPU pods share; warmup and train take the same group and differ only in their node count."""
     _, spec, _ = compiled
-    inputs = {step: set(spec["components"][f"comp-{step}"]["inputDefinitions"]["parameters"]) for step in ("warmup", "train")}
+    inputs = {
+        step: set(spec["components"][f"comp-{step}"]["inputDefinitions"]["parameters"]) for step in ("warmup", "train")
+    }
     group = {"launch", "nodes", "image", "s3_secret", "node_selector", "tolerations"}
     assert group <= inputs["warmup"] and group <= inputs["train"]
     assert inputs["train"] - inputs["warmup"] == {"warmup", "run_id", "continue_steps"}
@@ -181,7 +184,7 @@ def test_world_size_problems_name_the_phase():
 
 
 def test_cli_arguments_are_typed():
-    parsed = parse_cli_arguments(['train_nodes=8', 'overrides=["train.lr=2e-4"]', 'gpu_node_selector={"pool": "a100"}'])
+    parsed = parse_cli_arguments(["train_nodes=8", 'overrides=["train.lr=2e-4"]', 'gpu_node_selector={"pool": "a100"}'])
     assert parsed == {"train_nodes": 8, "overrides": ["train.lr=2e-4"], "gpu_node_selector": {"pool": "a100"}}
     with pytest.raises(PipelineParamError, match="NAME=VALUE"):
         parse_cli_arguments(["train_nodes"])
@@ -208,12 +211,21 @@ class RecordingClient:
 
 def test_submit_sends_only_the_changed_arguments():
     client = RecordingClient()
-    submit(client, {**CLUSTER, "train_nodes": 8, "warmup_nodes": 1}, "erw", run_name="xl-8x8",
-           service_account="pipeline-runner")
+    submit(
+        client,
+        {**CLUSTER, "train_nodes": 8, "warmup_nodes": 1},
+        "erw",
+        run_name="xl-8x8",
+        service_account="pipeline-runner",
+    )
     ((kind, func, kwargs),) = client.calls
     assert kind == "run" and func.name == "erw"
     assert kwargs["arguments"] == {**CLUSTER, "train_nodes": 8}  # warmup_nodes=1 is the default
-    assert (kwargs["experiment_name"], kwargs["run_name"], kwargs["service_account"]) == ("erw", "xl-8x8", "pipeline-runner")
+    assert (kwargs["experiment_name"], kwargs["run_name"], kwargs["service_account"]) == (
+        "erw",
+        "xl-8x8",
+        "pipeline-runner",
+    )
 
 
 def test_submit_refuses_bad_arguments_without_contacting_the_server():
@@ -248,13 +260,24 @@ def test_the_components_launch_spec_is_what_erw_launch_reads(tmp_path):
     from components.common import launch_spec
     from pipeline.params import launch_spec as validated_spec
 
-    args = resolve({**CLUSTER, "gpu_tolerations": [
-        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
-        {"key": "pool", "operator": "Equal", "value": "h100", "effect": "NoExecute"},
-    ]})
+    args = resolve(
+        {
+            **CLUSTER,
+            "gpu_tolerations": [
+                {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+                {"key": "pool", "operator": "Equal", "value": "h100", "effect": "NoExecute"},
+            ],
+        }
+    )
     as_struct = {k: float(v) if isinstance(v, int) else v for k, v in args["launch"].items()}
     spec = launch_spec(
-        as_struct, "train", 4.0, args["image"], args["s3_secret"], args["gpu_node_selector"], args["gpu_tolerations"],
+        as_struct,
+        "train",
+        4.0,
+        args["image"],
+        args["s3_secret"],
+        args["gpu_node_selector"],
+        args["gpu_tolerations"],
         "run-7",
     )
     argv = ["launch", "--spec", json.dumps(spec), "--", "train", "--config", "configs/demo.yaml", "--resume", "auto"]
@@ -306,7 +329,9 @@ def test_promotion_explains_unusable_inputs(tmp_path):
 
 def test_promote_cli(tmp_path, capsys):
     registry = tmp_path / "registry.json"
-    rc = main(["promote", "--checkpoint", "ckpt-a", "--metrics", _metrics(tmp_path, "a", 5.0), "--registry", str(registry)])
+    rc = main(
+        ["promote", "--checkpoint", "ckpt-a", "--metrics", _metrics(tmp_path, "a", 5.0), "--registry", str(registry)]
+    )
     assert rc == 0 and "promoted ckpt-a" in capsys.readouterr().out
     assert json.loads(registry.read_text())["current"]["checkpoint"] == "ckpt-a"
 
@@ -333,10 +358,14 @@ def digits_evaluator(tmp_path_factory):
 
     resolution = load_config(REPO / DEMO["config"]).data.resolution  # the demo's samples are this size
     images, labels = digit_images()
-    pixels = torch.nn.functional.interpolate(torch.from_numpy(images).permute(0, 3, 1, 2).float(), size=resolution, mode="area")
+    pixels = torch.nn.functional.interpolate(
+        torch.from_numpy(images).permute(0, 3, 1, 2).float(), size=resolution, mode="area"
+    )
     net, _ = fit_evaluator(
-        pixels.round().to(torch.uint8).contiguous(), torch.from_numpy(labels),
-        FitSettings(steps=40, batch_size=64), log=lambda _: None,
+        pixels.round().to(torch.uint8).contiguous(),
+        torch.from_numpy(labels),
+        FitSettings(steps=40, batch_size=64),
+        log=lambda _: None,
     )
     path = tmp_path_factory.mktemp("evaluator") / "digits-evaluator.pt2"
     save_evaluator(net, str(path), resolution)
@@ -354,8 +383,14 @@ def test_run_local_end_to_end_then_from_cache(tmp_path, monkeypatch, digits_eval
     monkeypatch.chdir(tmp_path / "cwd")
     backend = Backend(local_root=workspace / "kfp-outputs", workspace=str(workspace))
     short = [
-        "warmup.steps=20", "warmup.ckpt_every=10", "train.steps=20", "train.ckpt_every=10",
-        "sample.num_samples=40", "sample.steps=10", "sample.batch_size=20", f"eval.feature_network={digits_evaluator}",
+        "warmup.steps=20",
+        "warmup.ckpt_every=10",
+        "train.steps=20",
+        "train.ckpt_every=10",
+        "sample.num_samples=40",
+        "sample.steps=10",
+        "sample.batch_size=20",
+        f"eval.feature_network={digits_evaluator}",
         f"encoder.weights={DEMO_ENCODER}",
     ]
     arguments = {"workspace": str(workspace), "overrides": short}
@@ -380,7 +415,10 @@ def test_run_local_end_to_end_then_from_cache(tmp_path, monkeypatch, digits_eval
         second = run_local(arguments)
     cached_steps = {re.sub(r"-iteration-\d+$", "", name) for name in second.cached}
     assert {"precompute", "merge", "warmup"} <= cached_steps, second.cached
-    assert "train" not in cached_steps and second.outputs["model"].metadata["uri"] != first.outputs["model"].metadata["uri"]
+    assert (
+        "train" not in cached_steps
+        and second.outputs["model"].metadata["uri"] != first.outputs["model"].metadata["uri"]
+    )
 
 
 @pytest.mark.slow
@@ -401,8 +439,14 @@ def test_run_local_writes_to_a_local_s3_endpoint(s3_bucket, tmp_path, monkeypatc
         local_root=tmp_path / "kfp" / "kfp-outputs", workspace=workspace, remote_root="s3://mlpipeline/v2/artifacts"
     )
     overrides = [
-        "warmup.steps=10", "warmup.ckpt_every=10", "train.steps=10", "train.ckpt_every=10",
-        "sample.num_samples=20", "sample.steps=5", "sample.batch_size=20", f"eval.feature_network={digits_evaluator}",
+        "warmup.steps=10",
+        "warmup.ckpt_every=10",
+        "train.steps=10",
+        "train.ckpt_every=10",
+        "sample.num_samples=20",
+        "sample.steps=5",
+        "sample.batch_size=20",
+        f"eval.feature_network={digits_evaluator}",
         f"encoder.weights={DEMO_ENCODER}",
     ]
     with backend.enforce():
@@ -426,16 +470,25 @@ def test_run_local_continue_mode_starts_from_the_published_model(tmp_path, monke
     (tmp_path / "cwd").mkdir()
     monkeypatch.chdir(tmp_path / "cwd")
     short = [
-        "warmup.steps=10", "warmup.ckpt_every=10", "train.steps=10", "train.ckpt_every=10",
-        "sample.num_samples=40", "sample.steps=5", "sample.batch_size=20", f"eval.feature_network={digits_evaluator}",
+        "warmup.steps=10",
+        "warmup.ckpt_every=10",
+        "train.steps=10",
+        "train.ckpt_every=10",
+        "sample.num_samples=40",
+        "sample.steps=5",
+        "sample.batch_size=20",
+        f"eval.feature_network={digits_evaluator}",
         f"encoder.weights={DEMO_ENCODER}",  # the preset's path is relative to the repository
     ]
     first = run_local({"workspace": str(workspace), "overrides": short}, use_cache=False, local_dir=tmp_path / "k1")
     published = first.outputs["model"].metadata["uri"]
     assert json.loads((workspace / "registry.json").read_text())["current"]["checkpoint"] == published
 
-    second = run_local({"workspace": str(workspace), "overrides": short, "retrain_mode": "continue",
-                        "continue_steps": 4}, use_cache=False, local_dir=tmp_path / "k2")
+    second = run_local(
+        {"workspace": str(workspace), "overrides": short, "retrain_mode": "continue", "continue_steps": 4},
+        use_cache=False,
+        local_dir=tmp_path / "k2",
+    )
     model = second.outputs["model"].metadata["uri"]
     continued = ckpt.load_checkpoint(model, with_train_state=False)
     assert continued.step == 4 and continued.meta["init_from"] == published  # started from, and recorded
@@ -527,8 +580,21 @@ def test_pipeline_commands_work_from_an_installed_package(tmp_path):
     # --ignore-installed: without it pip first uninstalls the erw of the environment running this test
     # (pip resolvelib factory: get_dist_to_uninstall), even though --prefix puts the new one elsewhere.
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--ignore-installed",
-         "--prefix", str(prefix), str(source)], check=True, cwd=tmp_path,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--ignore-installed",
+            "--prefix",
+            str(prefix),
+            str(source),
+        ],
+        check=True,
+        cwd=tmp_path,
     )
     (site,) = prefix.glob("lib/python*/site-packages")
     elsewhere = tmp_path / "elsewhere"
@@ -543,7 +609,9 @@ def test_pipeline_commands_work_from_an_installed_package(tmp_path):
         "resolve({'image': 'registry.example/erw:1'})\n"
         "sys.exit(main(['pipeline', 'compile']))\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], cwd=elsewhere, env=env, capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=elsewhere, env=env, capture_output=True, text=True, check=False
+    )
     assert done.returncode == 0, done.stderr
     package, config, wrote = done.stdout.splitlines()[:3]
     assert Path(package).is_relative_to(site)  # the installed copy, not this checkout

@@ -1,4 +1,5 @@
 """The precompute job: sources, centre crop, shards + manifest on S3, kill and resume, merge."""
+
 from __future__ import annotations
 
 import io
@@ -164,14 +165,18 @@ def write_tar(path: Path, samples: list[dict[str, bytes]]) -> None:
 def test_tar_shards_source(tmp_path):
     source = tmp_path / "tars"
     source.mkdir()
-    write_tar(source / "a.tar", [
-        {"__key__": f"a{i}", "jpg": image_bytes(i, fmt="JPEG"), "cls": str(i % 2).encode()} for i in range(5)
-    ])
-    write_tar(source / "b.tar", [
-        {"__key__": "b0", "png": image_bytes(10), "cls": b"3"},
-        {"__key__": "b1", "png": image_bytes(11)},  # no label
-        {"__key__": "b2", "jpg": b"\xff\xd8garbage", "cls": b"1"},
-    ])
+    write_tar(
+        source / "a.tar",
+        [{"__key__": f"a{i}", "jpg": image_bytes(i, fmt="JPEG"), "cls": str(i % 2).encode()} for i in range(5)],
+    )
+    write_tar(
+        source / "b.tar",
+        [
+            {"__key__": "b0", "png": image_bytes(10), "cls": b"3"},
+            {"__key__": "b1", "png": image_bytes(11)},  # no label
+            {"__key__": "b2", "jpg": b"\xff\xd8garbage", "cls": b"1"},
+        ],
+    )
     out = str(tmp_path / "out")
     run_worker(job(str(source), out, image_format="jpg"), progress=False)
     manifest, samples = read_dataset(out)
@@ -182,7 +187,14 @@ def test_tar_shards_source(tmp_path):
     assert sorted(reasons) == ["b.tar:b1", "b.tar:b2"]
     assert reasons["b.tar:b1"].startswith("no class label member")
     assert reasons["b.tar:b2"].startswith("not a readable image")
-    assert sorted(s["src.txt"].decode() for s in samples) == ["a.tar:a0", "a.tar:a1", "a.tar:a2", "a.tar:a3", "a.tar:a4", "b.tar:b0"]
+    assert sorted(s["src.txt"].decode() for s in samples) == [
+        "a.tar:a0",
+        "a.tar:a1",
+        "a.tar:a2",
+        "a.tar:a3",
+        "a.tar:a4",
+        "b.tar:b0",
+    ]
     assert all("jpg" in s and "png" not in s for s in samples)
 
 
@@ -192,12 +204,18 @@ def test_features_store(tmp_path):
     from erw.models.encoders import CUSTOM, save_encoder_file
 
     kwargs = dict(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2)
-    save_encoder_file(timm.create_model("vit_tiny_patch16_224", num_classes=0, **kwargs), "vit_tiny_patch16_224",
-                      kwargs, str(tmp_path / "enc.safetensors"))
+    save_encoder_file(
+        timm.create_model("vit_tiny_patch16_224", num_classes=0, **kwargs),
+        "vit_tiny_patch16_224",
+        kwargs,
+        str(tmp_path / "enc.safetensors"),
+    )
     source, out = str(tmp_path / "src"), str(tmp_path / "out")
     make_image_folder(source, per_class=2)
-    run_worker(job(source, out, store="features", encoder=CUSTOM, encoder_weights=str(tmp_path / "enc.safetensors")),
-               progress=False)
+    run_worker(
+        job(source, out, store="features", encoder=CUSTOM, encoder_weights=str(tmp_path / "enc.safetensors")),
+        progress=False,
+    )
     manifest, samples = read_dataset(out)
     assert manifest["store"] == "features" and manifest["feat_shape"] == [16, 32]
     assert all("png" not in s and load_npy(s["feat.npy"]).shape == (16, 32) for s in samples)
@@ -210,8 +228,8 @@ def test_centre_crop_keeps_the_middle():
     for width, height, size in [(64, 32, 32), (512, 256, 32), (1000, 500, 64)]:
         pixels = np.zeros((height, width, 3), dtype=np.uint8)
         pixels[:, : width // 8, 0] = 255
-        pixels[:, width // 8: 7 * width // 8, 1] = 255
-        pixels[:, 7 * width // 8:, 2] = 255
+        pixels[:, width // 8 : 7 * width // 8, 1] = 255
+        pixels[:, 7 * width // 8 :, 2] = 255
         crop = center_crop_adm(Image.fromarray(pixels), size)
         assert crop.shape == (size, size, 3) and crop.dtype == np.uint8
         assert (crop[..., 1] > 250).all() and (crop[..., [0, 2]] < 5).all()
@@ -234,8 +252,13 @@ def test_bad_sources_and_options_give_one_clear_message(tmp_path):
 
 def test_cli_fan_out_and_merge(tmp_path, capsys, digits_folder):
     out = str(tmp_path / "shards")
-    settings = [f"data.source={digits_folder}", f"data.shards={out}", "data.resolution=32", "data.codec=identity",
-                "precompute.shard_size=500"]
+    settings = [
+        f"data.source={digits_folder}",
+        f"data.shards={out}",
+        "data.resolution=32",
+        "data.codec=identity",
+        "precompute.shard_size=500",
+    ]
     assert cli.main(["precompute", "--num-workers", "2", "--worker-index", "1", "--no-progress", *settings]) == 0
     assert cli.main(["precompute", "--merge", "--num-workers", "2", f"data.shards={out}"]) == 2
     assert "rerun --worker-index 0 of 2" in capsys.readouterr().err
@@ -264,15 +287,25 @@ def test_cli_reads_the_training_config_and_its_overrides(tmp_path, capsys, digit
 
     demo = str(Path(__file__).parents[1] / "configs" / "demo.yaml")
     out = tmp_path / "shards"
-    settings = [f"data.source={digits_folder}", f"data.shards={out}", "precompute.image_format=npy",
-                "precompute.shard_size=900"]
+    settings = [
+        f"data.source={digits_folder}",
+        f"data.shards={out}",
+        "precompute.image_format=npy",
+        "precompute.shard_size=900",
+    ]
     assert cli.main(["precompute", "--config", demo, "--no-progress", *settings]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert (manifest["resolution"], manifest["codec"]["name"], manifest["num_samples"]) == (16, "identity", 1797)
     members = {name for shard in out.glob("units/*.tar") for name in tarfile.open(shard).getnames()}
     assert any(m.endswith(".image.npy") for m in members) and not any(m.endswith(".png") for m in members)
     job = PrecomputeJob.from_config(load_config(demo, settings))
-    assert (job.resolution, job.codec, job.image_format, job.shard_size, job.out) == (16, "identity", "npy", 900, str(out))
+    assert (job.resolution, job.codec, job.image_format, job.shard_size, job.out) == (
+        16,
+        "identity",
+        "npy",
+        900,
+        str(out),
+    )
 
     assert cli.main(["precompute", "--config", demo, *settings[:2], "precompute.store=feature"]) == 2
     err = capsys.readouterr().err

@@ -1,4 +1,5 @@
 """The promote gate: like-with-like comparisons, the margin, concurrent runs and retried steps."""
+
 from __future__ import annotations
 
 import copy
@@ -17,9 +18,20 @@ from erw.promote import PromoteError, promote_if_better
 from erw.registry import open_registry
 from tests.test_evaluate_cli import checkpoint, feature_network  # noqa: F401  (fixtures: a tiny model, a feature net)
 
-SETTINGS = {"num_samples": 1000, "batch_size": 50, "mode": "sde", "solver": "euler", "steps": 250, "cfg_scale": 1.5,
-            "guidance_low": 0.0, "guidance_high": 0.7, "use_ema": True, "seed": 0, "path": "linear",
-            "classes": [0, 1, 2]}
+SETTINGS = {
+    "num_samples": 1000,
+    "batch_size": 50,
+    "mode": "sde",
+    "solver": "euler",
+    "steps": 250,
+    "cfg_scale": 1.5,
+    "guidance_low": 0.0,
+    "guidance_high": 0.7,
+    "use_ema": True,
+    "seed": 0,
+    "path": "linear",
+    "classes": [0, 1, 2],
+}
 
 
 def metrics(fid: float, **changes) -> dict:
@@ -27,9 +39,15 @@ def metrics(fid: float, **changes) -> dict:
     top_level = ("num_samples", "feature_network", "reference_sha256")
     sampler = {**SETTINGS, **{k: v for k, v in changes.items() if k not in top_level}}
     top = {k: v for k, v in changes.items() if k in top_level}
-    return {"fid": fid, "sfid": None, "num_samples": 1000, "feature_network": "inception-v3-compat:abc123",
-            "reference_sha256": "f" * 64, "sampling": {"checkpoint": "x", "step": 1, "run_id": "r", "settings": sampler},
-            **top}
+    return {
+        "fid": fid,
+        "sfid": None,
+        "num_samples": 1000,
+        "feature_network": "inception-v3-compat:abc123",
+        "reference_sha256": "f" * 64,
+        "sampling": {"checkpoint": "x", "step": 1, "run_id": "r", "settings": sampler},
+        **top,
+    }
 
 
 def write(path: str, content: dict) -> str:
@@ -42,19 +60,22 @@ def promote(registry: str, name: str, fid: float, tmp: str, margin: float = 0.5,
     return promote_if_better(f"/runs/{name}/step-00000100", uri, registry, run_id=name, margin=margin)
 
 
-@pytest.mark.parametrize("field, value, named", [
-    ("reference_sha256", "0" * 64, "reference statistics"),
-    ("num_samples", 5000, "number of samples"),
-    ("feature_network", "custom:0123", "evaluator network"),
-    ("mode", "ode", "sampler mode"),
-    ("solver", "heun", "ODE solver"),
-    ("steps", 50, "sampling steps"),
-    ("cfg_scale", 4.0, "CFG scale"),
-    ("guidance_low", 0.1, "CFG interval start"),
-    ("guidance_high", 1.0, "CFG interval end"),
-    ("use_ema", False, "EMA weights"),
-    ("classes", [0, 1], "sampled classes"),
-])
+@pytest.mark.parametrize(
+    "field, value, named",
+    [
+        ("reference_sha256", "0" * 64, "reference statistics"),
+        ("num_samples", 5000, "number of samples"),
+        ("feature_network", "custom:0123", "evaluator network"),
+        ("mode", "ode", "sampler mode"),
+        ("solver", "heun", "ODE solver"),
+        ("steps", 50, "sampling steps"),
+        ("cfg_scale", 4.0, "CFG scale"),
+        ("guidance_low", 0.1, "CFG interval start"),
+        ("guidance_high", 1.0, "CFG interval end"),
+        ("use_ema", False, "EMA weights"),
+        ("classes", [0, 1], "sampled classes"),
+    ],
+)
 def test_mismatched_evaluations_are_refused_and_named(tmp_path, field, value, named):
     registry = str(tmp_path / "registry.json")
     assert promote(registry, "a", 20.0, str(tmp_path)).promoted
@@ -145,8 +166,12 @@ def test_concurrent_promotes_never_lose_an_update(where, tmp_path, request):
     fids = [50.0 - 2 * i for i in range(12)]  # every one beats all those before it by more than the margin
     np.random.default_rng(0).shuffle(fids)
     fork = multiprocessing.get_context("fork")
-    _race.update(root=root, registry=storage.join(root, "registry.json"), fids=fids,
-                 start=threading.Barrier(len(fids)) if where == "s3" else fork.Barrier(len(fids)))
+    _race.update(
+        root=root,
+        registry=storage.join(root, "registry.json"),
+        fids=fids,
+        start=threading.Barrier(len(fids)) if where == "s3" else fork.Barrier(len(fids)),
+    )
     if where == "s3":
         with ThreadPoolExecutor(len(fids)) as pool:
             decisions = list(pool.map(_racing_promote, range(len(fids))))
@@ -178,8 +203,22 @@ def test_gate_on_real_evaluations(checkpoint, feature_network, tmp_path, capsys)
     def evaluated(name: str, reference: Path, *sample_args: str) -> str:
         samples, out = tmp_path / f"s-{name}", tmp_path / f"e-{name}"
         assert main(["sample", "--ckpt", checkpoint, "--out", str(samples), *sample_args]) == 0
-        assert main(["evaluate", "--samples", str(samples), "--reference", str(reference), "--out", str(out),
-                     "--feature-network", feature_network]) == 0
+        assert (
+            main(
+                [
+                    "evaluate",
+                    "--samples",
+                    str(samples),
+                    "--reference",
+                    str(reference),
+                    "--out",
+                    str(out),
+                    "--feature-network",
+                    feature_network,
+                ]
+            )
+            == 0
+        )
         return str(out / "metrics.json")
 
     base = evaluated("base", ref_a, "--seed", "1")
@@ -187,16 +226,56 @@ def test_gate_on_real_evaluations(checkpoint, feature_network, tmp_path, capsys)
     assert None not in settings.values(), settings
     registry = str(tmp_path / "registry.json")
     assert main(["promote", "--checkpoint", "ckpt-base", "--metrics", base, "--registry", registry]) == 0
-    assert main(["promote", "--checkpoint", "ckpt-seed", "--registry", registry,
-                 "--metrics", evaluated("seed", ref_a, "--seed", "2"), "--margin", "1e9"]) == 0
+    assert (
+        main(
+            [
+                "promote",
+                "--checkpoint",
+                "ckpt-seed",
+                "--registry",
+                registry,
+                "--metrics",
+                evaluated("seed", ref_a, "--seed", "2"),
+                "--margin",
+                "1e9",
+            ]
+        )
+        == 0
+    )
     assert "not more than the margin" in capsys.readouterr().out
-    assert main(["promote", "--checkpoint", "ckpt-steps", "--registry", registry,
-                 "--metrics", evaluated("steps", ref_a, "--seed", "1", "--steps", "2")]) == 2
+    assert (
+        main(
+            [
+                "promote",
+                "--checkpoint",
+                "ckpt-steps",
+                "--registry",
+                registry,
+                "--metrics",
+                evaluated("steps", ref_a, "--seed", "1", "--steps", "2"),
+            ]
+        )
+        == 2
+    )
     assert "sampling steps: 2 for the candidate, 3 for the published model" in capsys.readouterr().err
-    assert main(["promote", "--checkpoint", "ckpt-ref", "--registry", registry,
-                 "--metrics", evaluated("ref", ref_b, "--seed", "1")]) == 2
+    assert (
+        main(
+            [
+                "promote",
+                "--checkpoint",
+                "ckpt-ref",
+                "--registry",
+                registry,
+                "--metrics",
+                evaluated("ref", ref_b, "--seed", "1"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "reference statistics:" in err and "sampling steps" not in err
     assert [e["checkpoint"] for e in open_registry(registry).entries()] == ["ckpt-base"]
     entry = open_registry(registry).published()
-    assert entry["lineage"]["checkpoint"] == "ckpt-base" and copy.deepcopy(entry["metrics"]) == json.loads(Path(base).read_text())
+    assert entry["lineage"]["checkpoint"] == "ckpt-base" and copy.deepcopy(entry["metrics"]) == json.loads(
+        Path(base).read_text()
+    )

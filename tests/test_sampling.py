@@ -1,4 +1,5 @@
 """Samplers against a Gaussian data distribution, whose velocity and score are known in closed form."""
+
 from __future__ import annotations
 
 import pytest
@@ -68,8 +69,13 @@ def test_score_from_velocity_matches_closed_form_score(path):
 
 @pytest.mark.parametrize(
     "path,mode,solver,steps",
-    [("linear", "sde", "euler", 250), ("linear", "ode", "euler", 100), ("linear", "ode", "heun", 30),
-     ("cosine", "sde", "euler", 250), ("cosine", "ode", "heun", 30)],
+    [
+        ("linear", "sde", "euler", 250),
+        ("linear", "ode", "euler", 100),
+        ("linear", "ode", "heun", 30),
+        ("cosine", "sde", "euler", 250),
+        ("cosine", "ode", "heun", 30),
+    ],
 )
 def test_samples_match_the_gaussian_target(path, mode, solver, steps):
     n = 6000
@@ -214,8 +220,15 @@ def _job(num_samples=7, batch_size=3, mode="sde", cfg_scale=1.5, classes=(0, 1, 
     from erw.config import SampleConfig
     from erw.evaluation.generate import SampleJob
 
-    settings = SampleConfig(mode=mode, steps=4, cfg_scale=cfg_scale, guidance_low=0.0, guidance_high=0.7,
-                            num_samples=num_samples, batch_size=batch_size)
+    settings = SampleConfig(
+        mode=mode,
+        steps=4,
+        cfg_scale=cfg_scale,
+        guidance_low=0.0,
+        guidance_high=0.7,
+        num_samples=num_samples,
+        batch_size=batch_size,
+    )
     return SampleJob(settings, classes, seed, "linear", (3, 8, 8), null_class=5)
 
 
@@ -278,9 +291,13 @@ def _repa_heun_reference(velocity, x1, y, steps, scale, low, high, null):
     t_grid = [1.0 - i / steps for i in range(steps + 1)]
     guided = lambda x, t, t_test: (
         velocity(x, torch.full((len(x),), t, dtype=x.dtype), torch.full_like(y, null))
-        + scale * (velocity(x, torch.full((len(x),), t, dtype=x.dtype), y)
-                   - velocity(x, torch.full((len(x),), t, dtype=x.dtype), torch.full_like(y, null)))
-        if scale > 1 and low <= t_test <= high else velocity(x, torch.full((len(x),), t, dtype=x.dtype), y)
+        + scale
+        * (
+            velocity(x, torch.full((len(x),), t, dtype=x.dtype), y)
+            - velocity(x, torch.full((len(x),), t, dtype=x.dtype), torch.full_like(y, null))
+        )
+        if scale > 1 and low <= t_test <= high
+        else velocity(x, torch.full((len(x),), t, dtype=x.dtype), y)
     )
     x = x1
     for i in range(steps):
@@ -309,8 +326,16 @@ def test_repa_heun_convention_matches_repas_sampler(interval):
     y = torch.tensor([0, 1, 0, 1])
     x1 = torch.randn(4, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     guidance = Guidance(scale=scale, low=low, high=high, null_class=null)
-    ours = sample(velocity, lambda: x1.clone(), y, mode="ode", steps=steps, solver="heun", guidance=guidance,
-                  heun_convention="repa")
+    ours = sample(
+        velocity,
+        lambda: x1.clone(),
+        y,
+        mode="ode",
+        steps=steps,
+        solver="heun",
+        guidance=guidance,
+        heun_convention="repa",
+    )
     reference = _repa_heun_reference(velocity, x1.clone(), y, steps, scale, low, high, null)
     torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-12)
     trapezoid = sample(velocity, lambda: x1.clone(), y, mode="ode", steps=steps, solver="heun", guidance=guidance)
@@ -323,8 +348,16 @@ def test_heun_conventions_differ_in_the_last_step_and_the_correctors_guidance():
     zeros = lambda: torch.zeros(2, 3, dtype=torch.float64)
     guidance = Guidance(scale=3.0, low=low, high=high, null_class=NULL)
     for convention, seen in calls.items():
-        sample(_class_velocity(seen), zeros, torch.tensor([0, 2]), mode="ode", steps=steps, solver="heun",
-               guidance=guidance, heun_convention=convention)
+        sample(
+            _class_velocity(seen),
+            zeros,
+            torch.tensor([0, 2]),
+            mode="ode",
+            steps=steps,
+            solver="heun",
+            guidance=guidance,
+            heun_convention=convention,
+        )
     guided = lambda seen: [t for t, labels in seen if NULL in labels]
     assert [t for t, _ in calls["trapezoid"]] == [1.0, 0.75, 0.75, 0.5, 0.5, 0.25, 0.25, 0.0]
     assert [t for t, _ in calls["repa"]] == [1.0, 0.75, 0.75, 0.5, 0.5, 0.25, 0.25]  # no corrector on the last step
@@ -334,5 +367,12 @@ def test_heun_conventions_differ_in_the_last_step_and_the_correctors_guidance():
 
 def test_unknown_heun_convention_is_refused():
     with pytest.raises(SamplingError, match="Heun convention"):
-        sample(gaussian_velocity("linear"), fixed_noise(2), _labels(2), mode="ode", steps=4, solver="heun",
-               heun_convention="edm")
+        sample(
+            gaussian_velocity("linear"),
+            fixed_noise(2),
+            _labels(2),
+            mode="ode",
+            steps=4,
+            solver="heun",
+            heun_convention="edm",
+        )

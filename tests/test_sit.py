@@ -1,4 +1,5 @@
 """SiT model: parameter counts, REPA naming, zero init, attention, warmup hand-off, cost."""
+
 from __future__ import annotations
 
 import math
@@ -11,8 +12,16 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from erw.config import ModelConfig, SIT_PRESETS
 from erw.models.sit import (
-    HandoffError, ModelError, SiT, build_sit, check_warmup_config, l2r_from_config, load_warmup, macs_per_image,
-    sit_from_config, warmup_tensor_names,
+    HandoffError,
+    ModelError,
+    SiT,
+    build_sit,
+    check_warmup_config,
+    l2r_from_config,
+    load_warmup,
+    macs_per_image,
+    sit_from_config,
+    warmup_tensor_names,
 )
 
 TINY = dict(input_size=8, depth=3, hidden_size=32, num_heads=2, num_classes=10, projector_dim=16)
@@ -77,11 +86,18 @@ def test_known_parameter_counts():
 def repa_keys(depth: int, qk_norm: bool, projectors: int) -> set[str]:
     """The public REPA SiT's state-dict keys, written out from its naming scheme."""
     keys = {
-        "x_embedder.proj.weight", "x_embedder.proj.bias",
-        "t_embedder.mlp.0.weight", "t_embedder.mlp.0.bias", "t_embedder.mlp.2.weight", "t_embedder.mlp.2.bias",
-        "y_embedder.embedding_table.weight", "pos_embed",
-        "final_layer.linear.weight", "final_layer.linear.bias",
-        "final_layer.adaLN_modulation.1.weight", "final_layer.adaLN_modulation.1.bias",
+        "x_embedder.proj.weight",
+        "x_embedder.proj.bias",
+        "t_embedder.mlp.0.weight",
+        "t_embedder.mlp.0.bias",
+        "t_embedder.mlp.2.weight",
+        "t_embedder.mlp.2.bias",
+        "y_embedder.embedding_table.weight",
+        "pos_embed",
+        "final_layer.linear.weight",
+        "final_layer.linear.bias",
+        "final_layer.adaLN_modulation.1.weight",
+        "final_layer.adaLN_modulation.1.bias",
     }
     block = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "adaLN_modulation.1"]
     block += ["attn.q_norm", "attn.k_norm"] if qk_norm else []
@@ -98,10 +114,15 @@ def test_state_dict_matches_repa_naming(qk_norm):
     state = model.state_dict()
     assert set(state) == repa_keys(depth=3, qk_norm=qk_norm, projectors=2)
     shapes = {
-        "x_embedder.proj.weight": (32, 4, 2, 2), "y_embedder.embedding_table.weight": (11, 32),
-        "pos_embed": (1, 16, 32), "blocks.0.attn.qkv.weight": (96, 32), "blocks.2.mlp.fc1.weight": (128, 32),
-        "blocks.1.adaLN_modulation.1.weight": (192, 32), "projectors.1.4.weight": (40, 16),
-        "final_layer.linear.weight": (16, 32), "final_layer.adaLN_modulation.1.weight": (64, 32),
+        "x_embedder.proj.weight": (32, 4, 2, 2),
+        "y_embedder.embedding_table.weight": (11, 32),
+        "pos_embed": (1, 16, 32),
+        "blocks.0.attn.qkv.weight": (96, 32),
+        "blocks.2.mlp.fc1.weight": (128, 32),
+        "blocks.1.adaLN_modulation.1.weight": (192, 32),
+        "projectors.1.4.weight": (40, 16),
+        "final_layer.linear.weight": (16, 32),
+        "final_layer.adaLN_modulation.1.weight": (64, 32),
     }
     if qk_norm:
         shapes["blocks.0.attn.q_norm.weight"] = (16,)
@@ -257,8 +278,9 @@ def test_wrong_input_size_is_refused():
 # ---------------------------------------------------------------------------------------------
 # Config builders and the warmup hand-off.
 
-CFG = ModelConfig(arch="SiT-S/2", depth=4, hidden_size=32, num_heads=2, num_classes=10, projector_dim=16,
-                  align_depth=3, l2r_depth=2)
+CFG = ModelConfig(
+    arch="SiT-S/2", depth=4, hidden_size=32, num_heads=2, num_classes=10, projector_dim=16, align_depth=3, l2r_depth=2
+)
 
 
 def test_l2r_names_are_full_model_names_with_equal_shapes():
@@ -274,8 +296,16 @@ def test_l2r_names_are_full_model_names_with_equal_shapes():
 
 
 def expected_warmup_names(l2r_depth: int) -> list[str]:
-    names = ["x_embedder.proj.weight", "x_embedder.proj.bias", "t_embedder.mlp.0.weight", "t_embedder.mlp.0.bias",
-             "t_embedder.mlp.2.weight", "t_embedder.mlp.2.bias", "y_embedder.embedding_table.weight", "pos_embed"]
+    names = [
+        "x_embedder.proj.weight",
+        "x_embedder.proj.bias",
+        "t_embedder.mlp.0.weight",
+        "t_embedder.mlp.0.bias",
+        "t_embedder.mlp.2.weight",
+        "t_embedder.mlp.2.bias",
+        "y_embedder.embedding_table.weight",
+        "pos_embed",
+    ]
     layers = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "adaLN_modulation.1"]
     blocks = [f"blocks.{i}.{layer}" for i in range(l2r_depth) for layer in layers]
     return names + [f"{layer}.{kind}" for layer in blocks for kind in ("weight", "bias")]

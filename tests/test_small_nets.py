@@ -1,4 +1,5 @@
 """The small encoder and evaluator: they learn, and their files load where the pipeline reads them."""
+
 import pytest
 import torch
 
@@ -42,8 +43,19 @@ def test_encoder_learns_and_loads_through_the_registry(digits, tmp_path):
 
     uri = str(tmp_path / "enc.safetensors")
     small_nets.save_encoder(vit, kwargs, uri)
-    cfg = load_config(None, [f"encoder.name={CUSTOM}", f"encoder.weights={uri}", "data.resolution=32", "data.codec=identity",
-                             "model.arch=SiT-S/8", "model.depth=4", "model.align_depth=2", "model.l2r_depth=1"])
+    cfg = load_config(
+        None,
+        [
+            f"encoder.name={CUSTOM}",
+            f"encoder.weights={uri}",
+            "data.resolution=32",
+            "data.codec=identity",
+            "model.arch=SiT-S/8",
+            "model.depth=4",
+            "model.align_depth=2",
+            "model.l2r_depth=1",
+        ],
+    )
     validate(cfg)
     encoder = load_encoder(cfg.encoder, RES)
     tokens = encoder(images[:4])
@@ -110,6 +122,9 @@ def test_commands_train_from_an_image_folder(digits_folder, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "1797 images, 10 classes, 32px" in out and "encoder.name=timm-file" in out
     assert load_encoder(EncoderConfig(CUSTOM, weights=encoder_file), RES).num_tokens == 64  # --patch-size 4
-    assert load_feature_network(evaluator_file)(torch.zeros(1, 3, RES, RES, dtype=torch.uint8))["logits"].shape == (1, 10)
+    assert load_feature_network(evaluator_file)(torch.zeros(1, 3, RES, RES, dtype=torch.uint8))["logits"].shape == (
+        1,
+        10,
+    )
     assert main(["fit-encoder", *common, "--out", encoder_file, "--patch-size", "5"]) == 2
     assert "not a multiple of the encoder patch size" in capsys.readouterr().err

@@ -1,4 +1,5 @@
 """Storage over local paths and a real S3 endpoint (moto server on 127.0.0.1)."""
+
 from __future__ import annotations
 
 import io
@@ -28,7 +29,10 @@ def test_write_read_list_delete(root):
     assert storage.read_bytes(storage.join(root, "a", "x.bin")) == b"hello"
     assert storage.list_dir(root) == ["a", "a.json", "b.json"]
     assert [(f.path, f.size) for f in storage.list_files(root)] == [
-        ("a.json", 2), ("a/x.bin", 5), ("a/y.bin", 8), ("b.json", 2),
+        ("a.json", 2),
+        ("a/x.bin", 5),
+        ("a/y.bin", 8),
+        ("b.json", 2),
     ]
     assert storage.exists(storage.join(root, "a"))  # a directory / prefix
     assert storage.exists(storage.join(root, "a", "x.bin"))
@@ -145,20 +149,23 @@ def test_a_failed_multipart_upload_is_aborted(s3_bucket, s3_proxy, tmp_path, mon
     with pytest.raises(storage.StorageError, match="cannot upload to .*InternalError.*retried for"):
         storage.upload_file(tmp_path / "big", f"{s3_bucket}/big.tar")
     s3_proxy.clear()
-    bucket = s3_bucket[len("s3://"):]
+    bucket = s3_bucket[len("s3://") :]
     assert boto3.client("s3").list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
     assert not storage.exists(f"{s3_bucket}/big.tar")
 
 
-@pytest.mark.parametrize("uri, message", [
-    ("s3:/my-bucket/run1", "is not an S3 URI \\(write it 's3://my-bucket/run1'\\)"),
-    ("S3://my-bucket/run1", "is not an S3 URI"),
-    ("s3://", "names no bucket"),
-    ("s3:///latents", "names no bucket|no valid bucket name"),
-    ("s3://ab/x", "no valid bucket name"),
-    ("gs://bucket/x", "scheme 'gs' is not supported"),
-    ("", "is empty"),
-])
+@pytest.mark.parametrize(
+    "uri, message",
+    [
+        ("s3:/my-bucket/run1", "is not an S3 URI \\(write it 's3://my-bucket/run1'\\)"),
+        ("S3://my-bucket/run1", "is not an S3 URI"),
+        ("s3://", "names no bucket"),
+        ("s3:///latents", "names no bucket|no valid bucket name"),
+        ("s3://ab/x", "no valid bucket name"),
+        ("gs://bucket/x", "scheme 'gs' is not supported"),
+        ("", "is empty"),
+    ],
+)
 def test_malformed_locations_are_refused(uri, message):
     with pytest.raises(storage.StorageError, match=message):
         storage.check_uri(uri, "train.out")
@@ -224,8 +231,15 @@ def test_unreachable_endpoint_message(s3_endpoint, monkeypatch):
 
 
 def test_cli_prints_one_line_for_an_unreadable_source(s3_endpoint, tmp_path, capsys):
-    code = cli.main(["precompute", "--no-progress", "data.source=s3://no-such-bucket/images",
-                     f"data.shards={tmp_path / 'out'}", "data.codec=identity"])
+    code = cli.main(
+        [
+            "precompute",
+            "--no-progress",
+            "data.source=s3://no-such-bucket/images",
+            f"data.shards={tmp_path / 'out'}",
+            "data.codec=identity",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert err.count("\n") == 0 and "Traceback" not in err
@@ -246,16 +260,25 @@ def test_conditional_write_is_a_compare_and_swap(root):
 DEMO = os.path.join(os.path.dirname(__file__), "..", "configs", "demo.yaml")
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["train", "--config", DEMO, "train.out=s3:/my-bucket/run1/train"],
-     "erw train: error: train.out='s3:/my-bucket/run1/train' is not an S3 URI (write it 's3://my-bucket/run1/train')"),
-    (["warmup", "--config", DEMO, "warmup.out=s3://"], "erw warmup: error: warmup.out='s3://' names no bucket"),
-    (["train", "--config", DEMO, "train.out=s3://no-such-bucket-x/run"],
-     "erw train: error: train.out=s3://no-such-bucket-x/run cannot be written: cannot write"),
-    (["precompute", "data.source=x", "data.shards=s3:/b-x/y", "data.codec=identity"],
-     "erw precompute: error: data.shards='s3:/b-x/y' is not an S3 URI"),
-    (["sample", "--ckpt", "x", "--out", "S3://b-x/y"], "erw sample: error: --out='S3://b-x/y' is not an S3 URI"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["train", "--config", DEMO, "train.out=s3:/my-bucket/run1/train"],
+            "erw train: error: train.out='s3:/my-bucket/run1/train' is not an S3 URI (write it 's3://my-bucket/run1/train')",
+        ),
+        (["warmup", "--config", DEMO, "warmup.out=s3://"], "erw warmup: error: warmup.out='s3://' names no bucket"),
+        (
+            ["train", "--config", DEMO, "train.out=s3://no-such-bucket-x/run"],
+            "erw train: error: train.out=s3://no-such-bucket-x/run cannot be written: cannot write",
+        ),
+        (
+            ["precompute", "data.source=x", "data.shards=s3:/b-x/y", "data.codec=identity"],
+            "erw precompute: error: data.shards='s3:/b-x/y' is not an S3 URI",
+        ),
+        (["sample", "--ckpt", "x", "--out", "S3://b-x/y"], "erw sample: error: --out='S3://b-x/y' is not an S3 URI"),
+    ],
+)
 def test_outputs_are_checked_before_any_compute(argv, message, s3_endpoint, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert cli.main(argv) == 2

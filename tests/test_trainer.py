@@ -1,4 +1,5 @@
 """The training loop through its Python API, on a tiny SiT and an in-memory batch source."""
+
 from pathlib import Path
 
 import pytest
@@ -58,12 +59,23 @@ def tiny_config(tmp_path, *overrides):
     return load_config(
         CONFIGS / "demo.yaml",
         [
-            "model.depth=4", "model.hidden_size=64", "model.num_heads=2", "model.projector_dim=32",
-            "model.l2r_depth=2", "model.align_depth=3", "encoder.dim=null",
-            "model.arch=SiT-S/4", "data.resolution=32",  # the 32x32 Batches below: 64 tokens
-            "encoder.name=dinov2-vit-s", "encoder.weights=random",  # the tests pass TinyEncoder; this names it
-            f"warmup.out={tmp_path}/warmup", f"train.out={tmp_path}/train",
-            "warmup.batch_size=8", "train.batch_size=8", "warmup.log_every=1", "train.log_every=1",
+            "model.depth=4",
+            "model.hidden_size=64",
+            "model.num_heads=2",
+            "model.projector_dim=32",
+            "model.l2r_depth=2",
+            "model.align_depth=3",
+            "encoder.dim=null",
+            "model.arch=SiT-S/4",
+            "data.resolution=32",  # the 32x32 Batches below: 64 tokens
+            "encoder.name=dinov2-vit-s",
+            "encoder.weights=random",  # the tests pass TinyEncoder; this names it
+            f"warmup.out={tmp_path}/warmup",
+            f"train.out={tmp_path}/train",
+            "warmup.batch_size=8",
+            "train.batch_size=8",
+            "warmup.log_every=1",
+            "train.log_every=1",
             *overrides,
         ],
     )
@@ -95,11 +107,27 @@ def test_handoff_refuses_a_mismatched_warmup(tmp_path):
 @pytest.mark.parametrize("grad_accum", [1, 2])
 def test_resume_equals_an_uninterrupted_run(tmp_path, grad_accum):
     common = [f"train.grad_accum={grad_accum}", "train.ckpt_every=3", "train.ema_decay=0.9"]
-    straight = run(tiny_config(tmp_path / "a", "train.steps=6", *common), "train", Batches(8 // grad_accum), CPU, encoder=TinyEncoder())
-    run(tiny_config(tmp_path / "b", "train.steps=3", *common), "train", Batches(8 // grad_accum), CPU, encoder=TinyEncoder())
+    straight = run(
+        tiny_config(tmp_path / "a", "train.steps=6", *common),
+        "train",
+        Batches(8 // grad_accum),
+        CPU,
+        encoder=TinyEncoder(),
+    )
+    run(
+        tiny_config(tmp_path / "b", "train.steps=3", *common),
+        "train",
+        Batches(8 // grad_accum),
+        CPU,
+        encoder=TinyEncoder(),
+    )
     resumed = run(
-        tiny_config(tmp_path / "b", "train.steps=6", *common), "train", Batches(8 // grad_accum), CPU,
-        encoder=TinyEncoder(), resume="auto",
+        tiny_config(tmp_path / "b", "train.steps=6", *common),
+        "train",
+        Batches(8 // grad_accum),
+        CPU,
+        encoder=TinyEncoder(),
+        resume="auto",
     )
     assert resumed.step == 6
     a, b = ckpt.load_checkpoint(straight.checkpoint), ckpt.load_checkpoint(resumed.checkpoint)
@@ -151,8 +179,17 @@ def test_benchmarks_time_the_trainers_own_step(monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(step_module, "train_step", counting)
-    tiny = ["model.depth=2", "model.hidden_size=32", "model.num_heads=2", "model.align_depth=1", "model.l2r_depth=1",
-            "model.projector_dim=16", "model.num_classes=10", "train.grad_clip=0.5", "warmup.grad_clip=0.5"]
+    tiny = [
+        "model.depth=2",
+        "model.hidden_size=32",
+        "model.num_heads=2",
+        "model.align_depth=1",
+        "model.l2r_depth=1",
+        "model.projector_dim=16",
+        "model.num_classes=10",
+        "train.grad_clip=0.5",
+        "warmup.grad_clip=0.5",
+    ]
     bench = Path(__file__).resolve().parents[1] / "bench"
     for name in ("gpu_check", "step_throughput"):
         spec = importlib.util.spec_from_file_location(f"bench_{name}", bench / f"{name}.py")
@@ -160,9 +197,15 @@ def test_benchmarks_time_the_trainers_own_step(monkeypatch):
         monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up
         spec.loader.exec_module(module)  # binds train_step at import: after the patch
         if name == "gpu_check":
-            assert module.main(["--cpu", "--batch", "2", "--steps", "1", "--warmup-steps", "1", "--modes", "eager", *tiny]) == 0
+            assert (
+                module.main(["--cpu", "--batch", "2", "--steps", "1", "--warmup-steps", "1", "--modes", "eager", *tiny])
+                == 0
+            )
         else:
-            cfg = load_config(CONFIGS / "demo.yaml", [*tiny, "encoder.name=dinov2-vit-s", "encoder.weights=random", "train.batch_size=2"])
+            cfg = load_config(
+                CONFIGS / "demo.yaml",
+                [*tiny, "encoder.name=dinov2-vit-s", "encoder.weights=random", "train.batch_size=2"],
+            )
             module.make_step(cfg, "train", 2)()
     assert len(calls) >= 5 and all(p.grad_clip == 0.5 for p in calls)  # the preset's settings, overrides included
 
@@ -189,7 +232,9 @@ def test_a_fresh_run_never_mixes_with_the_checkpoints_of_another(tmp_path):
         run(tiny_config(tmp_path, "train.steps=8", *common), "train", Batches(), CPU, resume=str(tmp_path / "x/train"))
     # Resumed at or past the end: says so instead of exiting silently.
     said = []
-    result = run(tiny_config(tmp_path, "train.steps=4", *common), "train", Batches(), CPU, resume="auto", log=said.append)
+    result = run(
+        tiny_config(tmp_path, "train.steps=4", *common), "train", Batches(), CPU, resume="auto", log=said.append
+    )
     assert result.step == 6 and any("at or past train.steps=4: nothing to train" in line for line in said)
 
 
@@ -202,8 +247,9 @@ def test_resume_auto_falls_back_past_a_corrupt_newest_checkpoint(tmp_path):
     data[len(data) // 2] ^= 0xFF
     newest.write_bytes(bytes(data))
     said = []
-    resumed = run(tiny_config(tmp_path / "b", "train.steps=6", *common), "train", Batches(), CPU, resume="auto",
-                  log=said.append)
+    resumed = run(
+        tiny_config(tmp_path / "b", "train.steps=6", *common), "train", Batches(), CPU, resume="auto", log=said.append
+    )
     skipped = [line for line in said if line.startswith("--resume auto: skipped")]
     assert len(skipped) == 1 and "step-00000004" in skipped[0] and "does not match the checksum" in skipped[0]
     assert any("resumed train from" in line and "step-00000002 at step 2" in line for line in said)
@@ -220,18 +266,47 @@ def test_handoff_refuses_another_encoder_or_latent_space_with_the_differences(tm
     torch.nn.init.normal_(other_encoder.conv.weight, generator=torch.Generator().manual_seed(1))
     rescaled = LatentNorm((0.1, 0.0, 0.0), (0.5, 1.0, 1.0))
     with pytest.raises(HandoffError) as err:
-        run(tiny_config(tmp_path, "train.steps=1"), "train", Batches(), CPU, encoder=other_encoder,
-            latent_norm=rescaled, init_from=str(tmp_path / "warmup"))
+        run(
+            tiny_config(tmp_path, "train.steps=1"),
+            "train",
+            Batches(),
+            CPU,
+            encoder=other_encoder,
+            latent_norm=rescaled,
+            init_from=str(tmp_path / "warmup"),
+        )
     message = str(err.value)
     assert "encoder weights: warmup sha256" in message and "another checkpoint of dinov2-vit-s" in message
     assert "latent normalisation shift: warmup [0, 0, 0], now [0.1, 0, 0]" in message
     assert "latent normalisation scale: warmup [1, 1, 1], now [0.5, 1, 1]" in message
-    with pytest.raises(HandoffError, match=r"encoder: warmup dinov2-vit-s, now dinov2-vit-b\n.*data.codec: warmup 'identity', now 'sd-vae"):
-        run(tiny_config(tmp_path, "train.steps=1", "encoder.name=dinov2-vit-b", "data.codec=sd-vae-ft-ema",
-                        "data.resolution=256"), "train", Batches(), CPU, encoder=TinyEncoder(), init_from=str(tmp_path / "warmup"))
+    with pytest.raises(
+        HandoffError,
+        match=r"encoder: warmup dinov2-vit-s, now dinov2-vit-b\n.*data.codec: warmup 'identity', now 'sd-vae",
+    ):
+        run(
+            tiny_config(
+                tmp_path,
+                "train.steps=1",
+                "encoder.name=dinov2-vit-b",
+                "data.codec=sd-vae-ft-ema",
+                "data.resolution=256",
+            ),
+            "train",
+            Batches(),
+            CPU,
+            encoder=TinyEncoder(),
+            init_from=str(tmp_path / "warmup"),
+        )
     # The same encoder (another object, same weights) and latent space: accepted, not retrained.
-    result = run(tiny_config(tmp_path, "train.steps=1"), "train", Batches(), CPU, encoder=TinyEncoder(),
-                 latent_norm=LatentNorm.uniform(3, 1.0), init_from=str(tmp_path / "warmup"))
+    result = run(
+        tiny_config(tmp_path, "train.steps=1"),
+        "train",
+        Batches(),
+        CPU,
+        encoder=TinyEncoder(),
+        latent_norm=LatentNorm.uniform(3, 1.0),
+        init_from=str(tmp_path / "warmup"),
+    )
     assert result.handoff and ckpt.load_checkpoint(result.checkpoint).meta["lineage"]["latents"]["scale"] == [1.0] * 3
 
 
@@ -239,15 +314,36 @@ def test_rope_from_warmup_false_allows_exactly_the_rope_difference(tmp_path):
     run(tiny_config(tmp_path, "warmup.steps=1", "model.rope=false"), "warmup", Batches(), CPU, encoder=TinyEncoder())
     warm = str(tmp_path / "warmup")
     with pytest.raises(HandoffError, match="rope: warmup False, now True"):
-        run(tiny_config(tmp_path, "train.steps=1", "model.rope=true"), "train", Batches(), CPU, encoder=TinyEncoder(),
-            init_from=warm)
+        run(
+            tiny_config(tmp_path, "train.steps=1", "model.rope=true"),
+            "train",
+            Batches(),
+            CPU,
+            encoder=TinyEncoder(),
+            init_from=warm,
+        )
     with pytest.raises(HandoffError) as err:  # still refuses every other mismatch, and only those
-        run(tiny_config(tmp_path, "train.steps=1", "model.rope=true", "model.qk_norm=true", "train.rope_from_warmup=false"),
-            "train", Batches(), CPU, encoder=TinyEncoder(), init_from=warm)
+        run(
+            tiny_config(
+                tmp_path, "train.steps=1", "model.rope=true", "model.qk_norm=true", "train.rope_from_warmup=false"
+            ),
+            "train",
+            Batches(),
+            CPU,
+            encoder=TinyEncoder(),
+            init_from=warm,
+        )
     assert "qk_norm: warmup False, now True" in str(err.value) and "rope:" not in str(err.value)
     said = []
-    result = run(tiny_config(tmp_path, "train.steps=1", "model.rope=true", "train.rope_from_warmup=false"), "train",
-                 Batches(), CPU, encoder=TinyEncoder(), init_from=warm, log=said.append)
+    result = run(
+        tiny_config(tmp_path, "train.steps=1", "model.rope=true", "train.rope_from_warmup=false"),
+        "train",
+        Batches(),
+        CPU,
+        encoder=TinyEncoder(),
+        init_from=warm,
+        log=said.append,
+    )
     assert "blocks.1.attn.qkv.weight" in result.handoff
     assert any("RoPE warmup False, now True (allowed: train.rope_from_warmup=false)" in line for line in said)
 
@@ -286,10 +382,22 @@ def test_resuming_a_checkpoint_with_other_draws_says_so(tmp_path, monkeypatch, c
     monkeypatch.setattr(draws, "VERSION", 1)
     run(tiny_config(tmp_path, "train.steps=1", "train.ckpt_every=1"), "train", Batches(), CPU, encoder=TinyEncoder())
     monkeypatch.undo()
-    result = run(tiny_config(tmp_path, "train.steps=2", "train.ckpt_every=1"), "train", Batches(), CPU,
-                 encoder=TinyEncoder(), resume="auto")
+    result = run(
+        tiny_config(tmp_path, "train.steps=2", "train.ckpt_every=1"),
+        "train",
+        Batches(),
+        CPU,
+        encoder=TinyEncoder(),
+        resume="auto",
+    )
     assert result.step == 2
     assert "written with draws version 1" in capsys.readouterr().out
-    run(tiny_config(tmp_path, "train.steps=3", "train.ckpt_every=1"), "train", Batches(), CPU,
-        encoder=TinyEncoder(), resume="auto")
+    run(
+        tiny_config(tmp_path, "train.steps=3", "train.ckpt_every=1"),
+        "train",
+        Batches(),
+        CPU,
+        encoder=TinyEncoder(),
+        resume="auto",
+    )
     assert "draws version" not in capsys.readouterr().out

@@ -11,6 +11,7 @@ model-space latents back to uint8 images. Two codecs:
 - `identity`: pixels scaled to [-1, 1], 3 channels, no downsampling, std 0 (sampling is a
   no-op), for tiny datasets and tests.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -74,8 +75,9 @@ def to_uint8(pixels: torch.Tensor) -> torch.Tensor:
 
 
 class LatentCodec(nn.Module):
-    def __init__(self, name: str, latent_channels: int, downsample: int, scaling_factor: float,
-                 norm: LatentNorm | None = None):
+    def __init__(
+        self, name: str, latent_channels: int, downsample: int, scaling_factor: float, norm: LatentNorm | None = None
+    ):
         super().__init__()
         self.name, self.latent_channels, self.downsample = name, latent_channels, downsample
         self.scaling_factor = scaling_factor
@@ -100,7 +102,9 @@ class LatentCodec(nn.Module):
     def describe(self) -> dict[str, Any]:
         """What the manifest records about this codec."""
         return {
-            "name": self.name, "latent_channels": self.latent_channels, "downsample": self.downsample,
+            "name": self.name,
+            "latent_channels": self.latent_channels,
+            "downsample": self.downsample,
             "scaling_factor": self.scaling_factor,
         }
 
@@ -135,9 +139,7 @@ class VAECodec(LatentCodec):
         return self.vae.decode(latent).sample
 
 
-def load_codec(
-    spec: Any, device: str | torch.device = "cpu", manifest: Mapping[str, Any] | None = None
-) -> LatentCodec:
+def load_codec(spec: Any, device: str | torch.device = "cpu", manifest: Mapping[str, Any] | None = None) -> LatentCodec:
     """A codec from a shard manifest (a dict), or from a DataConfig and the manifest of its shards.
 
     The normalisation comes from the manifest when there is one (so decoding matches what the

@@ -1,4 +1,5 @@
 """`erw precompute` and `erw data digits`."""
+
 from __future__ import annotations
 
 import argparse
@@ -16,21 +17,38 @@ def register(sub: argparse._SubParsersAction) -> None:
             "unchanged since an earlier run under the same settings is reused, not encoded again."
         ),
     )
-    p.add_argument("--config", help="YAML preset: data.source, data.shards, data.resolution, data.codec[_weights] "
-                                     "and the precompute section (default: the built-in defaults)")
+    p.add_argument(
+        "--config",
+        help="YAML preset: data.source, data.shards, data.resolution, data.codec[_weights] "
+        "and the precompute section (default: the built-in defaults)",
+    )
     p.add_argument("--worker-index", type=int, default=0, help="this worker's index, 0..n-1")
-    p.add_argument("--num-workers", type=int, default=1,
-                   help="workers of the fan-out (a lone worker also writes manifest.json); with --merge, "
-                        "names the workers to rerun when shards are missing")
+    p.add_argument(
+        "--num-workers",
+        type=int,
+        default=1,
+        help="workers of the fan-out (a lone worker also writes manifest.json); with --merge, "
+        "names the workers to rerun when shards are missing",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar (summary lines only)")
     p.add_argument("--merge", action="store_true", help="check every shard is done and write manifest.json")
-    p.add_argument("--dry-run", action="store_true",
-                   help="list the source and the store only: print how many units would be reused and encoded")
-    p.add_argument("--pushgateway", help="host:port of a Prometheus Pushgateway for this worker's results "
-                                         "(default: the config's metrics.pushgateway)")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="list the source and the store only: print how many units would be reused and encoded",
+    )
+    p.add_argument(
+        "--pushgateway",
+        help="host:port of a Prometheus Pushgateway for this worker's results "
+        "(default: the config's metrics.pushgateway)",
+    )
     p.add_argument("--run-id", default="", help="run label of the pushed metrics (default: $ERW_RUN_ID)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="dotted overrides, e.g. data.source=s3://data/images data.shards=s3://data/latents")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="dotted overrides, e.g. data.source=s3://data/images data.shards=s3://data/latents",
+    )
     p.set_defaults(func=_precompute)
 
     data = sub.add_parser("data", help="demo datasets")
@@ -62,14 +80,20 @@ def _precompute(args: argparse.Namespace) -> int:
         return 0
     report = precompute.run_worker(job, progress=not args.no_progress)
     gateway = cfg.metrics.pushgateway if args.pushgateway is None else args.pushgateway
-    push_metrics(gateway, "erw-precompute", args.run_id or os.environ.get("ERW_RUN_ID", ""), {
-        "erw_precompute_units_reused_total": report.shards_skipped,
-        "erw_precompute_units_encoded_total": report.shards_written,
-        "erw_precompute_images_total": report.images,
-        "erw_precompute_failed_images_total": report.failures,
-        "erw_precompute_images_per_second": report.images_per_second,
-        "erw_precompute_seconds": report.seconds,
-    }, labels={"worker": str(args.worker_index)})
+    push_metrics(
+        gateway,
+        "erw-precompute",
+        args.run_id or os.environ.get("ERW_RUN_ID", ""),
+        {
+            "erw_precompute_units_reused_total": report.shards_skipped,
+            "erw_precompute_units_encoded_total": report.shards_written,
+            "erw_precompute_images_total": report.images,
+            "erw_precompute_failed_images_total": report.failures,
+            "erw_precompute_images_per_second": report.images_per_second,
+            "erw_precompute_seconds": report.seconds,
+        },
+        labels={"worker": str(args.worker_index)},
+    )
     return 0
 
 

@@ -3,6 +3,7 @@
 scikit-learn ships the UCI handwritten digits (1,797 images of 8x8 pixels, 16 grey levels,
 10 classes) inside the package, so no download is needed.
 """
+
 from __future__ import annotations
 
 import io
@@ -22,10 +23,9 @@ def digit_images() -> tuple[np.ndarray, np.ndarray]:
     digits = load_digits()
     ink = digits.images / 16.0  # 0 = background, 1 = full ink
     grey = np.round(255 * (1 - ink)).astype(np.uint8)
-    images = np.stack([
-        np.asarray(Image.fromarray(g).resize((SIZE, SIZE), resample=Image.BICUBIC).convert("RGB"))
-        for g in grey
-    ])
+    images = np.stack(
+        [np.asarray(Image.fromarray(g).resize((SIZE, SIZE), resample=Image.BICUBIC).convert("RGB")) for g in grey]
+    )
     return images, digits.target.astype(np.int64)
 
 

@@ -1,11 +1,12 @@
 """Image sets the evaluation reads, as uint8 batches [B, 3, H, W] with labels (-1 when unknown).
 
-    *.npz             ADM-style batch: arr_0 uint8 [N, H, W, 3], optional arr_1 labels [N]
-    DIR/manifest.json erw shards holding png/jpg members: `erw sample` output, or `erw precompute`
-                      datasets stored with images
-    anything else     an image source as `erw precompute` reads it (ImageFolder or .tar shards,
-                      local or s3://), centre-cropped the ADM way to the samples' resolution
+*.npz             ADM-style batch: arr_0 uint8 [N, H, W, 3], optional arr_1 labels [N]
+DIR/manifest.json erw shards holding png/jpg members: `erw sample` output, or `erw precompute`
+                  datasets stored with images
+anything else     an image source as `erw precompute` reads it (ImageFolder or .tar shards,
+                  local or s3://), centre-cropped the ADM way to the samples' resolution
 """
+
 from __future__ import annotations
 
 import io
@@ -56,8 +57,8 @@ class ImageSet:
         images = self.arrays["arr_0"]
         labels = self.arrays.get("arr_1")
         for start in range(0, len(images), 256):
-            chunk = torch.from_numpy(np.ascontiguousarray(images[start:start + 256])).permute(0, 3, 1, 2)
-            y = labels[start:start + 256] if labels is not None else np.full(len(chunk), -1)
+            chunk = torch.from_numpy(np.ascontiguousarray(images[start : start + 256])).permute(0, 3, 1, 2)
+            y = labels[start : start + 256] if labels is not None else np.full(len(chunk), -1)
             yield chunk, torch.as_tensor(y, dtype=torch.int64)
 
     def _shards(self) -> Iterator[Batch]:

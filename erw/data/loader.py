@@ -29,6 +29,7 @@ and compared with the manifest's sha256; a sample with a label out of range, a l
 wrong shape or an unreadable member is dropped from its micro-batch and named on stderr, up to
 data.max_bad_samples per worker, after which training stops with a DatasetError.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -44,7 +45,13 @@ import torch
 from erw import storage
 from erw.data.codec import LatentNorm
 from erw.data.shards import (
-    IMAGE_MEMBERS, MANIFEST, DatasetError, decode_crop, load_npy, read_tar_samples, resolve_uri,
+    IMAGE_MEMBERS,
+    MANIFEST,
+    DatasetError,
+    decode_crop,
+    load_npy,
+    read_tar_samples,
+    resolve_uri,
 )
 from erw.errors import ErwError
 
@@ -99,7 +106,8 @@ def check_manifest(manifest: dict[str, Any], data_cfg: Any, num_classes: int | N
         )
     if problems:
         raise DatasetError(
-            f"the shards at {data_cfg.shards} do not match the config:\n  - " + "\n  - ".join(problems)
+            f"the shards at {data_cfg.shards} do not match the config:\n  - "
+            + "\n  - ".join(problems)
             + "\nSet the config to match them, or precompute shards for this config"
         )
 
@@ -123,7 +131,8 @@ def check_shard_sizes(shards: str, manifest: dict[str, Any]) -> None:
     if problems:
         shown = problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else [])
         raise DatasetError(
-            f"the shards at {shards} do not match their {MANIFEST}:\n  - " + "\n  - ".join(shown)
+            f"the shards at {shards} do not match their {MANIFEST}:\n  - "
+            + "\n  - ".join(shown)
             + "\nThe dataset was changed or partly rewritten: precompute it again (or restore the shards)"
         )
 
@@ -166,7 +175,9 @@ class Plan:
 
     def order(self, epoch: int, partition: int) -> np.ndarray:
         start, stop = self.partition_range(partition)
-        return buffered_order(stop - start, self.shuffle_buffer, np.random.default_rng([self.seed, epoch, partition, 1]))
+        return buffered_order(
+            stop - start, self.shuffle_buffer, np.random.default_rng([self.seed, epoch, partition, 1])
+        )
 
 
 def buffered_order(n: int, buffer: int, rng: np.random.Generator) -> np.ndarray:
@@ -280,7 +291,8 @@ def decode_sample(epoch: int, sample_id: int, sample: dict, how: Decoding) -> di
         label = int(sample["cls"])
         image = (
             decode_crop(sample[IMAGE_MEMBERS[how.image_format]], how.image_format)
-            if how.image_format is not None else None
+            if how.image_format is not None
+            else None
         )
         feat = load_npy(sample["feat.npy"]).astype(np.float32) if how.with_features else None
     except KeyError as err:
@@ -362,8 +374,12 @@ class RankPartitions(torch.utils.data.IterableDataset):
                                 f"data.max_bad_samples={self.max_bad_samples} (each was named on stderr). Fix or "
                                 "precompute the dataset again, or raise data.max_bad_samples"
                             ) from None
-                        print(f"data: dropped {where}: {err} ({bad} of data.max_bad_samples="
-                              f"{self.max_bad_samples} in this worker)", file=sys.stderr, flush=True)
+                        print(
+                            f"data: dropped {where}: {err} ({bad} of data.max_bad_samples="
+                            f"{self.max_bad_samples} in this worker)",
+                            file=sys.stderr,
+                            flush=True,
+                        )
                 chunk: dict[str, Any] = collate(items, self.how.norm) if items else {}
                 chunk.update(round=round_, partition=torch.tensor(kept, dtype=torch.int64))
                 yield chunk
@@ -398,9 +414,19 @@ class ShardLoader:
     rank 0 resumes all ranks."""
 
     def __init__(
-        self, shards: str, manifest: dict[str, Any], batch_size: int, rank: int, world_size: int, seed: int,
-        num_workers: int, shuffle_buffer: int, with_images: bool, global_batch: int | None = None,
-        num_classes: int | None = None, max_bad_samples: int = 0,
+        self,
+        shards: str,
+        manifest: dict[str, Any],
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        num_workers: int,
+        shuffle_buffer: int,
+        with_images: bool,
+        global_batch: int | None = None,
+        num_classes: int | None = None,
+        max_bad_samples: int = 0,
     ):
         self.manifest = manifest
         self.global_batch = global_batch or batch_size * world_size
@@ -417,7 +443,10 @@ class ShardLoader:
         self.max_bad_samples = max_bad_samples
         self.plan = Plan(
             tuple(resolve_uri(shards, s["name"]) for s in manifest["shards"]),
-            tuple(s["count"] for s in manifest["shards"]), seed, self.global_batch, max(1, shuffle_buffer),
+            tuple(s["count"] for s in manifest["shards"]),
+            seed,
+            self.global_batch,
+            max(1, shuffle_buffer),
             sha256=tuple(s.get("sha256") for s in manifest["shards"]),
             sizes=tuple(s.get("bytes", 0) for s in manifest["shards"]),
         )
@@ -428,12 +457,14 @@ class ShardLoader:
         cached_features = manifest["store"] == "features"
         feat_shape = manifest.get("feat_shape")
         self.how = Decoding(
-            seed=seed, norm=LatentNorm.from_manifest(manifest),
+            seed=seed,
+            norm=LatentNorm.from_manifest(manifest),
             image_format=manifest["image_format"] if with_images and not cached_features else None,
             with_features=with_images and cached_features,
             latent_shape=tuple(manifest["latent_shape"]),
             num_classes=manifest["num_classes"],  # the model's may be larger (checked before)
-            image_size=manifest["resolution"], feat_shape=tuple(feat_shape) if feat_shape else None,
+            image_size=manifest["resolution"],
+            feat_shape=tuple(feat_shape) if feat_shape else None,
         )
         self.batches = 0  # micro-batches handed out
 
@@ -448,11 +479,16 @@ class ShardLoader:
         if self.workers == 0:
             chunks: Any = iter(dataset)
         else:
-            chunks = iter(torch.utils.data.DataLoader(
-                dataset, batch_size=None, num_workers=self.workers, prefetch_factor=4,
-                worker_init_fn=_ignore_termination,
-                generator=torch.Generator(),  # never draw the workers' base seed from the global RNG
-            ))
+            chunks = iter(
+                torch.utils.data.DataLoader(
+                    dataset,
+                    batch_size=None,
+                    num_workers=self.workers,
+                    prefetch_factor=4,
+                    worker_init_fn=_ignore_termination,
+                    generator=torch.Generator(),  # never draw the workers' base seed from the global RNG
+                )
+            )
         per_round = max(1, self.workers)
         first = self.partitions.start
         try:
@@ -462,7 +498,9 @@ class ShardLoader:
                     if isinstance(chunk, WorkerFailure):
                         raise chunk.error
                     if chunk["round"] != self.rounds:
-                        raise RuntimeError(f"loader workers out of step: round {chunk['round']}, expected {self.rounds}")
+                        raise RuntimeError(
+                            f"loader workers out of step: round {chunk['round']}, expected {self.rounds}"
+                        )
                 filled = [c for c in got if len(c["partition"])]
                 partition = torch.cat([c["partition"] for c in got])
                 order = torch.argsort(partition)
@@ -492,11 +530,16 @@ class ShardLoader:
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "version": STATE_VERSION, "rounds": self.rounds, "global_batch": self.global_batch,
-            "seed": self.plan.seed, "shuffle_buffer": self.plan.shuffle_buffer,
-            "dataset": self.manifest["source"]["content_sha256"], "num_samples": self.plan.num_samples,
+            "version": STATE_VERSION,
+            "rounds": self.rounds,
+            "global_batch": self.global_batch,
+            "seed": self.plan.seed,
+            "shuffle_buffer": self.plan.shuffle_buffer,
+            "dataset": self.manifest["source"]["content_sha256"],
+            "num_samples": self.plan.num_samples,
             # informative only: resuming on another world size or worker count is exact
-            "world_size": self.world_size, "num_workers": self.workers,
+            "world_size": self.world_size,
+            "num_workers": self.workers,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -509,7 +552,8 @@ class ShardLoader:
         mine = self.state_dict()
         differ = {
             _STATE_SETTINGS[k]: f"{state.get(k)!r} then, {mine[k]!r} now"
-            for k in _STATE_SETTINGS if state.get(k) != mine[k]
+            for k in _STATE_SETTINGS
+            if state.get(k) != mine[k]
         }
         if differ:
             raise DatasetError(
@@ -522,8 +566,14 @@ class ShardLoader:
 
 
 def build_loader(
-    data_cfg: Any, batch_size: int, rank: int, world_size: int, seed: int, with_images: bool,
-    global_batch: int | None = None, num_classes: int | None = None,
+    data_cfg: Any,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    with_images: bool,
+    global_batch: int | None = None,
+    num_classes: int | None = None,
 ) -> ShardLoader:
     """The loader of `data_cfg.shards` for one rank, after checking the manifest against data_cfg
     (and num_classes, the model's) and the shards' sizes against the manifest.
@@ -544,7 +594,16 @@ def build_loader(
     check_manifest(manifest, data_cfg, num_classes)
     check_shard_sizes(data_cfg.shards, manifest)
     return ShardLoader(
-        data_cfg.shards, manifest, batch_size, rank, world_size, seed, data_cfg.num_workers,
-        data_cfg.shuffle_buffer, with_images, global_batch=global_batch, num_classes=num_classes,
+        data_cfg.shards,
+        manifest,
+        batch_size,
+        rank,
+        world_size,
+        seed,
+        data_cfg.num_workers,
+        data_cfg.shuffle_buffer,
+        with_images,
+        global_batch=global_batch,
+        num_classes=num_classes,
         max_bad_samples=getattr(data_cfg, "max_bad_samples", 0),
     )

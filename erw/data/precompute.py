@@ -26,6 +26,7 @@ most the shard it was writing; its partial file is removed on SIGTERM, and by th
 precompute on the machine after a SIGKILL. Memory is bounded by one batch plus the
 read-ahead window.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -51,8 +52,16 @@ from erw import storage
 from erw.data.shards import IMAGE_MEMBERS, MANIFEST, ShardWriter, encode_crop, npy_bytes, relative_uri, resolve_uri
 from erw.data.sources import BadImage, RawSample, Source, Unit, decode_image, open_source, ordered_map
 from erw.errors import ErwError
-from erw.config import (Codec, Config, DataConfig, ImageFormat, LatentNormMode, PrecomputeConfig, ShardStore,
-                        literal_mismatch)
+from erw.config import (
+    Codec,
+    Config,
+    DataConfig,
+    ImageFormat,
+    LatentNormMode,
+    PrecomputeConfig,
+    ShardStore,
+    literal_mismatch,
+)
 from erw.data.codec import LatentCodec, build_codec
 
 FORMAT_VERSION = 1
@@ -98,11 +107,22 @@ class PrecomputeJob:
         d, p = cfg.data, cfg.precompute
         features = p.store == "features"
         return cls(
-            source=d.source, out=d.shards, cache=p.cache, resolution=d.resolution, codec=d.codec,
-            codec_weights=d.codec_weights, worker_index=worker_index, num_workers=num_workers, store=p.store,
-            image_format=p.image_format, latent_norm=p.latent_norm, batch_size=p.batch_size,
-            shard_size=p.shard_size, encoder=cfg.encoder.name if features else "",
-            encoder_weights=cfg.encoder.weights if features else "", device=p.device,
+            source=d.source,
+            out=d.shards,
+            cache=p.cache,
+            resolution=d.resolution,
+            codec=d.codec,
+            codec_weights=d.codec_weights,
+            worker_index=worker_index,
+            num_workers=num_workers,
+            store=p.store,
+            image_format=p.image_format,
+            latent_norm=p.latent_norm,
+            batch_size=p.batch_size,
+            shard_size=p.shard_size,
+            encoder=cfg.encoder.name if features else "",
+            encoder_weights=cfg.encoder.weights if features else "",
+            device=p.device,
         )
 
     @property
@@ -112,8 +132,12 @@ class PrecomputeJob:
     def settings(self) -> dict[str, Any]:
         """What the latent bytes of a unit depend on, besides the unit's own files."""
         return {
-            "format_version": FORMAT_VERSION, "resolution": self.resolution, "codec": self.codec,
-            "codec_weights": self.codec_weights, "latent_norm": self.latent_norm, "store": self.store,
+            "format_version": FORMAT_VERSION,
+            "resolution": self.resolution,
+            "codec": self.codec,
+            "codec_weights": self.codec_weights,
+            "latent_norm": self.latent_norm,
+            "store": self.store,
             "image_format": self.image_format if self.store == "images" else None,
             "encoder": self.encoder if self.store == "features" else None,
             "encoder_weights": self.encoder_weights if self.store == "features" else None,
@@ -126,9 +150,12 @@ class PrecomputeJob:
             out.append("data.shards is required: where the shards go (a directory or s3://bucket/prefix)")
         if self.resolution < 8:
             out.append(f"data.resolution={self.resolution} is too small")
-        for key, value, literal in (("data.codec", self.codec, Codec), ("precompute.store", self.store, ShardStore),
-                                    ("precompute.image_format", self.image_format, ImageFormat),
-                                    ("precompute.latent_norm", self.latent_norm, LatentNormMode)):
+        for key, value, literal in (
+            ("data.codec", self.codec, Codec),
+            ("precompute.store", self.store, ShardStore),
+            ("precompute.image_format", self.image_format, ImageFormat),
+            ("precompute.latent_norm", self.latent_norm, LatentNormMode),
+        ):
             if mismatch := literal_mismatch(value, literal):
                 out.append(f"{key}={value!r} is not one of {mismatch[0]}{mismatch[1]}")
         if not 0 <= self.worker_index < self.num_workers:
@@ -167,8 +194,10 @@ class Plan:
     files: int
 
     def summary(self) -> str:
-        return (f"{self.files} files in {self.units_total} units: {self.units_reused} already encoded in "
-                f"{self.cache}, {self.units_to_encode} to encode")
+        return (
+            f"{self.files} files in {self.units_total} units: {self.units_reused} already encoded in "
+            f"{self.cache}, {self.units_to_encode} to encode"
+        )
 
 
 def plan_precompute(job: PrecomputeJob, source: Source | None = None) -> Plan:
@@ -224,8 +253,11 @@ def run_worker(job: PrecomputeJob, progress: bool = True) -> WorkerReport:
     todo = [u for u in mine if u.key not in done]
     report = WorkerReport(shards_total=len(mine), shards_skipped=len(mine) - len(todo))
     name = f"worker {job.worker_index}/{job.num_workers}"
-    print(f"{name}: {len(mine)} of {len(source.units)} units are mine: {report.shards_skipped} already encoded "
-          f"(reused), {len(todo)} to encode", flush=True)
+    print(
+        f"{name}: {len(mine)} of {len(source.units)} units are mine: {report.shards_skipped} already encoded "
+        f"(reused), {len(todo)} to encode",
+        flush=True,
+    )
     if source.ignored:
         shown = ", ".join(source.ignored[:5]) + (" ..." if len(source.ignored) > 5 else "")
         print(f"{name}: ignoring {len(source.ignored)} files outside the class folders: {shown}", flush=True)
@@ -238,7 +270,12 @@ def run_worker(job: PrecomputeJob, progress: bool = True) -> WorkerReport:
 
 
 def _encode_units(
-    job: PrecomputeJob, source: Source, todo: list[Unit], report: WorkerReport, name: str, progress: bool,
+    job: PrecomputeJob,
+    source: Source,
+    todo: list[Unit],
+    report: WorkerReport,
+    name: str,
+    progress: bool,
     settings_hash: str,
 ) -> None:
     if job.device == "auto":
@@ -249,7 +286,9 @@ def _encode_units(
     codec = build_codec(job.codec, job.codec_weights, device=device)
     encoder = _load_encoder(job, device) if job.store == "features" else None
     if job.resolution % codec.downsample:
-        raise PrecomputeError(f"data.resolution={job.resolution} is not a multiple of the codec's downsampling {codec.downsample}")
+        raise PrecomputeError(
+            f"data.resolution={job.resolution} is not a multiple of the codec's downsampling {codec.downsample}"
+        )
 
     from tqdm import tqdm
 
@@ -258,15 +297,19 @@ def _encode_units(
     with (
         ThreadPoolExecutor(job.io_threads) as pool,
         tempfile.TemporaryDirectory(prefix=f"{TEMP_PREFIX}{os.getpid()}-") as tmp,
-        tqdm(total=total, unit="img", desc=name, disable=not progress, mininterval=1 if sys.stderr.isatty() else 30) as bar,
+        tqdm(
+            total=total, unit="img", desc=name, disable=not progress, mininterval=1 if sys.stderr.isatty() else 30
+        ) as bar,
     ):
         for unit in todo:
             marker = encode_unit(unit, source, codec, encoder, job, device, pool, Path(tmp), bar, settings_hash)
             report.shards_written += 1
             report.images += marker["count"]
             report.failures += len(marker["failures"])
-            bar.write(f"{name}: unit {unit.index} ({unit.key[:12]}) {marker['count']} samples, "
-                      f"{len(marker['failures'])} failures")
+            bar.write(
+                f"{name}: unit {unit.index} ({unit.key[:12]}) {marker['count']} samples, "
+                f"{len(marker['failures'])} failures"
+            )
     report.seconds = time.perf_counter() - started
     print(
         f"{name}: encoded {report.shards_written} units ({report.shards_skipped} reused), {report.images} images, "
@@ -276,8 +319,16 @@ def _encode_units(
 
 
 def encode_unit(
-    unit: Unit, source: Source, codec: LatentCodec, encoder: torch.nn.Module | None, job: PrecomputeJob,
-    device: torch.device, pool: ThreadPoolExecutor, tmp: Path, bar: Any, settings_hash: str,
+    unit: Unit,
+    source: Source,
+    codec: LatentCodec,
+    encoder: torch.nn.Module | None,
+    job: PrecomputeJob,
+    device: torch.device,
+    pool: ThreadPoolExecutor,
+    tmp: Path,
+    bar: Any,
+    settings_hash: str,
 ) -> dict[str, Any]:
     """Encode one unit into a shard, upload it, then write its done marker (returned)."""
     cache = job.cache_uri
@@ -289,8 +340,9 @@ def encode_unit(
     feat_shape = None
     position = 0
     # Reading and decoding run ahead in the pool (about two batches) while a batch is encoded.
-    decoded = ordered_map(lambda raw: (raw, *_decode(raw, job.resolution)), source.read(unit, pool), pool,
-                          2 * job.batch_size)
+    decoded = ordered_map(
+        lambda raw: (raw, *_decode(raw, job.resolution)), source.read(unit, pool), pool, 2 * job.batch_size
+    )
     for batch in _chunks(decoded, job.batch_size):
         good = []
         for raw, digest, pixels_or_reason in batch:
@@ -331,10 +383,17 @@ def encode_unit(
         storage.upload_file(writer.path, storage.join(cache, UNITS, unit_shard(unit.key)))
     writer.path.unlink()
     marker = {
-        "unit": unit.key, "shard": unit_shard(unit.key) if count else None, "count": count,
-        "sha256": sha256 if count else None, "bytes": size if count else 0, "failures": failures,
-        "labels": {str(k): v for k, v in sorted(labels.items())}, "stats": stats.to_json(),
-        "content_sha256": content.hexdigest(), "codec": codec.describe(), "feat_shape": feat_shape,
+        "unit": unit.key,
+        "shard": unit_shard(unit.key) if count else None,
+        "count": count,
+        "sha256": sha256 if count else None,
+        "bytes": size if count else 0,
+        "failures": failures,
+        "labels": {str(k): v for k, v in sorted(labels.items())},
+        "stats": stats.to_json(),
+        "content_sha256": content.hexdigest(),
+        "codec": codec.describe(),
+        "feat_shape": feat_shape,
         "settings_sha256": settings_hash,
     }
     storage.write_bytes(_marker_uri(cache, unit.key), json.dumps(marker).encode())
@@ -353,8 +412,11 @@ def _terminate_as_exit() -> Iterator[None]:
         return
 
     def handler(signum: int, _frame: Any) -> None:
-        print("precompute: terminated; the partial shard is removed, finished units are kept: rerun to continue",
-              file=sys.stderr, flush=True)
+        print(
+            "precompute: terminated; the partial shard is removed, finished units are kept: rerun to continue",
+            file=sys.stderr,
+            flush=True,
+        )
         raise Terminated(128 + signum)
 
     previous = signal.signal(signal.SIGTERM, handler)
@@ -368,7 +430,7 @@ def remove_stale_temp_dirs() -> list[str]:
     """Remove the temp folders of precompute processes that are gone (killed with SIGKILL)."""
     removed = []
     for path in Path(tempfile.gettempdir()).glob(f"{TEMP_PREFIX}*"):
-        pid = path.name[len(TEMP_PREFIX):].split("-", 1)[0]
+        pid = path.name[len(TEMP_PREFIX) :].split("-", 1)[0]
         if pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(str(path))
@@ -383,6 +445,7 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True  # another user's process
     return True
+
 
 def _decode(raw: RawSample, resolution: int) -> tuple[str, np.ndarray | str]:
     """(sha256 of the bytes, the crop or the reason it is unusable); runs in a thread."""
@@ -433,7 +496,12 @@ class LatentStats:
         self.elements += mean.shape[0] * mean.shape[2] * mean.shape[3]
 
     def to_json(self) -> dict[str, Any]:
-        return {"sum": self.sum.tolist(), "sum_sq": self.sum_sq.tolist(), "var_sum": self.var_sum.tolist(), "elements": self.elements}
+        return {
+            "sum": self.sum.tolist(),
+            "sum_sq": self.sum_sq.tolist(),
+            "var_sum": self.var_sum.tolist(),
+            "elements": self.elements,
+        }
 
     @staticmethod
     def combine(parts: list[dict[str, Any]]) -> tuple[list[float], list[float]]:
@@ -464,21 +532,32 @@ def claim_settings(cache: str, settings: dict[str, Any]) -> str:
 
 def _check_settings(cache: str, existing: dict[str, Any], settings: dict[str, Any]) -> None:
     keys = sorted(set(existing) | set(settings))
-    differ = [f"{k}: {existing.get(k)!r} there, {settings.get(k)!r} now" for k in keys if existing.get(k) != settings.get(k)]
+    differ = [
+        f"{k}: {existing.get(k)!r} there, {settings.get(k)!r} now" for k in keys if existing.get(k) != settings.get(k)
+    ]
     if differ:
         raise PrecomputeError(
-            f"{cache} already holds latents encoded with other settings:\n  - " + "\n  - ".join(differ)
-            + "\nUse another --cache (or --out) for these settings, or delete " + cache + " to start over"
+            f"{cache} already holds latents encoded with other settings:\n  - "
+            + "\n  - ".join(differ)
+            + "\nUse another --cache (or --out) for these settings, or delete "
+            + cache
+            + " to start over"
         )
 
 
 def write_dataset(job: PrecomputeJob, source: Source, settings_hash: str) -> None:
     """Record the source's current units in --out: what the merge will list."""
     dataset = {
-        "format_version": FORMAT_VERSION, "source": source.uri, "source_kind": source.kind,
-        "listing_sha256": source.listing_sha256, "num_files": source.num_files, "shard_size": job.shard_size,
-        "class_names": source.class_names, "cache": relative_uri(job.out, job.cache_uri),
-        "settings_sha256": settings_hash, "units": [u.key for u in source.units],
+        "format_version": FORMAT_VERSION,
+        "source": source.uri,
+        "source_kind": source.kind,
+        "listing_sha256": source.listing_sha256,
+        "num_files": source.num_files,
+        "shard_size": job.shard_size,
+        "class_names": source.class_names,
+        "cache": relative_uri(job.out, job.cache_uri),
+        "settings_sha256": settings_hash,
+        "units": [u.key for u in source.units],
     }
     uri = storage.join(job.out, DATASET)
     try:
@@ -499,7 +578,7 @@ def _marker_uri(cache: str, key: str) -> str:
 
 def encoded_units(cache: str) -> set[str]:
     """Keys of the units whose shard is done (one listing of the store)."""
-    return {n[:-len(".json")] for n in storage.list_dir(storage.join(cache, UNITS)) if n.endswith(".json")}
+    return {n[: -len(".json")] for n in storage.list_dir(storage.join(cache, UNITS)) if n.endswith(".json")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -517,7 +596,9 @@ def merge(out: str, num_workers: int | None = None) -> dict[str, Any]:
     missing = [j for j, key in enumerate(units) if key not in done]
     if missing:
         owners = sorted({j % num_workers for j in missing}) if num_workers else None
-        rerun = f"rerun --worker-index {', '.join(map(str, owners))} of {num_workers}" if owners else "rerun the workers"
+        rerun = (
+            f"rerun --worker-index {', '.join(map(str, owners))} of {num_workers}" if owners else "rerun the workers"
+        )
         shown = ", ".join(units[j][:12] for j in missing[:10]) + (" ..." if len(missing) > 10 else "")
         raise PrecomputeError(f"{len(missing)} of {len(units)} units are not encoded yet ({shown}): {rerun}")
     with ThreadPoolExecutor(16) as pool:
@@ -532,8 +613,10 @@ def merge(out: str, num_workers: int | None = None) -> dict[str, Any]:
     present = set(storage.list_dir(storage.join(cache, UNITS)))
     lost = [m["shard"] for m in markers if m["shard"] and m["shard"] not in present]
     if lost:
-        raise PrecomputeError(f"shards marked done are missing from {cache}: {', '.join(lost[:10])}; delete their "
-                              f"{UNITS}/*.json markers and rerun the workers")
+        raise PrecomputeError(
+            f"shards marked done are missing from {cache}: {', '.join(lost[:10])}; delete their "
+            f"{UNITS}/*.json markers and rerun the workers"
+        )
     settings = json.loads(storage.read_bytes(storage.join(cache, SETTINGS)))
     manifest = build_manifest(dataset, settings, markers, shard_prefix=relative_uri(out, storage.join(cache, UNITS)))
     storage.write_bytes(storage.join(out, MANIFEST), json.dumps(manifest, indent=1).encode())
@@ -561,21 +644,38 @@ def build_manifest(
     fingerprint = hashlib.sha256("".join(m["content_sha256"] for m in markers).encode()).hexdigest()
     failures = [f for m in markers for f in m["failures"]]
     return {
-        "format": "erw-latent-shards", "format_version": FORMAT_VERSION,
+        "format": "erw-latent-shards",
+        "format_version": FORMAT_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "source": {"uri": dataset["source"], "kind": dataset["source_kind"], "num_files": dataset["num_files"],
-                   "content_sha256": fingerprint, "listing_sha256": dataset["listing_sha256"]},
+        "source": {
+            "uri": dataset["source"],
+            "kind": dataset["source_kind"],
+            "num_files": dataset["num_files"],
+            "content_sha256": fingerprint,
+            "listing_sha256": dataset["listing_sha256"],
+        },
         "resolution": settings["resolution"],
         "codec": codec,
         "latent_shape": [2 * codec["latent_channels"], latent_size, latent_size],
         "latent_stats": {"mean": mean, "std": std},
-        "store": settings["store"], "image_format": settings["image_format"],
-        "encoder": settings["encoder"], "feat_shape": filled[0]["feat_shape"],
-        "num_classes": len(class_names), "class_names": class_names,
+        "store": settings["store"],
+        "image_format": settings["image_format"],
+        "encoder": settings["encoder"],
+        "feat_shape": filled[0]["feat_shape"],
+        "num_classes": len(class_names),
+        "class_names": class_names,
         "class_counts": [labels.get(i, 0) for i in range(len(class_names))],
         "num_samples": sum(m["count"] for m in filled),
         # name: relative to this manifest's folder ("../" when the unit store is elsewhere)
-        "shards": [{"name": f"{shard_prefix}/{m['shard']}", "unit": m["unit"], "count": m["count"],
-                    "sha256": m["sha256"], "bytes": m["bytes"]} for m in filled],
+        "shards": [
+            {
+                "name": f"{shard_prefix}/{m['shard']}",
+                "unit": m["unit"],
+                "count": m["count"],
+                "sha256": m["sha256"],
+                "bytes": m["bytes"],
+            }
+            for m in filled
+        ],
         "failures": {"count": len(failures), "files": failures},
     }

@@ -6,6 +6,7 @@ A sample is a group of tar members sharing a key: `{key}.latent.npy` (fp16 momen
 cached encoder tokens (`{key}.feat.npy`). The writer fixes every tar header field (mtime 0,
 no owner), so re-encoding the same inputs yields a byte-identical shard and checksum.
 """
+
 from __future__ import annotations
 
 import hashlib

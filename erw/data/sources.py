@@ -17,6 +17,7 @@ Tar shards: samples of jpg|jpeg|png|webp|bmp plus cls (an integer); the classes 
 0..max(cls). Images are decoded here and centre-cropped the way ADM/DiT do it; a file that
 is not a readable image is reported as a failure, never raised.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -152,8 +153,12 @@ def _tar_source(uri: str, tars: list[str], listed: dict[str, storage.FileInfo] |
             raise SourceError(f"source shard {tar} does not exist")
         infos.append(storage.FileInfo(tar, info.size, info.version))
     units = [
-        Unit(index=j, key=_sha256(f"tar\t{info.path.rsplit('/', 1)[-1]}\t{info.size}\t{info.version}\n"),
-             tar=info.path, size=info.size)
+        Unit(
+            index=j,
+            key=_sha256(f"tar\t{info.path.rsplit('/', 1)[-1]}\t{info.size}\t{info.version}\n"),
+            tar=info.path,
+            size=info.size,
+        )
         for j, info in enumerate(infos)
     ]
     return Source(uri, "tars", units, None, _listing_sha256(infos), len(infos))
@@ -246,4 +251,4 @@ def center_crop_adm(image: Image.Image, resolution: int) -> np.ndarray:
     pixels = np.asarray(image)
     top = (pixels.shape[0] - resolution) // 2
     left = (pixels.shape[1] - resolution) // 2
-    return np.ascontiguousarray(pixels[top:top + resolution, left:left + resolution])
+    return np.ascontiguousarray(pixels[top : top + resolution, left : left + resolution])

@@ -2,6 +2,7 @@
 `erw evaluate`) that must agree before their metrics may be compared, and which way each metric
 improves. The promotion gate (erw/promote.py) and the registries (erw/registry) read them here.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -10,8 +11,13 @@ from typing import Any
 LOWER_IS_BETTER = {"fid": True, "sfid": True, "inception_score": False, "precision": False, "recall": False}
 # What must agree between two evaluations for their metrics to be comparable: name -> getter.
 SAMPLER_FIELDS = {
-    "sampler mode": "mode", "ODE solver": "solver", "sampling steps": "steps", "CFG scale": "cfg_scale",
-    "CFG interval start": "guidance_low", "CFG interval end": "guidance_high", "EMA weights": "use_ema",
+    "sampler mode": "mode",
+    "ODE solver": "solver",
+    "sampling steps": "steps",
+    "CFG scale": "cfg_scale",
+    "CFG interval start": "guidance_low",
+    "CFG interval end": "guidance_high",
+    "EMA weights": "use_ema",
     "sampled classes": "classes",
 }
 
@@ -35,7 +41,9 @@ def comparison_problems(candidate: dict[str, Any], published: dict[str, Any]) ->
             which = "candidate's" if mine[name] is None else "published model's"
             problems.append(f"{name}: not recorded in the {which} metrics.json (evaluate it again with this erw)")
         elif mine[name] != theirs[name]:
-            problems.append(f"{name}: {_short(mine[name])} for the candidate, {_short(theirs[name])} for the published model")
+            problems.append(
+                f"{name}: {_short(mine[name])} for the candidate, {_short(theirs[name])} for the published model"
+            )
     return problems
 
 

@@ -3,6 +3,7 @@
 Everything that can be checked cheaply (the samples exist, the reference has the right shape,
 the networks load) is checked before the feature pass over the samples.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -64,8 +65,13 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
         raise ImageSetError(f"samples: {err}") from None
     network = load_network(opts.inception_weights, opts.feature_network, device)
     reference = load_reference(
-        opts.reference, network, resolution=samples.resolution, batch_size=opts.batch_size, device=device,
-        limit=opts.reference_limit, cache=opts.reference_cache,
+        opts.reference,
+        network,
+        resolution=samples.resolution,
+        batch_size=opts.batch_size,
+        device=device,
+        limit=opts.reference_limit,
+        cache=opts.reference_cache,
     )
 
     grid = GridCollector(opts.grid_rows, opts.grid_per_class)
@@ -80,15 +86,21 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
     features = extract_features(network, sample_batches(), device)
     result = compute_metrics(features, reference, network, device, torch.cat(sample_labels).numpy())
     result |= {
-        "samples": opts.samples, "reference": opts.reference, "seconds": round(time.time() - started, 1),
-        "reference_sha256": statistics_sha256(reference), "sampling": _sampling_info(samples.manifest),
+        "samples": opts.samples,
+        "reference": opts.reference,
+        "seconds": round(time.time() - started, 1),
+        "reference_sha256": statistics_sha256(reference),
+        "sampling": _sampling_info(samples.manifest),
     }
     write_outputs(opts.out, result, grid, samples.manifest)
     return result
 
 
 def compute_metrics(
-    features: Features, reference: Reference, network: FeatureNetwork, device: torch.device,
+    features: Features,
+    reference: Reference,
+    network: FeatureNetwork,
+    device: torch.device,
     labels: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """labels: the class each sample was generated for (-1: unknown), for the class accuracy."""
@@ -102,7 +114,9 @@ def compute_metrics(
         raise ImageSetError(f"{n} sample(s): the metrics need at least 2")
     notes = []
     if n < dim:
-        notes.append(f"{n} samples for {dim}-d features: FID is biased upwards, compare only runs with equal sample counts")
+        notes.append(
+            f"{n} samples for {dim}-d features: FID is biased upwards, compare only runs with equal sample counts"
+        )
     result: dict[str, Any] = {"fid": frechet_distance(Gaussian.fit(features.pool), reference.pool)}
     result["sfid"] = None
     if features.spatial is not None and reference.spatial is not None:
@@ -120,11 +134,16 @@ def compute_metrics(
         notes.append("no class accuracy: the samples do not record the class they were generated for")
     result["precision"] = result["recall"] = None
     if reference.activations is not None and min(n, len(reference.activations)) > PR_NEIGHBOURS:
-        result["precision"], result["recall"] = precision_recall(reference.activations, features.pool, PR_NEIGHBOURS, device=device)
+        result["precision"], result["recall"] = precision_recall(
+            reference.activations, features.pool, PR_NEIGHBOURS, device=device
+        )
     else:
         notes.append("no precision/recall: the reference has no per-image features (give arr_0 images)")
     return result | {
-        "num_samples": n, "num_reference": reference.count, "feature_network": network.identity, "notes": notes,
+        "num_samples": n,
+        "num_reference": reference.count,
+        "feature_network": network.identity,
+        "notes": notes,
     }
 
 

@@ -10,6 +10,7 @@ use the same network.
 Custom networks are stored as torch.export programs (.pt2): graph and weights, loaded without
 unpickling Python objects and without the code that defined them.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -82,11 +83,15 @@ def load_feature_network(uri: str, device: str | torch.device = "cpu") -> Export
         ) from None
     outputs = program.call_spec.out_spec.num_leaves if program.call_spec.out_spec else 1
     if outputs not in (1, 2):
-        raise FeatureNetworkError(f"the feature network {uri} returns {outputs} tensors: expected features or (features, logits)")
+        raise FeatureNetworkError(
+            f"the feature network {uri} returns {outputs} tensors: expected features or (features, logits)"
+        )
     return ExportedFeatureNetwork(program, hashlib.sha256(data).hexdigest(), has_logits=outputs == 2).to(device)
 
 
-def load_network(inception_weights: str = "", feature_network: str = "", device: str | torch.device = "cpu") -> FeatureNetwork:
+def load_network(
+    inception_weights: str = "", feature_network: str = "", device: str | torch.device = "cpu"
+) -> FeatureNetwork:
     """The custom feature network when one is given, else the Inception."""
     if feature_network:
         return load_feature_network(feature_network, device)

@@ -7,6 +7,7 @@ neither the number of ranks nor which rank ran it: 1 or 64 GPUs write the same i
 Finished batches are skipped on a rerun, so a preempted job resumes where it stopped
 (sample_store.py has the output layout).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -67,10 +68,18 @@ class SampleJob:
         """What settings.json records; two runs into one --out must agree on all of it."""
         s = self.settings
         return {
-            "num_samples": s.num_samples, "batch_size": s.batch_size, "mode": s.mode, "solver": s.solver,
+            "num_samples": s.num_samples,
+            "batch_size": s.batch_size,
+            "mode": s.mode,
+            "solver": s.solver,
             "heun_convention": s.heun_convention,
-            "steps": s.steps, "cfg_scale": s.cfg_scale, "guidance_low": s.guidance_low,
-            "guidance_high": s.guidance_high, "use_ema": s.use_ema, "seed": self.seed, "path": self.path,
+            "steps": s.steps,
+            "cfg_scale": s.cfg_scale,
+            "guidance_low": s.guidance_low,
+            "guidance_high": s.guidance_high,
+            "use_ema": s.use_ema,
+            "seed": self.seed,
+            "path": self.path,
             "classes": list(self.classes),
         }
 
@@ -93,14 +102,23 @@ class PerSampleNoise:
         return torch.stack(draws).to(self.device)
 
 
-def generate_batch(job: SampleJob, velocity: VelocityFn, batch: int, device: torch.device | str) -> tuple[range, Tensor, Tensor]:
+def generate_batch(
+    job: SampleJob, velocity: VelocityFn, batch: int, device: torch.device | str
+) -> tuple[range, Tensor, Tensor]:
     """(indices, labels, model-space latents float64) of one global batch."""
     indices = job.indices(batch)
     labels = job.labels(indices).to(device)
     noise = PerSampleNoise(job.seed, indices, job.latent_shape, device)
     s = job.settings
     latents = sample(
-        velocity, noise, labels, mode=s.mode, steps=s.steps, solver=s.solver, path=job.path, guidance=job.guidance,
+        velocity,
+        noise,
+        labels,
+        mode=s.mode,
+        steps=s.steps,
+        solver=s.solver,
+        path=job.path,
+        guidance=job.guidance,
         heun_convention=s.heun_convention,
     )
     return indices, labels.cpu(), latents
@@ -167,7 +185,9 @@ def load_model(checkpoint: Any, use_ema: bool, device: torch.device | str) -> to
     try:
         model.load_state_dict({k: v for k, v in state.items() if not k.startswith("projectors.")})
     except RuntimeError as err:
-        raise SamplingJobError(f"the weights in {checkpoint.uri} do not fit the model its config describes: {err}") from None
+        raise SamplingJobError(
+            f"the weights in {checkpoint.uri} do not fit the model its config describes: {err}"
+        ) from None
     return model.to(device).eval()
 
 
@@ -207,30 +227,54 @@ def run_sampling(request: SampleRequest, log: Callable[[str], None] = print) -> 
         started = time.perf_counter()
         made = 0
         done = lambda batch: sample_store.batch_done(request.out, batch)
-        for batch, indices, labels, images in generate_slice(job, velocity, codec.decode, d.rank, d.world_size, d.device, done):
+        for batch, indices, labels, images in generate_slice(
+            job, velocity, codec.decode, d.rank, d.world_size, d.device, done
+        ):
             sample_store.write_shard(request.out, batch, indices, labels, images)
             made += len(indices)
             if d.is_main:
-                log(f"batch {batch + 1}/{job.num_batches}: {made / (time.perf_counter() - started):.2f} images/s on rank 0")
+                log(
+                    f"batch {batch + 1}/{job.num_batches}: {made / (time.perf_counter() - started):.2f} images/s on rank 0"
+                )
         made = _sum_over_ranks(made, d)
         barrier(d)
         if not d.is_main:
             return None
         seconds = time.perf_counter() - started
         class_names = data_manifest.get("class_names") if data_manifest else None
-        manifest = sample_store.write_manifest(request.out, job.num_batches, settings.num_samples, {
-            "settings": job.describe(), "checkpoint": checkpoint.uri, "step": checkpoint.step, "run_id": cfg.run_id,
-            "resolution": cfg.data.resolution, "num_classes": cfg.model.num_classes, "class_names": class_names,
-        })
+        manifest = sample_store.write_manifest(
+            request.out,
+            job.num_batches,
+            settings.num_samples,
+            {
+                "settings": job.describe(),
+                "checkpoint": checkpoint.uri,
+                "step": checkpoint.step,
+                "run_id": cfg.run_id,
+                "resolution": cfg.data.resolution,
+                "num_classes": cfg.model.num_classes,
+                "class_names": class_names,
+            },
+        )
         if request.npz:
             batches = open_image_set(request.out).batches(256)
-            sample_store.write_npz(storage.join(request.out, sample_store.NPZ), batches, settings.num_samples, cfg.data.resolution)
+            sample_store.write_npz(
+                storage.join(request.out, sample_store.NPZ), batches, settings.num_samples, cfg.data.resolution
+            )
         gateway = cfg.metrics.pushgateway if request.pushgateway is None else request.pushgateway
-        push_metrics(gateway, "erw-sample", cfg.run_id, {
-            "erw_sample_images_total": made, "erw_sample_images_per_second": made / max(seconds, 1e-9),
-            "erw_sample_seconds": seconds,
-        })
-        log(f"wrote {settings.num_samples} samples to {request.out} ({made} generated now, {made / max(seconds, 1e-9):.2f} images/s)")
+        push_metrics(
+            gateway,
+            "erw-sample",
+            cfg.run_id,
+            {
+                "erw_sample_images_total": made,
+                "erw_sample_images_per_second": made / max(seconds, 1e-9),
+                "erw_sample_seconds": seconds,
+            },
+        )
+        log(
+            f"wrote {settings.num_samples} samples to {request.out} ({made} generated now, {made / max(seconds, 1e-9):.2f} images/s)"
+        )
         return manifest
     finally:
         shutdown(d)

@@ -1,4 +1,5 @@
 """Sample grids: one row per class, filled while the evaluation streams over the samples."""
+
 from __future__ import annotations
 
 import io
@@ -23,7 +24,7 @@ class GridCollector:
             kept = self.images.setdefault(label, [])
             if len(kept) < self.per_class:
                 kept.append(image.permute(1, 2, 0).cpu().numpy())
-        for label in sorted(self.images)[self.rows:]:  # bounded memory with thousands of classes
+        for label in sorted(self.images)[self.rows :]:  # bounded memory with thousands of classes
             del self.images[label]
 
     def classes(self) -> list[int]:
@@ -41,7 +42,7 @@ class GridCollector:
         for r, row in enumerate(rows):
             for c, image in enumerate(row):
                 top, left = PAD + r * (height + PAD), PAD + c * (width + PAD)
-                canvas[top:top + height, left:left + width] = image
+                canvas[top : top + height, left : left + width] = image
         buffer = io.BytesIO()
         Image.fromarray(canvas).save(buffer, format="PNG")
         return buffer.getvalue()

@@ -14,6 +14,7 @@ TF padding quirks). From one forward pass we take
 Weights come from a local file or s3:// URI (a state dict in .pth or .safetensors form), or,
 when none is given, torch-fidelity's release URL through the torch hub cache.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -28,7 +29,9 @@ from torch import Tensor, nn
 from erw import storage
 from erw.errors import ErwError
 
-WEIGHTS_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
+WEIGHTS_URL = (
+    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
+)
 POOL_DIM = 2048
 SPATIAL_CHANNELS = 7  # ADM keeps mixed_6/conv[..., :7]
 SPATIAL_DIM = SPATIAL_CHANNELS * 17 * 17
@@ -77,7 +80,9 @@ def _build_extractor(state_dict: dict[str, Tensor]) -> nn.Module:
         path = os.path.join(tmp, "inception.pth")
         torch.save(state_dict, path)
         try:
-            return FeatureExtractorInceptionV3(_FIDELITY_NAME, ["2048", "logits_unbiased"], feature_extractor_weights_path=path)
+            return FeatureExtractorInceptionV3(
+                _FIDELITY_NAME, ["2048", "logits_unbiased"], feature_extractor_weights_path=path
+            )
         except RuntimeError as err:  # load_state_dict: missing, unexpected or misshaped tensors
             raise FeatureNetworkError(
                 f"the Inception weights do not fit torch-fidelity's InceptionV3 (the TF FID network): {err}"

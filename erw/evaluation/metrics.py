@@ -9,6 +9,7 @@ published numbers this project compares against:
 - Improved precision/recall (Kynkaanniemi et al. 2019): a point lies on a manifold when it is
   within the k-th nearest-neighbour radius (k = 3) of at least one of the manifold's points.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -11,6 +11,7 @@ Accepted references:
     an image dataset            erw shards with images, or an image source (see images.py):
                                 features are computed once and cached as an erw reference file.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -46,8 +47,14 @@ class Reference:
     activations: np.ndarray | None  # pool features of reference images, for precision/recall
 
     def to_npz(self, **extra: np.ndarray) -> bytes:
-        arrays = {"mu": self.pool.mu, "sigma": self.pool.sigma, "network": np.array(self.network),
-                  "source": np.array(self.source), "count": np.array(self.count), **extra}
+        arrays = {
+            "mu": self.pool.mu,
+            "sigma": self.pool.sigma,
+            "network": np.array(self.network),
+            "source": np.array(self.source),
+            "count": np.array(self.count),
+            **extra,
+        }
         if self.spatial is not None:
             arrays |= {"mu_s": self.spatial.mu, "sigma_s": self.spatial.sigma}
         if self.activations is not None:
@@ -113,8 +120,14 @@ def _read(uri: str) -> dict[str, np.ndarray]:
         raise ReferenceError(f"reference {err}") from None
 
 
-def _from_arrays(uri: str, arrays: dict[str, np.ndarray], network: FeatureNetwork, batch_size: int,
-                 device: str | torch.device, limit: int) -> Reference:
+def _from_arrays(
+    uri: str,
+    arrays: dict[str, np.ndarray],
+    network: FeatureNetwork,
+    batch_size: int,
+    device: str | torch.device,
+    limit: int,
+) -> Reference:
     stored_by = str(arrays["network"]) if "network" in arrays else None
     if stored_by is not None and stored_by != network.identity:
         raise ReferenceError(
@@ -135,7 +148,9 @@ def _from_arrays(uri: str, arrays: dict[str, np.ndarray], network: FeatureNetwor
     computed = None
     if activations is None and images is not None:
         used = images[:limit]
-        batches = (torch.from_numpy(used[i:i + batch_size]).permute(0, 3, 1, 2) for i in range(0, len(used), batch_size))
+        batches = (
+            torch.from_numpy(used[i : i + batch_size]).permute(0, 3, 1, 2) for i in range(0, len(used), batch_size)
+        )
         computed = extract_features(network, batches, device)
         activations = computed.pool
     if not has_stats:
@@ -152,21 +167,29 @@ def _from_arrays(uri: str, arrays: dict[str, np.ndarray], network: FeatureNetwor
     return Reference(uri, network.identity, count, pool, spatial, activations)
 
 
-def _check_shapes(uri: str, network: FeatureNetwork, pool: Gaussian, spatial: Gaussian | None,
-                  activations: np.ndarray | None) -> None:
+def _check_shapes(
+    uri: str, network: FeatureNetwork, pool: Gaussian, spatial: Gaussian | None, activations: np.ndarray | None
+) -> None:
     problems = []
     pool_dim = POOL_DIM if isinstance(network, InceptionFeatures) else pool.mu.shape[0]
     if pool.mu.shape != (pool_dim,) or pool.sigma.shape != (pool_dim, pool_dim):
-        problems.append(f"mu {list(pool.mu.shape)} and sigma {list(pool.sigma.shape)} should be [{pool_dim}] and [{pool_dim}, {pool_dim}]")
-    if spatial is not None and isinstance(network, InceptionFeatures) and (
-        spatial.mu.shape != (SPATIAL_DIM,) or spatial.sigma.shape != (SPATIAL_DIM, SPATIAL_DIM)
+        problems.append(
+            f"mu {list(pool.mu.shape)} and sigma {list(pool.sigma.shape)} should be [{pool_dim}] and [{pool_dim}, {pool_dim}]"
+        )
+    if (
+        spatial is not None
+        and isinstance(network, InceptionFeatures)
+        and (spatial.mu.shape != (SPATIAL_DIM,) or spatial.sigma.shape != (SPATIAL_DIM, SPATIAL_DIM))
     ):
-        problems.append(f"mu_s {list(spatial.mu.shape)} and sigma_s {list(spatial.sigma.shape)} should be "
-                        f"[{SPATIAL_DIM}] and [{SPATIAL_DIM}, {SPATIAL_DIM}]")
+        problems.append(
+            f"mu_s {list(spatial.mu.shape)} and sigma_s {list(spatial.sigma.shape)} should be "
+            f"[{SPATIAL_DIM}] and [{SPATIAL_DIM}, {SPATIAL_DIM}]"
+        )
     if activations is not None and (activations.ndim != 2 or activations.shape[1] != pool_dim):
         problems.append(f"activations {list(activations.shape)} should be [N, {pool_dim}]")
     if problems:
         raise ReferenceError(
-            f"the reference {uri} does not fit the {network.name} features:\n  - " + "\n  - ".join(problems)
+            f"the reference {uri} does not fit the {network.name} features:\n  - "
+            + "\n  - ".join(problems)
             + "\nIt was made for another network or is not a reference batch"
         )

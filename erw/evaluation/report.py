@@ -1,4 +1,5 @@
 """Human-readable summaries of an evaluation: Markdown and a self-contained HTML page (KFP shows both)."""
+
 from __future__ import annotations
 
 import base64

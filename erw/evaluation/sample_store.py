@@ -1,11 +1,12 @@
 """Where `erw sample` puts its images: WebDataset shards, progress markers, a manifest, an .npz.
 
-    {out}/settings.json                 what is being generated (a rerun with others is refused)
-    {out}/shard-XXXXXX.tar              global batch X: {index:08d}.png + {index:08d}.cls
-    {out}/_progress/shard-XXXXXX.json   written after its shard: the batch is done (resume skips it)
-    {out}/manifest.json                 written last, by rank 0: the sample set is complete
-    {out}/samples.npz                   with --npz: ADM layout, arr_0 uint8 [N, H, W, 3], arr_1 labels
+{out}/settings.json                 what is being generated (a rerun with others is refused)
+{out}/shard-XXXXXX.tar              global batch X: {index:08d}.png + {index:08d}.cls
+{out}/_progress/shard-XXXXXX.json   written after its shard: the batch is done (resume skips it)
+{out}/manifest.json                 written last, by rank 0: the sample set is complete
+{out}/samples.npz                   with --npz: ADM layout, arr_0 uint8 [N, H, W, 3], arr_1 labels
 """
+
 from __future__ import annotations
 
 import io
@@ -84,10 +85,16 @@ def write_manifest(out: str, num_batches: int, num_samples: int, extra: dict[str
         try:
             shards.append(json.loads(storage.read_bytes(_marker_uri(out, batch))))
         except storage.ObjectNotFound:
-            raise SampleStoreError(f"batch {batch} of {out} was not written: run `erw sample` again to finish it") from None
+            raise SampleStoreError(
+                f"batch {batch} of {out} was not written: run `erw sample` again to finish it"
+            ) from None
     manifest = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "store": "images",
-        "num_samples": num_samples, "shards": shards, **extra,
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "store": "images",
+        "num_samples": num_samples,
+        "shards": shards,
+        **extra,
     }
     storage.write_bytes(storage.join(out, MANIFEST), json.dumps(manifest, indent=2).encode())
     return manifest

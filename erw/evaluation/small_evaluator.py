@@ -4,6 +4,7 @@ logits give the class accuracy of generated images (the role Inception plays on 
 Trained by `erw fit-evaluator` with another architecture, seed and split than the alignment
 encoder, so the evaluation never scores the representation the model was aligned to.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -13,7 +14,6 @@ from torch import Tensor, nn
 
 from erw.evaluation.features import save_feature_network
 from erw.models.small_nets import FitReport, FitSettings, SmallNetError, fit_classifier, num_classes
-
 
 
 class DigitEvaluator(nn.Module):
@@ -32,9 +32,14 @@ class DigitEvaluator(nn.Module):
             return [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.GroupNorm(4, c_out), nn.GELU()]
 
         self.body = nn.Sequential(
-            *conv(3, width, stride=2), *conv(width, 2 * width), nn.MaxPool2d(2),
-            *conv(2 * width, 4 * width), nn.MaxPool2d(2), *conv(4 * width, 4 * width),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            *conv(3, width, stride=2),
+            *conv(width, 2 * width),
+            nn.MaxPool2d(2),
+            *conv(2 * width, 4 * width),
+            nn.MaxPool2d(2),
+            *conv(4 * width, 4 * width),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
         )
         self.head = nn.Linear(4 * width, num_classes)
 

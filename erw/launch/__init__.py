@@ -9,6 +9,7 @@ calls, run.py waits for the job, commands.py is the command line (registered by 
         --gpus-per-node 8 --node-selector pool=h100 --toleration nvidia.com/gpu:NoSchedule \\
         -- train --config configs/imagenet256-sit-xl2.yaml --resume auto
 """
+
 from erw.launch.run import Preempted, dry_run, failure_report, launch
 from erw.launch.spec import (
     LaunchError,
@@ -19,6 +20,13 @@ from erw.launch.spec import (
 )
 
 __all__ = [
-    "LaunchError", "LaunchSpec", "Preempted", "dry_run", "failure_report", "format_duration", "launch", "parse_duration",
+    "LaunchError",
+    "LaunchSpec",
+    "Preempted",
+    "dry_run",
+    "failure_report",
+    "format_duration",
+    "launch",
+    "parse_duration",
     "parse_toleration",
 ]

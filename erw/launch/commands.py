@@ -4,6 +4,7 @@ The flags are generated from the dataclass, so a new setting is added in one pla
 explicitly overrides the spec's value; a flag not given leaves it alone. The erw command after
 '--' is read with the training commands' own parser (not the whole CLI's, which imports this).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -119,8 +120,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         kind = hints[f.name]
         extra = {"choices": SCHEDULERS} if f.name == "scheduler" else {"type": kind}
         p.add_argument(
-            "--" + f.name.replace("_", "-"), dest=f.name, default=argparse.SUPPRESS,
-            help=f"{text} (default: {default})".lstrip() if default not in ("", 0) else text, **extra,
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            default=argparse.SUPPRESS,
+            help=f"{text} (default: {default})".lstrip() if default not in ("", 0) else text,
+            **extra,
         )
     p.add_argument("--dry-run", action="store_true", help="print what would be submitted and exit")
     p.add_argument("command_line", nargs=argparse.REMAINDER, metavar="-- COMMAND ...")

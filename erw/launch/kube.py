@@ -2,6 +2,7 @@
 find a job to re-attach to, delete a job in one request, name the Argo Workflow that owns this
 pod, and say why a job is still Pending. Each needs one verb in the `erw-launcher` Role (k8s/base).
 """
+
 from __future__ import annotations
 
 import os
@@ -127,10 +128,14 @@ class Cluster:
                     text = ": ".join(filter(None, (cond.get("reason"), cond.get("message"))))
                     reasons.append(f"PodGroup {cond['type']}: {text}")
         events = self.core.list_namespaced_event(namespace=self.namespace, field_selector="type=Warning").items
-        ours = [e for e in events if e.involved_object.name == job_name or e.involved_object.name.startswith(job_name + "-")]
+        ours = [
+            e for e in events if e.involved_object.name == job_name or e.involved_object.name.startswith(job_name + "-")
+        ]
         ours.sort(key=lambda e: str(e.last_timestamp or e.event_time or ""))
         for event in ours:
-            reasons.append(f"{event.involved_object.kind} {event.involved_object.name}: {event.reason}: {event.message}")
+            reasons.append(
+                f"{event.involved_object.kind} {event.involved_object.name}: {event.reason}: {event.message}"
+            )
         return list(dict.fromkeys(reasons))
 
     def _pod_group(self, job_name: str, job_uid: str) -> dict[str, Any] | None:

@@ -7,6 +7,7 @@ a cancelled KFP run gives this process about a second (Argo's emissary exits and
 the rest), so the job is deleted with one direct request; the Workflow ownerReference and the
 job's TTL are the backstops when even that does not happen.
 """
+
 from __future__ import annotations
 
 import re
@@ -100,16 +101,20 @@ def launch(
                 # RetryCount); a new job gives the preempted run a new budget for its failures.
                 first, *rest = str(err).splitlines()
                 why = (
-                    "without --resume auto it would start from step 0" if not resumes(command)
+                    "without --resume auto it would start from step 0"
+                    if not resumes(command)
                     else f"{preemptions} of resubmit_preempted={spec.resubmit_preempted} used"
-                    if preemptions >= spec.resubmit_preempted else ""
+                    if preemptions >= spec.resubmit_preempted
+                    else ""
                 )
                 if why:
                     raise Preempted("\n".join([first, f"No new job was submitted: {why}.", *rest])) from None
                 preemptions += 1
                 write(f"erw launch: {first}\n")
-                write(f"erw launch: submitting a new job to continue from the checkpoint "
-                      f"(preemption {preemptions} of at most {spec.resubmit_preempted})\n")
+                write(
+                    f"erw launch: submitting a new job to continue from the checkpoint "
+                    f"(preemption {preemptions} of at most {spec.resubmit_preempted})\n"
+                )
 
 
 def resumes(command: list[str]) -> bool:
@@ -153,7 +158,9 @@ class _Job:
                         continue
                     status = answer
                     if status is None:
-                        raise LaunchError(f"job {self.handle} disappeared from the scheduler (deleted by someone else?)")
+                        raise LaunchError(
+                            f"job {self.handle} disappeared from the scheduler (deleted by someone else?)"
+                        )
                     if status.state == AppState.PENDING:
                         self.while_pending(time.monotonic() - pending_since)
                     else:
@@ -271,14 +278,18 @@ class _KubernetesJob(_Job):
                 self.write(f"erw launch: re-attaching to {handle}, still {kube.job_phase(running[0])}{others}\n")
                 return handle
         info = runner.dryrun(
-            build_app(spec, self.command, self.module), "kubernetes",
-            cfg=scheduler_cfg(spec, cluster.namespace), workspace=None,
+            build_app(spec, self.command, self.module),
+            "kubernetes",
+            cfg=scheduler_cfg(spec, cluster.namespace),
+            workspace=None,
         )
         owner = self.call(lambda: cluster.workflow_owner(kube.own_pod()), "read this pod's owner")
         info.request.resource = _volcano_job(info, spec, self.command, owner)
         handle = self.call(lambda: runner.schedule(info), "create the Volcano job")
         owned = f", owned by Workflow {owner['name']}" if owner else ""
-        self.write(f"erw launch: submitted {handle} ({spec.nodes} node(s) x {spec.procs_per_node} process(es){owned})\n")
+        self.write(
+            f"erw launch: submitted {handle} ({spec.nodes} node(s) x {spec.procs_per_node} process(es){owned})\n"
+        )
         return handle
 
     def delete(self, runner: Runner) -> None:
@@ -305,7 +316,9 @@ class _KubernetesJob(_Job):
                 self.outage_since = now
                 self.write(f"erw launch: the Kubernetes API did not answer ({err}); asking again\n")
             elif now - self.outage_since > API_OUTAGE_S:
-                raise kube.api_error(err, f"read the status of {self.handle} for {API_OUTAGE_S:.0f}s", self.cluster.namespace) from None
+                raise kube.api_error(
+                    err, f"read the status of {self.handle} for {API_OUTAGE_S:.0f}s", self.cluster.namespace
+                ) from None
             return RETRY
         if self.outage_since is not None:
             self.write("erw launch: the Kubernetes API answers again\n")
@@ -325,7 +338,9 @@ class _KubernetesJob(_Job):
         try:
             reasons = self.cluster.pending_reasons(name)
         except Exception as err:  # the reasons help; not having them must not stop the job
-            reasons = [f"(could not read them: {kube.api_error(err, 'read PodGroups and events', self.cluster.namespace)})"]
+            reasons = [
+                f"(could not read them: {kube.api_error(err, 'read PodGroups and events', self.cluster.namespace)})"
+            ]
         for reason in reasons:
             if reason not in self.reported:
                 self.reported.add(reason)
@@ -357,7 +372,9 @@ def failure_report(handle: str, status: AppStatus, logs: list[deque], elapsed: s
     workers = [[line for line in node_logs if WORKER_LINE.match(line)] for node_logs in logs]
     failed_local = root["local_rank"] if root else None
     suspects = [
-        line for node_lines in workers for line in node_lines
+        line
+        for node_lines in workers
+        for line in node_lines
         if failed_local is None or WORKER_LINE.match(line)[1] == failed_local
     ]
     errors = [line for line in suspects if re.search(r"error|exception|killed|out of memory", line, re.IGNORECASE)]

@@ -4,6 +4,7 @@ The pipeline builds it as a dict (one JSON parameter) and passes it to `erw laun
 types the same settings as flags. Both end here, so each setting, its default and its check
 exist once.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,9 +23,7 @@ SCHEDULERS: tuple[str, ...] = typing.get_args(Scheduler)
 TOLERATION_KEYS = {"key", "operator", "value", "effect"}
 TOLERATION_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
 DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
-TOLERATION = re.compile(
-    rf"^(?P<key>[^=:]+)(?:=(?P<value>[^:]*))?(?::(?P<effect>{'|'.join(TOLERATION_EFFECTS)}))?$"
-)
+TOLERATION = re.compile(rf"^(?P<key>[^=:]+)(?:=(?P<value>[^:]*))?(?::(?P<effect>{'|'.join(TOLERATION_EFFECTS)}))?$")
 LABEL_VALUE = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?)?$")
 
 
@@ -253,4 +252,3 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             raise LaunchError(f"{key}: expected a string, got {value!r}")
         return value
     raise AssertionError(f"LaunchSpec.{key} has a type _coerce does not know: {annotation}")  # pragma: no cover
-

@@ -4,6 +4,7 @@ grace period, Pod Security).
 
 Volcano facts relied on here were read in volcano-sh/volcano (see README, "verified against source").
 """
+
 from __future__ import annotations
 
 import copy
@@ -48,7 +49,9 @@ def name_problems(spec: LaunchSpec, command: list[str]) -> list[str]:
         return []
     longest = len(normalize_name(job_name_prefix(spec, command))) + 1 + 14 + len(f"-{ROLE}-{spec.nodes - 1}-0")
     if longest > 63:
-        return [f"name {job_name_prefix(spec, command)!r} is too long: pod names would reach {longest} characters (max 63)"]
+        return [
+            f"name {job_name_prefix(spec, command)!r} is too long: pod names would reach {longest} characters (max 63)"
+        ]
     return []
 
 
@@ -128,7 +131,9 @@ def erw_torchrun_args(entrypoint: str, args: list[str], grace_period_s: int) -> 
     """
     shell_flag, command = args if len(args) == 2 else ("", "")
     if entrypoint != "bash" or shell_flag != "-c" or not command.startswith("torchrun "):
-        raise AssertionError(f"TorchX's torchrun component changed: {entrypoint} {args}; erw_torchrun_args needs an update")
+        raise AssertionError(
+            f"TorchX's torchrun component changed: {entrypoint} {args}; erw_torchrun_args needs an update"
+        )
     timeout = agent_shutdown_timeout_s(grace_period_s)
     return [shell_flag, f"exec erw torchrun --shutdown-timeout {timeout} {command.removeprefix('torchrun ')}"]
 

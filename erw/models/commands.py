@@ -9,23 +9,33 @@
 The images are read once into memory: these commands are meant for datasets of thousands of
 images, where ImageNet encoders and Inception are the wrong tools.
 """
+
 from __future__ import annotations
 
 import argparse
 
 
 def _fit_arguments(p: argparse.ArgumentParser, seed: int) -> None:
-    p.add_argument("--images", required=True,
-                   help="labelled images: an ImageFolder (one sub-folder per class), .tar image shards, erw shards "
-                        "stored with images, or an .npz with arr_0 images and arr_1 labels; local or s3://")
-    p.add_argument("--resolution", type=int, default=32, help="images are centre-cropped to this size (the training resolution)")
+    p.add_argument(
+        "--images",
+        required=True,
+        help="labelled images: an ImageFolder (one sub-folder per class), .tar image shards, erw shards "
+        "stored with images, or an .npz with arr_0 images and arr_1 labels; local or s3://",
+    )
+    p.add_argument(
+        "--resolution", type=int, default=32, help="images are centre-cropped to this size (the training resolution)"
+    )
     p.add_argument("--steps", type=int, default=1500, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate (cosine decay to 0)")
     p.add_argument("--seed", type=int, default=seed, help="weights, split, batch order and augmentation")
     p.add_argument("--val-fraction", type=float, default=0.2, help="held out to report accuracy")
-    p.add_argument("--max-shift", type=int, default=2,
-                   help="random translations of up to this many pixels (augmentation); 1 at 16px, 2 at 32px")
+    p.add_argument(
+        "--max-shift",
+        type=int,
+        default=2,
+        help="random translations of up to this many pixels (augmentation); 1 at 16px, 2 at 32px",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
 
 
@@ -37,8 +47,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "the mean patch token) and save it for encoder.name=timm-file encoder.weights=OUT.",
     )
     e.add_argument("--out", required=True, help="output .safetensors file, local or s3://")
-    e.add_argument("--patch-size", type=int, default=4,
-                   help="pixels per token side; 4 gives the 8x8 grid of SiT-S/4 on 32px images")
+    e.add_argument(
+        "--patch-size",
+        type=int,
+        default=4,
+        help="pixels per token side; 4 gives the 8x8 grid of SiT-S/4 on 32px images",
+    )
     e.add_argument("--dim", type=int, default=64, help="token width")
     e.add_argument("--depth", type=int, default=4, help="transformer blocks")
     e.add_argument("--heads", type=int, default=4, help="attention heads")
@@ -62,7 +76,11 @@ def _settings(args: argparse.Namespace):
     from erw.models.small_nets import FitSettings
 
     return FitSettings(
-        steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, val_fraction=args.val_fraction,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        val_fraction=args.val_fraction,
         max_shift=args.max_shift,
     )
 

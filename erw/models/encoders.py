@@ -13,6 +13,7 @@ Custom encoders ("timm-file"): a safetensors file written by `save_encoder_file`
 timm architecture, its keyword arguments and the preprocessing in the file's metadata, so a small
 encoder trained for this project (say a tiny ViT on digits) needs no code change to be used.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -64,7 +65,7 @@ class FrozenEncoder(nn.Module):
         # bf16 on GPU as in REPA; on CPU fp32, also when the caller runs under CPU autocast
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
             tokens = self.model.forward_features(x)
-        return tokens[:, self.spec.prefix_tokens:].float()
+        return tokens[:, self.spec.prefix_tokens :].float()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,7 +101,9 @@ def read_weights(uri: str) -> tuple[dict[str, Tensor], dict[str, str]]:
             f"(objects other than tensors are refused): {str(err).splitlines()[0]}"
         ) from None
     while isinstance(obj, dict):  # checkpoint wrappers around the weights
-        inner = next((obj[k] for k in ("state_dict", "model", "teacher", "encoder") if isinstance(obj.get(k), dict)), None)
+        inner = next(
+            (obj[k] for k in ("state_dict", "model", "teacher", "encoder") if isinstance(obj.get(k), dict)), None
+        )
         if inner is None:
             break
         obj = inner
@@ -128,7 +131,7 @@ def _select_backbone(state: dict[str, Tensor]) -> dict[str, Tensor]:
     "base_encoder." (dropping its momentum encoder and predictor)."""
     for prefix in ("module.", "backbone.", "base_encoder."):
         if any(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     return state
 
 
@@ -151,9 +154,13 @@ def load_weights(model: nn.Module, state: dict[str, Tensor], what: str) -> None:
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-              for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    shapes = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
     if missing or unexpected or shapes:
+
         def listing(label: str, items: list[str]) -> str:
             return f"\n  {label} ({len(items)}): " + ", ".join(items[:8]) + (" ..." if len(items) > 8 else "")
 
@@ -175,9 +182,15 @@ def spec_from_metadata(metadata: dict[str, str], uri: str) -> EncoderSpec:
         )
     info = json.loads(metadata[METADATA_KEY])
     return dataclasses.replace(
-        ENCODERS[CUSTOM], timm_name=info["timm_name"], timm_kwargs=info["kwargs"], dim=info["dim"],
-        patch_size=info["patch_size"], prefix_tokens=info["prefix_tokens"], mean=tuple(info["mean"]),
-        std=tuple(info["std"]), image_stride=info["image_stride"],
+        ENCODERS[CUSTOM],
+        timm_name=info["timm_name"],
+        timm_kwargs=info["kwargs"],
+        dim=info["dim"],
+        patch_size=info["patch_size"],
+        prefix_tokens=info["prefix_tokens"],
+        mean=tuple(info["mean"]),
+        std=tuple(info["std"]),
+        image_stride=info["image_stride"],
     )
 
 
@@ -199,9 +212,14 @@ def save_encoder_file(
 
     patch = model.patch_embed.patch_size[0]
     info = {
-        "timm_name": timm_name, "kwargs": {k: v for k, v in kwargs.items() if k != "img_size"},
-        "dim": model.embed_dim, "patch_size": patch, "prefix_tokens": model.num_prefix_tokens,
-        "mean": list(mean), "std": list(std), "image_stride": image_stride or patch,
+        "timm_name": timm_name,
+        "kwargs": {k: v for k, v in kwargs.items() if k != "img_size"},
+        "dim": model.embed_dim,
+        "patch_size": patch,
+        "prefix_tokens": model.num_prefix_tokens,
+        "mean": list(mean),
+        "std": list(std),
+        "image_stride": image_stride or patch,
     }
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     storage.write_bytes(uri, save(tensors, metadata={METADATA_KEY: json.dumps(info)}))
@@ -226,7 +244,8 @@ def load_encoder(cfg: EncoderConfig, resolution: int, device: torch.device | str
     if cfg.weights == "random":
         logging.warning(
             "encoder %s has RANDOM weights (encoder.weights=random): aligning to a random encoder is "
-            "meaningless; use it only for tests and demos", spec.name,
+            "meaningless; use it only for tests and demos",
+            spec.name,
         )
         with torch.random.fork_rng(devices=[]):  # the same random encoder on every rank and run
             torch.manual_seed(0)

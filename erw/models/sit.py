@@ -11,6 +11,7 @@ Parameter names and shapes equal those of the public REPA/ERW SiT, so their rele
 load with strict=True. RoPE (optional) has no parameters and saves nothing (the public ERW code
 saves its RoPE tables as feat_rope.freqs_cos/freqs_sin: drop those keys, they are recomputed).
 """
+
 from __future__ import annotations
 
 import math
@@ -24,10 +25,23 @@ from erw.config import SIT_PRESETS, ModelConfig, parse_arch
 from erw.errors import ErwError
 
 TIME_FREQUENCIES = 256  # sinusoidal features of t fed to the timestep MLP (DiT, REPA)
-BUILD_OVERRIDES = frozenset({
-    "input_size", "in_channels", "num_classes", "class_dropout", "depth", "hidden_size", "num_heads",
-    "mlp_ratio", "qk_norm", "rope", "projector_dim", "encoder_dims", "align_depth",
-})
+BUILD_OVERRIDES = frozenset(
+    {
+        "input_size",
+        "in_channels",
+        "num_classes",
+        "class_dropout",
+        "depth",
+        "hidden_size",
+        "num_heads",
+        "mlp_ratio",
+        "qk_norm",
+        "rope",
+        "projector_dim",
+        "encoder_dims",
+        "align_depth",
+    }
+)
 EMBEDDERS = ("x_embedder", "t_embedder", "y_embedder", "pos_embed")
 
 
@@ -184,8 +198,10 @@ class FinalLayer(nn.Module):
 
 def make_projector(hidden_size: int, projector_dim: int, out_dim: int) -> nn.Sequential:
     return nn.Sequential(
-        nn.Linear(hidden_size, projector_dim), nn.SiLU(),
-        nn.Linear(projector_dim, projector_dim), nn.SiLU(),
+        nn.Linear(hidden_size, projector_dim),
+        nn.SiLU(),
+        nn.Linear(projector_dim, projector_dim),
+        nn.SiLU(),
         nn.Linear(projector_dim, out_dim),
     )
 
@@ -198,10 +214,23 @@ class SiT(nn.Module):
     """
 
     def __init__(
-        self, *, input_size: int = 32, patch_size: int = 2, in_channels: int = 4, hidden_size: int = 1152,
-        depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0, num_classes: int = 1000,
-        class_dropout: float = 0.1, qk_norm: bool = False, rope: bool = False, projector_dim: int = 2048,
-        encoder_dims: Sequence[int] = (), align_depth: int = 8, with_final_layer: bool = True,
+        self,
+        *,
+        input_size: int = 32,
+        patch_size: int = 2,
+        in_channels: int = 4,
+        hidden_size: int = 1152,
+        depth: int = 28,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        num_classes: int = 1000,
+        class_dropout: float = 0.1,
+        qk_norm: bool = False,
+        rope: bool = False,
+        projector_dim: int = 2048,
+        encoder_dims: Sequence[int] = (),
+        align_depth: int = 8,
+        with_final_layer: bool = True,
     ):
         problems = _problems(input_size, patch_size, hidden_size, depth, num_heads, rope, class_dropout)
         if encoder_dims and not 1 <= align_depth <= depth:
@@ -281,8 +310,10 @@ def _problems(
     input_size: int, patch_size: int, hidden_size: int, depth: int, num_heads: int, rope: bool, class_dropout: float
 ) -> list[str]:
     if min(input_size, patch_size, hidden_size, depth, num_heads) < 1:
-        return [f"input_size/patch_size/hidden_size/depth/num_heads must be positive, got "
-                f"{input_size}/{patch_size}/{hidden_size}/{depth}/{num_heads}"]
+        return [
+            f"input_size/patch_size/hidden_size/depth/num_heads must be positive, got "
+            f"{input_size}/{patch_size}/{hidden_size}/{depth}/{num_heads}"
+        ]
     out = []
     if input_size % patch_size:
         out.append(f"input_size={input_size} is not divisible by patch_size={patch_size}")
@@ -315,17 +346,27 @@ def build_sit(arch: str = "SiT-XL/2", **overrides) -> SiT:
 def _config_kwargs(cfg: ModelConfig, input_size: int, in_channels: int) -> dict:
     _, hidden_size, num_heads = cfg.dims()
     return dict(
-        input_size=input_size, patch_size=cfg.patch_size, in_channels=in_channels, hidden_size=hidden_size,
-        num_heads=num_heads, mlp_ratio=cfg.mlp_ratio, num_classes=cfg.num_classes,
-        class_dropout=cfg.class_dropout, qk_norm=cfg.qk_norm, rope=cfg.rope, projector_dim=cfg.projector_dim,
+        input_size=input_size,
+        patch_size=cfg.patch_size,
+        in_channels=in_channels,
+        hidden_size=hidden_size,
+        num_heads=num_heads,
+        mlp_ratio=cfg.mlp_ratio,
+        num_classes=cfg.num_classes,
+        class_dropout=cfg.class_dropout,
+        qk_norm=cfg.qk_norm,
+        rope=cfg.rope,
+        projector_dim=cfg.projector_dim,
     )
 
 
 def sit_from_config(cfg: ModelConfig, input_size: int, in_channels: int, encoder_dim: int | None) -> SiT:
     """The phase-2 model; one projector at cfg.align_depth, or none when encoder_dim is None."""
     return SiT(
-        **_config_kwargs(cfg, input_size, in_channels), depth=cfg.dims()[0],
-        encoder_dims=[encoder_dim] if encoder_dim is not None else [], align_depth=cfg.align_depth,
+        **_config_kwargs(cfg, input_size, in_channels),
+        depth=cfg.dims()[0],
+        encoder_dims=[encoder_dim] if encoder_dim is not None else [],
+        align_depth=cfg.align_depth,
     )
 
 
@@ -337,8 +378,11 @@ def l2r_from_config(cfg: ModelConfig, input_size: int, in_channels: int, encoder
     if not 1 <= cfg.l2r_depth < cfg.dims()[0]:
         raise ModelError(f"model.l2r_depth={cfg.l2r_depth} must be in 1..{cfg.dims()[0] - 1}")
     return SiT(
-        **_config_kwargs(cfg, input_size, in_channels), depth=cfg.l2r_depth, encoder_dims=[encoder_dim],
-        align_depth=cfg.l2r_depth, with_final_layer=False,
+        **_config_kwargs(cfg, input_size, in_channels),
+        depth=cfg.l2r_depth,
+        encoder_dims=[encoder_dim],
+        align_depth=cfg.l2r_depth,
+        with_final_layer=False,
     )
 
 
@@ -370,7 +414,8 @@ def load_warmup(model: SiT, warmup_state: dict[str, Tensor], l2r_depth: int) -> 
     missing = [n for n in names if n not in warmup_state]
     misshaped = [
         f"{n}: warmup {tuple(warmup_state[n].shape)}, model {tuple(target[n].shape)}"
-        for n in names if n in warmup_state and warmup_state[n].shape != target[n].shape
+        for n in names
+        if n in warmup_state and warmup_state[n].shape != target[n].shape
     ]
     expected = set(names)
     unexpected = [n for n in warmup_state if n not in expected and not n.startswith("projectors.")]
@@ -412,14 +457,21 @@ def warmup_config_differences(cfg: ModelConfig, warmup_cfg: ModelConfig, *, rope
     trace in the weights, so only the configs can tell; it has no parameters either, so phase 2
     may add it on purpose (rope_may_differ: the ERW reference's run)."""
     fields = {
-        "patch size": lambda m: m.patch_size, "hidden_size": lambda m: m.dims()[1], "num_heads": lambda m: m.dims()[2],
-        "mlp_ratio": lambda m: m.mlp_ratio, "qk_norm": lambda m: m.qk_norm, "rope": lambda m: m.rope,
-        "num_classes": lambda m: m.num_classes, "l2r_depth": lambda m: m.l2r_depth,
+        "patch size": lambda m: m.patch_size,
+        "hidden_size": lambda m: m.dims()[1],
+        "num_heads": lambda m: m.dims()[2],
+        "mlp_ratio": lambda m: m.mlp_ratio,
+        "qk_norm": lambda m: m.qk_norm,
+        "rope": lambda m: m.rope,
+        "num_classes": lambda m: m.num_classes,
+        "l2r_depth": lambda m: m.l2r_depth,
     }
     if rope_may_differ:
         del fields["rope"]
     return [
-        f"{name}: warmup {get(warmup_cfg)}, now {get(cfg)}" for name, get in fields.items() if get(warmup_cfg) != get(cfg)
+        f"{name}: warmup {get(warmup_cfg)}, now {get(cfg)}"
+        for name, get in fields.items()
+        if get(warmup_cfg) != get(cfg)
     ]
 
 

@@ -12,6 +12,7 @@ evaluator  a small CNN (`erw.evaluation.small_evaluator`): another architecture,
 Both train with `fit_classifier` below, on uint8 images [N, 3, R, R] held in memory, with random translations of up to
 `max_shift` pixels, and report accuracy on a held-out split.
 """
+
 from __future__ import annotations
 
 import math
@@ -48,7 +49,9 @@ class FitSettings:
                 f"steps, batch size and learning rate must be positive, got {self.steps}, {self.batch_size}, {self.lr}"
             )
         if not 0 <= self.val_fraction < 1 or self.max_shift < 0:
-            raise SmallNetError(f"val_fraction={self.val_fraction} must be in [0, 1) and max_shift={self.max_shift} >= 0")
+            raise SmallNetError(
+                f"val_fraction={self.val_fraction} must be in [0, 1) and max_shift={self.max_shift} >= 0"
+            )
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,9 @@ class FitReport:
 # The encoder.
 
 
-def encoder_kwargs(resolution: int, patch_size: int = 4, dim: int = 64, depth: int = 4, heads: int = 4) -> dict[str, Any]:
+def encoder_kwargs(
+    resolution: int, patch_size: int = 4, dim: int = 64, depth: int = 4, heads: int = 4
+) -> dict[str, Any]:
     """timm.create_model kwargs of the digits encoder: one token per patch_size pixels."""
     if resolution % patch_size:
         raise SmallNetError(f"image resolution {resolution} is not a multiple of the encoder patch size {patch_size}")
@@ -100,7 +105,7 @@ class TokenClassifier(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         # The normalisation FrozenEncoder applies, so the saved tokens are the ones trained.
         x = (images.float() / 255 - self.mean) / self.std
-        tokens = self.vit.forward_features(x)[:, self.vit.num_prefix_tokens:]
+        tokens = self.vit.forward_features(x)[:, self.vit.num_prefix_tokens :]
         return self.head(tokens.mean(dim=1))
 
 
@@ -168,7 +173,7 @@ def accuracy(classify: nn.Module, images: Tensor, labels: Tensor, batch_size: in
     if len(images) == 0:
         return math.nan
     correct = sum(
-        int((classify(images[i:i + batch_size]).argmax(dim=1) == labels[i:i + batch_size]).sum())
+        int((classify(images[i : i + batch_size]).argmax(dim=1) == labels[i : i + batch_size]).sum())
         for i in range(0, len(images), batch_size)
     )
     return correct / len(images)
@@ -198,5 +203,8 @@ def fit_classifier(
     return FitReport(
         train_accuracy=accuracy(classify, images[train], labels[train]),
         val_accuracy=accuracy(classify, images[val], labels[val]),
-        num_train=len(train), num_val=len(val), steps=settings.steps, seconds=time.perf_counter() - started,
+        num_train=len(train),
+        num_val=len(val),
+        steps=settings.steps,
+        seconds=time.perf_counter() - started,
     )

@@ -12,6 +12,7 @@ Both hold entries of the same shape:
      "metrics_uri": ..., "lineage": {"dataset", "train_out", "started_from", ...},
      "promoted_at": ISO-8601}
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -53,7 +54,10 @@ class Decision:
         rows = [("candidate", self.candidate)] + ([("published before", self.previous)] if self.previous else [])
         names = [k for k in LOWER_IS_BETTER if any(k in e["metrics"] for _, e in rows)]
         lines = [
-            f"## {'Promoted' if self.promoted else 'Not promoted'}", "", self.message, "",
+            f"## {'Promoted' if self.promoted else 'Not promoted'}",
+            "",
+            self.message,
+            "",
             "| model | checkpoint | " + " | ".join(names) + " |",
             "|---|---|" + "---|" * len(names),
         ]
@@ -86,7 +90,7 @@ def open_registry(uri: str) -> Registry:
     if uri.startswith(MLFLOW_SCHEME):
         from erw.registry.mlflow_models import MlflowRegistry
 
-        return MlflowRegistry(uri[len(MLFLOW_SCHEME):])
+        return MlflowRegistry(uri[len(MLFLOW_SCHEME) :])
     from erw.registry.json_file import JsonRegistry
 
     return JsonRegistry(uri)

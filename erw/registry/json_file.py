@@ -9,6 +9,7 @@ exist yet; locally the same under a file lock). When another run wrote in betwee
 refused and the decision is made again against what that run published, so no update is lost.
 A retried step finds its own entry in the history and reports it as promoted.
 """
+
 from __future__ import annotations
 
 import json
@@ -60,16 +61,29 @@ class JsonRegistry:
             current = state.get("current") if state else None
             earlier = _find(state, candidate["checkpoint"])
             if earlier is not None:  # this step ran before and published: say so, change nothing
-                now = "" if current and current["checkpoint"] == earlier["checkpoint"] else (
-                    f"; since replaced by {current['checkpoint']}" if current else "")
-                return Decision(True, f"already published at {earlier.get('promoted_at')}{now}", earlier,
-                                current, self.uri, already=True)
+                now = (
+                    ""
+                    if current and current["checkpoint"] == earlier["checkpoint"]
+                    else (f"; since replaced by {current['checkpoint']}" if current else "")
+                )
+                return Decision(
+                    True,
+                    f"already published at {earlier.get('promoted_at')}{now}",
+                    earlier,
+                    current,
+                    self.uri,
+                    already=True,
+                )
             verdict = judge(current)
             if not verdict.promote:
                 return Decision(False, verdict.reason, candidate, current, self.uri)
             history = (state or {}).get("history", [])
-            updated = {"format_version": FORMAT_VERSION, "metric": metric, "current": candidate,
-                       "history": [*history, candidate]}
+            updated = {
+                "format_version": FORMAT_VERSION,
+                "metric": metric,
+                "current": candidate,
+                "history": [*history, candidate],
+            }
             if storage.write_if(self.uri, json.dumps(updated, indent=2).encode(), version):
                 return Decision(True, verdict.reason, candidate, current, self.uri)
             time.sleep(random.uniform(0, 0.05 * (attempt + 1)))  # another run published: judge again

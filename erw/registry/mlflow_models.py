@@ -20,6 +20,7 @@ on the better one. Run promotes one at a time (the pipeline's recurring run has
 max_concurrency=1) or use the JSON registry when runs overlap. A retried step finds its version
 by the erw.checkpoint tag and reports the verdict recorded there.
 """
+
 from __future__ import annotations
 
 import json
@@ -78,13 +79,24 @@ class MlflowRegistry:
     # -- the gate --------------------------------------------------------------------------------
 
     def submit(self, candidate: dict[str, Any], judge: Callable[[dict[str, Any] | None], Verdict]) -> Decision:
-        mine = next((v for v in reversed(self._versions()) if v.tags.get("erw.checkpoint") == candidate["checkpoint"]), None)
+        mine = next(
+            (v for v in reversed(self._versions()) if v.tags.get("erw.checkpoint") == candidate["checkpoint"]), None
+        )
         champion = self._champion()
         if mine is not None and mine.tags.get("erw.published") == "true":
-            now = "" if champion and champion.version == mine.version else (
-                f"; since replaced by {_entry(champion)['checkpoint']}" if champion else "")
-            return Decision(True, f"already published as version {mine.version}{now}", _entry(mine),
-                            _entry(champion) if champion else None, self.uri, already=True)
+            now = (
+                ""
+                if champion and champion.version == mine.version
+                else (f"; since replaced by {_entry(champion)['checkpoint']}" if champion else "")
+            )
+            return Decision(
+                True,
+                f"already published as version {mine.version}{now}",
+                _entry(mine),
+                _entry(champion) if champion else None,
+                self.uri,
+                already=True,
+            )
         if mine is None:
             mine = self._register(candidate)
         for _ in range(5):
@@ -97,8 +109,9 @@ class MlflowRegistry:
             self.client.set_registered_model_alias(self.name, ALIAS, mine.version)
             now = self._champion()
             if now is not None and now.version == mine.version:
-                return Decision(True, f"{verdict.reason}; alias {ALIAS} -> version {mine.version}", candidate,
-                                current, self.uri)
+                return Decision(
+                    True, f"{verdict.reason}; alias {ALIAS} -> version {mine.version}", candidate, current, self.uri
+                )
             champion = now  # another run moved the alias between our read and our write: judge again
         raise RegistryError(f"the {ALIAS} alias of {self.name} kept moving under 5 attempts to set it; retry")
 
@@ -116,20 +129,29 @@ class MlflowRegistry:
             slim = dict(candidate, metrics={k: v for k, v in candidate["metrics"].items() if k != "notes"})
             entry = json.dumps(slim)
         tags = {
-            "erw.checkpoint": candidate["checkpoint"], "erw.run_id": candidate.get("run_id", ""),
+            "erw.checkpoint": candidate["checkpoint"],
+            "erw.run_id": candidate.get("run_id", ""),
             "erw.entry": entry,
             **{f"erw.lineage.{k}": str(v) for k, v in candidate.get("lineage", {}).items() if v is not None},
         }
-        return self.client.create_model_version(self.name, source=candidate["checkpoint"], run_id=run_id, tags=tags,
-                                                description=f"erw run {candidate.get('run_id', '')}")
+        return self.client.create_model_version(
+            self.name,
+            source=candidate["checkpoint"],
+            run_id=run_id,
+            tags=tags,
+            description=f"erw run {candidate.get('run_id', '')}",
+        )
 
     def _log_evaluation(self, candidate: dict[str, Any]) -> str:
         from erw.evaluation.comparison import evaluation_settings
 
         experiment = self.client.get_experiment_by_name(EXPERIMENT)
         experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(EXPERIMENT)
-        run = self.client.create_run(experiment_id, run_name=f"promote {candidate.get('run_id') or candidate['checkpoint']}",
-                                     tags={"erw.checkpoint": candidate["checkpoint"]})
+        run = self.client.create_run(
+            experiment_id,
+            run_name=f"promote {candidate.get('run_id') or candidate['checkpoint']}",
+            tags={"erw.checkpoint": candidate["checkpoint"]},
+        )
         for key, value in candidate["metrics"].items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 self.client.log_metric(run.info.run_id, key, float(value))

@@ -14,6 +14,7 @@ safetensors that REPA/ERW tooling reads, each verified by the sha256 in meta.jso
 checkpoint written before stays loadable. DCP becomes the better choice once the state is sharded
 (FSDP), where each rank must write its own part.
 """
+
 from __future__ import annotations
 
 import errno
@@ -49,8 +50,10 @@ def write_failure(err: BaseException, *, out: str, step: int, phase: str, previo
     else:
         what, fix = str(err), "Wait for the storage to come back"
     if previous:
-        tail = (f"{fix}. The previous checkpoint {previous} is intact: `--resume auto` continues from it "
-                f"(with another {phase}.out: --resume {previous})")
+        tail = (
+            f"{fix}. The previous checkpoint {previous} is intact: `--resume auto` continues from it "
+            f"(with another {phase}.out: --resume {previous})"
+        )
     else:
         tail = f"{fix}. No checkpoint of this run was committed before: a rerun starts from step 0"
     partial = "is never loaded" if storage.is_s3(out) else "was removed"  # see ckpt.save_checkpoint
@@ -75,8 +78,13 @@ class CheckpointWriter:
     on_done(seconds, ok) is called after each write (from the writer thread when asynchronous)."""
 
     def __init__(
-        self, out: str, keep_last: int, *, asynchronous: bool = True,
-        log: Callable[[str], None] = print, on_done: Callable[[float, bool], None] = lambda seconds, ok: None,
+        self,
+        out: str,
+        keep_last: int,
+        *,
+        asynchronous: bool = True,
+        log: Callable[[str], None] = print,
+        on_done: Callable[[float, bool], None] = lambda seconds, ok: None,
         last_committed: str = "",
     ):
         self.out, self.keep_last, self.asynchronous = out, keep_last, asynchronous
@@ -129,8 +137,9 @@ class CheckpointWriter:
             uri = ckpt.save_checkpoint(self.out, **job)
         except BaseException as err:  # handed to the training thread, which raises it
             if isinstance(err, (OSError, StorageError)):
-                err = write_failure(err, out=self.out, step=job["step"], phase=job["phase"],
-                                    previous=self.last_committed)
+                err = write_failure(
+                    err, out=self.out, step=job["step"], phase=job["phase"], previous=self.last_committed
+                )
             self._error = err
             self.on_done(time.perf_counter() - started, False)
             return

@@ -10,6 +10,7 @@ A directory without meta.json is a write that did not finish; it is never loaded
 save over it starts clean. Loading verifies every checksum, reads weights with safetensors and
 the rest with `torch.load(weights_only=True)`, so nothing arbitrary is ever unpickled.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -157,7 +158,7 @@ def prune_checkpoints(out: str, keep_last: int, keep: str = "") -> None:
     committed = list_checkpoints(out)
     if not committed:
         return
-    kept = {uri for _, uri in committed[-max(keep_last, 1):]} | {keep}
+    kept = {uri for _, uri in committed[-max(keep_last, 1) :]} | {keep}
     newest = committed[-1][0]
     for name in storage.list_dir(out):
         match = _STEP_DIR.match(name)
@@ -189,7 +190,9 @@ def load_checkpoint(uri: str, with_train_state: bool = True) -> Checkpoint:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{uri}/{META} is not valid JSON ({err}): the checkpoint is corrupt") from None
     if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{uri} has checkpoint format {meta.get('format_version')}, this erw reads {FORMAT_VERSION}")
+        raise CheckpointError(
+            f"{uri} has checkpoint format {meta.get('format_version')}, this erw reads {FORMAT_VERSION}"
+        )
     names = [MODEL, EMA] + ([STATE] if with_train_state else [])
     blobs = {}
     for name in names:

@@ -1,4 +1,5 @@
 """`erw warmup` and `erw train`: config -> data, encoder, metrics -> the training loop."""
+
 from __future__ import annotations
 
 import argparse
@@ -17,14 +18,23 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--config", required=True, help="YAML preset, e.g. configs/demo.yaml")
         p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=2e-4")
         p.add_argument(
-            "--resume", default=None, metavar="auto|URI",
+            "--resume",
+            default=None,
+            metavar="auto|URI",
             help="auto: continue from the latest complete checkpoint in <phase>.out (fresh start if none)",
         )
         if phase == "train":
-            p.add_argument("--init-from", default=None, metavar="URI", help="warmup checkpoint (or its run directory); a checkpoint of `erw train` (e.g. the published model) continues it: continue mode")
+            p.add_argument(
+                "--init-from",
+                default=None,
+                metavar="URI",
+                help="warmup checkpoint (or its run directory); a checkpoint of `erw train` (e.g. the published model) continues it: continue mode",
+            )
         p.set_defaults(func=_run, phase=phase)
     p = sub.add_parser(
-        "torchrun", add_help=False, prefix_chars="\0",  # every argument is torchrun's, --help included
+        "torchrun",
+        add_help=False,
+        prefix_chars="\0",  # every argument is torchrun's, --help included
         help="torchrun that exits 143 when preempted (SIGTERM) and 1 when failed; same arguments",
         description="torchrun (torch.distributed.run) with preemption-aware exit status",
     )
@@ -37,6 +47,7 @@ def _torchrun(args: argparse.Namespace) -> int:
 
     return torchrun(args.torchrun_args)
 
+
 def run_id_for(cfg_run_id: str) -> str:
     """One id shared by all ranks: config, then the launcher's, then torchrun's, then the clock."""
     return (
@@ -45,6 +56,7 @@ def run_id_for(cfg_run_id: str) -> str:
         or os.environ.get("TORCHELASTIC_RUN_ID", "").replace("none", "")
         or time.strftime("run-%Y%m%d-%H%M%S")
     )
+
 
 def _run(args: argparse.Namespace) -> int:
 
@@ -69,8 +81,16 @@ def _run(args: argparse.Namespace) -> int:
         aligns = cfg.encoder.name != "none" and (phase == "warmup" or cfg.objective.resolved_align_coeff(cfg.model) > 0)
         encoder = load_encoder(cfg.encoder, cfg.data.resolution, d.device) if aligns else None
         micro_batch = p.batch_size // (d.world_size * p.grad_accum)
-        batches = build_loader(cfg.data, micro_batch, d.rank, d.world_size, cfg.seed, with_images=aligns,
-                               global_batch=p.batch_size, num_classes=cfg.model.num_classes)
+        batches = build_loader(
+            cfg.data,
+            micro_batch,
+            d.rank,
+            d.world_size,
+            cfg.seed,
+            with_images=aligns,
+            global_batch=p.batch_size,
+            num_classes=cfg.model.num_classes,
+        )
         metrics = TrainingMetrics(
             cfg.metrics.port, cfg.run_id, phase, d.rank, d.local_rank, checkpoint_every=p.ckpt_every
         )
@@ -78,9 +98,17 @@ def _run(args: argparse.Namespace) -> int:
         status = "FAILED"
         try:
             result = trainer.run(
-                cfg, phase, batches, d, encoder=encoder, init_from=getattr(args, "init_from", None),
-                resume=args.resume, log=lambda msg: print(msg, flush=True), metrics=metrics,
-                latent_norm=LatentNorm.from_manifest(batches.manifest), on_log=tracking.log if tracking else None,
+                cfg,
+                phase,
+                batches,
+                d,
+                encoder=encoder,
+                init_from=getattr(args, "init_from", None),
+                resume=args.resume,
+                log=lambda msg: print(msg, flush=True),
+                metrics=metrics,
+                latent_norm=LatentNorm.from_manifest(batches.manifest),
+                on_log=tracking.log if tracking else None,
             )
             status = "KILLED" if result.preempted else "FINISHED"
         finally:

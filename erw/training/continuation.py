@@ -23,6 +23,7 @@ data changed), so this is a new run that started from a model, not a resume. Eve
 of the run records `init_from` (the published checkpoint), and `erw promote` copies it into the
 registry entry's lineage as `started_from`.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -36,8 +37,19 @@ from erw.training.handoff import lineage_differences
 PROJECTORS = "projectors."  # the SiT's alignment projectors (erw.models.sit)
 
 # Model settings that must agree for the weights to be the same tensors with the same meaning.
-MODEL_FIELDS = ("arch", "depth", "hidden_size", "num_heads", "mlp_ratio", "qk_norm", "rope", "num_classes",
-                "projector_dim", "align_depth", "l2r_depth")
+MODEL_FIELDS = (
+    "arch",
+    "depth",
+    "hidden_size",
+    "num_heads",
+    "mlp_ratio",
+    "qk_norm",
+    "rope",
+    "num_classes",
+    "projector_dim",
+    "align_depth",
+    "l2r_depth",
+)
 
 
 class ContinuationError(ckpt.CheckpointError):
@@ -70,12 +82,16 @@ def continue_from(state: Any, cfg: Any, uri: str, now: dict[str, Any], log: Call
         )
     differ = [
         f"model.{name}: {getattr(start_cfg.model, name)!r} in the checkpoint, {getattr(cfg.model, name)!r} now"
-        for name in MODEL_FIELDS if getattr(start_cfg.model, name) != getattr(cfg.model, name)
+        for name in MODEL_FIELDS
+        if getattr(start_cfg.model, name) != getattr(cfg.model, name)
     ]
-    differ += [d.replace("warmup", "checkpoint") for d in lineage_differences(now, start.meta.get("lineage"), start_cfg)]
+    differ += [
+        d.replace("warmup", "checkpoint") for d in lineage_differences(now, start.meta.get("lineage"), start_cfg)
+    ]
     if differ:
         raise ContinuationError(
-            f"cannot continue from {start.uri}: it does not fit this run:\n  - " + "\n  - ".join(differ)
+            f"cannot continue from {start.uri}: it does not fit this run:\n  - "
+            + "\n  - ".join(differ)
             + "\nContinue with the published model's settings, or retrain from scratch"
         )
     moments = start.train_state["optimizer"]["state"]
@@ -85,16 +101,20 @@ def continue_from(state: Any, cfg: Any, uri: str, now: dict[str, Any], log: Call
         for weights in (start.model_state, start.ema_state):
             for name in dropped:
                 del weights[name]
-        log(f"continue from {start.uri}: its {len(dropped)} alignment projector tensors are left out (this run does "
-            f"not align: encoder.name={cfg.encoder.name}); the denoiser, which never reads them, is unchanged")
+        log(
+            f"continue from {start.uri}: its {len(dropped)} alignment projector tensors are left out (this run does "
+            f"not align: encoder.name={cfg.encoder.name}); the denoiser, which never reads them, is unchanged"
+        )
     state.model.load_state_dict(start.model_state)
     state.ema.load_state_dict(start.ema_state)
     optimizer = state.optimizer.state_dict()  # this run's hyper-parameters, the checkpoint's moments
     optimizer["state"] = moments
     state.optimizer.load_state_dict(optimizer)
     state.warmup_steps = int(start.meta.get("warmup_steps", 0))
-    log(f"continue from {start.uri} (phase 2 step {start.step}, warmup W={state.warmup_steps}): model, EMA and "
-        f"AdamW moments restored; step, data position and learning rate are this run's")
+    log(
+        f"continue from {start.uri} (phase 2 step {start.step}, warmup W={state.warmup_steps}): model, EMA and "
+        f"AdamW moments restored; step, data position and learning rate are this run's"
+    )
     return start.uri
 
 
@@ -106,8 +126,10 @@ def _trainable_names(model: torch.nn.Module) -> list[str]:
 def _checkpoint_model(start: ckpt.Checkpoint, cfg: Any) -> torch.nn.Module:
     """The checkpoint's model, on the meta device (shapes and names only, no memory): its
     projector's output width is the encoder's token width."""
-    last = max((n for n in start.model_state if n.startswith(f"{PROJECTORS}0.") and n.endswith(".weight")),
-               key=lambda n: int(n.split(".")[2]))  # projectors.0.<layer>.weight: its last Linear
+    last = max(
+        (n for n in start.model_state if n.startswith(f"{PROJECTORS}0.") and n.endswith(".weight")),
+        key=lambda n: int(n.split(".")[2]),
+    )  # projectors.0.<layer>.weight: its last Linear
     encoder_dim = start.model_state[last].shape[0]
     with torch.device("meta"):
         return sit_from_config(start.config().model, cfg.data.latent_size, cfg.data.latent_channels, encoder_dim)
@@ -117,6 +139,6 @@ def _moments_by_name(moments: dict[int, Any], then: torch.nn.Module, now: torch.
     """The AdamW per-parameter state indexed by `then`'s parameters, re-indexed for `now`'s
     (the parameters now lacks, the projectors, are left out)."""
     index_then = {name: i for i, name in enumerate(_trainable_names(then))}
-    return {i: moments[index_then[name]] for i, name in enumerate(_trainable_names(now))
-            if index_then.get(name) in moments}
-
+    return {
+        i: moments[index_then[name]] for i, name in enumerate(_trainable_names(now)) if index_then.get(name) in moments
+    }

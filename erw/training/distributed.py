@@ -1,4 +1,5 @@
 """Process-group setup that also works as a single process without torchrun."""
+
 from __future__ import annotations
 
 import datetime

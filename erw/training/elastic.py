@@ -24,6 +24,7 @@ GRACE_ENV, the wait minus a margin to exit, which `erw warmup|train` take as the
 unless the config sets one (`grace_period_s`).
 Usage is torchrun's: `erw torchrun --nproc-per-node 2 --no-python erw train ...`.
 """
+
 from __future__ import annotations
 
 import os

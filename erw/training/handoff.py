@@ -12,6 +12,7 @@ A warmup that differs in any of them is refused with the list of differences. On
 be allowed on purpose: `train.rope_from_warmup=false` lets phase 2 use 2-D RoPE after a warmup
 without it (or the reverse), as the ERW reference's run does; RoPE has no parameters.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -59,14 +60,21 @@ def lineage_differences(now: dict[str, Any], warm: dict[str, Any] | None, warm_c
     if warm is None:
         warm = {
             "encoder": {"name": warm_cfg.encoder.name, "weights_sha256": ""},
-            "latents": {"codec": warm_cfg.data.codec, "resolution": warm_cfg.data.resolution, "shift": None, "scale": None},
+            "latents": {
+                "codec": warm_cfg.data.codec,
+                "resolution": warm_cfg.data.resolution,
+                "shift": None,
+                "scale": None,
+            },
         }
     out = []
     enc, warm_enc = now["encoder"], warm["encoder"]
     if enc["name"] != "none":  # phase 2 aligns: to the encoder the warmup learned from
         if enc["name"] != warm_enc["name"]:
             out.append(f"encoder: warmup {warm_enc['name']}, now {enc['name']}")
-        elif enc["weights_sha256"] and warm_enc["weights_sha256"] and enc["weights_sha256"] != warm_enc["weights_sha256"]:
+        elif (
+            enc["weights_sha256"] and warm_enc["weights_sha256"] and enc["weights_sha256"] != warm_enc["weights_sha256"]
+        ):
             out.append(
                 f"encoder weights: warmup sha256 {warm_enc['weights_sha256'][:12]}..., now "
                 f"{enc['weights_sha256'][:12]}... (another checkpoint of {enc['name']})"
@@ -93,18 +101,23 @@ def init_from_warmup(
     names of the tensors loaded)."""
     warm = ckpt.load_checkpoint(uri, with_train_state=False)
     if warm.phase != "warmup":
-        raise ckpt.CheckpointError(f"--init-from {warm.uri} is a {warm.phase!r} checkpoint; expected one from `erw warmup`")
+        raise ckpt.CheckpointError(
+            f"--init-from {warm.uri} is a {warm.phase!r} checkpoint; expected one from `erw warmup`"
+        )
     warm_cfg = warm.config()
     rope_may_differ = not cfg.train.rope_from_warmup
     differ = warmup_config_differences(cfg.model, warm_cfg.model, rope_may_differ=rope_may_differ)
     differ += lineage_differences(now, warm.meta.get("lineage"), warm_cfg)
     if differ:
         raise HandoffError(
-            f"the warmup {warm.uri} does not fit this run:\n  - " + "\n  - ".join(differ)
+            f"the warmup {warm.uri} does not fit this run:\n  - "
+            + "\n  - ".join(differ)
             + "\nTrain phase 2 with the warmup's settings, or warm up again with these"
         )
     if warm_cfg.model.rope != cfg.model.rope:
-        log(f"init-from: RoPE warmup {warm_cfg.model.rope}, now {cfg.model.rope} (allowed: train.rope_from_warmup=false)")
+        log(
+            f"init-from: RoPE warmup {warm_cfg.model.rope}, now {cfg.model.rope} (allowed: train.rope_from_warmup=false)"
+        )
     loaded = load_warmup(model, warm.model_state, cfg.model.l2r_depth)
     log(f"init-from {warm.uri} (warmup step {warm.step}): loaded {len(loaded)} tensors: {', '.join(loaded)}")
     return warm.step, loaded

@@ -10,6 +10,7 @@ The step reads nothing back from the device while it accumulates: losses stay te
 caller asks (on its logging interval). The one read per step is the finiteness of the gradient
 norm, which decides whether the optimizer may step.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -52,7 +53,12 @@ class TrainState:
 
     @classmethod
     def create(
-        cls, model: torch.nn.Module, phase_cfg: PhaseConfig, device: torch.device, *, warmup_steps: int = 0,
+        cls,
+        model: torch.nn.Module,
+        phase_cfg: PhaseConfig,
+        device: torch.device,
+        *,
+        warmup_steps: int = 0,
         data: Any = None,
     ) -> "TrainState":
         """A fresh state for `model` (already on `device`, hand-off already loaded): the EMA starts
@@ -60,7 +66,10 @@ class TrainState:
         ema = copy.deepcopy(model).requires_grad_(False)
         trainable = [q for q in model.parameters() if q.requires_grad]
         optimizer = torch.optim.AdamW(
-            trainable, lr=phase_cfg.lr, betas=phase_cfg.betas, weight_decay=phase_cfg.weight_decay,
+            trainable,
+            lr=phase_cfg.lr,
+            betas=phase_cfg.betas,
+            weight_decay=phase_cfg.weight_decay,
             fused=phase_cfg.use_fused_optimizer(device.type),
         )
         scaler = torch.amp.GradScaler(device.type, enabled=phase_cfg.precision == "fp16" and device.type == "cuda")
@@ -88,7 +97,9 @@ class TrainState:
             "draws": sample_draws.VERSION,  # how the step's random draws were keyed
         }
 
-    def load(self, model_state: dict[str, torch.Tensor], ema_state: dict[str, torch.Tensor], train_state: dict[str, Any]) -> None:
+    def load(
+        self, model_state: dict[str, torch.Tensor], ema_state: dict[str, torch.Tensor], train_state: dict[str, Any]
+    ) -> None:
         """Restore from a checkpoint's three parts (the inverse of model/ema state_dict + state_dict())."""
         self.model.load_state_dict(model_state)
         self.ema.load_state_dict(ema_state)
@@ -130,8 +141,11 @@ def agree_on_data(failure: StorageError | None, d: Dist) -> None:
     all-reduce, where nothing could checkpoint. One small all-reduce per step with several ranks;
     none alone."""
     if any_rank(failure is not None, d):
-        raise DataUnavailable(str(failure) if failure is not None else
-                              f"another rank could not read its data (rank {d.rank} could): see that rank's error")
+        raise DataUnavailable(
+            str(failure)
+            if failure is not None
+            else f"another rank could not read its data (rank {d.rank} could): see that rank's error"
+        )
 
 
 def next_batch(batch_iter: Iterator[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -216,8 +230,10 @@ def default_positions(d: Dist, p: PhaseConfig, micro: int, n: int) -> torch.Tens
     out as the shard loader lays them (rank r takes [rG/W, (r+1)G/W), in grad_accum slices)."""
     size = p.batch_size // (d.world_size * p.grad_accum)
     if n > size:
-        raise ErwError(f"a micro-batch of {n} samples, more than batch_size / (world_size * grad_accum) = {size}: "
-                       "the batch source does not match the phase's batch settings")
+        raise ErwError(
+            f"a micro-batch of {n} samples, more than batch_size / (world_size * grad_accum) = {size}: "
+            "the batch source does not match the phase's batch settings"
+        )
     start = d.rank * (p.batch_size // d.world_size) + micro * size
     return torch.arange(start, start + n)
 

@@ -12,6 +12,7 @@ drops are keyed by (seed, step, position in the global batch) (erw.draws), so a 
 resumed on the same or another number of ranks draws for every sample what the uninterrupted
 run drew.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -135,12 +136,16 @@ def restore(
     say(f"resumed {phase} from {restored.uri} at step {state.step}")
     written_with = restored.train_state.get("draws", 1)  # none recorded: before draws were versioned
     if written_with != draws.VERSION:
-        say(f"note: {restored.uri} was written with draws version {written_with} (1: noise, times and label drops "
+        say(
+            f"note: {restored.uri} was written with draws version {written_with} (1: noise, times and label drops "
             f"keyed by rank), this erw keys them by position in the global batch (version {draws.VERSION}): the run "
-            "continues on exactly its samples, with other noise than the erw that wrote it would have drawn")
+            "continues on exactly its samples, with other noise than the erw that wrote it would have drawn"
+        )
     if state.step >= p.steps:
-        say(f"warning: the resumed step {state.step} is at or past {phase}.steps={p.steps}: nothing to train "
-            f"(raise {phase}.steps to continue)")
+        say(
+            f"warning: the resumed step {state.step} is at or past {phase}.steps={p.steps}: nothing to train "
+            f"(raise {phase}.steps to continue)"
+        )
     return restored
 
 
@@ -203,8 +208,12 @@ def run(
     )
 
     writer = CheckpointWriter(  # rank 0 writes; the state is replicated
-        p.out, p.keep_last, asynchronous=p.use_async_checkpoint(d.device.type), log=say,
-        on_done=metrics.observe_checkpoint, last_committed=restored.uri if restored else "",
+        p.out,
+        p.keep_last,
+        asynchronous=p.use_async_checkpoint(d.device.type),
+        log=say,
+        on_done=metrics.observe_checkpoint,
+        last_committed=restored.uri if restored else "",
     )
     # init_from: what this run started from (erw gc keeps it while the run is kept)
     extra_meta = {"warmup_steps": state.warmup_steps, "lineage": run_lineage, "init_from": init_from or ""}
@@ -226,20 +235,26 @@ def run(
         if d.is_main:
             deadline = signalled_at + grace_s
             if not writer.wait(timeout=max(0.0, deadline - time.monotonic())):
-                say(f"{phase}: the checkpoint write in progress did not finish within the grace period of "
-                    f"{grace_s:g}s ({phase}.grace_period_s); exiting without it (it stays uncommitted, never loaded)")
+                say(
+                    f"{phase}: the checkpoint write in progress did not finish within the grace period of "
+                    f"{grace_s:g}s ({phase}.grace_period_s); exiting without it (it stays uncommitted, never loaded)"
+                )
             else:
                 left, needs = deadline - time.monotonic(), writer.last_seconds
                 if needs is not None and needs > left:
-                    say(f"{phase}: no checkpoint of step {state.step}: the last write took {needs:.1f}s and {left:.1f}s "
+                    say(
+                        f"{phase}: no checkpoint of step {state.step}: the last write took {needs:.1f}s and {left:.1f}s "
                         f"of the grace period of {grace_s:g}s ({phase}.grace_period_s) are left; resume will start "
-                        f"from {writer.last_committed or 'the previous run checkpoint'}")
+                        f"from {writer.last_committed or 'the previous run checkpoint'}"
+                    )
                 else:
                     started = time.monotonic()
                     writer.submit(state, phase=phase, config=cfg, extra_meta=extra_meta)
                     writer.wait()
-                    say(f"{phase}: checkpointed step {state.step} in {time.monotonic() - started:.1f}s "
-                        f"(grace period {grace_s:g}s from the signal)")
+                    say(
+                        f"{phase}: checkpointed step {state.step} in {time.monotonic() - started:.1f}s "
+                        f"(grace period {grace_s:g}s from the signal)"
+                    )
         barrier(d)
         return writer.last_committed
 
@@ -268,8 +283,10 @@ def run(
             return StorageOutage(f"rank {d.rank}: {stopped}. Rank 0 checkpoints step {state.step} (see its error)")
         if failed is not None:
             return StorageOutage(f"{stopped}\nThe checkpoint of step {state.step} before exiting failed too: {failed}")
-        return StorageOutage(f"{stopped}\nStep {state.step} is checkpointed at {writer.last_committed}: "
-                             "`--resume auto` continues from it once the storage is back")
+        return StorageOutage(
+            f"{stopped}\nStep {state.step} is checkpointed at {writer.last_committed}: "
+            "`--resume auto` continues from it once the storage is back"
+        )
 
     iterator = faults.batches(iter(batches), d.rank)
     history: list[dict[str, float]] = []
@@ -306,10 +323,14 @@ def run(
                 window["seconds"] += seconds
                 window["data"] += stats.data_wait
                 metrics.observe_step(  # an exporter reads the tensors (a host sync); NoMetrics does not
-                    step=step, samples=p.batch_size // d.world_size,
+                    step=step,
+                    samples=p.batch_size // d.world_size,
                     losses={k: v for k, v in stats.logs.items() if k.startswith("loss")},
-                    align_weight=stats.logs.get("align_weight"), lr=p.lr, grad_norm=stats.grad_norm,
-                    step_seconds=seconds, data_wait_seconds=stats.data_wait,
+                    align_weight=stats.logs.get("align_weight"),
+                    lr=p.lr,
+                    grad_norm=stats.grad_norm,
+                    step_seconds=seconds,
+                    data_wait_seconds=stats.data_wait,
                 )
                 if step % p.log_every == 0 or step == p.steps:
                     logs = {k: float(v) for k, v in stats.logs.items()}

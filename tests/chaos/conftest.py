@@ -1,4 +1,5 @@
 """Fixtures of the chaos suite: the digits shards and the uninterrupted reference run, made once."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -5,6 +5,7 @@ erw/faults.py and tests/s3proxy.py, and the measures of what a fault cost.
 A run is the demo config shrunk to a 4-block, 64-wide SiT on the digits shards with the demo's
 one DataLoader worker: `STEPS` optimizer steps, a checkpoint every `CKPT_EVERY`.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -30,9 +31,17 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 STEPS, CKPT_EVERY = 8, 2
 TINY = [
-    "model.depth=4", "model.hidden_size=64", "model.num_heads=2", "model.projector_dim=32", "data.num_workers=1",
-    "data.shuffle_buffer=64", "encoder.name=none", "train.log_every=1", "train.ema_decay=0.9",
-    f"train.ckpt_every={CKPT_EVERY}", "train.keep_last=10",
+    "model.depth=4",
+    "model.hidden_size=64",
+    "model.num_heads=2",
+    "model.projector_dim=32",
+    "data.num_workers=1",
+    "data.shuffle_buffer=64",
+    "encoder.name=none",
+    "train.log_every=1",
+    "train.ema_decay=0.9",
+    f"train.ckpt_every={CKPT_EVERY}",
+    "train.keep_last=10",
 ]
 # Restart in place: a c10d rendezvous hosted by the torchrun agent on this port range's free port.
 # The timeouts bound how long a re-formed group may take to gather (join) and how long the
@@ -49,10 +58,19 @@ def free_port() -> int:
 def make_shards(work: Path) -> Path:
     """The digits as 16-px (the demo preset's) identity-codec shards of 500 samples (4 shards, 1,797 samples)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for args in (["data", "digits", "--out", "digits"],
-                 ["precompute", "--no-progress", "data.source=digits", "data.shards=shards", "data.resolution=16",
-                  "data.codec=identity", "precompute.shard_size=500"],
-                 ["precompute", "--merge", "data.shards=shards"]):
+    for args in (
+        ["data", "digits", "--out", "digits"],
+        [
+            "precompute",
+            "--no-progress",
+            "data.source=digits",
+            "data.shards=shards",
+            "data.resolution=16",
+            "data.codec=identity",
+            "precompute.shard_size=500",
+        ],
+        ["precompute", "--merge", "data.shards=shards"],
+    ):
         subprocess.run([str(BIN / "erw"), *args], cwd=work, env=env, check=True, capture_output=True, timeout=600)
     return work / "shards"
 
@@ -65,24 +83,53 @@ def first_shard(shards: Path) -> str:
     seed = load_config(ROOT / "configs/demo.yaml").seed
     manifest = read_manifest(str(shards))
     loader = ShardLoader(str(shards), manifest, 32, 0, 1, seed, 1, 64, with_images=False)
-    return manifest["shards"][loader.plan.pieces(0, 0)[0][0]]["name"].rsplit("/", 1)[-1]  # ERW_FAULT_CORRUPT_SHARD takes a file name
+    return manifest["shards"][loader.plan.pieces(0, 0)[0][0]]["name"].rsplit("/", 1)[
+        -1
+    ]  # ERW_FAULT_CORRUPT_SHARD takes a file name
 
 
-def train_command(shards: str, out: str, *, ranks: int = 2, steps: int = STEPS, restarts: int | None = None,
-                  extra: tuple[str, ...] = ()) -> list[str]:
+def train_command(
+    shards: str,
+    out: str,
+    *,
+    ranks: int = 2,
+    steps: int = STEPS,
+    restarts: int | None = None,
+    extra: tuple[str, ...] = (),
+) -> list[str]:
     """`erw train --resume auto` of the tiny model; with ranks > 1 under `erw torchrun` (restarts:
     that many restarts in place, through a c10d rendezvous; None: static rendezvous, no restart)."""
-    train = [str(BIN / "erw"), "train", "--config", str(ROOT / "configs/demo.yaml"), f"data.shards={shards}", *TINY,
-             f"train.steps={steps}", f"train.out={out}", *extra, "--resume", "auto"]
+    train = [
+        str(BIN / "erw"),
+        "train",
+        "--config",
+        str(ROOT / "configs/demo.yaml"),
+        f"data.shards={shards}",
+        *TINY,
+        f"train.steps={steps}",
+        f"train.out={out}",
+        *extra,
+        "--resume",
+        "auto",
+    ]
     if ranks == 1:
         return train
     launcher = [str(BIN / "erw"), "torchrun", "--nproc-per-node", str(ranks)]
     if restarts is None:
         launcher += ["--master-addr", "127.0.0.1", "--master-port", str(free_port())]
     else:
-        launcher += ["--max-restarts", str(restarts), "--rdzv-backend", "c10d",
-                     "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", f"chaos-{os.getpid()}-{time.time_ns()}",
-                     "--rdzv-conf", RDZV_CONF]
+        launcher += [
+            "--max-restarts",
+            str(restarts),
+            "--rdzv-backend",
+            "c10d",
+            "--rdzv-endpoint",
+            f"127.0.0.1:{free_port()}",
+            "--rdzv-id",
+            f"chaos-{os.getpid()}-{time.time_ns()}",
+            "--rdzv-conf",
+            RDZV_CONF,
+        ]
     return [*launcher, "--no-python", *train]
 
 
@@ -104,14 +151,20 @@ class Outcome:
         return starts
 
 
-def run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 400,
-        on_line: Callable[[str], None] | None = None) -> Outcome:
+def run(
+    cmd: list[str],
+    cwd: Path,
+    env: dict[str, str] | None = None,
+    timeout: float = 400,
+    on_line: Callable[[str], None] | None = None,
+) -> Outcome:
     """Run cmd to its end, streaming its output through on_line. After `timeout` seconds its whole
     process group is killed and the status is 124 (a hang)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     started = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     hung = threading.Event()
 
     def kill() -> None:
@@ -169,8 +222,10 @@ def upload_tree(folder: Path, uri: str) -> None:
 
 def read_trace(folder: Path) -> dict[int, list[dict]]:
     """rank -> the batches it took, in order (ERW_FAULT_TRACE lines)."""
-    return {int(p.stem.split("-")[1]): [json.loads(line) for line in p.read_text().splitlines()]
-            for p in sorted(folder.glob("rank-*.jsonl"))}
+    return {
+        int(p.stem.split("-")[1]): [json.loads(line) for line in p.read_text().splitlines()]
+        for p in sorted(folder.glob("rank-*.jsonl"))
+    }
 
 
 def effective(trace: dict[int, list[dict]], starts: list[int]) -> dict[int, list[int]]:
@@ -184,7 +239,9 @@ def effective(trace: dict[int, list[dict]], starts: list[int]) -> dict[int, list
                 incarnations.append([])
             incarnations[-1].append(line)
         if len(incarnations) != len(starts):
-            raise AssertionError(f"rank {rank}: {len(incarnations)} incarnations in the trace, {len(starts)} in the log")
+            raise AssertionError(
+                f"rank {rank}: {len(incarnations)} incarnations in the trace, {len(starts)} in the log"
+            )
         ids: list[int] = []
         for i, batches in enumerate(incarnations):
             upto = starts[i + 1] - starts[i] if i + 1 < len(starts) else len(batches)

@@ -15,6 +15,7 @@ WORK/<point>-<run>.log). ROOT is a local folder or s3://bucket/prefix. For each 
 The budgets cover each file of the first two checkpoints at its first byte, middle and last byte,
 plus two full-disk failures. The report is a JSON list, one object per point.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,9 +36,19 @@ FILES = (ckpt.MODEL, ckpt.EMA, ckpt.STATE, ckpt.META)  # the order the writer st
 
 
 def train_argv(shards: str, out: str) -> list[str]:
-    return ["train", "--config", str(ROOT / "configs/demo.yaml"), f"data.shards={shards}", *TINY,
-            f"train.steps={STEPS}", f"train.ckpt_every={CKPT_EVERY}", "train.keep_last=10", f"train.out={out}",
-            "--resume", "auto"]
+    return [
+        "train",
+        "--config",
+        str(ROOT / "configs/demo.yaml"),
+        f"data.shards={shards}",
+        *TINY,
+        f"train.steps={STEPS}",
+        f"train.ckpt_every={CKPT_EVERY}",
+        "train.keep_last=10",
+        f"train.out={out}",
+        "--resume",
+        "auto",
+    ]
 
 
 def child(argv: list[str], env: dict[str, str], log: Path) -> int:
@@ -97,8 +108,10 @@ def main() -> int:
     if child(train_argv(args.shards, reference), {}, work / "uninterrupted.log") != 0:
         print((work / "uninterrupted.log").read_text(), file=sys.stderr)
         return 1
-    sizes = [[(Path(ckpt.step_uri(reference, step)) / name).stat().st_size for name in FILES]
-             for step in (CKPT_EVERY, 2 * CKPT_EVERY)]
+    sizes = [
+        [(Path(ckpt.step_uri(reference, step)) / name).stat().st_size for name in FILES]
+        for step in (CKPT_EVERY, 2 * CKPT_EVERY)
+    ]
 
     report = []
     for i, budget in enumerate(budgets(sizes, args.points)):
@@ -106,12 +119,18 @@ def main() -> int:
         killed_log, resumed_log = work / f"{i:02d}-killed.log", work / f"{i:02d}-resumed.log"
         status = child(train_argv(args.shards, out), {faults.CKPT_BYTES_ENV: budget}, killed_log)
         text = killed_log.read_text()
-        cut = re.search(r"checkpoint write of (\S+) fails after (\d+) of (\d+) bytes|"
-                        r"checkpoint writer killed after (\d+) of (\d+) bytes of (\S+)", text)
+        cut = re.search(
+            r"checkpoint write of (\S+) fails after (\d+) of (\d+) bytes|"
+            r"checkpoint writer killed after (\d+) of (\d+) bytes of (\S+)",
+            text,
+        )
         where = ""
         if cut:
-            uri, done, size = (cut.group(1), cut.group(2), cut.group(3)) if cut.group(1) else \
-                (cut.group(6), cut.group(4), cut.group(5))
+            uri, done, size = (
+                (cut.group(1), cut.group(2), cut.group(3))
+                if cut.group(1)
+                else (cut.group(6), cut.group(4), cut.group(5))
+            )
             where = f"{uri.rstrip('/').rsplit('/', 2)[-2]}/{uri.rsplit('/', 1)[-1]} after {done}/{size} B"
         committed = [step for step, _ in ckpt.list_checkpoints(out)]
         chosen_step, chosen_ok, error = None, None, ""
@@ -126,12 +145,20 @@ def main() -> int:
         final = ckpt.latest_checkpoint(out)
         same = identical(final, ckpt.step_uri(reference, STEPS))[0] if resumed == 0 and final else False
         reached = [int(s) for s in re.findall(r"^train step (\d+)/", text, re.M)]
-        report.append({
-            "budget": budget, "status": status, "cut": where, "committed": committed,
-            "resume_auto_loads": chosen_step, "loaded_equals_uninterrupted": chosen_ok, "error": error,
-            "steps_lost": (max(reached) if reached else 0) - (chosen_step or 0),
-            "resumed_status": resumed, "final_identical": same,
-        })
+        report.append(
+            {
+                "budget": budget,
+                "status": status,
+                "cut": where,
+                "committed": committed,
+                "resume_auto_loads": chosen_step,
+                "loaded_equals_uninterrupted": chosen_ok,
+                "error": error,
+                "steps_lost": (max(reached) if reached else 0) - (chosen_step or 0),
+                "resumed_status": resumed,
+                "final_identical": same,
+            }
+        )
         print(json.dumps(report[-1]), flush=True)
     Path(args.report).write_text(json.dumps(report, indent=1))
     return 0

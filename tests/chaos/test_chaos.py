@@ -5,6 +5,7 @@ run ends: the same weights bit for bit, every sample trained on exactly as often
 Marked `chaos`: excluded from the default run, `make test` runs it as its own step
 (`pytest -m chaos`). bench/chaos.py runs the same scenarios and prints the table of docs/results.md.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,7 +17,15 @@ from pathlib import Path
 import pytest
 
 from tests.chaos.harness import (
-    STEPS, compare_samples, effective, first_shard, identical, read_trace, run, schedule_s3_blips, steps_lost,
+    STEPS,
+    compare_samples,
+    effective,
+    first_shard,
+    identical,
+    read_trace,
+    run,
+    schedule_s3_blips,
+    steps_lost,
     train_command,
 )
 
@@ -59,8 +68,12 @@ def test_restart_in_place_reforms_the_group_and_ends_bit_identical(chaos_shards,
     workers' store) brings the group down, torchrun starts it again, the new incarnation resumes
     from the last checkpoint and the job succeeds, bit-identical to the uninterrupted run."""
     trace = {faults.TRACE_ENV: str(tmp_path / "trace")}
-    outcome = run(train_command(str(chaos_shards), "out", restarts=2), tmp_path,
-                  env={**trace, faults.KILL_ENV: f"{rank}:5"}, timeout=300)
+    outcome = run(
+        train_command(str(chaos_shards), "out", restarts=2),
+        tmp_path,
+        env={**trace, faults.KILL_ENV: f"{rank}:5"},
+        timeout=300,
+    )
     assert outcome.status == 0, outcome.output
     assert f"rank {rank} sends itself SIGKILL after step 5" in outcome.output
     assert outcome.resumed_at() == [0, 4], outcome.output
@@ -88,23 +101,40 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(chaos_shards
     model.write_bytes(bytes(data))
     outcome = run(train_command(str(chaos_shards), "out"), tmp_path)
     assert outcome.status == 0, outcome.output
-    assert "skipped" in outcome.output and "step-00000006/model.safetensors does not match the checksum" in outcome.output
+    assert (
+        "skipped" in outcome.output and "step-00000006/model.safetensors does not match the checksum" in outcome.output
+    )
     assert outcome.resumed_at() == [4]
     assert identical(ckpt.step_uri(str(tmp_path / "out"), STEPS), uninterrupted.final)[0]
 
 
 @pytest.mark.parametrize("where", ["disk", "s3"])
-def test_killing_the_checkpoint_writer_never_leaves_a_broken_checkpoint_to_resume(chaos_shards, tmp_path, where,
-                                                                                  request):
+def test_killing_the_checkpoint_writer_never_leaves_a_broken_checkpoint_to_resume(
+    chaos_shards, tmp_path, where, request
+):
     """20 kill points inside the checkpoint writes (every file of two checkpoints at its first, middle
     and last byte; two as a full disk): `--resume auto` always loads a checkpoint that verifies and
     equals the uninterrupted run's of that step, never the torn one, and ends bit-identical."""
     out = str(tmp_path / "runs") if where == "disk" else request.getfixturevalue("s3_bucket") + "/runs"
     report = tmp_path / "report.json"
     proc = subprocess.run(
-        [sys.executable, str(Path(__file__).parent / "killpoints.py"), "--shards", str(chaos_shards), "--out", out,
-         "--work", str(tmp_path / "work"), "--report", str(report), "--points", "20"],
-        capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            str(Path(__file__).parent / "killpoints.py"),
+            "--shards",
+            str(chaos_shards),
+            "--out",
+            out,
+            "--work",
+            str(tmp_path / "work"),
+            "--report",
+            str(report),
+            "--points",
+            "20",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     points = json.loads(report.read_text())
@@ -129,8 +159,9 @@ def _upload(folder: Path, uri: str) -> None:
             storage.write_bytes(storage.join(uri, path.relative_to(folder).as_posix()), path.read_bytes())
 
 
-def test_s3_faults_during_training_are_ridden_out(chaos_shards, uninterrupted, s3_bucket, s3_proxy, monkeypatch,
-                                                  tmp_path):
+def test_s3_faults_during_training_are_ridden_out(
+    chaos_shards, uninterrupted, s3_bucket, s3_proxy, monkeypatch, tmp_path
+):
     """Shards and checkpoints on S3 behind the fault proxy: 5xx and SlowDown answers, connection
     resets, a stalled read and a 5 s outage during a checkpoint write. The run survives, bit-identical
     to the uninterrupted run on local disk."""
@@ -153,7 +184,11 @@ def test_a_corrupt_shard_is_reported_not_a_hang(chaos_shards, tmp_path, mode):
     """A shard that reads short or as garbage halfway: the run stops with one line that names it
     (exit 2), instead of a traceback, a hang, or training on garbage."""
     name = first_shard(chaos_shards)
-    outcome = run(train_command(str(chaos_shards), "out", ranks=1), tmp_path,
-                  env={faults.CORRUPT_SHARD_ENV: f"{name}:{mode}"}, timeout=120)
+    outcome = run(
+        train_command(str(chaos_shards), "out", ranks=1),
+        tmp_path,
+        env={faults.CORRUPT_SHARD_ENV: f"{name}:{mode}"},
+        timeout=120,
+    )
     assert outcome.status == 2, outcome.output
     assert name in outcome.output.splitlines()[-1] and "Traceback" not in outcome.output, outcome.output

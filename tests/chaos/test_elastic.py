@@ -2,6 +2,7 @@
 resume point on, on exactly the samples of the uninterrupted 2-rank run, step by step and in
 the same places of the global batch (traced with ERW_FAULT_TRACE, sample by sample), and with
 the same losses up to float rounding (the per-sample draws are keyed by position)."""
+
 from __future__ import annotations
 
 import pytest
@@ -19,14 +20,19 @@ def global_steps(trace: dict[int, list[dict]]) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("before, after", [(2, 1), (1, 2), (4, 2)])
-def test_resume_on_another_world_size_keeps_the_global_sample_order(chaos_shards, uninterrupted, tmp_path,
-                                                                    before, after):
+def test_resume_on_another_world_size_keeps_the_global_sample_order(
+    chaos_shards, uninterrupted, tmp_path, before, after
+):
     half = STEPS // 2
-    first = run(train_command(str(chaos_shards), "out", ranks=before, steps=half), tmp_path,
-                env={faults.TRACE_ENV: str(tmp_path / "first")})
+    first = run(
+        train_command(str(chaos_shards), "out", ranks=before, steps=half),
+        tmp_path,
+        env={faults.TRACE_ENV: str(tmp_path / "first")},
+    )
     assert first.status == 0, first.output
-    second = run(train_command(str(chaos_shards), "out", ranks=after), tmp_path,
-                 env={faults.TRACE_ENV: str(tmp_path / "second")})
+    second = run(
+        train_command(str(chaos_shards), "out", ranks=after), tmp_path, env={faults.TRACE_ENV: str(tmp_path / "second")}
+    )
     assert second.status == 0, second.output
     assert f"resumed train from out/step-{half:08d} at step {half}" in second.output
     want = global_steps(uninterrupted.trace)
@@ -67,15 +73,19 @@ def tracked(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def uninterrupted_losses(chaos_shards, tracked, tmp_path_factory) -> dict[int, float]:
     work = tmp_path_factory.mktemp("tracked-uninterrupted")
-    outcome = run(train_command(str(chaos_shards), "out"), work, env={"MLFLOW_TRACKING_URI": tracked,
-                                                                       "ERW_RUN_ID": "uninterrupted"})
+    outcome = run(
+        train_command(str(chaos_shards), "out"),
+        work,
+        env={"MLFLOW_TRACKING_URI": tracked, "ERW_RUN_ID": "uninterrupted"},
+    )
     assert outcome.status == 0, outcome.output
     return logged_losses(tracked, "uninterrupted")
 
 
 @pytest.mark.parametrize("before, after, accum", [(2, 1, 1), (1, 2, 1), (4, 2, 1), (2, 1, 2)])
-def test_resume_on_another_world_size_continues_the_loss_curve(chaos_shards, tracked, uninterrupted_losses, tmp_path,
-                                                               before, after, accum):
+def test_resume_on_another_world_size_continues_the_loss_curve(
+    chaos_shards, tracked, uninterrupted_losses, tmp_path, before, after, accum
+):
     """Every sample's noise, time and label drop are keyed by (seed, step, position in the global
     batch), so from the resume on the losses are the uninterrupted 2-rank run's, up to rounding,
     also when the resumed run splits its rank's batch into `accum` micro-batches."""
@@ -83,14 +93,17 @@ def test_resume_on_another_world_size_continues_the_loss_curve(chaos_shards, tra
     env = {"MLFLOW_TRACKING_URI": tracked, "ERW_RUN_ID": run_id}
     first = run(train_command(str(chaos_shards), "out", ranks=before, steps=half), tmp_path, env=env)
     assert first.status == 0, first.output
-    second = run(train_command(str(chaos_shards), "out", ranks=after, extra=(f"train.grad_accum={accum}",)), tmp_path,
-                 env=env)
+    second = run(
+        train_command(str(chaos_shards), "out", ranks=after, extra=(f"train.grad_accum={accum}",)), tmp_path, env=env
+    )
     assert second.status == 0, second.output
     assert f"resumed train from out/step-{half:08d} at step {half}" in second.output
     got, want = logged_losses(tracked, run_id), uninterrupted_losses
     assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
     worst = max(abs(got[s] - want[s]) for s in want)
-    print(f"{before} -> {after} ranks, grad_accum {accum} after: largest loss difference {worst:.3g} over steps 1..{STEPS}")
+    print(
+        f"{before} -> {after} ranks, grad_accum {accum} after: largest loss difference {worst:.3g} over steps 1..{STEPS}"
+    )
     for step in range(1, STEPS + 1):  # before the resume on `before` ranks, after it on `after`
         assert abs(got[step] - want[step]) <= LOSS_TOLERANCE, (
             f"step {step}: loss {got[step]!r} after resuming on {after} rank(s), {want[step]!r} uninterrupted"

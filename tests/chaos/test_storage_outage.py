@@ -5,6 +5,7 @@ The shards are on S3 behind tests/s3proxy.py; the outage starts once step 3 is l
 until the test clears it (the loader goes back to S3 a few steps later). A single `erw train`
 process of the chaos suite's tiny model with its DataLoader worker, and a retry budget of 2 s.
 """
+
 from __future__ import annotations
 
 import re
@@ -37,7 +38,8 @@ def _stopped_at(output: str) -> int:
 
 
 def test_an_outage_past_the_budget_checkpoints_the_current_step_and_resume_continues_exactly(
-        chaos_shards, s3_bucket, s3_proxy, monkeypatch, tmp_path):
+    chaos_shards, s3_bucket, s3_proxy, monkeypatch, tmp_path
+):
     """Shards on S3, checkpoints on local disk: the step reached is checkpointed, the message names
     it, and `--resume auto` from it ends bit-identical to an uninterrupted run."""
     monkeypatch.setenv("ERW_S3_RETRY_SECONDS", "2")
@@ -51,7 +53,7 @@ def test_an_outage_past_the_budget_checkpoints_the_current_step_and_resume_conti
     assert injected.get("outage", 0) >= 1
     step = _stopped_at(outcome.output)
     assert 3 <= step < STEPS
-    error = outcome.output[outcome.output.index("erw train: error:"):]
+    error = outcome.output[outcome.output.index("erw train: error:") :]
     assert f"train stopped at step {step}: cannot read {s3_bucket}/shards/" in error
     assert "[retried for 2 s, the budget ERW_S3_RETRY_SECONDS=2" in error
     assert f"Step {step} is checkpointed at out/step-{step:08d}: `--resume auto` continues from it" in error
@@ -64,8 +66,9 @@ def test_an_outage_past_the_budget_checkpoints_the_current_step_and_resume_conti
     assert identical(ckpt.step_uri(str(tmp_path / "out"), STEPS), ckpt.step_uri(str(tmp_path / "reference"), STEPS))[0]
 
 
-def test_when_the_checkpoint_store_is_down_too_both_failures_are_said(chaos_shards, s3_bucket, s3_proxy, monkeypatch,
-                                                                     tmp_path):
+def test_when_the_checkpoint_store_is_down_too_both_failures_are_said(
+    chaos_shards, s3_bucket, s3_proxy, monkeypatch, tmp_path
+):
     """Shards and checkpoints on the same S3: the checkpoint attempt fails as well; the message
     says both, and names the last committed checkpoint (the one this run resumed from)."""
     monkeypatch.setenv("ERW_S3_RETRY_SECONDS", "2")
@@ -76,14 +79,20 @@ def test_when_the_checkpoint_store_is_down_too_both_failures_are_said(chaos_shar
     assert first.status == 0, first.output[-3000:]
     previous = ckpt.step_uri(out, 2)
 
-    outcome = run(train_command(f"{s3_bucket}/shards", out, ranks=1, steps=STEPS, extra=NO_PERIODIC), tmp_path,
-                  on_line=_outage_after_step_3(s3_proxy))
+    outcome = run(
+        train_command(f"{s3_bucket}/shards", out, ranks=1, steps=STEPS, extra=NO_PERIODIC),
+        tmp_path,
+        on_line=_outage_after_step_3(s3_proxy),
+    )
     s3_proxy.clear()
     assert outcome.status == 2 and "Traceback" not in outcome.output, outcome.output[-3000:]
     step = _stopped_at(outcome.output)
-    error = outcome.output[outcome.output.index("erw train: error:"):]
+    error = outcome.output[outcome.output.index("erw train: error:") :]
     assert f"train stopped at step {step}: cannot read {s3_bucket}/shards/" in error
-    assert f"The checkpoint of step {step} before exiting failed too: cannot write checkpoint {out}/step-{step:08d}" in error
+    assert (
+        f"The checkpoint of step {step} before exiting failed too: cannot write checkpoint {out}/step-{step:08d}"
+        in error
+    )
     assert f"The previous checkpoint {previous} is intact: `--resume auto` continues from it" in error
     assert [s for s, _ in ckpt.list_checkpoints(out)] == [2]
 
@@ -127,9 +136,21 @@ finally:
 
 
 def _two_ranks(tmp_path: Path, out: Path, steps: int, fail_at: int):
-    cmd = [str(BIN / "erw"), "torchrun", "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port",
-           str(free_port()), str(tmp_path / "two_ranks.py"), str(Path(__file__).resolve().parents[2]), str(out),
-           str(steps), str(fail_at)]
+    cmd = [
+        str(BIN / "erw"),
+        "torchrun",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        str(tmp_path / "two_ranks.py"),
+        str(Path(__file__).resolve().parents[2]),
+        str(out),
+        str(steps),
+        str(fail_at),
+    ]
     (tmp_path / "two_ranks.py").write_text(TWO_RANKS)
     return run(cmd, tmp_path, timeout=300)
 
@@ -138,9 +159,13 @@ def test_with_two_ranks_the_step_is_checkpointed_whichever_rank_fails_first(tmp_
     outcome = _two_ranks(tmp_path, tmp_path / "a", steps=10, fail_at=4)
     assert outcome.status == 1 and "Traceback" not in outcome.output, outcome.output[-3000:]  # erw torchrun: failed
     assert "train: storage failed at step 4; checkpointing step 4 before exiting" in outcome.output
-    assert "rank 1 error: rank 1: train stopped at step 4: cannot read s3://bucket/shards/shard-000001.tar" in outcome.output
-    assert ("rank 0 error: train stopped at step 4: another rank could not read its data (rank 0 could)"
-            in outcome.output)
+    assert (
+        "rank 1 error: rank 1: train stopped at step 4: cannot read s3://bucket/shards/shard-000001.tar"
+        in outcome.output
+    )
+    assert (
+        "rank 0 error: train stopped at step 4: another rank could not read its data (rank 0 could)" in outcome.output
+    )
     assert f"Step 4 is checkpointed at {tmp_path}/a/train/step-00000004" in outcome.output
     saved = ckpt.load_checkpoint(str(tmp_path / "a/train"))
     # Rank 0 had taken step 5's first batch when rank 1 failed: its position went back to step 4's end.
