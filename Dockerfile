@@ -1,8 +1,8 @@
 # syntax=docker/dockerfile:1
 # The ERW image: every pipeline step and every training pod runs it.
 #
-#   docker build -t REGISTRY/erw:0.1.0 \
-#     --build-arg BASE_IMAGE=pytorch/pytorch:2.14.1-cuda13.0-cudnn9-runtime@sha256:<digest> .
+#   make image IMAGE=REGISTRY/erw:0.1.0 \
+#     BASE_IMAGE=pytorch/pytorch:2.14.1-cuda13.0-cudnn9-runtime@sha256:<digest>   (container/build.sh)
 #   docker push REGISTRY/erw:0.1.0
 #   erw pipeline submit image=REGISTRY/erw:0.1.0 ...
 #
@@ -33,7 +33,13 @@ ENV PYTHONUNBUFFERED=1 \
     NCCL_DEBUG=WARN \
     TORCH_NCCL_ASYNC_ERROR_HANDLING=1 \
     HOME=/home/erw \
-    HF_HOME=/home/erw/.cache/huggingface
+    # Training pods run with a read-only root filesystem and one writable emptyDir at /tmp
+    # (erw/launch/volcano.py): every cache goes there.
+    XDG_CACHE_HOME=/tmp/cache \
+    HF_HOME=/tmp/cache/huggingface \
+    TRITON_CACHE_DIR=/tmp/cache/triton \
+    TORCHINDUCTOR_CACHE_DIR=/tmp/cache/torchinductor \
+    MPLCONFIGDIR=/tmp/cache/matplotlib
 
 RUN useradd --create-home --uid 1000 --user-group --shell /bin/bash erw \
  && python3 -m venv --system-site-packages --without-pip /opt/erw \
@@ -42,8 +48,12 @@ WORKDIR /app
 
 # Dependencies first, in their own layer, exactly as locked and hash-checked (`make lock` writes
 # the lock; --no-deps because it is the whole closure, which `pip check` then verifies).
+# Behind a TLS-intercepting proxy, the build passes the machine's CA bundle as the secret pip_ca
+# (container/build.sh does): pip trusts it for this step only, and no layer keeps it.
 COPY locks/runtime.txt locks/
-RUN if [ "$CUDA" = cu130 ]; then \
+RUN --mount=type=secret,id=pip_ca \
+    if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi \
+ && if [ "$CUDA" = cu130 ]; then \
       python3 -m pip install --no-deps --require-hashes -r locks/runtime.txt; \
     else \
       awk '/^[^ #]/ { cuda = /^((torch|torchvision|triton)==|(nvidia|cuda)-)/ } !cuda' locks/runtime.txt > /tmp/portable.txt \
@@ -68,5 +78,7 @@ RUN python3 -m pip install --no-deps --no-build-isolation . \
 # Numeric, so Kubernetes can verify runAsNonRoot. /app is its own: `erw pipeline compile` writes
 # pipeline.yaml there, and `configs/...` resolves there (the working directory).
 USER 1000:1000
-ENTRYPOINT ["erw"]
-CMD ["--help"]
+# No ENTRYPOINT: a pod's `command`, KFP's `sh -c ...` and `docker run IMAGE erw train ...` all name
+# the program themselves (with an ENTRYPOINT, Docker and kfp.local's DockerRunner would pass KFP's
+# command to it as arguments).
+CMD ["erw", "--help"]

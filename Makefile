@@ -6,11 +6,15 @@
 #                 test-slow   whole DAG runs (disk and S3 pipeline roots), multi-process jobs
 #                 test-chaos  fault injection (tests/chaos/): killed ranks, broken writes, S3 faults
 #                 test-study  the proof study end to end at its tiny size (bench/, needs the bench extra)
+#                 test-image  builds the image (make image), then runs it: the demo DAG with every step a
+#                             container, the training job's pods as containers (tests/image/)
 PYTHON ?= python3
+IMAGE ?= localhost/erw:dev
+BASE_IMAGE ?=
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo lock test lint test-fast test-slow test-chaos test-study system-deps clean
+.PHONY: demo lock test lint test-fast test-slow test-chaos test-study test-image image image-deps system-deps clean
 
 # The venv holds exactly locks/dev.txt (hash-checked; --no-deps because the lock is the whole
 # closure), the versions the image ships plus the dev tools; erw itself is installed editable with
@@ -35,7 +39,21 @@ system-deps:
 demo: $(BIN)/.installed
 	$(BIN)/erw pipeline run-local --config configs/demo.yaml
 
-test: lint test-fast test-slow test-chaos test-study
+test: lint test-fast test-slow test-chaos test-study test-image
+
+# The production image (container/build.sh: Docker when a daemon answers, else podman; a local
+# Debian base when no registry is reachable). Prints its tag, size and build time.
+image: image-deps
+	IMAGE=$(IMAGE) BASE_IMAGE=$(BASE_IMAGE) bash container/build.sh
+
+# podman and debootstrap from Debian's packages, unless a Docker daemon answers.
+image-deps:
+	@{ command -v docker >/dev/null && docker info >/dev/null 2>&1; } \
+	  || { command -v podman >/dev/null && command -v buildah >/dev/null && command -v debootstrap >/dev/null; } \
+	  || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman buildah runc debootstrap >/dev/null; }
+
+test-image: $(BIN)/.installed system-deps image
+	ERW_TEST_IMAGE=$(IMAGE) $(BIN)/pytest -m image
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .

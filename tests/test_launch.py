@@ -213,8 +213,14 @@ def test_flags_spec_and_volcano_job_match_the_job_before_the_spec(monkeypatch):
         pod = task["template"]["spec"]
         pod["terminationGracePeriodSeconds"] = 600
         pod["securityContext"] = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+        pod["volumes"].append({"name": "scratch", "emptyDir": {}})  # the one writable place: /tmp
         for container in pod["containers"]:
-            container["securityContext"] = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+            container["securityContext"] = {
+                "allowPrivilegeEscalation": False,
+                "capabilities": {"drop": ["ALL"]},
+                "readOnlyRootFilesystem": True,
+            }
+            container["volumeMounts"].append({"name": "scratch", "mountPath": "/tmp"})
             # a torchrun restarted in place re-forms its group (erw.training.elastic.RESTART_SAFE_ENV)
             container["env"].insert(0, {"name": "TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "value": "1"})
             # `erw torchrun` (exit 143 on preemption), TorchX's arguments unchanged, and torchrun waits

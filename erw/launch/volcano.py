@@ -34,8 +34,15 @@ FINISHED_JOB_TTL_S = 24 * 3600
 # `maxRetry` bounds how often (LaunchSpec.volcano_max_retry).
 RESTART_POLICIES = [{"event": "PodEvicted", "action": "RestartJob"}, {"event": "PodFailed", "action": "RestartJob"}]
 # Kubernetes Pod Security Standard "restricted": the image runs as UID 1000 and needs nothing more.
+# The root filesystem is read-only; the one writable place is SCRATCH (torchrun's error files,
+# compile caches: the image points its caches there), a per-pod emptyDir.
 POD_SECURITY_CONTEXT = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
-CONTAINER_SECURITY_CONTEXT = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+CONTAINER_SECURITY_CONTEXT = {
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "readOnlyRootFilesystem": True,
+}
+SCRATCH = {"name": "scratch", "mountPath": "/tmp"}
 
 
 def job_name_prefix(spec: LaunchSpec, command: list[str]) -> str:
@@ -177,6 +184,8 @@ def volcano_job(
         pod = task["template"]["spec"]
         pod["terminationGracePeriodSeconds"] = spec.grace_period_s
         pod["securityContext"] = {**pod.get("securityContext", {}), **POD_SECURITY_CONTEXT}
+        pod.setdefault("volumes", []).append({"name": SCRATCH["name"], "emptyDir": {}})
         for container in pod["containers"]:
             container["securityContext"] = {**container.get("securityContext", {}), **CONTAINER_SECURITY_CONTEXT}
+            container.setdefault("volumeMounts", []).append(dict(SCRATCH))
     return job
