@@ -58,7 +58,14 @@ def render_job(image: str, shards: str, out: str) -> dict:
         "run_id": "pods",
         "step": "train",
     }
-    command = ["train", "--config", "configs/demo.yaml", *TINY, f"train.steps={STEPS}", f"train.ckpt_every={CKPT_EVERY}"]
+    command = [
+        "train",
+        "--config",
+        "configs/demo.yaml",
+        *TINY,
+        f"train.steps={STEPS}",
+        f"train.ckpt_every={CKPT_EVERY}",
+    ]
     command += [f"data.shards={shards}", f"train.out={out}", "--resume", "auto"]
     printed = subprocess.run(
         [ERW, "launch", "--dry-run", "--spec", json.dumps(spec), "--", *command],
@@ -172,7 +179,9 @@ def test_sigterm_checkpoints_and_a_restarted_job_resumes_bit_identical(engine, i
     assert set(codes.values()) == {0}, third.log()
     final = ckpt.resolve_checkpoint(out)
     assert final == ckpt.step_uri(out, STEPS), third.log()
-    starts = [int(m) for m in re.findall(r"resumed train from \S+ at step (\d+)", "".join(sum(third.output.values(), [])))]
+    starts = [
+        int(m) for m in re.findall(r"resumed train from \S+ at step (\d+)", "".join(sum(third.output.values(), [])))
+    ]
     same, diff = identical(final, ckpt.step_uri(reference, STEPS))
     assert same, f"resumed run differs from the uninterrupted one by {diff}\n{third.log()}"
     print(
