@@ -64,19 +64,23 @@ RUN --mount=type=secret,id=pip_ca \
  && python3 -m pip check \
  && python3 -c "import torch; v = torch.__version__.split('+')[0]; assert v == '2.14.1', v"
 
-# The package itself (its build backend, setuptools, is in the lock: no isolated build fetching
-# another), and the config presets the pipeline refers to by relative path from /app.
-COPY --chown=1000:1000 pyproject.toml README.md ./
-COPY --chown=1000:1000 erw erw
-COPY --chown=1000:1000 components components
-COPY --chown=1000:1000 pipeline pipeline
-COPY --chown=1000:1000 configs configs
-RUN python3 -m pip install --no-deps --no-build-isolation . \
- && chown 1000:1000 /app \
+# The package, built from a copy outside the working directory (its build backend, setuptools, is
+# in the lock: no isolated build fetching another) and installed into the venv; the copy is then
+# deleted. So the code that runs is the venv's, owned by root: `python -m erw.cli` from /app cannot
+# pick up a writable copy instead. /app holds the presets (read-only), which the pipeline names by
+# relative path (configs/...).
+COPY pyproject.toml README.md /tmp/erw-src/
+COPY erw /tmp/erw-src/erw
+COPY components /tmp/erw-src/components
+COPY pipeline /tmp/erw-src/pipeline
+COPY configs /tmp/erw-src/configs
+RUN python3 -m pip install --no-deps --no-build-isolation /tmp/erw-src \
+ && rm -rf /tmp/erw-src \
  && erw --help > /dev/null
+COPY configs configs
 
-# Numeric, so Kubernetes can verify runAsNonRoot. /app is its own: `erw pipeline compile` writes
-# pipeline.yaml there, and `configs/...` resolves there (the working directory).
+# Numeric, so Kubernetes can verify runAsNonRoot. It owns nothing in the image: training pods run
+# with a read-only root filesystem and write only to their volumes (/tmp) and to storage.
 USER 1000:1000
 # No ENTRYPOINT: a pod's `command`, KFP's `sh -c ...` and `docker run IMAGE erw train ...` all name
 # the program themselves (with an ENTRYPOINT, Docker and kfp.local's DockerRunner would pass KFP's
