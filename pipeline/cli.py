@@ -53,6 +53,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "pass workspace=s3://BUCKET/prefix with AWS_ENDPOINT_URL set to write to a local S3 endpoint.",
     )
     lr.add_argument("--config", default=None, help="config preset (default configs/demo.yaml)")
+    lr.add_argument(
+        "--image",
+        default=None,
+        help="run every step as a container of this image (kfp.local's DockerRunner; Docker, or podman's "
+        "socket in DOCKER_HOST), as uid 1000 on a read-only root, local folders mounted at their paths",
+    )
     lr.add_argument("--no-cache", action="store_true", help="execute every step, even those with cached results")
     lr.add_argument(
         "--verbose",
@@ -143,7 +149,7 @@ def _run_local(args: argparse.Namespace) -> int:
     arguments = _arguments(args)
     if args.config:
         arguments["config"] = args.config
-    print(run_local(arguments, use_cache=not args.no_cache, verbose=args.verbose).summary())
+    print(run_local(arguments, use_cache=not args.no_cache, verbose=args.verbose, image=args.image).summary())
     return 0
 
 

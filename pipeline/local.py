@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from pipeline.console import CACHE_HIT, log_file, step_console
-from pipeline.params import DEMO, DEMO_INPUTS, REPO, defaults, resolve
+from pipeline.params import DEMO, DEMO_EVALUATOR, DEMO_INPUTS, REPO, defaults, resolve
 
 
 @dataclass
@@ -79,31 +79,51 @@ def run_local(
     use_cache: bool = True,
     local_dir: str | Path | None = None,
     verbose: bool = False,
+    image: str | None = None,
 ) -> LocalRun:
     """Run the DAG; kfp.local keeps task outputs and its cache in `local_dir` (default: the
     workspace when it is local, else runs/kfp-local). The screen shows one line per step and the
     progress of training and sampling; the steps' full output goes to a log file under
-    `local_dir`/logs (and to the screen too when `verbose`)."""
+    `local_dir`/logs (and to the screen too when `verbose`).
+
+    image: run every step as a container of this image (pipeline/containers.py) instead of as a
+    subprocess of this environment."""
     args = local_arguments(arguments)
     if local_dir is None:
         local_dir = args["workspace"] if "://" not in args["workspace"] else REPO / "runs" / "kfp-local"
     log = log_file(local_dir)
     with step_console(log, verbose):
-        run = _run_dag(args, use_cache, local_dir)
+        run = _run_dag(args, use_cache, local_dir, image)
     run.log = str(log)
     return run
 
 
-def _run_dag(args: dict[str, Any], use_cache: bool, local_dir: str | Path) -> LocalRun:
+def _run_dag(args: dict[str, Any], use_cache: bool, local_dir: str | Path, image: str | None = None) -> LocalRun:
     from kfp import local
 
     from pipeline.dag import erw_pipeline
 
+    pipeline_root = Path(local_dir, "kfp-outputs")
     if args["config"] == str(REPO / DEMO["config"]):
         _make_demo_inputs()
+    if image:
+        from pipeline import containers
+
+        demo = args["config"] == str(REPO / DEMO["config"])
+        args, mounts = containers.container_arguments(args)
+        if demo:  # the preset names its generated evaluator relative to the checkout
+            evaluator = str(REPO / DEMO_EVALUATOR)
+            args["overrides"] = [*args["overrides"], f"eval.feature_network={evaluator}"]
+            mounts.append((evaluator, True))
+        pipeline_root.mkdir(parents=True, exist_ok=True)
+        pipeline_root.chmod(0o777)  # ours: the steps, as the image's user, write their outputs into it
+        containers.check_writable_by_image([p for p, read_only in mounts if not read_only])
+        runner, pipeline = containers.docker_runner(mounts), containers.image_pipeline(image)
+    else:
+        runner, pipeline = local.SubprocessRunner(use_venv=False), erw_pipeline  # this environment has erw and kfp
     local.init(
-        runner=local.SubprocessRunner(use_venv=False),  # this environment already has erw and kfp
-        pipeline_root=str(Path(local_dir, "kfp-outputs")),
+        runner=runner,
+        pipeline_root=str(pipeline_root),
         enable_caching=use_cache,
         cache_root=str(Path(local_dir, "kfp-cache")),
         raise_on_error=True,
@@ -122,7 +142,7 @@ def _run_dag(args: dict[str, Any], use_cache: bool, local_dir: str | Path) -> Lo
             # Cluster-only settings (resources, display names, Kubernetes) are ignored here by design.
             warnings.filterwarnings("ignore", message=r"Task '.*': settings .* have no effect in the current local")
             warnings.filterwarnings("ignore", message=r"You may be attemping to run a task that uses custom")
-            task = erw_pipeline(**args)
+            task = pipeline(**args)
     finally:
         root.removeHandler(hits)
         root.removeHandler(problems)

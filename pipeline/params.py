@@ -115,18 +115,19 @@ DEMO = dict(
 )
 
 
+DEMO_EVALUATOR = "runs/demo/evaluator.pt2"  # configs/demo.yaml eval.feature_network
 # Inputs of the demo that are generated on first use: path (relative to the repository) -> the
 # erw command that creates it. Everything else the demo needs ships with the repository.
 DEMO_INPUTS = {
     "runs/demo/digits": ["data", "digits", "--out", "runs/demo/digits"],
     # An evaluator trained on the digits stands in for Inception, which needs a download.
     # At the demo's resolution (configs/demo.yaml data.resolution); 99% held-out accuracy.
-    "runs/demo/evaluator.pt2": [
+    DEMO_EVALUATOR: [
         "fit-evaluator",
         "--images",
         "runs/demo/digits",
         "--out",
-        "runs/demo/evaluator.pt2",
+        DEMO_EVALUATOR,
         "--resolution",
         "16",
         "--max-shift",
