@@ -53,7 +53,7 @@ image-deps:
 	  || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman buildah runc debootstrap >/dev/null; }
 
 test-image: $(BIN)/.installed system-deps image
-	ERW_TEST_IMAGE=$(IMAGE) $(BIN)/pytest -m image
+	ERW_TEST_IMAGE=$(IMAGE) $(BIN)/pytest -m image -s
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
