@@ -138,7 +138,7 @@ def _run_dag(args: dict[str, Any], use_cache: bool, local_dir: str | Path, image
     root.addHandler(problems)
     started = time.monotonic()
     try:
-        with warnings.catch_warnings(), print_restored():
+        with warnings.catch_warnings(), kfp_local_globals_restored():
             # Cluster-only settings (resources, display names, Kubernetes) are ignored here by design.
             warnings.filterwarnings("ignore", message=r"Task '.*': settings .* have no effect in the current local")
             warnings.filterwarnings("ignore", message=r"You may be attemping to run a task that uses custom")
@@ -151,20 +151,25 @@ def _run_dag(args: dict[str, Any], use_cache: bool, local_dir: str | Path, image
 
 
 @contextlib.contextmanager
-def print_restored() -> Iterator[None]:
-    """Put back `builtins.print` on the way out.
+def kfp_local_globals_restored() -> Iterator[None]:
+    """Put back `builtins.print` and the root logger's handlers and level on the way out.
 
-    kfp.local indents a task's output by swapping `builtins.print` for a wrapper and restoring
-    the function it saved (kfp/local/logging_utils.py `indented_print`). The tasks of a ParallelFor
-    run in threads, so two swaps can interleave: one saves the other's wrapper and restores it
-    last, and every later print in this process writes four spaces to stdout first, even a print
-    to stderr.
-    """
-    original = builtins.print
+    kfp.local indents a task's output by swapping `builtins.print` for a wrapper, and gives each
+    task a root-logger handler on the current sys.stdout, each time restoring what it saved
+    (kfp/local/logging_utils.py `indented_print`, `local_logger_context`). The tasks of a
+    ParallelFor run in threads, so two swaps can interleave: one saves the other's wrapper or
+    handler and restores it last. Every later print then writes four spaces to stdout first (even a
+    print to stderr), and every later log record goes to a stream that may be closed by then (this
+    run's console)."""
+    original_print = builtins.print
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
     try:
         yield
     finally:
-        builtins.print = original
+        builtins.print = original_print
+        root.handlers[:] = handlers
+        root.setLevel(level)
 
 
 def _make_demo_inputs() -> None:

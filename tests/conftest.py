@@ -10,12 +10,13 @@ from tests.prometheus import free_port, start_stack
 
 
 @pytest.fixture(autouse=True)
-def print_as_found():
+def print_and_logging_as_found():
     """Tests that run a ParallelFor through kfp.local directly (not through run_local) could leave
-    builtins.print swapped for kfp's indenting wrapper for every later test (pipeline.local.print_restored)."""
-    from pipeline.local import print_restored
+    builtins.print swapped for kfp's indenting wrapper, or a root-logger handler on a closed stream,
+    for every later test (pipeline.local.kfp_local_globals_restored)."""
+    from pipeline.local import kfp_local_globals_restored
 
-    with print_restored():
+    with kfp_local_globals_restored():
         yield
 
 

@@ -1,6 +1,7 @@
 """The Kubeflow pipeline: the compiled spec, parameter validation, submit/schedule, promotion, and
 (slow) the whole DAG run locally on the digits demo."""
 
+import contextlib
 import json
 import math
 import re
@@ -629,10 +630,10 @@ def test_a_local_run_leaves_print_as_it_found_it(capsys):
 
     from kfp.local.logging_utils import indented_print
 
-    from pipeline.local import print_restored
+    from pipeline.local import kfp_local_globals_restored
 
     before = builtins.print
-    with print_restored():
+    with kfp_local_globals_restored():
         first, second = indented_print(), indented_print()
         first.__enter__()
         second.__enter__()  # saves first's wrapper as "the original"
@@ -642,3 +643,28 @@ def test_a_local_run_leaves_print_as_it_found_it(capsys):
     assert builtins.print is before
     print("error line", file=sys.stderr)
     assert capsys.readouterr().out == ""
+
+
+def test_a_local_run_leaves_no_handler_on_its_closed_console():
+    # The same race in kfp.local's per-task logger setup: interleaved, the last exit puts back the
+    # other task's handler, bound to the sys.stdout of that moment (a run's console, closed when the
+    # run ends): every later log record then fails with "I/O operation on closed file".
+    import io
+    import logging
+
+    from kfp.local.logging_utils import local_logger_context
+
+    from pipeline.local import kfp_local_globals_restored
+
+    root = logging.getLogger()
+    before = root.handlers[:]
+    console = io.StringIO()
+    with kfp_local_globals_restored(), contextlib.redirect_stdout(console):
+        first, second = local_logger_context(), local_logger_context()
+        first.__enter__()
+        second.__enter__()  # saves first's handler as one of "the originals"
+        first.__exit__(None, None, None)
+        second.__exit__(None, None, None)  # puts first's handler back
+        assert any(getattr(h, "stream", None) is console for h in root.handlers), "no longer leaks"
+    console.close()
+    assert root.handlers == before
